@@ -1,0 +1,1 @@
+"""Files shipped with gitfast: the embedded default GIT model and example images."""
