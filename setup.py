@@ -54,8 +54,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["gitfast", "gitfast.kernels", "gitfast.assets"],
-    package_dir={"gitfast": "gitfast", "gitfast.kernels": "kernels"},
+    packages=["gitfast", "gitfast.kernels", "gitfast.bench", "gitfast.assets"],
+    package_dir={"gitfast": "gitfast", "gitfast.kernels": "kernels", "gitfast.bench": "bench"},
     package_data={"gitfast.assets": ["**/*"]},
     include_package_data=True,
     ext_modules=ext_modules,

@@ -1,0 +1,1 @@
+"""gitfast's benchmark suites, installed as ``gitfast.bench`` (run them with ``gitfast bench``)."""

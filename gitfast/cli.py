@@ -1,0 +1,42 @@
+"""The `gitfast` console script: one subcommand per module, imported only when used."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Each module defines `configure(parser)` and `run(args) -> int`.
+COMMANDS = {
+    "caption": ("gitfast.caption_cli", "caption images, folders, globs and tar shards"),
+    "bench": ("gitfast.bench.runner", "benchmark gitfast's kernels and end-to-end captioning"),
+    "info": ("gitfast.info", "show versions, devices and which backend serves each op"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors exit 2 with the message on stderr (argparse's default too)
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gitfast", description="Fast GIT image-to-text inference.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
