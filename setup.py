@@ -54,7 +54,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["gitfast", "gitfast.kernels", "gitfast.bench", "gitfast.assets"],
+    packages=["gitfast", "gitfast.kernels", "gitfast.bench", "gitfast.assets", "gitfast.training"],
     package_dir={"gitfast": "gitfast", "gitfast.kernels": "kernels", "gitfast.bench": "bench"},
     package_data={"gitfast.assets": ["**/*"]},
     include_package_data=True,
