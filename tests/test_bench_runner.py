@@ -1,0 +1,207 @@
+"""`gitfast bench` end to end on the CPU with stand-in suites (independent of the real suites)."""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from gitfast import cli
+from gitfast.bench import ceilings, report, runner, timing
+
+STANDIN = '''
+import torch
+from gitfast.bench.common import Case
+
+
+def cases(quick, device, dtype):
+    name = str(dtype).replace("torch.", "")
+    for n in ((64, 128) if quick else (64, 128, 256)):
+        x = torch.randn(n, n, device=device, dtype=dtype)
+        shape = {"n": n}
+        yield Case("toy_matmul", shape, "gitfast", name, lambda x=x: x @ x,
+                   flops=2 * n ** 3, bytes=3 * n * n * x.element_size(), label=f"n{n}",
+                   extra={"note": "stand-in"})
+        yield Case("toy_matmul", shape, "torch", name, lambda x=x: torch.mm(x, x),
+                   flops=2 * n ** 3, bytes=3 * n * n * x.element_size(), label=f"n{n}")
+        yield Case("toy_matmul", shape, "flex", name, None, skip_reason="needs a GPU", label=f"n{n}")
+    y = torch.randn(1000)
+    yield Case("toy_scale", {"n": 1000}, "gitfast", name, lambda: y * 2, bytes=8000, label="n1000")
+    yield Case("toy_scale", {"n": 1000}, "torch", name, lambda: (_ for _ in ()).throw(RuntimeError("boom")),
+               label="n1000")
+'''
+
+BROKEN_IMPORT = "raise ImportError('half-written suite')\n"
+
+BROKEN_CASES = '''
+from gitfast.bench.common import Case
+
+
+def cases(quick, device, dtype):
+    yield Case("half", {"n": 1}, "gitfast", "float32", lambda: None, label="n1")
+    raise ValueError("cases() blew up")
+'''
+
+
+@pytest.fixture(autouse=True)
+def bench_only_cli(monkeypatch):
+    # the CLI imports every subcommand's module; only `bench` is under test here
+    monkeypatch.setattr(cli, "COMMANDS", {"bench": cli.COMMANDS["bench"]})
+
+
+@pytest.fixture
+def suites(tmp_path, monkeypatch):
+    pkg = tmp_path / "standin_suites"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "bench_toy.py").write_text(textwrap.dedent(STANDIN))
+    (pkg / "bench_broken.py").write_text(BROKEN_IMPORT)
+    (pkg / "bench_halfway.py").write_text(BROKEN_CASES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(runner, "suite_modules", lambda: [
+        ("broken", "standin_suites.bench_broken"),
+        ("halfway", "standin_suites.bench_halfway"),
+        ("toy", "standin_suites.bench_toy"),
+    ])
+    # tiny ceilings: the real measurement is tested on its own below
+    fixed = ceilings.Ceilings("cpu", 0.01, {"float32": 0.05}, "float32")
+    monkeypatch.setattr(runner.ceilings_mod, "measure", lambda device, dtypes, quick=False: fixed)
+    return tmp_path
+
+
+def _bench(tmp_path, *extra):
+    out = tmp_path / "out.json"
+    code = cli.main(["bench", "--quick", "--device", "cpu", "--rep-ms", "5", "--out", str(out), *extra])
+    return code, (json.loads(out.read_text()) if out.exists() else None)
+
+
+REQUIRED = {"benchmark", "shape", "label", "provider", "dtype", "device", "median_ms", "p20_ms", "p80_ms",
+            "tflops", "tbps", "pct_of_peak", "status", "reason"}
+
+
+def test_end_to_end(suites, capsys):
+    md, plots = suites / "table.md", suites / "plots"
+    code, res = _bench(suites, "--markdown", str(md), "--plots", str(plots))
+    assert code == 1                                    # error rows present, but no crash
+    assert res["format"] == runner.FORMAT
+    env = res["environment"]
+    for key in ("date", "torch", "triton", "transformers", "cpu", "commit", "gpu", "driver"):
+        assert key in env
+    rows = res["rows"]
+    assert all(REQUIRED <= set(r) for r in rows)
+    by = {(r["benchmark"], r["label"], r["provider"]): r for r in rows}
+
+    ok = by[("toy_matmul", "n64", "gitfast")]
+    assert ok["status"] == "ok" and ok["shape"] == {"n": 64} and ok["device"] == "cpu"
+    assert ok["dtype"] == "float32" and ok["note"] == "stand-in"
+    assert 0 < ok["p20_ms"] <= ok["median_ms"] <= ok["p80_ms"]
+    assert ok["tflops"] > 0 and ok["tbps"] > 0 and ok["pct_of_peak"] > 0 and ok["bound"] in ("compute", "memory")
+    assert ok["intensity"] == pytest.approx(2 * 64 ** 3 / (3 * 64 * 64 * 4))
+    assert by[("toy_scale", "n1000", "gitfast")]["tflops"] is None
+    assert by[("toy_scale", "n1000", "gitfast")]["bound"] == "memory"
+
+    skipped = by[("toy_matmul", "n128", "flex")]
+    assert skipped["status"] == "skipped" and skipped["reason"] == "needs a GPU" and skipped["median_ms"] is None
+    failed = by[("toy_scale", "n1000", "torch")]
+    assert failed["status"] == "error" and "boom" in failed["reason"]
+    broken = [r for r in rows if r["suite"] == "broken"]
+    assert len(broken) == 1 and broken[0]["status"] == "error" and "half-written suite" in broken[0]["reason"]
+    halfway = [r for r in rows if r["suite"] == "halfway"]
+    assert [r["status"] for r in halfway] == ["ok", "error"] and "blew up" in halfway[1]["reason"]
+
+    text = md.read_text()
+    assert "### toy_matmul (float32, median ms)" in text and "| n64 |" in text and "vs torch" in text
+    assert "commit" in text and "skip" in text
+    pngs = sorted(p.name for p in plots.glob("*.png"))
+    assert "roofline.png" in pngs and "toy_matmul_float32.png" in pngs
+    assert (plots / "roofline.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr()
+    assert "toy_matmul" in printed.out and "Errors:" in printed.out
+
+
+def test_only_filters_by_suite_and_benchmark(suites):
+    code, res = _bench(suites, "--only", "bench_toy")
+    assert code == 1                                    # toy_scale/torch raises
+    assert {r["suite"] for r in res["rows"]} == {"toy"}
+    code, res = _bench(suites, "--only", "toy_matmul")
+    assert code == 0
+    assert {r["benchmark"] for r in res["rows"]} == {"toy_matmul"}
+    code, _ = _bench(suites, "--only", "no_such_suite")
+    assert code == 2
+
+
+@pytest.mark.parametrize("argv", [["bench", "--no-such-flag"], ["bench", "--dtype", "float64"],
+                                  ["bench", "--device", "tpu"]])
+def test_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_cuda_without_gpu_exits_2(tmp_path):
+    assert cli.main(["bench", "--device", "cuda", "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_pytest_benchmark_runs_the_same_cases(suites, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(suites), os.environ.get("PYTHONPATH", "")]),
+               GITFAST_BENCH_SUITES="standin_suites.bench_toy,standin_suites.bench_broken")
+    out = tmp_path / "pb.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(repo / "bench"), "--benchmark-only", "-p", "no:cacheprovider",
+         "--benchmark-min-time=0.0005", "--benchmark-max-time=0.01", f"--benchmark-json={out}", "-q"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    summary = proc.stdout.strip().splitlines()[-1]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary)}
+    # 5 timed toy cases, 2 flex cases skipped, the raising case failed, the broken import an error
+    assert counts == {"passed": 5, "skipped": 2, "failed": 1, "error": 1}, proc.stdout[-3000:]
+    data = json.loads(out.read_text())
+    info = {b["name"]: b["extra_info"] for b in data["benchmarks"]}
+    mm = info["test_case[toy_matmul-n64-gitfast-float32]"]
+    assert mm["provider"] == "gitfast" and mm["shape"] == {"n": 64} and mm["tflops"] > 0
+
+
+def test_real_suites_discovered():
+    names = [n for n, _ in runner.suite_modules()]
+    assert all(m.startswith("gitfast.bench.bench_") for _, m in runner.suite_modules())
+    assert names == sorted(names)
+
+
+def test_ceilings_measured_on_cpu():
+    c = ceilings.measure("cpu", ["float32"], quick=True)
+    assert c.bandwidth_tbps > 0 and c.matmul_tflops["float32"] > 0 and c.compute_dtype == "float32"
+    pct, bound = ceilings.pct_of_peak(c, "float32", None, c.bandwidth_tbps / 2)
+    assert pct == pytest.approx(50.0) and bound == "memory"
+    assert ceilings.Ceilings.from_dict(c.as_dict()) == c
+
+
+def test_timing_median_is_sane():
+    t = timing.measure(lambda: __import__("time").sleep(0.002), "cpu", warmup_ms=2, rep_ms=20)
+    assert t.method == "perf_counter" and t.samples >= 5
+    assert 1.9 <= t.median_ms < 20 and t.p20_ms <= t.median_ms <= t.p80_ms
+    fast = timing.measure(lambda: None, "cpu", warmup_ms=1, rep_ms=5)
+    assert fast.calls_per_sample > 1 and 0 < fast.median_ms < 0.1
+    assert timing.quantile([1, 2, 3, 4, 5], 0.5) == 3 and timing.quantile([0, 10], 0.2) == pytest.approx(2)
+
+
+def test_rotating_cycles_through_input_sets():
+    made = iter(range(100))
+    r = timing.rotating(lambda: next(made), 3)
+    assert len(r) == 3 and [r.next() for _ in range(5)] == [0, 1, 2, 0, 1]
+    assert timing.copies_for(1, "cpu") == 64 and timing.copies_for(1 << 40, "cpu") == 1
+
+
+def test_markdown_ratio():
+    rows = [
+        {**dict.fromkeys(runner.ROW_KEYS), "benchmark": "b", "label": "s", "provider": p, "dtype": "float32",
+         "device": "cpu", "status": "ok", "median_ms": ms, "pct_of_peak": pct, "bound": "memory"}
+        for p, ms, pct in (("gitfast", 1.0, 50.0), ("torch", 3.0, None), ("sdpa", 2.0, None))
+    ]
+    text = report.table(rows)
+    assert "| s | 1.00 | 3.00 | 2.00 | 2.00× vs sdpa | 50% memory |" in text
