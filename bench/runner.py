@@ -134,9 +134,13 @@ def time_case(case: Case, suite: str, device: str, budget: dict,
     try:
         t = timing.measure(case.fn, device, **budget)
     except Exception as exc:
-        if timing.is_cuda(device):
-            torch.cuda.synchronize()
         row.update(status="error", reason=_describe(exc))
+        if timing.is_cuda(device):
+            try:                                 # drain the stream; a sticky CUDA error raises again
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception as again:
+                row["reason"] += f" (then: {_describe(again)})"
         return row
     row.update(status="ok", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, min_ms=t.min_ms,
                samples=t.samples, calls_per_sample=t.calls_per_sample, timing=t.method)
@@ -178,8 +182,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.list:
         for suite in load_suites():
-            status = "ok" if suite.error is None else f"import error: {suite.error}"
-            print(f"{suite.name:20s} {status}")
+            if suite.error is None:
+                doc = (suite.module.__doc__ or "").strip().splitlines()
+                print(f"{suite.name:16s} {doc[0] if doc else ''}")
+            else:
+                print(f"{suite.name:16s} import error: {suite.error}")
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
