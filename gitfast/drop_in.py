@@ -1,0 +1,215 @@
+"""`gitfast.GitForCausalLM`: a drop-in for `transformers.GitForCausalLM`, computed by gitfast.
+
+It subclasses transformers' `PreTrainedModel` and `GenerationMixin` only for the plumbing users and
+pipelines rely on (`config`, `generation_config`, `device`, `dtype`, `.to()`, `can_generate()`);
+every tensor operation is gitfast's (`model.py`), and `generate` is gitfast's own loop.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, GitConfig, PreTrainedModel
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from . import attention, generation, loading
+from .kv_cache import DecodeState
+from .model import GitModel, num_image_tokens
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16}
+
+
+def resolve_dtype(dtype, config=None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return resolve_dtype(str(saved).replace("torch.", "")) if saved else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16 or 'auto'")
+    return _DTYPES[dtype]
+
+
+class GitForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = GitConfig
+    base_model_prefix = "gitfast"
+    main_input_name = "input_ids"
+    _supports_cache_class = False
+
+    def __init__(self, config: GitConfig):
+        super().__init__(config)
+        self.model = GitModel(config)
+
+    def _init_weights(self, module):  # weights always come from a checkpoint
+        pass
+
+    # --- loading and saving ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, torch_dtype=None, dtype=None, device=None, device_map=None,
+                        revision: Optional[str] = None, cache_dir: Optional[str] = None, **kwargs):
+        """Loads a GIT checkpoint folder, or a hub id from the local Hugging Face cache (never downloads)."""
+        harmless = {"low_cpu_mem_usage", "use_safetensors", "trust_remote_code", "local_files_only"}
+        unknown = set(kwargs) - harmless
+        if unknown:
+            raise TypeError(f"from_pretrained() got unsupported arguments: {', '.join(sorted(unknown))}")
+        folder = loading.resolve(name_or_path, revision=revision, cache_dir=cache_dir)
+        config = loading.load_config(folder)
+        model = cls._from_weights(config, loading.read_weights(folder), dtype if dtype is not None else torch_dtype,
+                                  device if device is not None else device_map)
+        if (folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        model.name_or_path = str(name_or_path)
+        model.config._name_or_path = str(name_or_path)
+        return model
+
+    @classmethod
+    def from_transformers(cls, hf_model, dtype=None, device=None):
+        """Converts an in-memory `transformers.GitForCausalLM` (weights copied into gitfast's layout)."""
+        if getattr(hf_model.config, "model_type", None) != "git":
+            raise loading.CheckpointError(f"expected a GIT model, got model_type {hf_model.config.model_type!r}")
+        p = next(hf_model.parameters())
+        model = cls._from_weights(hf_model.config, hf_model.state_dict(), dtype or p.dtype, device or p.device)
+        model.generation_config = GenerationConfig.from_dict(hf_model.generation_config.to_dict())
+        return model
+
+    @classmethod
+    def _from_weights(cls, config, hf_weights, dtype, device):
+        with torch.device("meta"):
+            model = cls(config)
+        shapes = {k: v.shape for k, v in model.model.state_dict().items()}
+        model.model.load_state_dict(loading.from_hf_state_dict(hf_weights, config, shapes), strict=True, assign=True)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device=device or "cpu", dtype=resolve_dtype(dtype, config))
+        return model.eval()
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Writes a transformers-compatible checkpoint: config.json, generation_config.json, model.safetensors."""
+        from safetensors.torch import save_file
+
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(str(out))
+        self.generation_config.save_pretrained(str(out))
+        save_file(loading.to_hf_state_dict(self.model.state_dict(), self.config), str(out / loading.SAFE_SINGLE),
+                  metadata={"format": "pt"})
+
+    # --- forward --------------------------------------------------------------------------------
+    def _image_tokens(self, pixel_values, text_batch, interpolate_pos_encoding=False):
+        p = next(self.model.parameters())
+        if pixel_values is None:
+            return torch.empty(text_batch, 0, self.config.hidden_size, dtype=p.dtype, device=p.device)
+        tokens = self.model.encode_images(pixel_values.to(device=p.device, dtype=p.dtype), interpolate_pos_encoding)
+        if tokens.shape[0] != text_batch:
+            if text_batch % tokens.shape[0]:
+                raise ValueError(f"{text_batch} text rows cannot share {tokens.shape[0]} images; the text batch "
+                                 "must be a multiple of the image batch")
+            tokens = tokens.repeat(text_batch // tokens.shape[0], 1, 1)  # as transformers: tiled, not interleaved
+        return tokens
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, pixel_values=None, inputs_embeds=None,
+                labels=None, past_key_values=None, use_cache=None, interpolate_pos_encoding=False,
+                return_dict=None, logits_to_keep=0, **kwargs):
+        """Logits over `[image | text]` positions (and the next-token loss on text when `labels` are given)."""
+        if past_key_values is not None:
+            raise NotImplementedError("gitfast keeps its KV cache inside generate(); call forward on whole sequences")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        m = self.model
+        dev = next(m.parameters()).device
+        if input_ids is not None:
+            input_ids = input_ids.to(dev)
+            words = m.word_embeddings(input_ids)
+        else:
+            words = inputs_embeds.to(dev)
+        b, t = words.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(t, device=dev).expand(b, t)
+        from . import ops
+        text = ops.add_layer_norm(words, m.position_embeddings(position_ids.to(dev)), m.embed_ln.weight,
+                                  m.embed_ln.bias, m.embed_ln.eps)[0]
+        image = self._image_tokens(pixel_values, b, interpolate_pos_encoding)
+        n_img = image.shape[1]
+        mask = None if attention_mask is None else attention_mask.to(dev)
+        h = m.decode(torch.cat([image, text], dim=1),
+                     lambda layer, q, k, v: attention.prefill(q, k, v, n_img, mask))
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            h = h[:, logits_to_keep]
+        logits = m.lm_head(h)
+        loss = None
+        if labels is not None:
+            shifted = logits[:, n_img:-1].float()
+            loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].to(dev).reshape(-1),
+                                   ignore_index=-100)
+        if return_dict is False:
+            return (loss, logits) if loss is not None else (logits,)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    # --- generate -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, generation_config=None,
+                 interpolate_pos_encoding=False, **kwargs):
+        """transformers-compatible `generate`: same arguments, same token tensor (prompt included)."""
+        for ignored in ("logits_processor", "stopping_criteria", "streamer", "assistant_model", "prefix_allowed_tokens_fn"):
+            if kwargs.get(ignored) is not None:
+                raise NotImplementedError(f"gitfast's generate does not support {ignored}")
+            kwargs.pop(ignored, None)
+        kwargs.pop("use_cache", None)
+        kwargs.pop("token_type_ids", None)  # some BERT tokenizers emit it; GIT has no token types
+        dev = next(self.model.parameters()).device
+        gc = generation_config if generation_config is not None else self.generation_config
+        if input_ids is None:
+            if pixel_values is None:
+                raise ValueError("generate() needs pixel_values, input_ids, or both")
+            bos = gc.bos_token_id if gc.bos_token_id is not None else self.config.bos_token_id
+            input_ids = torch.full((pixel_values.shape[0], 1), bos, dtype=torch.long, device=dev)
+        input_ids = input_ids.to(dev)
+        b, t = input_ids.shape
+        s = generation.resolve_settings(self.generation_config, t, generation_config, **kwargs)
+        if attention_mask is None:
+            # as transformers: padding is inferred from pad tokens unless pad == EOS
+            if s.pad is not None and s.pad not in s.eos and bool((input_ids == s.pad).any()):
+                attention_mask = (input_ids != s.pad).long()
+            else:
+                attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(dev)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        pad_lengths = (attention_mask != 0).int().argmax(dim=1)
+        if s.max_length <= t:
+            raise ValueError(f"max_length ({s.max_length}) leaves no room after the {t}-token prompt; "
+                             "set max_new_tokens")
+
+        image = self._image_tokens(pixel_values, b, interpolate_pos_encoding)
+        state = DecodeState(self.model, b, image.shape[1], t, s.max_length - t, image.dtype, dev)
+        logits = state.prefill(image, input_ids, attention_mask, position_ids)
+        expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
+        if expand > 1:  # every beam / returned sample starts from the same prefilled rows
+            rows = torch.arange(b, device=dev).repeat_interleave(expand)
+            state.reorder(rows)
+            logits, input_ids, pad_lengths = logits[rows], input_ids[rows], pad_lengths[rows]
+        proc = generation.Processor(s, t, pad_lengths, logits.shape[-1], dev)
+        if s.num_beams > 1:
+            seqs, seq_scores = generation.beam_search(state, logits, input_ids, s, proc)
+            scores = None
+        else:
+            seqs, scores = generation.sample_or_greedy(state, logits, input_ids, s, proc)
+            seq_scores = None
+        if not s.return_dict:
+            return seqs
+        from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+        if s.num_beams > 1:
+            return GenerateBeamDecoderOnlyOutput(sequences=seqs, sequences_scores=seq_scores)
+        return GenerateDecoderOnlyOutput(sequences=seqs, scores=tuple(scores) if s.output_scores else None)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return num_image_tokens(self.config)

@@ -1,0 +1,261 @@
+"""Token selection for `generate`: settings, logits processing, greedy/sampling loop and beam search.
+
+The loops drive a *stepper* (anything with `step(tokens) -> logits` and `reorder(index)`, such as
+`kv_cache.DecodeState`) and reproduce transformers' generation semantics: the same processors in
+the same order, EOS/max-length stopping, pad after finish, and its vectorised beam search (top 2K
+continuations, length-normalised finished hypotheses, the same early-stopping heuristic), so that
+with the same logits the same tokens come out.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+# GenerationConfig fields gitfast implements; any other field set away from its default is refused
+# rather than silently ignored.
+SUPPORTED = {
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "do_sample", "num_beams", "temperature",
+    "top_k", "top_p", "repetition_penalty", "length_penalty", "early_stopping", "eos_token_id", "pad_token_id",
+    "bos_token_id", "num_return_sequences", "use_cache", "return_dict_in_generate", "output_scores",
+    "decoder_start_token_id", "output_attentions", "output_hidden_states", "output_logits",
+}
+
+
+@dataclass
+class Settings:
+    max_length: int
+    min_length: int
+    min_new_tokens: int
+    do_sample: bool
+    num_beams: int
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    length_penalty: float
+    early_stopping: object  # True, False or "never", as transformers
+    eos: List[int]
+    pad: int
+    num_return_sequences: int
+    return_dict: bool
+    output_scores: bool
+
+
+def resolve_settings(base_config, prompt_len: int, generation_config=None, **kwargs) -> Settings:
+    """Merges the model's generation config, an explicit `generation_config` and keyword overrides."""
+    from transformers import GenerationConfig
+
+    gc = copy.deepcopy(generation_config if generation_config is not None else base_config)
+    unused = gc.update(**kwargs)
+    if unused:
+        raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unused))}")
+    default = GenerationConfig()
+    unsupported = [k for k, v in gc.to_diff_dict().items()
+                   if k not in SUPPORTED and not k.startswith("_") and k != "transformers_version"
+                   and getattr(default, k, None) != v]
+    if unsupported:
+        raise NotImplementedError(f"gitfast's generate does not implement: {', '.join(sorted(unsupported))}")
+    if gc.max_new_tokens is not None:
+        max_length = prompt_len + gc.max_new_tokens
+    else:
+        max_length = gc.max_length if gc.max_length is not None else 20
+    min_length = gc.min_length or 0
+    eos = gc.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
+    num_beams = gc.num_beams or 1
+    nrs = gc.num_return_sequences or 1
+    if nrs > num_beams and num_beams > 1:
+        raise ValueError(f"num_return_sequences ({nrs}) must be <= num_beams ({num_beams})")
+    if nrs > 1 and num_beams == 1 and not gc.do_sample:
+        raise ValueError("greedy search returns one sequence per input; use num_return_sequences=1, "
+                         "do_sample=True or num_beams>1")
+    if gc.temperature is not None and gc.do_sample and gc.temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {gc.temperature}")
+    return Settings(
+        max_length=max_length, min_length=min_length, min_new_tokens=gc.min_new_tokens or 0,
+        do_sample=bool(gc.do_sample), num_beams=num_beams,
+        temperature=1.0 if gc.temperature is None else float(gc.temperature),
+        top_k=0 if gc.top_k is None else int(gc.top_k), top_p=1.0 if gc.top_p is None else float(gc.top_p),
+        repetition_penalty=1.0 if gc.repetition_penalty is None else float(gc.repetition_penalty),
+        length_penalty=1.0 if gc.length_penalty is None else float(gc.length_penalty),
+        early_stopping=gc.early_stopping if gc.early_stopping is not None else False,
+        eos=eos, pad=pad, num_return_sequences=nrs,
+        return_dict=bool(gc.return_dict_in_generate), output_scores=bool(gc.output_scores),
+    )
+
+
+# --- logits processing (same order as transformers) -------------------------------------------------
+
+class Processor:
+    """Turns raw next-token scores into the scores tokens are chosen from."""
+
+    def __init__(self, s: Settings, prompt_len: int, pad_lengths: Optional[torch.Tensor], vocab: int, device):
+        self.s, self.prompt_len, self.pad_lengths = s, prompt_len, pad_lengths
+        self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+        if s.eos:
+            self.eos_mask[torch.tensor(s.eos, device=device)] = True
+        keep = (len(s.eos) + 1) if s.num_beams > 1 else 1  # beams must keep a non-EOS continuation
+        self.min_keep = keep
+
+    def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        s = self.s
+        if s.repetition_penalty != 1.0:
+            scores = self._repetition(ids, scores)
+        cur = ids.shape[1]
+        if (s.min_length > 0 and cur < s.min_length) or (s.min_new_tokens > 0 and cur - self.prompt_len < s.min_new_tokens):
+            scores = scores.masked_fill(self.eos_mask, -math.inf)
+        if s.do_sample:
+            if s.temperature != 1.0:
+                scores = scores / s.temperature
+            if s.top_k:
+                k = min(max(s.top_k, self.min_keep), scores.shape[-1])
+                kth = torch.topk(scores, k).values[..., -1:]
+                scores = scores.masked_fill(scores < kth, -math.inf)
+            if s.top_p < 1.0:
+                scores = _top_p(scores, s.top_p, self.min_keep)
+        return scores
+
+    def _repetition(self, ids, scores):
+        # Tokens seen so far (left padding excluded) are made less likely: scores divided by the
+        # penalty when positive, multiplied when negative.
+        seen = torch.zeros(scores.shape[0], scores.shape[1] + 1, dtype=torch.bool, device=scores.device)
+        ids = ids
+        if self.pad_lengths is not None:
+            cols = torch.arange(ids.shape[1], device=ids.device)[None, :]
+            ids = torch.where(cols < self.pad_lengths[:, None], scores.shape[1], ids)
+        seen.scatter_(1, ids, True)
+        seen = seen[:, :-1]
+        p = self.s.repetition_penalty
+        penalised = torch.where(scores < 0, scores * p, scores / p)
+        return torch.where(seen, penalised, scores)
+
+
+def _top_p(scores, top_p, min_keep):
+    # Drop the least likely tokens whose total probability stays within 1 - top_p.
+    ascending, order = torch.sort(scores, descending=False)
+    cum = ascending.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= (1 - top_p)
+    drop[..., -min_keep:] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
+
+
+# --- greedy and sampling ------------------------------------------------------------------------
+
+def sample_or_greedy(stepper, logits, ids, s: Settings, proc: Processor):
+    """One token per row per step until every row hit EOS or max_length. Returns (ids, scores)."""
+    unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    eos = torch.tensor(s.eos, device=ids.device) if s.eos else None
+    all_scores = []
+    while True:
+        scores = proc(ids, logits.float())
+        if s.output_scores:
+            all_scores.append(scores)
+        if s.do_sample:
+            nxt = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            nxt = torch.argmax(scores, dim=-1)
+        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, s.pad))
+        ids = torch.cat([ids, nxt[:, None]], dim=-1)
+        if eos is not None:
+            unfinished &= ~torch.isin(nxt, eos)
+        if ids.shape[1] >= s.max_length or not bool(unfinished.any()):
+            return ids, all_scores
+        logits = stepper.step(nxt)
+
+
+# --- beam search ----------------------------------------------------------------------------------
+
+def _take(t, index):
+    """Selects along dim 1 (beams) of a [batch, beams, ...] tensor."""
+    while index.ndim < t.ndim:
+        index = index.unsqueeze(-1)
+    return torch.take_along_dim(t, index, dim=1)
+
+
+def beam_search(stepper, logits, ids, s: Settings, proc: Processor):
+    """Beam search over `ids` [batch * beams, prompt_len] (rows already expanded per beam).
+
+    Returns (sequences [batch * num_return_sequences, len], their length-normalised scores).
+    """
+    k = s.num_beams
+    n, prompt_len = ids.shape
+    b = n // k
+    dev = ids.device
+    keep = max(2, 1 + len(s.eos)) * k  # candidates kept per step: enough to continue k beams past EOS
+    first_k = torch.zeros(keep, dtype=torch.bool, device=dev)
+    first_k[:k] = True
+    eos = torch.tensor(s.eos, device=dev) if s.eos else None
+
+    # transformers fills beam outputs with `pad or eos` (a pad id of 0 counts as unset) and -1 without EOS
+    fill = (s.pad or s.eos[0]) if s.eos else -1
+    running = torch.full((b, k, s.max_length), fill, dtype=torch.long, device=dev)
+    running[:, :, :prompt_len] = ids.view(b, k, prompt_len)
+    running_scores = torch.zeros(b, k, device=dev)
+    running_scores[:, 1:] = -1e9  # all beams start identical: expand only the first
+    done = running.clone()
+    done_scores = torch.full((b, k), -1e9, device=dev)
+    done_flag = torch.zeros(b, k, dtype=torch.bool, device=dev)
+    done_len = torch.zeros(b, k, dtype=torch.long, device=dev)
+    improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    cur = prompt_len
+    offsets = torch.arange(b, device=dev)[:, None] * k
+    while True:
+        logp = proc(running[:, :, :cur].reshape(n, cur), F.log_softmax(logits.float(), dim=-1))
+        vocab = logp.shape[-1]
+        total = (logp.view(b, k, vocab) + running_scores[:, :, None]).view(b, k * vocab)
+        if s.do_sample:
+            cand = torch.multinomial(F.softmax(total, dim=-1), num_samples=keep)
+            cand_scores = torch.gather(total, 1, cand)
+        else:
+            cand_scores, cand = torch.topk(total, keep)
+        cand_beam, cand_tok = cand // vocab, cand % vocab
+        cand_seq = _take(running, cand_beam)
+        cand_seq[:, :, cur] = cand_tok
+        stops = torch.full_like(cand_tok, cur + 1 >= s.max_length, dtype=torch.bool)
+        if eos is not None:
+            stops |= torch.isin(cand_tok, eos)
+
+        # the best k candidates that did not stop keep running
+        live = cand_scores + stops.float() * -1e9
+        pick = torch.topk(live, k).indices
+        running = _take(cand_seq, pick)
+        running_scores = _take(live, pick)
+        source_rows = (_take(cand_beam, pick) + offsets).view(-1)
+
+        # candidates among the top k that stopped become finished hypotheses if they beat the worst one
+        gen_len = cur + 1 - prompt_len
+        finished = stops & first_k[None, :]
+        norm = cand_scores / (gen_len ** s.length_penalty)
+        full = done_flag.all(dim=-1, keepdim=True) & (s.early_stopping is True)
+        norm = norm + full.float() * -1e9 + (~improvable).float() * -1e9 + (~finished).float() * -1e9
+        merged = torch.topk(torch.cat([done_scores, norm], dim=1), k).indices
+        done = _take(torch.cat([done, cand_seq], dim=1), merged)
+        done_scores = _take(torch.cat([done_scores, norm], dim=1), merged)
+        done_flag = _take(torch.cat([done_flag, finished], dim=1), merged)
+        done_len = _take(torch.cat([done_len, torch.full_like(cand_tok, gen_len)], dim=1), merged)
+
+        cur += 1
+        # early-stopping heuristic: can a running beam still beat the worst finished one?
+        if s.early_stopping == "never" and s.length_penalty > 0.0:
+            best_len = s.max_length - prompt_len
+        else:
+            best_len = cur - prompt_len
+        best_running = running_scores[:, :1] / (best_len ** s.length_penalty)
+        worst_done = torch.where(done_flag, done_scores.min(dim=1, keepdim=True).values, -1.0e9)
+        improvable = improvable & (best_running > worst_done).any(dim=-1, keepdim=True)
+        open_beam = not (bool(done_flag.all()) and s.early_stopping is True)
+        if not (bool(improvable.any()) and open_beam and not bool(stops.all())):
+            break
+        stepper.reorder(source_rows)
+        logits = stepper.step(running[:, :, cur - 1].reshape(-1))
+
+    r = s.num_return_sequences
+    seqs = done[:, :r].reshape(b * r, -1)
+    length = prompt_len + int(done_len[:, :r].max())
+    return seqs[:, :length], done_scores[:, :r].reshape(-1)

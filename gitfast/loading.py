@@ -1,0 +1,192 @@
+"""Finding, reading and validating GIT checkpoints, and mapping Hugging Face names to gitfast's layout.
+
+A checkpoint is a local folder or a hub id already in the local Hugging Face cache (never a
+download). Weights come from `model.safetensors` (or its sharded index) first; `pytorch_model.bin`
+only through `torch.load(weights_only=True)`. Every tensor must be accounted for: missing,
+unexpected or wrongly shaped tensors are errors that name them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# Non-persistent buffers that some older checkpoints still carry; they hold nothing we need.
+IGNORED_SUFFIXES = ("embeddings.position_ids",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as GIT, with the reason."""
+
+
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """A local folder, or the snapshot folder of a hub id in the local cache (no network is used)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{str(name_or_path)!r} is a file; expected a checkpoint folder or a hub id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError) as exc:
+        raise CheckpointError(
+            f"{str(name_or_path)!r} is neither a local folder nor a model in the local Hugging Face cache. "
+            f"gitfast never downloads: fetch it first on a machine with network (e.g. "
+            f"`hf download {name_or_path}`) or pass the checkpoint's folder."
+        ) from exc
+
+
+def load_config(folder: Path):
+    from transformers import GitConfig
+
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"no config.json in {folder}")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
+    if raw.get("model_type") != "git":
+        raise CheckpointError(f"{folder} holds a {raw.get('model_type')!r} model, not GIT (model_type 'git'); "
+                              "gitfast only runs GIT checkpoints such as microsoft/git-base")
+    return GitConfig.from_pretrained(str(folder))
+
+
+def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, preferring safetensors; `.bin` only with weights_only=True."""
+    from safetensors.torch import load_file
+
+    def shards(index_name):
+        index = json.loads((folder / index_name).read_text())
+        return sorted(set(index["weight_map"].values()))
+
+    if (folder / SAFE_SINGLE).is_file():
+        files, reader = [SAFE_SINGLE], lambda p: load_file(str(p))
+    elif (folder / SAFE_INDEX).is_file():
+        files, reader = shards(SAFE_INDEX), lambda p: load_file(str(p))
+    elif (folder / BIN_SINGLE).is_file() or (folder / BIN_INDEX).is_file():
+        files = [BIN_SINGLE] if (folder / BIN_SINGLE).is_file() else shards(BIN_INDEX)
+        reader = lambda p: torch.load(str(p), map_location="cpu", weights_only=True)  # noqa: E731
+    else:
+        raise CheckpointError(f"no weights in {folder}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+    weights: Dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            weights.update(reader(folder / name))
+        except Exception as exc:  # corrupt or truncated files: say which one
+            raise CheckpointError(f"cannot read {folder / name}: {exc}") from exc
+    return weights
+
+
+# --- name mapping -------------------------------------------------------------------------------
+# Each entry: gitfast name -> (HF names, merge function, split function for saving back).
+Rule = Tuple[List[str], Callable, Callable]
+
+
+def _same(ts):
+    return ts[0]
+
+
+def _cat(ts):
+    return torch.cat(ts, dim=0)
+
+
+def _unsplit(n):
+    return lambda t: list(t.chunk(n, dim=0))
+
+
+def _temporal(ts):
+    return torch.cat([t.reshape(1, -1) for t in ts], dim=0)  # F x [1, 1, W] -> [F, W]
+
+
+def name_map(config) -> Dict[str, Rule]:
+    rules: Dict[str, Rule] = {}
+
+    def one(ours, theirs):
+        rules[ours] = ([theirs], _same, lambda t: [t])
+
+    def linear(ours, theirs):
+        for p in ("weight", "bias"):
+            one(f"{ours}.{p}", f"{theirs}.{p}")
+
+    vm = "git.image_encoder.vision_model"
+    one("vision.embeddings.class_embedding", f"{vm}.embeddings.class_embedding")
+    one("vision.embeddings.patch_embedding", f"{vm}.embeddings.patch_embedding.weight")
+    one("vision.embeddings.position_embedding", f"{vm}.embeddings.position_embedding.weight")
+    linear("vision.pre_ln", f"{vm}.pre_layrnorm")
+    linear("vision.post_ln", f"{vm}.post_layernorm")
+    for i in range(config.vision_config.num_hidden_layers):
+        src, dst = f"{vm}.encoder.layers.{i}", f"vision.layers.{i}"
+        for p in ("weight", "bias"):
+            rules[f"{dst}.qkv.{p}"] = ([f"{src}.self_attn.{x}_proj.{p}" for x in "qkv"], _cat, _unsplit(3))
+        linear(f"{dst}.out", f"{src}.self_attn.out_proj")
+        linear(f"{dst}.ln1", f"{src}.layer_norm1")
+        linear(f"{dst}.ln2", f"{src}.layer_norm2")
+        linear(f"{dst}.fc1", f"{src}.mlp.fc1")
+        linear(f"{dst}.fc2", f"{src}.mlp.fc2")
+    if config.num_image_with_embedding:
+        n = config.num_image_with_embedding
+        rules["temporal_embedding"] = ([f"git.img_temporal_embedding.{f}" for f in range(n)], _temporal,
+                                       lambda t: [r.reshape(1, 1, -1) for r in t])
+    linear("proj", "git.visual_projection.visual_projection.0")
+    linear("proj_ln", "git.visual_projection.visual_projection.1")
+    one("word_embeddings.weight", "git.embeddings.word_embeddings.weight")
+    one("position_embeddings.weight", "git.embeddings.position_embeddings.weight")
+    linear("embed_ln", "git.embeddings.LayerNorm")
+    for i in range(config.num_hidden_layers):
+        src, dst = f"git.encoder.layer.{i}", f"layers.{i}"
+        for p in ("weight", "bias"):
+            rules[f"{dst}.qkv.{p}"] = ([f"{src}.attention.self.{x}.{p}" for x in ("query", "key", "value")],
+                                       _cat, _unsplit(3))
+        linear(f"{dst}.attn_out", f"{src}.attention.output.dense")
+        linear(f"{dst}.attn_ln", f"{src}.attention.output.LayerNorm")
+        linear(f"{dst}.fc1", f"{src}.intermediate.dense")
+        linear(f"{dst}.fc2", f"{src}.output.dense")
+        linear(f"{dst}.out_ln", f"{src}.output.LayerNorm")
+    linear("lm_head", "output")
+    return rules
+
+
+def from_hf_state_dict(hf: Dict[str, torch.Tensor], config, expected_shapes: Dict[str, torch.Size]) -> Dict[str, torch.Tensor]:
+    """HF-named tensors -> gitfast-named tensors, refusing anything missing, unexpected or misshapen."""
+    hf = {k: v for k, v in hf.items() if not k.endswith(IGNORED_SUFFIXES)}
+    if "output.weight" not in hf and getattr(config, "tie_word_embeddings", False):
+        if "git.embeddings.word_embeddings.weight" in hf:
+            hf["output.weight"] = hf["git.embeddings.word_embeddings.weight"]
+    rules = name_map(config)
+    needed = [n for names, _, _ in rules.values() for n in names]
+    missing = [n for n in needed if n not in hf]
+    unexpected = sorted(set(hf) - set(needed))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+    if problems:
+        raise CheckpointError("checkpoint does not match its GIT config: " + "; ".join(problems))
+    out = {}
+    for ours, (names, merge, _) in rules.items():
+        t = merge([hf[n] for n in names])
+        want = expected_shapes[ours]
+        if t.shape != want:
+            detail = ", ".join(f"{n} {tuple(hf[n].shape)}" for n in names)
+            raise CheckpointError(f"wrong shape for {detail}: the config needs {tuple(want)} for gitfast's {ours}")
+        out[ours] = t
+    return out
+
+
+def to_hf_state_dict(ours: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
+    """gitfast-named tensors -> HF names (for save_pretrained); contiguous copies, safe to serialise."""
+    out = {}
+    for name, (names, _, split) in name_map(config).items():
+        for n, t in zip(names, split(ours[name])):
+            out[n] = t.detach().contiguous().clone()
+    return out
