@@ -1,0 +1,73 @@
+"""Shared argument checks and launch helpers for gitfast's Triton kernels (no Triton import here)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Head sizes the kernels are built and tested for. GIT checkpoints all use 64; the others are padded
+# to the next power of two inside the kernels with masked loads.
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2, so scores are pre-scaled by it
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head_dim={head_dim} is not supported by gitfast's Triton attention kernels; "
+            f"supported: {SUPPORTED_HEAD_DIMS} (use the plain-torch reference for other sizes)"
+        )
+
+
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors only under the interpreter."""
+    dev = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on one device; got {dev} and {t.device}")
+    if dev.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"gitfast's Triton kernels need CUDA tensors (got {dev}); on CPU use the plain-torch "
+            "references in gitfast.kernels.reference, or set TRITON_INTERPRET=1 before importing "
+            "triton to run the kernels in Triton's (slow) interpreter"
+        )
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any token/head strides but need the head_dim axis packed."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def per_seq_image_tokens(num_image_tokens, batch: int, device: torch.device):
+    """(tensor_or_None, int): a per-sequence int32 tensor, or one count shared by the batch."""
+    if isinstance(num_image_tokens, torch.Tensor):
+        if num_image_tokens.dim() == 0:
+            return None, int(num_image_tokens.item())
+        if num_image_tokens.shape != (batch,):
+            raise ValueError(
+                f"num_image_tokens must be an int or a [batch]={batch} tensor, got shape "
+                f"{tuple(num_image_tokens.shape)}"
+            )
+        return num_image_tokens.to(device=device, dtype=torch.int32), 0
+    return None, int(num_image_tokens)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to TF32 on tensor cores: the fp32 path is the exact one.
+    return "ieee" if dtype == torch.float32 else "tf32"
