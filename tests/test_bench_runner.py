@@ -1,9 +1,7 @@
 """`gitfast bench` end to end on the CPU with stand-in suites (independent of the real suites)."""
 import json
-import os
-import re
-import subprocess
 import sys
+import xml.etree.ElementTree as ET
 import textwrap
 from pathlib import Path
 
@@ -70,7 +68,10 @@ def suites(tmp_path, monkeypatch):
     # tiny ceilings: the real measurement is tested on its own below
     fixed = ceilings.Ceilings("cpu", 0.01, {"float32": 0.05}, "float32")
     monkeypatch.setattr(runner.ceilings_mod, "measure", lambda device, dtypes, quick=False: fixed)
-    return tmp_path
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # small BLAS calls stall for ms in OpenMP barriers on a busy CPU
+    yield tmp_path
+    torch.set_num_threads(threads)
 
 
 def _bench(tmp_path, *extra):
@@ -148,29 +149,30 @@ def test_cuda_without_gpu_exits_2(tmp_path):
     assert cli.main(["bench", "--device", "cuda", "--out", str(tmp_path / "x.json")]) == 2
 
 
-def test_pytest_benchmark_runs_the_same_cases(suites, tmp_path):
+def test_pytest_benchmark_runs_the_same_cases(suites, tmp_path, monkeypatch):
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(suites), os.environ.get("PYTHONPATH", "")]),
-               GITFAST_BENCH_SUITES="standin_suites.bench_toy,standin_suites.bench_broken")
-    out = tmp_path / "pb.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(repo / "bench"), "--benchmark-only", "-p", "no:cacheprovider",
-         "--benchmark-min-time=0.0005", "--benchmark-max-time=0.01", f"--benchmark-json={out}", "-q"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=120)
-    summary = proc.stdout.strip().splitlines()[-1]
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary)}
-    # 5 timed toy cases, 2 flex cases skipped, the raising case failed, the broken import an error
-    assert counts == {"passed": 5, "skipped": 2, "failed": 1, "error": 1}, proc.stdout[-3000:]
+    monkeypatch.setattr(sys, "path", list(sys.path))         # the nested session may prepend the repo
+    out, junit = tmp_path / "pb.json", tmp_path / "junit.xml"
+    code = pytest.main([str(repo / "bench"), "--benchmark-only", "-p", "no:cacheprovider", "-q",
+                        "--benchmark-min-time=0.0005", "--benchmark-max-time=0.01",
+                        f"--benchmark-json={out}", f"--junitxml={junit}", f"--rootdir={repo}"])
+    assert code == pytest.ExitCode.TESTS_FAILED
+    suite = ET.parse(junit).getroot().find("testsuite")
+    counts = {k: int(suite.get(k)) for k in ("tests", "failures", "errors", "skipped")}
+    # toy: 5 timed, 2 flex skipped, 1 raising (failure); broken: import error; halfway: 1 timed + error
+    assert counts == {"tests": 11, "failures": 1, "errors": 2, "skipped": 2}
     data = json.loads(out.read_text())
     info = {b["name"]: b["extra_info"] for b in data["benchmarks"]}
     mm = info["test_case[toy_matmul-n64-gitfast-float32]"]
     assert mm["provider"] == "gitfast" and mm["shape"] == {"n": 64} and mm["tflops"] > 0
 
 
-def test_real_suites_discovered():
+def test_suite_discovery(monkeypatch):
     names = [n for n, _ in runner.suite_modules()]
     assert all(m.startswith("gitfast.bench.bench_") for _, m in runner.suite_modules())
     assert names == sorted(names)
+    monkeypatch.setenv("GITFAST_BENCH_SUITES", "pkg.bench_one, other.two")
+    assert runner.suite_modules() == [("one", "pkg.bench_one"), ("two", "other.two")]
 
 
 def test_ceilings_measured_on_cpu():
