@@ -1,0 +1,110 @@
+"""Test data for captioning: a tiny GIT checkpoint folder with its processor, and image files in every
+mode Captioner must handle, plus broken ones."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+SIZE = 32  # image size of the tiny checkpoint (patch 8 → 16 image tokens)
+WORDS = ("a red blue green yellow big small circle square triangle on of the is what color shape "
+         "how many left right top bottom and with there are two three one ? , .").split()
+
+
+def make_checkpoint(folder: str, seed: int = 0) -> str:
+    """A random transformers GIT model + BERT WordPiece tokenizer + CLIP image processor, saved as a
+    hub-style folder that `AutoProcessor` and both GitForCausalLM classes load."""
+    import transformers
+    from transformers import BertTokenizerFast, CLIPImageProcessor, GitConfig, GitProcessor
+
+    os.makedirs(folder, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + ["##s", "##ed"]
+    vocab_file = os.path.join(folder, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=vocab_file, model_input_names=["input_ids", "attention_mask"])
+    image_processor = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    GitProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+    config = GitConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=SIZE, patch_size=8),
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=len(vocab), max_position_embeddings=48, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.GitForCausalLM(config).eval()
+    with torch.no_grad():  # decisive greedy choices that depend on the picture and the prompt
+        model.output.weight.mul_(20.0)
+        model.git.visual_projection.visual_projection[1].weight.mul_(4.0)
+        for layer in model.git.encoder.layer:
+            layer.attention.self.query.weight.mul_(6.0)
+            layer.attention.self.key.weight.mul_(6.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+def rgb_array(seed: int, size=(48, 40)) -> np.ndarray:
+    """A smooth random picture (h, w, 3) so that resizing keeps it distinct from other seeds."""
+    g = np.random.default_rng(seed)
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    a, b, c = g.uniform(-3, 3, (3, 3))
+    img = np.stack([np.sin(a[i] * x + b[i] * y + c[i]) for i in range(3)], -1)
+    return ((img + 1) * 127.5).astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def mode_images() -> dict:
+    """name -> encoded bytes of good images in every mode Captioner converts, each distinct."""
+    rgb = [Image.fromarray(rgb_array(s)) for s in range(10)]
+    rgba = rgb[2].convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (48, 1))))
+    la = rgb[3].convert("LA")
+    la.putalpha(128)
+    p_trans = rgb[5].convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    p_trans.info["transparency"] = 0
+    grey16 = Image.fromarray((rgb_array(6)[..., 0].astype(np.uint16) * 257 // 3 + 20000).astype(np.uint16))
+    rotated = rgb[8].copy()
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
+    return {
+        "rgb.png": encode(rgb[0], "PNG"),
+        "grey_L.png": encode(rgb[1].convert("L"), "PNG"),
+        "alpha_RGBA.png": encode(rgba, "PNG"),
+        "alpha_LA.png": encode(la, "PNG"),
+        "palette_P.gif": encode(rgb[4].convert("P", palette=Image.Palette.ADAPTIVE, colors=32), "GIF"),
+        "palette_transparent.png": encode(p_trans, "PNG", transparency=0),
+        "grey16.png": encode(grey16, "PNG"),
+        "cmyk.jpg": encode(rgb[7].convert("CMYK"), "JPEG", quality=95),
+        "bilevel.png": encode(rgb[9].convert("1"), "PNG"),
+        "exif_rotated.jpg": encode(rotated, "JPEG", quality=95, exif=exif),
+    }
+
+
+def broken_files() -> dict:
+    """name -> bytes that must each become an error record."""
+    good_jpeg = encode(Image.fromarray(rgb_array(11)), "JPEG", quality=95)
+    return {
+        "truncated.jpg": good_jpeg[: len(good_jpeg) // 2],
+        "empty.png": b"",
+        "text_renamed.jpg": b"this is a text file, not a picture\n",
+    }
+
+
+def write_files(folder: str, files: dict) -> list:
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for name, data in files.items():
+        path = os.path.join(folder, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        paths.append(path)
+    return paths
