@@ -54,7 +54,8 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
     return impl(k, v, k_cache, v_cache, slot_mapping)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_scale=None, **kwargs):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_scale=None,
+                           **kwargs):
     """Decode attention over the paged cache; see ``gitfast.kernels.paged_decode``."""
     from .paged_decode import paged_decode_attention as impl
     return impl(q, k_cache, v_cache, block_tables, context_lens, sm_scale, **kwargs)

@@ -1,4 +1,4 @@
-"""Shared argument checks and launch helpers for gitfast's Triton kernels (no Triton import here)."""
+"""Argument checks and launch helpers shared by gitfast's Triton kernels (no Triton import here)."""
 from __future__ import annotations
 
 import os

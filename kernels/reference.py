@@ -1,4 +1,4 @@
-"""Plain-torch references for gitfast's Triton kernels: the ground truth in tests and a CPU fallback.
+"""Plain-torch references for gitfast's Triton kernels: ground truth in tests, and a CPU fallback.
 
 They follow the kernels' contracts exactly (same layouts, same mask rule `j < max(P, i + 1)`, same
 handling of skipped slots and empty contexts) but compute in `compute_dtype` (fp32 by default; tests
@@ -68,7 +68,7 @@ def write_kv_cache_reference(
 
 
 def _gather(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached tokens of one sequence, `[length, H, D]`, through its block table."""
+    """The first `length` cached tokens of one sequence, `[length, H, D]`, via its block table."""
     block_size = cache.shape[1]
     t = torch.arange(length, device=cache.device)
     blocks = table_row.long()[t // block_size]
@@ -80,7 +80,7 @@ def paged_decode_attention_reference(
     context_lens: torch.Tensor, sm_scale: Optional[float] = None,
     compute_dtype: torch.dtype = torch.float32, **_ignored,
 ) -> torch.Tensor:
-    """Reference of `paged_decode_attention`: q `[B, H, D]` sees all context_lens[b] cached tokens."""
+    """Reference of `paged_decode_attention`: q `[B, H, D]` sees all context_lens[b] tokens."""
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out = torch.zeros_like(q)
     for b, length in enumerate(int(x) for x in context_lens.tolist()):
@@ -115,5 +115,6 @@ def paged_prefill_attention_reference(
         vv = _gather(v_cache, block_tables[b], length).to(compute_dtype)
         pos = torch.arange(length - (e - s), length, device=q.device)
         n_img = min(max(counts[b], 0), length)
-        out[s:e] = _prefix_lm_attention(q[s:e].to(compute_dtype), kk, vv, pos, n_img, scale).to(q.dtype)
+        o = _prefix_lm_attention(q[s:e].to(compute_dtype), kk, vv, pos, n_img, scale)
+        out[s:e] = o.to(q.dtype)
     return out
