@@ -99,3 +99,64 @@ def cached(q, k_cache, v_cache, length: int, key_mask: Optional[torch.Tensor]):
         km = key_mask[:, None, None, :length]
         mask = km if mask is None else mask & km
     return _sdpa(q, k, v, mask)
+
+
+# --- the paged cache (engine) ---------------------------------------------------------------
+# On CUDA these call the Triton kernels; elsewhere a vectorised plain-torch gather through the block
+# tables (the per-sequence references in `gitfast.kernels.reference` are the tests' ground truth).
+
+def _gather_padded(pool, block_tables, length: int):
+    """Tokens 0..length-1 of every sequence through its block table: [B, length, H, D]."""
+    bs = pool.shape[1]
+    pos = torch.arange(length, device=pool.device)
+    return pool[block_tables[:, pos // bs].long(), pos % bs]
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Stores new K/V `[N, H, D]` at `slot_mapping` (block * block_size + offset; negative = skip)."""
+    kern = _use_kernels(k)
+    if kern is not None:
+        return kern.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    bs = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache[slot_mapping // bs, slot_mapping % bs] = k
+    v_cache[slot_mapping // bs, slot_mapping % bs] = v
+
+
+def paged_decode(q, k_cache, v_cache, block_tables, context_lens, max_context: int):
+    """One text token per sequence `q` [B, H, D] over its `context_lens` cached tokens."""
+    kern = _use_kernels(q)
+    if kern is not None:
+        return kern.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                           max_context_len=max_context)  # a host bound: no GPU sync
+    k = _gather_padded(k_cache, block_tables, max_context)
+    v = _gather_padded(v_cache, block_tables, max_context)
+    mask = torch.arange(max_context, device=q.device)[None, :] < context_lens[:, None]
+    return _sdpa(q[:, None], k, v, mask[:, None, None, :])[:, 0]
+
+
+def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, num_image: int,
+                  max_q: int, max_context: int):
+    """New text tokens of each sequence (packed `q` [N, H, D]), already written at the end of its
+    `context_lens` tokens: each sees the image prefix and causally its text."""
+    kern = _use_kernels(q)
+    if kern is not None:
+        return kern.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, num_image,
+                                            max_seqlen_q=max_q)
+    b = block_tables.shape[0]
+    n_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    # scatter packed queries into [B, max_q] (row-aligned to the end of each sequence's context)
+    row = torch.repeat_interleave(torch.arange(b, device=q.device), n_q)
+    col = torch.arange(q.shape[0], device=q.device) - cu_seqlens_q[:-1].long()[row]
+    dense = q.new_zeros(b, max_q, *q.shape[1:])
+    dense[row, col] = q
+    k = _gather_padded(k_cache, block_tables, max_context)
+    v = _gather_padded(v_cache, block_tables, max_context)
+    q_pos = (context_lens - n_q)[:, None] + torch.arange(max_q, device=q.device)[None, :]  # [B, max_q]
+    j = torch.arange(max_context, device=q.device)
+    limit = torch.maximum(q_pos + 1, torch.full_like(q_pos, num_image)).clamp(max=context_lens[:, None])
+    mask = j[None, None, :] < limit[:, :, None]  # [B, max_q, max_context]
+    out = _sdpa(dense, k, v, mask[:, None])
+    return out[row, col]

@@ -16,7 +16,7 @@ from transformers import GenerationConfig, GitConfig, PreTrainedModel
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import attention, generation, loading
+from . import attention, generation, loading, paged_generate
 from .kv_cache import DecodeState
 from .model import GitModel, num_image_tokens
 
@@ -42,6 +42,9 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "gitfast"
     main_input_name = "input_ids"
     _supports_cache_class = False
+    # generate() runs greedy and beam search over the paged KV cache (the engine); False forces the
+    # plain contiguous-cache path (sampling always takes it, to reproduce transformers' RNG stream)
+    use_paged_cache = True
 
     def __init__(self, config: GitConfig):
         super().__init__(config)
@@ -188,10 +191,41 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"max_length ({s.max_length}) leaves no room after the {t}-token prompt; "
                              "set max_new_tokens")
 
+        expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
+        paged = (self.use_paged_cache and not s.do_sample and not s.output_scores and s.min_length == 0
+                 and not interpolate_pos_encoding)
+        scores = seq_scores = None
+        if paged and s.num_beams == 1 and expand == 1:
+            if pixel_values is not None:
+                pixel_values = pixel_values.to(dev, next(self.model.parameters()).dtype)
+                image_of_row = [i % pixel_values.shape[0] for i in range(b)]  # tiled, as transformers
+                if b % pixel_values.shape[0]:
+                    raise ValueError(f"{b} text rows cannot share {pixel_values.shape[0]} images")
+            else:
+                image_of_row = None
+            seqs = paged_generate.greedy(self.model, pixel_values, input_ids, attention_mask, s, image_of_row)
+        elif paged and s.num_beams > 1:
+            image = self._image_tokens(pixel_values, b)
+            seqs, seq_scores = paged_generate.beam(
+                self.model, image, input_ids, attention_mask, s,
+                lambda pads, vocab: generation.Processor(s, t, pads, vocab, dev))
+        else:  # the plain path: a contiguous cache, transformers' exact RNG use when sampling
+            seqs, scores, seq_scores = self._generate_plain(pixel_values, input_ids, attention_mask, position_ids,
+                                                            pad_lengths, s, expand, interpolate_pos_encoding)
+        if not s.return_dict:
+            return seqs
+        from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+        if s.num_beams > 1:
+            return GenerateBeamDecoderOnlyOutput(sequences=seqs, sequences_scores=seq_scores)
+        return GenerateDecoderOnlyOutput(sequences=seqs, scores=tuple(scores) if s.output_scores else None)
+
+    def _generate_plain(self, pixel_values, input_ids, attention_mask, position_ids, pad_lengths, s, expand,
+                        interpolate_pos_encoding):
+        b, t = input_ids.shape
+        dev = input_ids.device
         image = self._image_tokens(pixel_values, b, interpolate_pos_encoding)
         state = DecodeState(self.model, b, image.shape[1], t, s.max_length - t, image.dtype, dev)
         logits = state.prefill(image, input_ids, attention_mask, position_ids)
-        expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
         if expand > 1:  # every beam / returned sample starts from the same prefilled rows
             rows = torch.arange(b, device=dev).repeat_interleave(expand)
             state.reorder(rows)
@@ -199,16 +233,9 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         proc = generation.Processor(s, t, pad_lengths, logits.shape[-1], dev)
         if s.num_beams > 1:
             seqs, seq_scores = generation.beam_search(state, logits, input_ids, s, proc)
-            scores = None
-        else:
-            seqs, scores = generation.sample_or_greedy(state, logits, input_ids, s, proc)
-            seq_scores = None
-        if not s.return_dict:
-            return seqs
-        from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
-        if s.num_beams > 1:
-            return GenerateBeamDecoderOnlyOutput(sequences=seqs, sequences_scores=seq_scores)
-        return GenerateDecoderOnlyOutput(sequences=seqs, scores=tuple(scores) if s.output_scores else None)
+            return seqs, None, seq_scores
+        seqs, scores = generation.sample_or_greedy(state, logits, input_ids, s, proc)
+        return seqs, scores, None
 
     @property
     def num_image_tokens(self) -> int:

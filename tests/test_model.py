@@ -6,6 +6,17 @@ import gitfast
 from git_factory import CONFIGS, make_hf_model, pixels
 
 
+def on_both_paths(fm, call):
+    """Runs `call()` with generate on the paged cache (engine) and on the plain path; both must agree."""
+    fm.use_paged_cache = True
+    paged = call()
+    fm.use_paged_cache = False
+    plain = call()
+    fm.use_paged_cache = True
+    assert torch.equal(paged, plain), (paged, plain)
+    return paged
+
+
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -47,7 +58,7 @@ def test_greedy_identical(pair):
     name, hf, fm = pair
     px = pixels(name, 4)
     a = hf.generate(pixel_values=px, max_new_tokens=12)
-    b = fm.generate(pixel_values=px, max_new_tokens=12)
+    b = on_both_paths(fm, lambda: fm.generate(pixel_values=px, max_new_tokens=12))
     assert torch.equal(a, b)
     assert len({tuple(r) for r in b.tolist()}) > 1, "captions should depend on the image"
 
@@ -58,7 +69,7 @@ def test_beam_identical(pair, kw):
     name, hf, fm = pair
     px = pixels(name, 2)
     a = hf.generate(pixel_values=px, max_new_tokens=10, **kw)
-    b = fm.generate(pixel_values=px, max_new_tokens=10, **kw)
+    b = on_both_paths(fm, lambda: fm.generate(pixel_values=px, max_new_tokens=10, **kw))
     assert torch.equal(a, b)
 
 
@@ -77,7 +88,7 @@ def test_min_new_tokens_and_repetition_penalty(pair):
     name, hf, fm = pair
     px = pixels(name, 2)
     kw = dict(max_new_tokens=10, min_new_tokens=8, repetition_penalty=1.5)
-    assert torch.equal(hf.generate(pixel_values=px, **kw), fm.generate(pixel_values=px, **kw))
+    assert torch.equal(hf.generate(pixel_values=px, **kw), on_both_paths(fm, lambda: fm.generate(pixel_values=px, **kw)))
 
 
 def test_eos_stops_and_pads():
@@ -87,7 +98,7 @@ def test_eos_stops_and_pads():
     fm = gitfast.GitForCausalLM.from_transformers(hf)
     px = pixels("hd32", 3)
     a = hf.generate(pixel_values=px, max_new_tokens=6, eos_token_id=[102, 7])
-    b = fm.generate(pixel_values=px, max_new_tokens=6, eos_token_id=[102, 7])
+    b = on_both_paths(fm, lambda: fm.generate(pixel_values=px, max_new_tokens=6, eos_token_id=[102, 7]))
     assert torch.equal(a, b)
 
 
@@ -96,7 +107,8 @@ def test_vqa_batch_equals_alone_and_transformers(pair):
     px = pixels(name, 3)
     ids = torch.tensor([[0, 0, 101, 5, 6], [101, 7, 8, 9, 10], [0, 101, 11, 12, 13]])
     mask = (ids != 0).long()
-    batched = fm.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    batched = on_both_paths(fm, lambda: fm.generate(pixel_values=px, input_ids=ids, attention_mask=mask,
+                                                    max_new_tokens=8))
     assert torch.equal(batched, hf.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=8))
     for i in range(3):
         row = ids[i][mask[i].bool()][None]
@@ -113,7 +125,10 @@ def test_one_image_many_questions():
     px = pixels("hd32", 1)
     ids = torch.tensor([[101, 5, 6], [101, 7, 8], [101, 9, 9]])
     assert torch.equal(hf.generate(pixel_values=px, input_ids=ids, max_new_tokens=5),
-                       fm.generate(pixel_values=px, input_ids=ids, max_new_tokens=5))
+                       on_both_paths(fm, lambda: fm.generate(pixel_values=px, input_ids=ids, max_new_tokens=5)))
+    assert torch.equal(hf.generate(pixel_values=px, input_ids=ids, max_new_tokens=5, num_beams=2),
+                       on_both_paths(fm, lambda: fm.generate(pixel_values=px, input_ids=ids, max_new_tokens=5,
+                                                             num_beams=2)))
 
 
 def test_return_dict_and_unsupported_arguments():

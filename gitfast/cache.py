@@ -1,0 +1,165 @@
+"""The paged KV cache: device pools plus plain-Python block bookkeeping.
+
+Each decoder layer has a K and a V pool `[num_blocks, block_size, heads, head_dim]`, preallocated
+once from a memory budget. A sequence's tokens live in the blocks listed by its block table.
+
+Sharing: GIT's image tokens attend only to each other, so an image's K/V (the *prefix*) are the same
+for every prompt and every beam that uses it. The prefix is computed once into its own blocks; each
+sequence refers to the full prefix blocks (reference counted) and gets a private copy of the last,
+partly filled prefix block, into which its text continues. Blocks return to the free queue when the
+last user lets go.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+
+class OutOfBlocks(RuntimeError):
+    """Not enough free blocks right now (the scheduler waits for running sequences to finish)."""
+
+
+class BlockAllocator:
+    """Free queue + reference counts. Pure bookkeeping; knows nothing about tensors."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks <= 0:
+            raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> List[int]:
+        if n > len(self._free):
+            raise OutOfBlocks(f"asked for {n} blocks, {len(self._free)} free of {self.num_blocks}")
+        blocks = [self._free.popleft() for _ in range(n)]
+        for b in blocks:
+            self._refs[b] = 1
+        return blocks
+
+    def share(self, blocks: List[int]) -> None:
+        for b in blocks:
+            if self._refs[b] <= 0:
+                raise ValueError(f"block {b} is not allocated and cannot be shared")
+            self._refs[b] += 1
+
+    def free(self, blocks: List[int]) -> None:
+        for b in blocks:
+            if self._refs[b] <= 0:
+                raise ValueError(f"block {b} freed more often than allocated")
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
+
+
+@dataclass
+class Prefix:
+    """An image's K/V: `length` tokens in `blocks` (the last one possibly partial)."""
+    length: int
+    blocks: List[int]
+
+
+@dataclass
+class SeqBlocks:
+    """One sequence's block table and how many tokens it holds."""
+    table: List[int] = field(default_factory=list)
+    length: int = 0
+    shared: int = 0  # leading blocks borrowed from a prefix (not written by this sequence)
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, heads: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        self.block_size, self.num_layers = block_size, num_layers
+        shape = (num_blocks, block_size, heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.allocator = BlockAllocator(num_blocks)
+
+    @staticmethod
+    def bytes_per_block(num_layers, block_size, heads, head_dim, dtype) -> int:
+        return 2 * num_layers * block_size * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @classmethod
+    def from_budget(cls, config, budget_bytes: int, block_size: int, dtype, device) -> "PagedKVCache":
+        heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+        per_block = cls.bytes_per_block(config.num_hidden_layers, block_size, heads, head_dim, dtype)
+        n = int(budget_bytes // per_block)
+        if n < 1:
+            raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no {per_block}-byte block")
+        return cls(config.num_hidden_layers, n, block_size, heads, head_dim, dtype, device)
+
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
+
+    # --- prefixes and sequences -------------------------------------------------------------
+    def new_prefix(self, length: int) -> Prefix:
+        return Prefix(length, self.allocator.allocate(self.blocks_for(length)))
+
+    def blocks_needed(self, prefix_len: int, total_len: int) -> int:
+        """Private blocks a sequence of `total_len` tokens needs on top of a shared prefix."""
+        full = prefix_len // self.block_size
+        return self.blocks_for(total_len) - full
+
+    def start_sequence(self, prefix: Prefix, total_len: int) -> SeqBlocks:
+        """A sequence continuing `prefix`, with room reserved for `total_len` tokens in all.
+
+        Full prefix blocks are shared; a partial last prefix block is copied into a private block.
+        """
+        full = prefix.length // self.block_size
+        private = self.allocator.allocate(self.blocks_needed(prefix.length, total_len))
+        shared = prefix.blocks[:full]
+        self.allocator.share(shared)
+        if prefix.length % self.block_size:
+            self.copy_block(prefix.blocks[full], private[0])
+        return SeqBlocks(table=shared + private, length=prefix.length, shared=full)
+
+    def release_prefix(self, prefix: Prefix) -> None:
+        self.allocator.free(prefix.blocks)
+
+    def release(self, seq: SeqBlocks) -> None:
+        self.allocator.free(seq.table)
+        seq.table = []
+
+    def copy_block(self, src: int, dst: int) -> None:
+        for pool in self.k + self.v:
+            pool[dst].copy_(pool[src])
+
+    def copy_private_blocks(self, seqs: List[SeqBlocks], sources: List[int]) -> None:
+        """Beam reordering: sequence i takes the private contents of sequence sources[i].
+
+        All sequences have the same layout (same prefix, same length), so this moves whole blocks:
+        gather every source's private blocks first, then scatter, so overlapping moves are safe.
+        """
+        if not seqs:
+            return
+        dev = self.k[0].device
+        src = torch.tensor([b for s in sources for b in seqs[s].table[seqs[s].shared:]], device=dev)
+        dst = torch.tensor([b for q in seqs for b in q.table[q.shared:]], device=dev)
+        for pool in self.k + self.v:
+            pool[dst] = pool[src]
+
+    def slots(self, seq: SeqBlocks, start: int, count: int) -> List[int]:
+        """Cache slots (block * block_size + offset) for tokens start .. start+count-1 of `seq`."""
+        bs = self.block_size
+        return [seq.table[p // bs] * bs + p % bs for p in range(start, start + count)]
+
+    def block_table_tensor(self, seqs: List[SeqBlocks], width: Optional[int] = None, device=None) -> torch.Tensor:
+        width = width or max(len(s.table) for s in seqs)
+        rows = [s.table + [0] * (width - len(s.table)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32, device=device or self.k[0].device)
+
+    def usage(self) -> Dict[str, int]:
+        a = self.allocator
+        return {"blocks": a.num_blocks, "free": a.num_free, "block_size": self.block_size}

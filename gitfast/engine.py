@@ -1,0 +1,209 @@
+"""The engine: continuous batching of GIT requests over the paged KV cache.
+
+Each iteration the scheduler (1) admits waiting requests while the batch has room and the cache has
+free blocks for their whole length (blocks are reserved up front, so a running sequence never runs
+out; a request that would fit alone waits for blocks instead of failing), (2) encodes the new images
+in one vision batch and computes each image's prefix once, shared by every request with the same
+`image_key`, (3) prefills the new prompts, (4) decodes one token for every running sequence, and
+(5) retires finished sequences, freeing their blocks. Results are yielded as they finish, tagged with
+the request's index; `generate` returns them in input order.
+
+Greedy decoding gives the same tokens as transformers (per-row argmax over identically processed
+scores). Sampling is seeded per request (see `sampling.py`), so it is reproducible and independent
+of batching, but it is not transformers' global-RNG stream.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+
+from .cache import PagedKVCache, Prefix, SeqBlocks
+from .generation import Settings
+from .paged import PagedRunner
+from .sampling import Selector, request_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    pixel_values: Optional[torch.Tensor]   # [3, H, W] or [frames, 3, H, W], preprocessed; None = text only
+    prompt: List[int]                      # starts with [CLS]
+    image_key: Optional[Hashable] = None   # requests with equal keys share one image prefix
+    max_new_tokens: Optional[int] = None   # default: the settings' max_length minus the prompt
+
+
+@dataclass
+class Output:
+    index: int
+    token_ids: List[int]                   # generated tokens, EOS included when it ended the sequence
+    finish_reason: str                     # "eos" or "length"
+
+
+@dataclass
+class _Running:
+    index: int
+    seq: SeqBlocks
+    slot: int
+    prompt_len: int
+    position: int
+    max_new: int
+    tokens: List[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model, *, max_batch_size: int = 256, kv_cache_bytes: Optional[int] = None,
+                 gpu_memory_fraction: float = 0.5, block_size: int = 16):
+        self.model = model  # a gitfast.model.GitModel in eval mode
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.max_batch_size = max_batch_size
+        if kv_cache_bytes is None:
+            kv_cache_bytes = self._default_budget(gpu_memory_fraction, max_batch_size, block_size)
+        self.cache = PagedKVCache.from_budget(model.config, kv_cache_bytes, block_size, self.dtype, self.device)
+        self.runner = PagedRunner(model, self.cache)
+
+    def _default_budget(self, fraction, max_batch, block_size) -> int:
+        cfg = self.model.config
+        per_token = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, 1, cfg.num_attention_heads,
+                                                 cfg.hidden_size // cfg.num_attention_heads, self.dtype)
+        # enough for the whole batch at the longest sequence the position table allows
+        want = per_token * max_batch * (self.model.num_image_tokens + cfg.max_position_embeddings + block_size)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(min(want, free * fraction))
+        return int(want)
+
+    # --- public API -----------------------------------------------------------------------------
+    def generate(self, requests: List[Request], settings: Settings, seed: int = 0) -> List[Output]:
+        outs: List[Optional[Output]] = [None] * len(requests)
+        for out in self.run(requests, settings, seed):
+            outs[out.index] = out
+        return outs  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def run(self, requests: Iterable[Request], settings: Settings, seed: int = 0) -> Iterator[Output]:
+        """Yields each request's output as soon as it finishes (any order; `.index` says which)."""
+        if settings.num_beams > 1:
+            raise ValueError("the engine's continuous batching runs greedy and sampling; beam search runs "
+                             "through GitForCausalLM.generate")
+        source = iter(enumerate(requests))
+        waiting: Deque[Tuple[int, Request]] = deque()
+        exhausted = False
+        prefixes: Dict[Hashable, Prefix] = {}
+        running: List[_Running] = []
+        free_slots = list(range(self.max_batch_size - 1, -1, -1))
+        selector = Selector(settings, self.max_batch_size, self.model.config.vocab_size, self.device)
+        eos = set(settings.eos)
+        text_only: Optional[bool] = None  # fixed by the first request: image prefixes or none
+
+        while True:
+            # -- admit: pull requests lazily; keep a small look-ahead so a long input stays streamed --
+            while not exhausted and len(waiting) < self.max_batch_size:
+                nxt = next(source, None)
+                if nxt is None:
+                    exhausted = True
+                else:
+                    waiting.append(nxt)
+            if text_only is None and waiting:
+                text_only = waiting[0][1].pixel_values is None
+            admitted = self._admit(waiting, running, free_slots, prefixes, settings, text_only)
+            if not running and not admitted:
+                if waiting:  # nothing running, yet the head of the queue does not fit an empty cache
+                    idx, req = waiting[0]
+                    raise RuntimeError(f"request {idx} needs more KV cache than the engine has "
+                                       f"({self.cache.allocator.num_blocks} blocks of {self.cache.block_size}); "
+                                       "raise kv_cache_bytes or lower max_new_tokens")
+                return
+            # -- prefill the admitted, choose their first tokens --
+            if admitted:
+                new = self._prefill(admitted, prefixes, waiting, selector, seed, text_only)
+                running.extend(new)
+            else:
+                new = []
+            # -- one decode step for everyone who already has a token to feed --
+            stepping = [r for r in running if r not in new]
+            if stepping:
+                tokens = torch.tensor([r.tokens[-1] for r in stepping], device=self.device)
+                positions = torch.tensor([r.position for r in stepping], device=self.device)
+                logits = self.runner.decode([r.seq for r in stepping], tokens, positions)
+                chosen = selector.select(logits, torch.tensor([r.slot for r in stepping], device=self.device))
+                for r, t in zip(stepping, chosen.tolist()):
+                    r.tokens.append(t)
+                    r.position += 1
+            # -- retire finished sequences --
+            still = []
+            for r in running:
+                done_eos = r.tokens[-1] in eos
+                if done_eos or len(r.tokens) >= r.max_new:
+                    self.cache.release(r.seq)
+                    free_slots.append(r.slot)
+                    yield Output(r.index, list(r.tokens), "eos" if done_eos else "length")
+                else:
+                    still.append(r)
+            running = still
+
+    # --- scheduling steps -------------------------------------------------------------------------
+    @staticmethod
+    def _key(idx: int, req: Request) -> Hashable:
+        return req.image_key if req.image_key is not None else ("request", idx)
+
+    def _admit(self, waiting, running, free_slots, prefixes, s: Settings, text_only: bool):
+        """Takes requests off the queue while the batch has room and the cache has their blocks."""
+        admitted, new_keys = [], set()
+        free = self.cache.allocator.num_free
+        n_img = self.model.num_image_tokens
+        limit = self.model.config.max_position_embeddings
+        while waiting and free_slots and len(running) + len(admitted) < self.max_batch_size:
+            idx, req = waiting[0]
+            if (req.pixel_values is None) != text_only:
+                raise ValueError("one engine run takes either image requests or text-only requests, not both")
+            image_len = 0 if text_only else n_img
+            max_new = req.max_new_tokens or max(1, s.max_length - len(req.prompt))
+            max_new = max(1, min(max_new, limit - len(req.prompt)))  # the position table's end
+            total = image_len + len(req.prompt) + max_new
+            key = self._key(idx, req)
+            need = self.cache.blocks_needed(image_len, total)
+            if key not in prefixes and key not in new_keys:
+                need += self.cache.blocks_for(image_len)
+            if need > free:
+                break
+            free -= need
+            new_keys.add(key)
+            waiting.popleft()
+            admitted.append((idx, req, max_new, total, free_slots.pop()))
+        return admitted
+
+    def _prefill(self, admitted, prefixes, waiting, selector: Selector, seed: int, text_only: bool) -> List[_Running]:
+        # images seen for the first time: one vision batch, one decoder pass over their tokens
+        todo: Dict[Hashable, torch.Tensor] = {}
+        for idx, req, *_ in admitted:
+            key = self._key(idx, req)
+            if key not in prefixes and key not in todo:
+                todo[key] = req.pixel_values
+        if todo and not text_only:
+            pixels = torch.stack(list(todo.values())).to(self.device, self.dtype)
+            prefixes.update(zip(todo, self.runner.encode_prefixes(self.model.encode_images(pixels))))
+        elif todo:
+            prefixes.update((key, self.cache.new_prefix(0)) for key in todo)
+        # each request continues its image's prefix with its prompt
+        new = []
+        for idx, req, max_new, total, slot in admitted:
+            seq = self.cache.start_sequence(prefixes[self._key(idx, req)], total)
+            selector.start(slot, req.prompt, request_seed(seed, idx))
+            new.append(_Running(idx, seq, slot, len(req.prompt), len(req.prompt), max_new))
+        n_img = 0 if text_only else self.model.num_image_tokens
+        logits = self.runner.prefill([r.seq for r in new], [req.prompt for _, req, *_ in admitted], n_img)
+        chosen = selector.select(logits, torch.tensor([r.slot for r in new], device=self.device))
+        for r, t in zip(new, chosen.tolist()):
+            r.tokens.append(t)
+        # A started sequence holds its own references to the shared blocks, so a prefix is released
+        # as soon as no waiting request (in the look-ahead window) uses the same image.
+        waiting_keys = {self._key(i, q) for i, q in waiting}
+        for key in {self._key(idx, req) for idx, req, *_ in admitted} - waiting_keys:
+            self.cache.release_prefix(prefixes.pop(key))
+        return new

@@ -1,0 +1,111 @@
+"""GIT's decoder over the paged KV cache: image prefixes, prompt prefill, and decode steps.
+
+Three phases, each one pass of `GitModel.decode` with its own attention callback:
+- `encode_prefixes`: the decoder over image tokens alone (they attend only to each other), writing
+  their K/V into prefix blocks that many sequences may then share;
+- `prefill`: the prompts of new sequences (packed, no padding), attending to their image prefix and
+  causally to themselves;
+- `decode`: one token per running sequence.
+`PagedStepper` adapts a fixed group of sequences to the `step`/`reorder` interface of
+`generation.py`'s loops (beam search and HF-compatible greedy).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import attention
+from .cache import PagedKVCache, Prefix, SeqBlocks
+
+
+class PagedRunner:
+    def __init__(self, model, cache: PagedKVCache):
+        self.model, self.cache = model, cache
+        self.device = cache.k[0].device
+
+    def _tensor(self, values, dtype=torch.long):
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def encode_prefixes(self, image_tokens: torch.Tensor) -> List[Prefix]:
+        """Decoder pass over `[N, I, hidden]` image tokens; returns one prefix (its blocks) per image."""
+        n, length = image_tokens.shape[:2]
+        prefixes = [self.cache.new_prefix(length) for _ in range(n)]
+        if length == 0:
+            return prefixes
+        bs = self.cache.block_size
+        slots = self._tensor([p.blocks[t // bs] * bs + t % bs for p in prefixes for t in range(length)])
+        cache = self.cache
+
+        def attend(layer, q, k, v):
+            attention.write_kv(k.reshape(n * length, *k.shape[2:]), v.reshape(n * length, *v.shape[2:]),
+                               cache.k[layer], cache.v[layer], slots)
+            return attention.bidirectional(q, k, v)
+
+        self.model.decode(image_tokens, attend)
+        return prefixes
+
+    def prefill(self, seqs: List[SeqBlocks], prompts: Sequence[Sequence[int]], num_image: int) -> torch.Tensor:
+        """Writes each sequence's prompt after its prefix; returns next-token logits [len(seqs), vocab]."""
+        lens = [len(p) for p in prompts]
+        if min(lens) < 1:
+            raise ValueError("every sequence needs at least one prompt token (GIT starts captions with [CLS])")
+        ids = self._tensor([t for p in prompts for t in p])
+        positions = self._tensor([i for n in lens for i in range(n)])
+        slots = self._tensor([s for seq, n in zip(seqs, lens) for s in self.cache.slots(seq, seq.length, n)])
+        for seq, n in zip(seqs, lens):
+            seq.length += n
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=self.device)
+        cu[1:] = torch.cumsum(self._tensor(lens, torch.int32), 0)
+        context = self._tensor([s.length for s in seqs], torch.int32)
+        tables = self.cache.block_table_tensor(seqs)
+        max_q, max_ctx = max(lens), max(s.length for s in seqs)
+        cache = self.cache
+
+        def attend(layer, q, k, v):
+            attention.write_kv(k, v, cache.k[layer], cache.v[layer], slots)
+            return attention.paged_prefill(q, cache.k[layer], cache.v[layer], tables, cu, context, num_image,
+                                           max_q, max_ctx)
+
+        h = self.model.decode(self.model.embed_text(ids, positions), attend)
+        last = (cu[1:] - 1).long()
+        return self.model.lm_head(h[last])
+
+    def decode(self, seqs: List[SeqBlocks], tokens: torch.Tensor, positions: torch.Tensor,
+               tables: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Appends `tokens` [B] (text positions `positions`) to each sequence; returns logits [B, vocab]."""
+        slots = self._tensor([self.cache.slots(s, s.length, 1)[0] for s in seqs])
+        for s in seqs:
+            s.length += 1
+        context = self._tensor([s.length for s in seqs], torch.int32)
+        tables = tables if tables is not None else self.cache.block_table_tensor(seqs)
+        max_ctx = max(s.length for s in seqs)
+        cache = self.cache
+
+        def attend(layer, q, k, v):
+            attention.write_kv(k, v, cache.k[layer], cache.v[layer], slots)
+            return attention.paged_decode(q, cache.k[layer], cache.v[layer], tables, context, max_ctx)
+
+        h = self.model.decode(self.model.embed_text(tokens, positions), attend)
+        return self.model.lm_head(h)
+
+
+class PagedStepper:
+    """A fixed group of sequences stepped in lockstep (the interface `generation.py` drives)."""
+
+    def __init__(self, runner: PagedRunner, seqs: List[SeqBlocks], next_positions: torch.Tensor):
+        self.runner, self.seqs, self.positions = runner, seqs, next_positions
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self.runner.decode(self.seqs, tokens, self.positions)
+        self.positions = self.positions + 1
+        return logits
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        rows_list = rows.tolist()
+        self.runner.cache.copy_private_blocks(self.seqs, rows_list)
+        self.positions = self.positions[rows]
+
+    def release(self) -> None:
+        for s in self.seqs:
+            self.runner.cache.release(s)

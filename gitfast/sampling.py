@@ -1,0 +1,94 @@
+"""Token selection for the engine: per-sequence state, batch-invariant and reproducible.
+
+Sequences come and go between steps (continuous batching), so nothing here depends on which other
+sequences share a step:
+- each running sequence owns a *slot* holding its state (tokens seen, for the repetition penalty;
+  tokens generated, for `min_new_tokens`; its sampling seed);
+- sampling draws Gumbel noise from a counter-based hash of (sequence seed, step, token id) instead of
+  a global RNG stream, so a seeded caption is the same alone or in any batch, on CPU or GPU.
+Processing follows transformers' order: repetition penalty, min-length EOS mask, temperature, top-k,
+top-p; greedy is a plain argmax of the processed scores, exactly as transformers'.
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+
+from .generation import Settings, _top_p
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser on int64 tensors (every product stays below 2**63)."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _MASK32
+    return x ^ (x >> 16)
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The seed of request `index` in a run seeded with `seed`."""
+    t = torch.tensor([(seed & _MASK32) ^ ((index * 0x61C88647) & _MASK32)], dtype=torch.int64)
+    return int(_mix32(_mix32(t) + (seed >> 32 & _MASK32))[0])
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """U(0, 1) noise [B, vocab], a pure function of (seed, step, token id)."""
+    tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)[None, :]
+    row = _mix32(seeds[:, None] ^ ((steps[:, None] * 0x61C88647) & _MASK32))
+    bits = _mix32(row ^ ((tok * 0x2545F491) & _MASK32)) >> 8          # 24 random bits
+    return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))         # strictly inside (0, 1)
+
+
+class Selector:
+    """Per-slot generation state and the choice of each next token."""
+
+    def __init__(self, s: Settings, capacity: int, vocab: int, device):
+        self.s, self.vocab, self.device = s, vocab, device
+        self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+        if s.eos:
+            self.eos_mask[torch.tensor(s.eos, device=device)] = True
+        self.generated = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.seeds = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.seen = (torch.zeros(capacity, vocab + 1, dtype=torch.bool, device=device)
+                     if s.repetition_penalty != 1.0 else None)
+
+    def start(self, slot: int, prompt: List[int], seed: int) -> None:
+        self.generated[slot] = 0
+        self.seeds[slot] = seed
+        if self.seen is not None:
+            self.seen[slot] = False
+            self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+
+    def select(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Next token for each row of `logits` [B, vocab], row i belonging to slot slots[i]."""
+        s = self.s
+        scores = logits.float()
+        if self.seen is not None:
+            seen = self.seen[slots, :-1]
+            p = s.repetition_penalty
+            scores = torch.where(seen, torch.where(scores < 0, scores * p, scores / p), scores)
+        if s.min_new_tokens > 0:
+            early = self.generated[slots] < s.min_new_tokens
+            scores = scores.masked_fill(early[:, None] & self.eos_mask[None, :], -math.inf)
+        if s.do_sample:
+            if s.temperature != 1.0:
+                scores = scores / s.temperature
+            if s.top_k:
+                kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[..., -1:]
+                scores = scores.masked_fill(scores < kth, -math.inf)
+            if s.top_p < 1.0:
+                scores = _top_p(scores, s.top_p, 1)
+            u = uniform_noise(self.seeds[slots], self.generated[slots], scores.shape[-1])
+            tokens = torch.argmax(scores - torch.log(-torch.log(u)), dim=-1)  # Gumbel-max: a draw from softmax
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        self.generated[slots] += 1
+        if self.seen is not None:
+            self.seen[slots, tokens] = True
+        return tokens
