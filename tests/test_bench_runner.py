@@ -1,5 +1,7 @@
 """`gitfast bench` end to end on the CPU with stand-in suites (independent of the real suites)."""
 import json
+import os
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 import textwrap
@@ -154,7 +156,7 @@ def test_pytest_benchmark_runs_the_same_cases(suites, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))         # the nested session may prepend the repo
     out, junit = tmp_path / "pb.json", tmp_path / "junit.xml"
     code = pytest.main([str(repo / "bench"), "--benchmark-only", "-p", "no:cacheprovider", "-q",
-                        "--benchmark-min-time=0.0005", "--benchmark-max-time=0.01",
+                        "--benchmark-min-time=0.0001", "--benchmark-max-time=0.001", "--benchmark-min-rounds=2",
                         f"--benchmark-json={out}", f"--junitxml={junit}", f"--rootdir={repo}"])
     assert code == pytest.ExitCode.TESTS_FAILED
     suite = ET.parse(junit).getroot().find("testsuite")
@@ -165,6 +167,25 @@ def test_pytest_benchmark_runs_the_same_cases(suites, tmp_path, monkeypatch):
     info = {b["name"]: b["extra_info"] for b in data["benchmarks"]}
     mm = info["test_case[toy_matmul-n64-gitfast-float32]"]
     assert mm["provider"] == "gitfast" and mm["shape"] == {"n": 64} and mm["tflops"] > 0
+
+
+def test_quick_run_of_the_real_suites(tmp_path):
+    """What CI runs: every suite's --quick cases on the CPU, no error rows (a subprocess without
+    TRITON_INTERPRET, so gitfast's Triton providers are skipped rather than interpreted)."""
+    suites = [n for n, _ in runner.suite_modules()]
+    if not suites:
+        pytest.skip("no bench_*.py suites yet")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GITFAST_BENCH_SUITES")}
+    out = tmp_path / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gitfast.bench.runner", "--quick", "--device", "cpu", "--threads", "1",
+         "--rep-ms", "5", "--out", str(out), "--markdown", str(tmp_path / "q.md"), "--plots", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    errors = [f"{r['benchmark']} {r['label']} {r['provider']}: {r['reason']}" for r in rows if r["status"] == "error"]
+    assert proc.returncode == 0 and not errors, "\n".join(errors) or proc.stderr[-3000:]
+    assert {r["suite"] for r in rows} == set(suites)
+    assert any(r["status"] == "ok" for r in rows) and (tmp_path / "roofline.png").exists()
 
 
 def test_suite_discovery(monkeypatch):
