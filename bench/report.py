@@ -92,7 +92,7 @@ def problems(rows: list[dict]) -> str:
 
 def header(results: dict) -> str:
     env, c = results.get("environment", {}), results.get("ceilings")
-    device = env.get("gpu") or f"CPU {env.get('cpu')} ({env.get('cpu_count')} cores visible, {env.get('torch_threads')} torch threads)"
+    device = env.get("gpu") or f"CPU {env.get('cpu')} ({env.get('cpu_count')} cores visible, torch threads: {env.get('torch_threads')})"
     lines = [
         f"- device: {device}" + (f", driver {env['driver']}, CUDA {env.get('cuda')}" if env.get("driver") else ""),
         f"- date: {env.get('date')}; commit {env.get('commit')}" + (" (uncommitted changes)" if env.get("dirty") else ""),
@@ -192,6 +192,10 @@ def plot_roofline(results: dict, path: Path) -> bool:
               color=["tab:blue" if r["bound"] == "memory" else "tab:orange" for r in pct])
     bars.set_yticks(range(len(pct)), names, fontsize=6)
     bars.invert_yaxis()
+    bars.set_xlim(0, max([100.0] + [1.1 * r["pct_of_peak"] for r in pct]))
+    if not pct:
+        bars.text(0.5, 0.5, "no timed gitfast rows with FLOPs or bytes", transform=bars.transAxes,
+                  ha="center", fontsize=9)
     bars.set_xlabel("% of binding ceiling\n(blue: bandwidth, orange: compute)")
     bars.set_title("gitfast: % of peak")
     bars.grid(True, axis="x", alpha=0.3)
