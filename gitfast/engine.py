@@ -57,7 +57,7 @@ class _Running:
 
 class Engine:
     def __init__(self, model, *, max_batch_size: int = 256, kv_cache_bytes: Optional[int] = None,
-                 gpu_memory_fraction: float = 0.5, block_size: int = 16):
+                 gpu_memory_fraction: float = 0.5, block_size: int = 16, cuda_graphs: bool = True):
         self.model = model  # a gitfast.model.GitModel in eval mode
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -66,6 +66,11 @@ class Engine:
             kv_cache_bytes = self._default_budget(gpu_memory_fraction, max_batch_size, block_size)
         self.cache = PagedKVCache.from_budget(model.config, kv_cache_bytes, block_size, self.dtype, self.device)
         self.runner = PagedRunner(model, self.cache)
+        if cuda_graphs and self.device.type == "cuda":
+            from .cuda_graphs import DecodeGraphs
+
+            longest = model.num_image_tokens + model.config.max_position_embeddings
+            self.runner.graphs = DecodeGraphs(self.runner, max_batch_size, self.cache.blocks_for(longest) + 1)
 
     def _default_budget(self, fraction, max_batch, block_size) -> int:
         cfg = self.model.config

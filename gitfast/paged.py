@@ -20,9 +20,10 @@ from .cache import PagedKVCache, Prefix, SeqBlocks
 
 
 class PagedRunner:
-    def __init__(self, model, cache: PagedKVCache):
+    def __init__(self, model, cache: PagedKVCache, graphs=None):
         self.model, self.cache = model, cache
         self.device = cache.k[0].device
+        self.graphs = graphs  # a cuda_graphs.DecodeGraphs, or None for eager decode steps
 
     def _tensor(self, values, dtype=torch.long):
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -79,12 +80,19 @@ class PagedRunner:
             s.length += 1
         context = self._tensor([s.length for s in seqs], torch.int32)
         tables = tables if tables is not None else self.cache.block_table_tensor(seqs)
-        max_ctx = max(s.length for s in seqs)
+        if self.graphs is not None:
+            out = self.graphs.run(tokens, positions, slots, context, tables)
+            if out is not None:
+                return out
+        return self.decode_tensors(tokens, positions, slots, context, tables, max(s.length for s in seqs))
+
+    def decode_tensors(self, tokens, positions, slots, context, tables, max_context: int) -> torch.Tensor:
+        """The decode step on device tensors only (no host work): what CUDA graphs capture."""
         cache = self.cache
 
         def attend(layer, q, k, v):
             attention.write_kv(k, v, cache.k[layer], cache.v[layer], slots)
-            return attention.paged_decode(q, cache.k[layer], cache.v[layer], tables, context, max_ctx)
+            return attention.paged_decode(q, cache.k[layer], cache.v[layer], tables, context, max_context)
 
         h = self.model.decode(self.model.embed_text(tokens, positions), attend)
         return self.model.lm_head(h)
