@@ -22,10 +22,9 @@ def make_checkpoint(folder: str, seed: int = 0) -> str:
 
     os.makedirs(folder, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + ["##s", "##ed"]
-    vocab_file = os.path.join(folder, "vocab.txt")
-    with open(vocab_file, "w") as f:
-        f.write("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=vocab_file, model_input_names=["input_ids", "attention_mask"])
+    # transformers 5's BERT tokenizer takes the WordPiece vocabulary itself (it writes vocab.txt on save)
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)},
+                                  model_input_names=["input_ids", "attention_mask"])
     image_processor = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
     GitProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
 
@@ -38,6 +37,8 @@ def make_checkpoint(folder: str, seed: int = 0) -> str:
     model = transformers.GitForCausalLM(config).eval()
     with torch.no_grad():  # decisive greedy choices that depend on the picture and the prompt
         model.output.weight.mul_(20.0)
+        # EOS wins wherever "yellow" would: some captions end early, others run to max_new_tokens
+        model.output.weight[config.eos_token_id] = 1.05 * model.output.weight[vocab.index("yellow")]
         model.git.visual_projection.visual_projection[1].weight.mul_(4.0)
         for layer in model.git.encoder.layer:
             layer.attention.self.query.weight.mul_(6.0)
