@@ -203,7 +203,9 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
                     raise ValueError(f"{b} text rows cannot share {pixel_values.shape[0]} images")
             else:
                 image_of_row = None
-            seqs = paged_generate.greedy(self.model, pixel_values, input_ids, attention_mask, s, image_of_row)
+            engine = paged_generate.engine_for(self, self.model, b, 0 if pixel_values is None else pixel_values.shape[0],
+                                               t, s)
+            seqs = paged_generate.greedy(engine, pixel_values, input_ids, attention_mask, s, image_of_row)
         elif paged and s.num_beams > 1:
             image = self._image_tokens(pixel_values, b)
             seqs, seq_scores = paged_generate.beam(

@@ -32,14 +32,28 @@ def _budget(model, rows: int, prefixes: int, prompt_len: int, s, block_size: int
     return per_block * (rows * per_row + prefixes * per_prefix)
 
 
-def greedy(model, pixel_values: Optional[torch.Tensor], input_ids, attention_mask, s, image_of_row,
-           block_size: int = 16) -> torch.Tensor:
+def engine_for(owner, model, rows: int, images: int, prompt_len: int, s, block_size: int = 16) -> Engine:
+    """The engine cached on `owner`, rebuilt only when this call needs more rows or blocks (or the
+    model moved), so repeated generate calls keep their cache pools and CUDA graphs."""
+    p = next(model.parameters())
+    budget = _budget(model, rows, images, prompt_len, s, block_size, p.dtype)
+    e = getattr(owner, "_gitfast_engine", None)
+    if (e is None or e.device != p.device or e.dtype != p.dtype or e.max_batch_size < rows
+            or e.cache.allocator.num_blocks * e.cache.bytes_per_block(
+                model.config.num_hidden_layers, block_size, model.config.num_attention_heads,
+                model.head_dim, p.dtype) < budget):
+        e = None
+        owner._gitfast_engine = None  # let the old pools go before allocating new ones
+        e = Engine(model, max_batch_size=rows, kv_cache_bytes=budget, block_size=block_size)
+        owner._gitfast_engine = e
+    return e
+
+
+def greedy(engine: Engine, pixel_values: Optional[torch.Tensor], input_ids, attention_mask, s,
+           image_of_row) -> torch.Tensor:
     """`image_of_row[i]`: which image row i looks at (several questions may share one image)."""
     b, t = input_ids.shape
     prompts = _rows(input_ids, attention_mask)
-    n_images = 0 if pixel_values is None else pixel_values.shape[0]
-    budget = _budget(model, b, n_images, t, s, block_size, next(model.parameters()).dtype)
-    engine = Engine(model, max_batch_size=b, kv_cache_bytes=budget, block_size=block_size)
     requests = [Request(None if pixel_values is None else pixel_values[image_of_row[i]], prompts[i],
                         image_key=None if pixel_values is None else int(image_of_row[i]),
                         max_new_tokens=s.max_length - t)  # transformers counts the padded prompt

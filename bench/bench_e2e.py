@@ -1,0 +1,126 @@
+"""End-to-end captioning: images in, tokens out, gitfast against transformers in the same run.
+
+Providers:
+- `gitfast`: the engine (paged KV cache, continuous batching, CUDA-graph decode), kept across calls
+  as `gitfast.Captioner` keeps it;
+- `gitfast_generate`: the drop-in `gitfast.GitForCausalLM.generate` (the same engine underneath);
+- `transformers`: `transformers.GitForCausalLM.generate`, eager attention everywhere (its default);
+- `transformers_sdpa`: the same with SDPA in the vision encoder (the decoder only has eager).
+Every call decodes exactly `new_tokens` tokens (`min_new_tokens` = `max_new_tokens`), so all
+providers do the same work. Weights are random (speed does not depend on them). `images` in each
+row is the number of images one call captions: images/s = images / median seconds. The VQA case asks
+8 questions per image, where gitfast computes each image's prefix once and shares it.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable
+
+import torch
+
+from .common import Case
+
+SUITE = "e2e"
+NEW_TOKENS = 20
+
+# name -> (vision hidden, vision layers, vision heads, vision MLP, patch, image size)
+SIZES = {
+    "git-base": (768, 12, 12, 3072, 16, 224),
+    "git-large": (1024, 24, 16, 4096, 14, 224),
+    "tiny": (128, 2, 2, 256, 16, 64),
+}
+FULL = [(size, batch) for size in ("git-base", "git-large") for batch in (1, 32, 256)]
+QUICK = [("tiny", 1), ("tiny", 4)]
+
+
+def _config(size: str):
+    from transformers import GitConfig
+
+    vh, vl, vheads, vmlp, patch, image = SIZES[size]
+    tiny = size == "tiny"
+    return GitConfig(
+        vision_config=dict(hidden_size=vh, num_hidden_layers=vl, num_attention_heads=vheads,
+                           intermediate_size=vmlp, patch_size=patch, image_size=image),
+        hidden_size=128 if tiny else 768, num_hidden_layers=2 if tiny else 6,
+        num_attention_heads=2 if tiny else 12, intermediate_size=256 if tiny else 3072,
+        vocab_size=1000 if tiny else 30522,
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _models(size: str, device: str, dtype: torch.dtype):
+    import transformers
+
+    import gitfast
+
+    torch.manual_seed(0)
+    hf = transformers.GitForCausalLM(_config(size)).eval().to(device, dtype)
+    cfg = _config(size)
+    cfg.vision_config._attn_implementation = "sdpa"
+    try:
+        hf_sdpa = transformers.GitForCausalLM(cfg).eval().to(device, dtype)
+        hf_sdpa.load_state_dict(hf.state_dict())
+    except (ValueError, TypeError) as exc:  # older transformers without SDPA for GIT's vision model
+        hf_sdpa = exc
+    return hf, hf_sdpa, gitfast.GitForCausalLM.from_transformers(hf)
+
+
+def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
+    from gitfast.engine import Engine, Request
+    from gitfast.generation import resolve_settings
+
+    dt = str(dtype).replace("torch.", "")
+    new_tokens = 8 if quick else NEW_TOKENS
+    if device == "cpu" and dtype != torch.float32:
+        return  # half precision generate on CPU is not what anyone runs
+    for size, batch in QUICK if quick else FULL:
+        hf, hf_sdpa, fm = _models(size, device, dtype)
+        image = SIZES[size][5]
+        g = torch.Generator().manual_seed(1)
+        px = torch.randn(batch, 3, image, image, generator=g).to(device, dtype)
+        forced = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        shape = {"model": size, "batch": batch, "new_tokens": new_tokens, "image_tokens": fm.num_image_tokens}
+        label = f"{size} B{batch}"
+
+        def case(provider, fn, reason=None, images=batch):
+            return Case(SUITE, shape, provider, dt, fn if reason is None else None, skip_reason=reason,
+                        label=label, extra={"images": images})
+
+        engine = Engine(fm.model, max_batch_size=batch)
+        reqs = [Request(px[i], [fm.config.bos_token_id]) for i in range(batch)]
+        s = resolve_settings(fm.generation_config, 1, **forced)
+        yield case("gitfast", lambda: engine.generate(reqs, s))
+        yield case("gitfast_generate", lambda: fm.generate(pixel_values=px, **forced))
+        yield case("transformers", lambda: hf.generate(pixel_values=px, **forced))
+        if isinstance(hf_sdpa, Exception):
+            yield case("transformers_sdpa", None, reason="this transformers has no SDPA for GIT's vision encoder: " + str(hf_sdpa).split(".")[0])
+        else:
+            yield case("transformers_sdpa", lambda: hf_sdpa.generate(pixel_values=px, **forced))
+        if batch == max(b for z, b in (QUICK if quick else FULL) if z == size):
+            yield from _vqa_cases(size, hf, fm, px, forced, dt, device)
+
+
+def _vqa_cases(size, hf, fm, px, forced, dt, device, questions: int = 8):
+    """Each image asked `questions` different 6-token questions."""
+    from gitfast.engine import Engine, Request
+    from gitfast.generation import resolve_settings
+
+    images = min(px.shape[0], 32)
+    px = px[:images]
+    q = torch.randint(1000, 2000, (questions, 5)) if size != "tiny" else torch.randint(110, 900, (questions, 5))
+    ids = torch.cat([torch.full((questions, 1), fm.config.bos_token_id), q], dim=1)
+    ids_all = ids.repeat(images, 1).to(device)                     # row r asks question r % 8 ...
+    px_rows = px.repeat_interleave(questions, 0)                    # ... about image r // 8
+    shape = {"model": size, "batch": images * questions, "images": images, "questions": questions,
+             "new_tokens": forced["max_new_tokens"]}
+    label = f"{size} VQA {images}x{questions}"
+    engine = Engine(fm.model, max_batch_size=images * questions)
+    reqs = [Request(px[r // questions], ids[r % questions].tolist(), image_key=r // questions)
+            for r in range(images * questions)]
+    s = resolve_settings(fm.generation_config, ids.shape[1], **forced)
+
+    def case(provider, fn):
+        return Case(SUITE, shape, provider, dt, fn, label=label, extra={"images": images})
+
+    yield case("gitfast", lambda: engine.generate(reqs, s))
+    yield case("transformers", lambda: hf.generate(pixel_values=px_rows, input_ids=ids_all, **forced))
