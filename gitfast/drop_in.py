@@ -74,7 +74,12 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_transformers(cls, hf_model, dtype=None, device=None):
-        """Converts an in-memory `transformers.GitForCausalLM` (weights copied into gitfast's layout)."""
+        """Converts an in-memory `transformers.GitForCausalLM` into gitfast's layout.
+
+        Tensors whose layout is unchanged are shared with `hf_model`, not copied (no second copy in
+        memory); the fused QKV weights are new. Don't modify one model's weights expecting the other
+        to stay as it was.
+        """
         if getattr(hf_model.config, "model_type", None) != "git":
             raise loading.CheckpointError(f"expected a GIT model, got model_type {hf_model.config.model_type!r}")
         p = next(hf_model.parameters())
