@@ -1,0 +1,544 @@
+// gitfast._C, CPU side: the op schemas, input checks at the boundary, the CPU kernels, the shared MLP
+// and the (empty) Python module whose import registers everything as torch.ops.gitfast.*.
+//
+// CPU kernels work one row at a time, rows split over threads with at::parallel_for. Inner loops are
+// plain float code (no libm calls, no data-dependent branches) marked `omp simd`, so -O3 vectorises
+// them; on x86-64 Linux every hot function is compiled for AVX-512, AVX2+FMA and baseline SSE2
+// (target_clones) and the loader picks the one the CPU supports, so one build is portable and fast.
+// Arithmetic is fp32: half rows are converted to fp32 (F16C where the CPU has it) and rounded once
+// on the way out.
+
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/enum_tag.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "ops.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define GITFAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GITFAST_CLONES
+#endif
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define GITFAST_X86 1
+#include <immintrin.h>
+#else
+#define GITFAST_X86 0
+#endif
+#if defined(__GNUC__)
+#define GITFAST_INLINE inline __attribute__((always_inline))
+#else
+#define GITFAST_INLINE inline
+#endif
+
+namespace gitfast {
+
+// ---------------------------------------------------------------------------------------------
+// Boundary checks
+// ---------------------------------------------------------------------------------------------
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "quick_gelu") return Activation::QuickGelu;
+  if (name == "gelu") return Activation::Gelu;
+  TORCH_CHECK_VALUE(false, "gitfast: unsupported activation '", std::string(name),
+                    "'; expected 'quick_gelu' or 'gelu'");
+}
+
+namespace {
+
+void check_input(const char* op, const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, "gitfast.", op, ": x has dtype ",
+              t, "; supported dtypes are float32, float16 and bfloat16");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "gitfast.", op,
+              ": x must have shape [..., width] with width > 0, got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "gitfast.", op, ": x must be contiguous; call x.contiguous() first");
+}
+
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), "gitfast.", op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device(), "; move both to one device");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "gitfast.", op, ": ", name, " has dtype ", t.scalar_type(),
+              " but x has ", x.scalar_type(), "; cast both to one dtype (e.g. ", name, ".to(x.dtype))");
+  TORCH_CHECK(t.is_contiguous(), "gitfast.", op, ": ", name, " must be contiguous; call .contiguous() first");
+}
+
+void check_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t n) {
+  check_like(op, name, t, x);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "gitfast.", op, ": ", name, " must have shape [", n,
+              "] to match the width of x, got ", t.sizes());
+}
+
+}  // namespace
+
+void check_layer_norm(const char* op, const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
+                      const at::Tensor& bias) {
+  check_input(op, x);
+  if (residual != nullptr) {
+    check_like(op, "residual", *residual, x);
+    TORCH_CHECK(residual->sizes() == x.sizes(), "gitfast.", op, ": residual has shape ", residual->sizes(),
+                " but x has ", x.sizes(), "; they must match");
+  }
+  check_vector(op, "weight", weight, x, x.size(-1));
+  check_vector(op, "bias", bias, x, x.size(-1));
+}
+
+void check_bias_act(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  check_input(op, x);
+  if (bias) check_vector(op, "bias", *bias, x, x.size(-1));
+}
+
+void check_mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+               const std::optional<at::Tensor>& b2) {
+  check_input("mlp", x);
+  check_like("mlp", "fc1_weight", w1, x);
+  check_like("mlp", "fc2_weight", w2, x);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == x.size(-1), "gitfast.mlp: fc1_weight must have shape [hidden, ",
+              x.size(-1), "] (nn.Linear layout, in-features = width of x), got ", w1.sizes());
+  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == w1.size(0), "gitfast.mlp: fc2_weight must have shape [out, ",
+              w1.size(0), "] (in-features = rows of fc1_weight), got ", w2.sizes());
+  if (b1) check_vector("mlp", "fc1_bias", *b1, x, w1.size(0));
+  if (b2) check_vector("mlp", "fc2_bias", *b2, x, w2.size(0));
+}
+
+at::Tensor mlp_with(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                    const at::Tensor& w2, const std::optional<at::Tensor>& b2, Activation act,
+                    BiasActInplace bias_act_inplace) {
+  check_mlp(x, w1, b1, w2, b2);
+  const int64_t width = x.size(-1);
+  const at::Tensor x2 = x.view({x.numel() / width, width});  // numel/width, not -1: rows may be 0
+  at::Tensor h = at::mm(x2, w1.t());
+  bias_act_inplace(h, b1, act);
+  at::Tensor out = b2 ? at::addmm(*b2, h, w2.t()) : at::mm(h, w2.t());
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = w2.size(0);
+  return out.view(shape);
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU kernels
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+// Every op stages a row in fp32 (half rows are converted into per-task buffers, fp32 rows are
+// used in place), runs fp32 loops over it, and converts back. Each loop is one simple pass over
+// an L1-resident row, which GCC vectorises fully; the half conversions are passes of their own.
+
+GITFAST_INLINE float f32_from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+GITFAST_INLINE uint32_t bits_from_f32(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// ---- half <-> float conversions of a row, all rounding to nearest even like torch ----
+
+GITFAST_CLONES void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_from_bits(static_cast<uint32_t>(src[i]) << 16);
+}
+
+GITFAST_CLONES void f32_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = bits_from_f32(src[i]);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    dst[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);  // NaN stays NaN
+  }
+}
+
+// IEEE half in integer and float arithmetic only, for CPUs without F16C.
+GITFAST_CLONES void f16_to_f32_portable(const uint16_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t h = src[i];
+    const uint32_t sign = (h & 0x8000u) << 16;
+    const uint32_t em = h & 0x7fffu;                               // exponent and mantissa bits
+    const float normal = f32_from_bits((em << 13) + 0x38000000u);  // rebias the exponent by 127 - 15
+    const float inf_nan = f32_from_bits((em << 13) | 0x7f800000u);
+    const float subnormal = static_cast<float>(static_cast<int32_t>(em)) * 5.9604644775390625e-8f;  // * 2^-24
+    const float mag = em < 0x400u ? subnormal : (em >= 0x7c00u ? inf_nan : normal);
+    dst[i] = f32_from_bits(sign | bits_from_f32(mag));
+  }
+}
+
+GITFAST_CLONES void f32_to_f16_portable(const float* src, uint16_t* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = bits_from_f32(src[i]);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t a = u & 0x7fffffffu;
+    // normal halves: drop 13 mantissa bits rounding to nearest even and rebias the exponent; a
+    // carry out of the mantissa bumps the exponent, as it should
+    const uint32_t normal = (a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    // subnormal halves: adding 0.5 puts the 2^-24 grid on the float's last mantissa bit, so the
+    // FPU's own rounding does the work; what lies above 0.5's bits is the half's mantissa
+    const uint32_t subnormal = bits_from_f32(f32_from_bits(a) + 0.5f) - 0x3f000000u;
+    const uint32_t mag = a > 0x7f800000u    ? 0x7e00u   // NaN
+                         : a >= 0x477ff000u ? 0x7c00u   // >= 65520 rounds to inf
+                         : a >= 0x38800000u ? normal    // >= 2^-14, the smallest normal half
+                                            : subnormal;
+    dst[i] = static_cast<uint16_t>(sign | mag);
+  }
+}
+
+#if GITFAST_X86
+// F16C does 8 conversions per instruction; the portable loops above take several times longer.
+__attribute__((target("avx,f16c"))) void f16_to_f32_f16c(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+__attribute__((target("avx,f16c"))) void f32_to_f16_f16c(const float* src, uint16_t* dst, int64_t n) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), kNearest));
+  }
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], kNearest);
+}
+
+bool cpu_has_f16c() {
+  static const bool yes = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
+void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+#if GITFAST_X86
+  if (cpu_has_f16c()) return f16_to_f32_f16c(src, dst, n);
+#endif
+  f16_to_f32_portable(src, dst, n);
+}
+
+void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
+#if GITFAST_X86
+  if (cpu_has_f16c()) return f32_to_f16_f16c(src, dst, n);
+#endif
+  f32_to_f16_portable(src, dst, n);
+}
+
+// Storage formats: the element type in memory and its row conversions.
+struct F32 {
+  using raw = float;
+};
+struct F16 {
+  using raw = uint16_t;
+  static void to_f32(const uint16_t* s, float* d, int64_t n) { f16_to_f32(s, d, n); }
+  static void from_f32(const float* s, uint16_t* d, int64_t n) { f32_to_f16(s, d, n); }
+};
+struct BF16 {
+  using raw = uint16_t;
+  static void to_f32(const uint16_t* s, float* d, int64_t n) { bf16_to_f32(s, d, n); }
+  static void from_f32(const float* s, uint16_t* d, int64_t n) { f32_to_bf16(s, d, n); }
+};
+
+// ---- fp32 row math ----
+
+// e^x for x <= 0 (every use here): 2^n * e^r with n = round(x / ln2), r = x - n*ln2 (ln2 split in
+// two, Cody-Waite, so r is exact) and e^r from the Cephes expf polynomial on |r| <= ln2/2 (about
+// 1 ulp). Branch-free and libm-free so the loops around it vectorise.
+GITFAST_INLINE float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;  // keeps 2^n a normal float; e^-87 is below every use's resolution
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // log2(e); 1.5*2^23 rounds to integer
+  float r = x - n * 0.693359375f;                                  // ln2, high bits (exact product)
+  r = r - n * -2.12194440e-4f;                                     // ln2, the rest
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// v * sigmoid(z), z = 1.702 v. With e = e^-|z| the exponential cannot overflow, and sigmoid(z) is
+// 1/(1+e) for z >= 0 and e/(1+e) below: one division per element (the expensive instruction here).
+GITFAST_INLINE float quick_gelu(float v) {
+  const float z = 1.702f * v;
+  const float e = exp_nonpositive(z < 0.0f ? z : -z);
+  const float q = 1.0f / (1.0f + e);
+  return v * (z < 0.0f ? e * q : q);
+}
+
+// Exact GELU, 0.5 v (1 + erf(v / sqrt 2)). erfc(a), a = |v| / sqrt 2, from Abramowitz & Stegun 7.1.26
+// (|error| <= 1.5e-7, the same formula torch's own vectorised CPU erf uses); 1 + erf(v/sqrt2) is then
+// erfc(a) for v < 0 and 2 - erfc(a) otherwise, which avoids the cancellation of 1 - (1 - erfc).
+GITFAST_INLINE float gelu(float v) {
+  const float a = (v < 0.0f ? -v : v) * 0.70710678f;  // 1/sqrt(2)
+  const float t = 1.0f / (1.0f + 0.3275911f * a);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float erfc_a = p * t * exp_nonpositive(-a * a);
+  return 0.5f * v * (v < 0.0f ? erfc_a : 2.0f - erfc_a);
+}
+
+// out = a + b; returns the sum of out's elements (the LayerNorm mean's numerator, for free)
+GITFAST_CLONES float add_sum_f32(const float* a, const float* b, float* out, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = a[i] + b[i];
+    sum += out[i];
+  }
+  return sum;
+}
+
+GITFAST_CLONES float sum_f32(const float* v, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += v[i];
+  return sum;
+}
+
+// y = LayerNorm(v) * w + b given sum(v), with two-pass moments (the mean, then squared deviations
+// from it: no cancellation); y may be v.
+GITFAST_CLONES void layer_norm_f32(const float* v, float sum, const float* w, const float* b, float* y, int64_t n,
+                                   float eps) {
+  const float mean = sum / static_cast<float>(n);
+  float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = v[i] - mean;
+    sq += d * d;
+  }
+  const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = (v[i] - mean) * rstd * w[i] + b[i];
+}
+
+// y = act(x + bias) (bias may be null); y may be x.
+GITFAST_CLONES void bias_act_f32(const float* x, const float* bias, float* y, int64_t n, Activation act) {
+  if (act == Activation::QuickGelu) {
+    if (bias != nullptr) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = quick_gelu(x[i] + bias[i]);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = quick_gelu(x[i]);
+    }
+  } else {
+    if (bias != nullptr) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = gelu(x[i] + bias[i]);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) y[i] = gelu(x[i]);
+    }
+  }
+}
+
+// ---- row loops per storage format (one parallel task = rows [begin, end)) ----
+
+// Per-task fp32 scratch of `rows` rows of n floats.
+struct Scratch {
+  std::unique_ptr<float[]> mem;
+  Scratch(int64_t rows, int64_t n) : mem(new float[rows * n]) {}
+  float* row(int64_t i, int64_t n) const { return mem.get() + i * n; }
+};
+
+// summed = x + r rounded to the storage type, normed = LayerNorm(summed): the reference adds in
+// the storage type and normalises that stored sum, and so do these.
+void layer_norm_rows(F32, const float* x, const float* r, const float* w, const float* b, float* y, float* s,
+                     int64_t n, float eps, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t o = row * n;
+    if (r != nullptr) {
+      const float sum = add_sum_f32(x + o, r + o, s + o, n);
+      layer_norm_f32(s + o, sum, w, b, y + o, n, eps);
+    } else {
+      layer_norm_f32(x + o, sum_f32(x + o, n), w, b, y + o, n, eps);
+    }
+  }
+}
+
+template <typename S>
+void layer_norm_rows(S, const uint16_t* x, const uint16_t* r, const uint16_t* w, const uint16_t* b, uint16_t* y,
+                     uint16_t* s, int64_t n, float eps, int64_t begin, int64_t end) {
+  Scratch buf(4, n);
+  float *wf = buf.row(0, n), *bf = buf.row(1, n), *v = buf.row(2, n), *t = buf.row(3, n);
+  S::to_f32(w, wf, n);
+  S::to_f32(b, bf, n);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t o = row * n;
+    S::to_f32(x + o, v, n);
+    if (r != nullptr) {
+      S::to_f32(r + o, t, n);
+      add_sum_f32(v, t, v, n);
+      S::from_f32(v, s + o, n);
+      S::to_f32(s + o, v, n);  // normalise the rounded sum
+    }
+    layer_norm_f32(v, sum_f32(v, n), wf, bf, v, n, eps);
+    S::from_f32(v, y + o, n);
+  }
+}
+
+void bias_act_rows(F32, const float* x, const float* bias, float* y, int64_t n, Activation act, int64_t begin,
+                   int64_t end) {
+  for (int64_t row = begin; row < end; ++row) bias_act_f32(x + row * n, bias, y + row * n, n, act);
+}
+
+template <typename S>
+void bias_act_rows(S, const uint16_t* x, const uint16_t* bias, uint16_t* y, int64_t n, Activation act,
+                   int64_t begin, int64_t end) {
+  Scratch buf(2, n);
+  float *bf = buf.row(0, n), *v = buf.row(1, n);
+  if (bias != nullptr) S::to_f32(bias, bf, n);
+  for (int64_t row = begin; row < end; ++row) {
+    S::to_f32(x + row * n, v, n);
+    bias_act_f32(v, bias != nullptr ? bf : nullptr, v, n, act);
+    S::from_f32(v, y + row * n, n);
+  }
+}
+
+// Calls f with the storage tag (F32 / F16 / BF16) of a dtype already checked to be supported.
+template <typename F>
+void with_storage(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(F32{}); break;
+    case at::kHalf: f(F16{}); break;
+    case at::kBFloat16: f(BF16{}); break;
+    default: TORCH_CHECK(false, "gitfast: unsupported dtype ", t);
+  }
+}
+
+template <typename R>
+const R* in(const at::Tensor& t) { return static_cast<const R*>(t.const_data_ptr()); }
+template <typename R>
+R* out(at::Tensor& t) { return static_cast<R*>(t.mutable_data_ptr()); }
+
+// Rows per task: about 32k elements, enough work to amortise handing a chunk to a thread.
+int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 32768 / width); }
+
+void layer_norm_cpu_into(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
+                         const at::Tensor& bias, double eps, at::Tensor& y, at::Tensor* summed) {
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  with_storage(x.scalar_type(), [&](auto tag) {
+    using R = typename decltype(tag)::raw;
+    const R* xp = in<R>(x);
+    const R* rp = residual ? in<R>(*residual) : nullptr;
+    const R* wp = in<R>(weight);
+    const R* bp = in<R>(bias);
+    R* yp = out<R>(y);
+    R* sp = summed ? out<R>(*summed) : nullptr;
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+      layer_norm_rows(tag, xp, rp, wp, bp, yp, sp, n, static_cast<float>(eps), begin, end);
+    });
+  });
+}
+
+void bias_act_cpu_into(const at::Tensor& x, const std::optional<at::Tensor>& bias, Activation act, at::Tensor& y) {
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  with_storage(x.scalar_type(), [&](auto tag) {
+    using R = typename decltype(tag)::raw;
+    const R* xp = in<R>(x);
+    const R* bp = bias ? in<R>(*bias) : nullptr;
+    R* yp = out<R>(y);
+    at::parallel_for(0, rows, grain_rows(n),
+                     [&](int64_t begin, int64_t end) { bias_act_rows(tag, xp, bp, yp, n, act, begin, end); });
+  });
+}
+
+at::Tensor layer_norm_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_layer_norm("layer_norm", x, nullptr, weight, bias);
+  at::Tensor y = at::empty_like(x);
+  layer_norm_cpu_into(x, nullptr, weight, bias, eps, y, nullptr);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                      const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_layer_norm("add_layer_norm", x, &residual, weight, bias);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor s = at::empty_like(x);
+  layer_norm_cpu_into(x, &residual, weight, bias, eps, y, &s);
+  return {y, s};
+}
+
+at::Tensor bias_act_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  const Activation act = parse_activation(activation);
+  check_bias_act("bias_act", x, bias);
+  at::Tensor y = at::empty_like(x);
+  bias_act_cpu_into(x, bias, act, y);
+  return y;
+}
+
+void bias_act_cpu_inplace(at::Tensor& h, const std::optional<at::Tensor>& bias, Activation act) {
+  bias_act_cpu_into(h, bias, act, h);
+}
+
+at::Tensor mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                   const at::Tensor& w2, const std::optional<at::Tensor>& b2, c10::string_view activation) {
+  return mlp_with(x, w1, b1, w2, b2, parse_activation(activation), &bias_act_cpu_inplace);
+}
+
+}  // namespace
+}  // namespace gitfast
+
+// ---------------------------------------------------------------------------------------------
+// Registration. FRAGMENT, not TORCH_LIBRARY: Python code may add ops to the same namespace.
+// ---------------------------------------------------------------------------------------------
+TORCH_LIBRARY_FRAGMENT(gitfast, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def("layer_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor", tags);
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)",
+        tags);
+  m.def("bias_act(Tensor x, Tensor? bias, str activation) -> Tensor", tags);
+  m.def("mlp(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+        "str activation) -> Tensor",
+        tags);
+}
+
+TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
+  m.impl("layer_norm", &gitfast::layer_norm_cpu);
+  m.impl("add_layer_norm", &gitfast::add_layer_norm_cpu);
+  m.impl("bias_act", &gitfast::bias_act_cpu);
+  m.impl("mlp", &gitfast::mlp_cpu);
+}
+
+#ifndef GITFAST_WITH_CUDA
+#define GITFAST_WITH_CUDA 0
+#endif
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "gitfast's compiled ops; importing registers them as torch.ops.gitfast.*", -1,
+                               nullptr};
+  PyObject* mod = PyModule_Create(&module);
+  if (mod != nullptr && PyModule_AddIntConstant(mod, "with_cuda", GITFAST_WITH_CUDA) != 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}
