@@ -23,8 +23,8 @@ import torch.nn.functional as F
 ACTIVATIONS = ("quick_gelu", "gelu")
 OPS = ("add_layer_norm", "bias_act", "mlp")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The CUDA LayerNorm keeps a row in shared memory (48 KiB of fp32); wider rows use the reference.
-_CUDA_MAX_LN_WIDTH = 12288
+# The CUDA LayerNorm keeps a row of fp32 in shared memory; wider rows use the reference.
+_CUDA_MAX_LN_WIDTH = 8192  # kMaxLayerNormWidth in csrc/ops_cuda.cu
 
 
 def _check_activation(activation: str) -> None:
