@@ -7,6 +7,7 @@ others captioned); 2 usage errors (bad flag, no such path, no inputs, model not 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -91,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
                 failed += r.error is not None
                 done += r.error is None
                 bar.update(1)
+    except BrokenPipeError:  # stdout's reader went away (`gitfast caption ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"gitfast caption: interrupted after {done + failed} images; "
                          f"what was written is kept: rerun with --resume to continue\n")

@@ -58,7 +58,7 @@ def is_done(rec: dict) -> bool:
 class Output:
     """An output destination, checked on construction (nothing is modified until `open()`).
 
-    `path=None` means JSONL on stdout. `done` holds the sources a resumed output already has.
+    `path=None` means stdout (JSONL, or CSV when asked). `done` holds the sources a resumed output already has.
     """
 
     def __init__(self, path: Optional[str], fmt: str, *, resume: bool = False, overwrite: bool = False):
@@ -98,11 +98,11 @@ class Output:
 
     def open(self) -> "Writer":
         if self.path is None:
-            return _JsonlWriter(sys.stdout, owns=False)
+            return _CsvWriter(sys.stdout, header=True, owns=False) if self.fmt == "csv" else _JsonlWriter(sys.stdout, owns=False)
         target = self.journal if self.fmt == "parquet" else self.path
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         if self.fmt == "csv":
-            _replace_with(target, lambda f: _CsvWriter(f, header=True).write_all(self._kept))
+            _replace_with(target, lambda f: _CsvWriter(f, header=True, owns=False).write_all(self._kept))
             writer: Writer = _CsvWriter(open(target, "a", newline="", encoding="utf-8"), header=False)
         else:
             _replace_with(target, lambda f: _JsonlWriter(f, owns=False).write_all(self._kept))
@@ -145,8 +145,8 @@ class _JsonlWriter(Writer):
 
 
 class _CsvWriter(Writer):
-    def __init__(self, stream: TextIO, header: bool):
-        self.stream = stream
+    def __init__(self, stream: TextIO, header: bool, owns: bool = True):
+        self.stream, self.owns = stream, owns
         self.csv = csv.writer(stream, lineterminator="\n")
         if header:
             self.csv.writerow(FIELDS)
@@ -156,7 +156,8 @@ class _CsvWriter(Writer):
         self.stream.flush()
 
     def close(self, complete=True):
-        self.stream.close()
+        if self.owns:
+            self.stream.close()
 
 
 class _ParquetFinisher(Writer):

@@ -2,8 +2,10 @@
 (stdout JSONL, JSONL, CSV, Parquet) and --resume after a killed run."""
 import csv
 import importlib.util
+import io
 import json
 import os
+import sys
 
 import pytest
 
@@ -221,3 +223,27 @@ def test_dispatched_by_the_gitfast_command(checkpoint, tree, captions, capsys):
     good = str(photos / GOOD[0])
     assert cli.main(["caption", good, "--model", checkpoint, "--max-new-tokens", "6"]) == 0
     assert json.loads(capsys.readouterr().out) == {"source": good, "caption": captions[good].text, "error": None}
+
+
+def test_csv_on_stdout(checkpoint, tree, captions, capsys):
+    _, photos, _ = tree
+    paths = [str(photos / n) for n in (GOOD[0], BAD[0])]
+    assert caption(checkpoint, *paths, "--format", "csv") == 1
+    rows = list(csv.reader(capsys.readouterr().out.splitlines()))
+    assert rows == [["source", "caption", "error"], [paths[0], captions[paths[0]].text, ""],
+                    [paths[1], "", captions[paths[1]].error]]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_bar_on_a_terminal_unless_quiet(checkpoint, tree, monkeypatch, quiet):
+    _, photos, _ = tree
+    err = _Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert caption(checkpoint, photos / GOOD[0], photos / GOOD[1], *(["--quiet"] if quiet else [])) == 0
+    assert ("img/s" in err.getvalue()) != quiet
+    assert "2 captioned, 0 failed" in err.getvalue().splitlines()[-1]
