@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     todo = [s for s in all_sources if s.id not in output.done]
     skipped = len(all_sources) - len(todo)
 
-    captioner = None
+    results = iter(())
     if todo:
         from .captioner import Captioner
         from .loading import CheckpointError
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with output.open() as writer, tqdm(total=len(todo), unit="img", file=sys.stderr, dynamic_ncols=True,
                                            disable=True if args.quiet else None) as bar:
-            for r in (results if captioner else ()):
+            for r in results:
                 writer.write(writers.record(r.source, r.text, r.error))
                 failed += r.error is not None
                 done += r.error is None

@@ -72,6 +72,9 @@ class Captioner:
             raise loading.CheckpointError(f"the embedded default model is missing from this install ({EMBEDDED_MODEL}); "
                                           "pass a checkpoint folder or hub id")
         folder = loading.resolve(name, revision=revision, cache_dir=cache_dir)
+        if (loading.load_config(folder).num_image_with_embedding or 1) > 1:
+            raise loading.CheckpointError(f"{folder} is a video checkpoint (several frames per input); Captioner takes "
+                                          "single images — use gitfast.GitForCausalLM.generate with 5-D pixel_values")
         self.model = GitForCausalLM.from_pretrained(folder, dtype=dtype, device=self.device)
         try:
             self.processor = AutoProcessor.from_pretrained(str(folder))

@@ -1,5 +1,6 @@
 """gitfast.Captioner against transformers: same preprocessing (the checkpoint's processor), same tokens,
 results in input order, one error record per bad input, batch invariant with mixed prompt lengths."""
+import json
 import os
 
 import pytest
@@ -167,6 +168,12 @@ def test_argument_errors_raise(captioner, files, checkpoint, tmp_path):
         os.link(os.path.join(checkpoint, name), weights_only / name)
     with pytest.raises(CheckpointError, match="processor"):
         Captioner(str(weights_only))
+    video = tmp_path / "video"
+    video.mkdir()
+    config = json.loads(open(os.path.join(checkpoint, "config.json")).read())
+    (video / "config.json").write_text(json.dumps(dict(config, num_image_with_embedding=3)))
+    with pytest.raises(CheckpointError, match="video checkpoint"):
+        Captioner(str(video))
     with pytest.raises(ValueError, match="no CUDA GPU"):
         if torch.cuda.is_available():
             pytest.skip("has a GPU")
