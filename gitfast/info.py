@@ -1,0 +1,95 @@
+"""`gitfast info`: versions, devices, and which backend serves each fused op on each device."""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import sys
+
+import torch
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _version(dist: str):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _devices() -> list[dict]:
+    devices = [{
+        "name": "cpu",
+        "description": platform.processor() or platform.machine(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            devices.append({
+                "name": f"cuda:{i}",
+                "description": p.name,
+                "capability": f"sm_{p.major}{p.minor}",
+                "memory_gib": round(p.total_memory / 2**30, 1),
+            })
+    return devices
+
+
+def collect() -> dict:
+    """Everything `gitfast info` reports, as plain data."""
+    from gitfast import __version__, ops
+
+    loaded = ops.extension_loaded()
+    return {
+        "versions": {
+            "gitfast": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "triton": _version("triton"),
+            "transformers": _version("transformers"),
+        },
+        "devices": _devices(),
+        "extension": {
+            "loaded": loaded,
+            "cuda_kernels": bool(loaded and ops.backend("bias_act", "cuda") == "cuda ext"),
+        },
+        # the cuda column is what a CUDA tensor would get, also on a machine without a GPU
+        "ops": {op: {kind: ops.backend(op, kind) for kind in ("cpu", "cuda")} for op in ops.OPS},
+    }
+
+
+def _text(info: dict) -> str:
+    v = info["versions"]
+    lines = [f"gitfast {v['gitfast']}  (python {v['python']})"]
+    lines.append(f"torch {v['torch']}" + (f"  (CUDA {v['torch_cuda']})" if v["torch_cuda"] else "  (no CUDA)"))
+    for name in ("triton", "transformers"):
+        lines.append(f"{name} {v[name] or 'not installed'}")
+    lines.append("devices:")
+    for d in info["devices"]:
+        if d["name"] == "cpu":
+            lines.append(f"  cpu      {d['description']}, {d['isa']}, {d['threads']} threads")
+        else:
+            lines.append(f"  {d['name']:<8} {d['description']}, {d['capability']}, {d['memory_gib']} GiB")
+    if not any(d["name"].startswith("cuda") for d in info["devices"]):
+        lines.append("  (no CUDA device)")
+    ext = info["extension"]
+    state = "not built (ops use the plain-torch reference)" if not ext["loaded"] else (
+        "loaded, CPU and CUDA kernels" if ext["cuda_kernels"] else "loaded, CPU kernels only")
+    lines.append(f"extension gitfast._C: {state}")
+    lines.append("ops (backend per device):")
+    lines.append(f"  {'op':<16} {'cpu':<10} cuda")
+    for op, by_device in info["ops"].items():
+        lines.append(f"  {op:<16} {by_device['cpu']:<10} {by_device['cuda']}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    sys.stdout.write(json.dumps(info, indent=2) + "\n" if args.json else _text(info))
+    return 0

@@ -1,0 +1,51 @@
+"""`gitfast info`: versions, devices and the backend of each op, as text and as JSON."""
+import json
+
+import pytest
+import torch
+import transformers
+
+import gitfast
+from gitfast import cli, ops
+
+
+def _info(capsys, *argv):
+    assert cli.main(["info", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_text_names_versions_devices_and_backends(capsys):
+    out = _info(capsys)
+    assert f"gitfast {gitfast.__version__}" in out
+    assert f"torch {torch.__version__}" in out
+    assert f"transformers {transformers.__version__}" in out
+    assert "triton " in out
+    assert "cpu " in out
+    for op in ops.OPS:
+        row = next(line for line in out.splitlines() if line.strip().startswith(op))
+        assert row.split()[1:] == [*ops.backend(op, "cpu").split(), *ops.backend(op, "cuda").split()]
+    if ops.extension_loaded():
+        assert "extension gitfast._C: loaded" in out
+
+
+def test_json_matches_the_dispatcher(capsys):
+    info = json.loads(_info(capsys, "--json"))
+    assert info["versions"]["torch"] == torch.__version__
+    assert info["devices"][0]["name"] == "cpu"
+    assert len(info["devices"]) == 1 + (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert info["extension"]["loaded"] == ops.extension_loaded()
+    assert info["ops"] == {op: {"cpu": ops.backend(op, "cpu"), "cuda": ops.backend(op, "cuda")} for op in ops.OPS}
+
+
+def test_reports_reference_without_the_extension(capsys, monkeypatch):
+    def no_extension():
+        raise ImportError("simulated")
+
+    monkeypatch.setattr(ops, "_import_extension", no_extension)
+    monkeypatch.setattr(ops, "_extension_state", None)
+    with pytest.warns(RuntimeWarning, match="gitfast._C is not available"):
+        out = _info(capsys)
+    assert "extension gitfast._C: not built" in out
+    for op in ops.OPS:
+        row = next(line for line in out.splitlines() if line.strip().startswith(op))
+        assert row.split()[1:] == ["reference", "reference"]
