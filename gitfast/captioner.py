@@ -1,10 +1,11 @@
 """`gitfast.Captioner`: caption (or answer questions about) many images, in order, never crashing on one.
 
 Data flow: inputs → `_prepare` (read, decode to RGB, the checkpoint's own processor, prompt token
-ids) → batches of up to `max_batch_size` → `_generate` (the one model call) → `CaptionResult`s in
-input order. An input that cannot be read, decoded or preprocessed becomes a result with `.error`
-set; the others carry on. `_generate` is the single place the model runs, so a later engine
-(paged KV cache, continuous batching) replaces that method and nothing else.
+ids) → the engine (`engine.py`: paged KV cache, continuous batching — new images are admitted as
+others finish, so the batch stays full over a long input) → `CaptionResult`s in input order. An
+input that cannot be read, decoded or preprocessed becomes a result with `.error` set, in its place;
+the others carry on. Beam search runs in batches of `max_batch_size` through `GitForCausalLM.generate`
+(beams on the paged cache, sharing their image's blocks).
 """
 from __future__ import annotations
 
@@ -95,7 +96,9 @@ class Captioner:
     def caption(self, images: Union[ImageInput, Iterable[ImageInput]], prompts=None, *, max_new_tokens: int = 20,
                 num_beams: int = 1, do_sample: bool = False, **generate_kwargs) -> List[CaptionResult]:
         """One result per input, in input order. `prompts`: None, one string for all, or one per image
-        (None entries allowed) — each answered as transformers' GIT VQA examples do."""
+        (None entries allowed) — each answered as transformers' GIT VQA examples do. With
+        `do_sample=True`, pass `seed=N`: each input's sample depends only on N and its position, not
+        on how inputs were batched."""
         items = _as_list(images)
         if prompts is not None and not isinstance(prompts, str):
             prompts = list(prompts)
@@ -117,6 +120,52 @@ class Captioner:
 
     # --- pipeline --------------------------------------------------------------------------------
     def _results(self, pairs, settings) -> Iterator[CaptionResult]:
+        if settings.get("num_beams", 1) == 1:
+            return self._results_engine(pairs, settings)
+        return self._results_batched(pairs, settings)
+
+    def _engine(self):
+        from .engine import Engine
+
+        if getattr(self, "_engine_obj", None) is None:
+            self._engine_obj = Engine(self.model.model, max_batch_size=self.max_batch_size)
+        return self._engine_obj
+
+    def _results_engine(self, pairs, settings) -> Iterator[CaptionResult]:
+        """Continuous batching over the whole input; results leave in input order (a reorder buffer)."""
+        from .engine import Request
+        from .generation import resolve_settings
+
+        kwargs = {k: v for k, v in settings.items() if k not in ("num_beams", "seed")}
+        s = resolve_settings(self.model.generation_config, 1, **kwargs)
+        eos = self._eos_ids(settings)
+        finished: Dict[int, CaptionResult] = {}
+        by_request: List[_Prepared] = []   # engine request index -> prepared input
+
+        def requests():
+            for i, (image, prompt) in enumerate(pairs):
+                p = self._prepare(i, image, prompt, settings)
+                if p.error is not None:
+                    finished[i] = CaptionResult(p.source, None, (), p.error, p.prompt)
+                    continue
+                by_request.append(p)
+                yield Request(p.pixel_values[0], p.prompt_ids, max_new_tokens=settings["max_new_tokens"])
+
+        next_index = 0
+        for out in self._engine().run(requests(), s, seed=settings.get("seed", 0)):
+            p = by_request[out.index]
+            ids = out.token_ids
+            ids = ids[:next((j for j, t in enumerate(ids) if t in eos), len(ids))]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            finished[p.index] = CaptionResult(p.source, text, tuple(ids), None, p.prompt)
+            while next_index in finished:
+                yield finished.pop(next_index)
+                next_index += 1
+        while next_index in finished:  # trailing error records
+            yield finished.pop(next_index)
+            next_index += 1
+
+    def _results_batched(self, pairs, settings) -> Iterator[CaptionResult]:
         numbered = enumerate(pairs)
         while True:
             chunk = list(itertools.islice(numbered, self.max_batch_size))
@@ -177,7 +226,7 @@ class Captioner:
                   settings: dict) -> List[List[int]]:
         """The one model call: generated ids per row, after the prompt, cut before the first EOS."""
         out = self.model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                                  **settings)
+                                  **{k: v for k, v in settings.items() if k != "seed"})
         eos = self._eos_ids(settings)
         rows = []
         for seq in out[:, input_ids.shape[1]:].tolist():

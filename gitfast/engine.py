@@ -107,8 +107,9 @@ class Engine:
         text_only: Optional[bool] = None  # fixed by the first request: image prefixes or none
 
         while True:
-            # -- admit: pull requests lazily; keep a small look-ahead so a long input stays streamed --
-            while not exhausted and len(waiting) < self.max_batch_size:
+            # -- admit: pull requests lazily, only as many as the batch has room for, so a long input
+            #    streams (and prefix sharing looks no further than this window) --
+            while not exhausted and len(waiting) + len(running) < self.max_batch_size:
                 nxt = next(source, None)
                 if nxt is None:
                     exhausted = True

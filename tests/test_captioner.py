@@ -195,3 +195,19 @@ def test_embedded_default_model_matches_transformers():
         assert (list(r.token_ids), r.text) == expected(ref, image, max_new_tokens=12)
     if examples:
         assert all(r.text for r in results)  # the trained model describes its own example pictures
+
+
+def test_seeded_sampling_does_not_depend_on_batching(tmp_path):
+    from image_factory import make_checkpoint
+    from PIL import Image
+
+    import gitfast
+
+    folder = make_checkpoint(tmp_path / "ckpt")
+    imgs = [Image.new("RGB", (40, 30), (40 * i, 200 - 30 * i, 90)) for i in range(5)]
+    kw = dict(max_new_tokens=6, do_sample=True, top_k=20, seed=5)
+    one = gitfast.Captioner(folder, max_batch_size=1).caption(imgs, **kw)
+    four = gitfast.Captioner(folder, max_batch_size=4).caption(imgs, **kw)
+    assert [r.token_ids for r in one] == [r.token_ids for r in four]
+    other = gitfast.Captioner(folder, max_batch_size=4).caption(imgs, **dict(kw, seed=6))
+    assert [r.token_ids for r in other] != [r.token_ids for r in four]
