@@ -163,3 +163,8 @@ def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation):
             c(fc2_weight), None if fc2_bias is None else c(fc2_bias), activation,
         )
     return mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
+
+
+# Load now rather than on the first call: that call may be inside torch.compile's tracing, which
+# cannot import modules.
+extension_loaded()

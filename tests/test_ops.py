@@ -310,9 +310,17 @@ def test_torch_compile_traces_the_ops():
     x, r, w, b = _ln_inputs((2, 3), 80, torch.float32)
     _, w1, b1, w2, b2 = _mlp_inputs((1,), 80, 96, torch.float32)
     args = (x, r, w, b, w1, b1, w2, b2)
+    traced = []
+
+    def recording_backend(gm, example_inputs):
+        traced.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
     torch._dynamo.reset()
-    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
+        torch.compile(block, backend=recording_backend, fullgraph=True)(*args)
+        assert {"gitfast.add_layer_norm", "gitfast.mlp", "gitfast.bias_act"} <= set(traced)
+        compiled = torch.compile(block, fullgraph=True)  # Inductor: the ops become extern kernel calls
         _assert_close(compiled(*args), block(*args), rtol=1e-6, atol=1e-6)
 
 
