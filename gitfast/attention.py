@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-KERNEL_HEAD_DIMS = (32, 64, 80, 128)
+KERNEL_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # what gitfast.kernels supports
 
 
 @functools.lru_cache(maxsize=None)
