@@ -34,13 +34,13 @@ def _extensions():
         with_cuda = False
     # -fno-trapping-math: the CPU kernels compute both arms of their branch-free selects; GCC only
     # vectorises those loops when FP exceptions need not be preserved (nothing here reads them).
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     define = [("GITFAST_WITH_CUDA", "1")] if with_cuda else []
     if with_cuda:
         archs = os.environ.get("GITFAST_CUDA_ARCHS", "80;90").split(";")
         # no --use_fast_math: the kernels pick their fast intrinsics (__expf) themselves, and the
         # LayerNorm keeps IEEE division/sqrt so fp32 stays within 1e-5 of torch
-        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "-lineinfo"]  # torch 2.13 headers are C++20
         for a in archs:
             nvcc += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         ext = cpp_extension.CUDAExtension(
