@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from .common import Case
+from .common import Case, triton_skip_reason
 from .timing import copies_for, rotating
 
 SUITE = "git_attention"
@@ -44,20 +44,6 @@ def _prefix_lm_mask(length: int, image: int, device) -> torch.Tensor:
     j = torch.arange(length, device=device)[None, :]
     return j < torch.clamp(i + 1, min=image)
 
-
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _gitfast_skip_reason(device: str):
-    from gitfast.kernels import triton_available
-
-    if not triton_available():
-        return "Triton kernels need triton plus a CUDA device, or TRITON_INTERPRET=1 on CPU"
-    if device != "cuda" and not _interpreting():
-        return "Triton kernels on CPU only run under TRITON_INTERPRET=1"
-    return None
 
 
 def _flex_fn(image: int, batch: int, heads: int, length: int, device: str):
@@ -100,7 +86,7 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
                         skip_reason=skip, label=label, extra=extra)
 
         # gitfast
-        skip = _gitfast_skip_reason(device)
+        skip = triton_skip_reason(device)
         if skip is None:
             from gitfast.kernels import git_attention
 

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from .common import Case
+from .common import Case, triton_skip_reason
 from .timing import copies_for, rotating
 
 SUITE = "kv_write"
@@ -22,22 +22,11 @@ FULL = [("prefill B256x217", 256 * 217), ("decode B256", 256), ("decode B1", 1)]
 QUICK = [("tokens 37", 37)]
 
 
-def _gitfast_skip_reason(device: str):
-    import os
-
-    from gitfast.kernels import triton_available
-
-    if not triton_available():
-        return "Triton kernels need triton plus a CUDA device, or TRITON_INTERPRET=1 on CPU"
-    if device != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return "Triton kernels on CPU only run under TRITON_INTERPRET=1"
-    return None
-
 
 def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
     elt = torch.tensor([], dtype=dtype).element_size()
     dt = str(dtype).replace("torch.", "")
-    skip = _gitfast_skip_reason(device)
+    skip = triton_skip_reason(device)
     for label, tokens in QUICK if quick else FULL:
         shape = {"tokens": tokens, "heads": HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE}
         moved = 2.0 * 2.0 * tokens * HEADS * HEAD_DIM * elt     # K and V, read + written

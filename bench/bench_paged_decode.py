@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from .common import Case
+from .common import Case, triton_skip_reason
 from .timing import copies_for, rotating
 
 SUITE = "paged_decode"
@@ -22,17 +22,6 @@ FULL_CONTEXTS = [217, 500, 901, 1200]             # git-base caption, longer pro
 FULL_BATCHES = [1, 8, 64, 256, 512]
 QUICK = [(2, 37)]                                  # (batch, context)
 
-
-def _gitfast_skip_reason(device: str):
-    import os
-
-    from gitfast.kernels import triton_available
-
-    if not triton_available():
-        return "Triton kernels need triton plus a CUDA device, or TRITON_INTERPRET=1 on CPU"
-    if device != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return "Triton kernels on CPU only run under TRITON_INTERPRET=1"
-    return None
 
 
 def _paged_inputs(batch: int, context: int, device: str, dtype: torch.dtype):
@@ -51,7 +40,7 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
     elt = torch.tensor([], dtype=dtype).element_size()
     dt = str(dtype).replace("torch.", "")
     grid = QUICK if quick else [(b, c) for c in FULL_CONTEXTS for b in FULL_BATCHES]
-    skip = _gitfast_skip_reason(device)
+    skip = triton_skip_reason(device)
     for batch, context in grid:
         shape = {"batch": batch, "context": context, "heads": HEADS, "head_dim": HEAD_DIM,
                  "block_size": BLOCK_SIZE}

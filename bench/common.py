@@ -24,3 +24,16 @@ class Case:
     skip_reason: Optional[str] = None
     extra: dict = field(default_factory=dict)   # suite-specific fields copied into the row (e.g. images_per_s)
     label: str = ""                     # short shape label for tables and plots, e.g. "B256 197+20"
+
+
+def triton_skip_reason(device: str):
+    """Why gitfast's Triton kernels cannot run on `device` here, or None when they can."""
+    import os
+
+    from gitfast.kernels import triton_available
+
+    if not triton_available():
+        return "Triton kernels need triton plus a CUDA device, or TRITON_INTERPRET=1 on CPU"
+    if device != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "Triton kernels on CPU only run under TRITON_INTERPRET=1"
+    return None

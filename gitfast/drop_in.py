@@ -6,7 +6,6 @@ every tensor operation is gitfast's (`model.py`), and `generate` is gitfast's ow
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
