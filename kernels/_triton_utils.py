@@ -26,3 +26,21 @@ def cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536   # -65536 == 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def softmax_tile(acc, l_i, m_i, q, kt, v, cols, row_limit, qk_scale,
+                 MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """One key tile of flash attention: scores in the log2 domain, the row mask (keys j < row_limit),
+    and the online-softmax update of the running max `m_i`, sum `l_i` and output `acc`."""
+    # -- scores --
+    s = dot(q, kt, DOT_PRECISION, INTERP_BF16) * qk_scale
+    if MASKED:
+        s = tl.where(cols[None, :] < row_limit[:, None], s, float("-inf"))
+    # -- online softmax --
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(cast(p, v.dtype, INTERP_BF16), v, DOT_PRECISION, INTERP_BF16)
+    return acc, l_i, m_new

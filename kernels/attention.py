@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast, dot
+from ._triton_utils import cast, softmax_tile
 from ._common import (
     LOG2E,
     check_device,
@@ -82,18 +82,8 @@ def _attn_tiles(
                 d_ok = offs_d < HEAD_DIM
                 kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        # -- scores (log2 domain) --
-        s = dot(q, kt, DOT_PRECISION, INTERP_BF16) * qk_scale
-        if MASKED:
-            s = tl.where(cols[None, :] < row_limit[:, None], s, float("-inf"))
-        # -- online softmax --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pv = dot(cast(p, v.dtype, INTERP_BF16), v, DOT_PRECISION, INTERP_BF16)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        acc, l_i, m_i = softmax_tile(acc, l_i, m_i, q, kt, v, cols, row_limit, qk_scale,
+                                     MASKED, DOT_PRECISION, INTERP_BF16)
     return acc, l_i, m_i
 
 

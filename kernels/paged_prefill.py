@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast, dot
+from ._triton_utils import cast, softmax_tile
 from ._common import (
     LOG2E,
     check_device,
@@ -73,18 +73,8 @@ def _paged_tiles(
         v_ptrs = v_head + (blk * stride_vcb + in_blk * stride_vcs)[:, None] + offs_d[None, :]
         kt = tl.load(k_ptrs, mask=tok_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=tok_ok[:, None] & d_ok[None, :], other=0.0)
-        # -- scores (log2 domain) --
-        s = dot(q, kt, DOT_PRECISION, INTERP_BF16) * qk_scale
-        if MASKED:
-            s = tl.where(tok[None, :] < row_limit[:, None], s, float("-inf"))
-        # -- online softmax --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pv = dot(cast(p, v.dtype, INTERP_BF16), v, DOT_PRECISION, INTERP_BF16)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        acc, l_i, m_i = softmax_tile(acc, l_i, m_i, q, kt, v, tok, row_limit, qk_scale,
+                                     MASKED, DOT_PRECISION, INTERP_BF16)
     return acc, l_i, m_i
 
 
