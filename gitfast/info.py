@@ -61,7 +61,20 @@ def collect() -> dict:
         },
         # the cuda column is what a CUDA tensor would get, also on a machine without a GPU
         "ops": {op: {kind: ops.backend(op, kind) for kind in ("cpu", "cuda")} for op in ops.OPS},
+        "attention": _attention_backends(),
     }
+
+
+def _attention_backends() -> dict:
+    """Attention runs Triton kernels on CUDA when triton imports, PyTorch (SDPA / gathers) otherwise."""
+    try:
+        from gitfast.kernels import _triton_importable
+        triton_ok = _triton_importable()
+    except Exception:  # noqa: BLE001 - reporting only
+        triton_ok = False
+    cuda = "triton" if triton_ok else "torch sdpa"
+    return {name: {"cpu": "torch sdpa", "cuda": cuda}
+            for name in ("git_attention", "paged_decode", "paged_prefill", "write_kv_cache")}
 
 
 def _text(info: dict) -> str:
@@ -84,7 +97,7 @@ def _text(info: dict) -> str:
     lines.append(f"extension gitfast._C: {state}")
     lines.append("ops (backend per device):")
     lines.append(f"  {'op':<16} {'cpu':<10} cuda")
-    for op, by_device in info["ops"].items():
+    for op, by_device in {**info["ops"], **info["attention"]}.items():
         lines.append(f"  {op:<16} {by_device['cpu']:<10} {by_device['cuda']}")
     return "\n".join(lines) + "\n"
 
