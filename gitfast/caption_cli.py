@@ -1,8 +1,11 @@
-"""`gitfast caption PATH...`: caption image files, folders and globs into JSONL, CSV or Parquet.
+"""`gitfast caption PATH...`: caption image files, folders, globs, tar shards, file lists and tables of
+paths into JSONL, CSV or Parquet — one file (`--out`) or one file per shard (`--out-dir`).
 
 Exit status: 0 every input captioned; 1 some inputs failed (their error records are written, all
-others captioned); 2 usage errors (bad flag, no such path, no inputs, model not found, unusable
---out), reported on stderr before any work; 130 interrupted (what was written stays; --resume).
+others captioned) or a device's process died (what it finished is written; --resume does the rest);
+2 usage errors (bad flag, no such path, no inputs, model not found, unusable output), reported on
+stderr before any work; 3 the output could not be written (disk full, I/O error): what was written
+before is kept, --resume continues; 130 interrupted (what was written stays; --resume).
 """
 from __future__ import annotations
 
@@ -13,39 +16,70 @@ import time
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="image files, folders (searched recursively for image extensions) or globs "
-                             "(quote them: 'photos/**/*.jpg')")
+    parser.add_argument("paths", nargs="*", metavar="PATH",
+                        help="image files, folders (searched recursively for images and .tar shards), globs "
+                             "(quote them: 'photos/**/*.jpg'), webdataset/img2dataset .tar shards, or "
+                             ".parquet/.csv tables with a column of paths")
+    parser.add_argument("--files-from", default=None, metavar="LIST",
+                        help="also caption the paths listed in LIST, one per line ('-' reads stdin)")
+    parser.add_argument("--path-column", default="path", metavar="NAME",
+                        help="the column of paths in .parquet/.csv inputs (default: path); relative paths "
+                             "are relative to the table's folder")
     parser.add_argument("--model", default=None,
                         help="checkpoint folder or hub id in the local Hugging Face cache "
                              "(default: gitfast's embedded model)")
-    parser.add_argument("--out", default=None, metavar="FILE", help="output file (default: JSONL on stdout)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None, metavar="FILE", help="output file (default: JSONL on stdout)")
+    where.add_argument("--out-dir", default=None, metavar="DIR",
+                       help="one output per input shard (00000.tar -> DIR/00000.parquet, with the samples' "
+                            "json fields), and DIR/captions.parquet for inputs that are not in a shard")
     parser.add_argument("--format", choices=("jsonl", "csv", "parquet"), default=None,
-                        help="output format (default: from --out's extension, else jsonl)")
+                        help="output format (default: from --out's extension, else jsonl; parquet for --out-dir)")
     parser.add_argument("--batch-size", type=_positive, default=32, help="images per model call (default 32)")
     parser.add_argument("--max-new-tokens", type=_positive, default=20, help="longest caption in tokens (default 20)")
     parser.add_argument("--num-beams", type=_positive, default=1, help="beam search width (default 1: greedy)")
     parser.add_argument("--prompt", default=None, metavar="TEXT",
                         help="a question or caption prefix for every image (VQA checkpoints); "
                              "the output holds only the generated text")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    on = parser.add_mutually_exclusive_group()
+    on.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    on.add_argument("--devices", default=None, metavar="LIST",
+                    help="several devices, one process each, sharing the inputs: 0,1 or cuda:0,cuda:1, "
+                         "all (every visible GPU), or cpu,cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "auto"), default=None,
                         help="weights' dtype (default float32: tokens identical to transformers)")
+    parser.add_argument("--workers", type=_non_negative, default=None, metavar="N",
+                        help="decode and preprocess images in N worker processes per device (default: "
+                             "min(8, CPU cores - 1) on a GPU, 0 on the CPU)")
+    parser.add_argument("--jpeg-draft", action="store_true",
+                        help="decode JPEGs at reduced size when they are much larger than the model's input "
+                             "(faster; pixels differ slightly from a full decode)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
-                       help="keep what --out already captioned, retry its failures, caption the rest")
-    again.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+                       help="keep what the output already has, retry its failures, caption the rest")
+    again.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _non_negative(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
 def _usage_error(message: str) -> int:
@@ -53,45 +87,93 @@ def _usage_error(message: str) -> int:
     return 2
 
 
+class _WriteFailed(Exception):
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _guarded(call, *args):
+    """Runs an output operation; an OSError from it (disk full, I/O error) becomes _WriteFailed, so it
+    is not mistaken for a failure elsewhere. A closed stdout pipe is handled on its own."""
+    try:
+        return call(*args)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _WriteFailed(exc) from exc
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import sources, writers
+    from .multi_device import parse_devices
 
+    if not args.paths and args.files_from is None:
+        return _usage_error("nothing to caption: give PATHs, or --files-from LIST")
     try:
-        fmt = writers.infer_format(args.out, args.format)
-        all_sources = list(sources.expand(args.paths))
+        devices = parse_devices(args.devices) if args.devices is not None else None
+        if args.out_dir is not None:
+            fmt = args.format or "parquet"
+        else:
+            fmt = writers.infer_format(args.out, args.format)
+        all_sources = list(sources.expand(args.paths, files_from=args.files_from, path_column=args.path_column))
         if not all_sources:
             return _usage_error(f"no images found in {' '.join(args.paths)} "
-                                f"(folders and globs take only files with image extensions)")
-        output = writers.Output(args.out, fmt, resume=args.resume, overwrite=args.overwrite)
-    except (sources.SourceError, writers.OutputError) as exc:
+                                f"(folders and globs take only files with image extensions and .tar shards)")
+        if args.out_dir is not None:
+            output = writers.ShardedOutput(args.out_dir, fmt, all_sources, resume=args.resume,
+                                           overwrite=args.overwrite)
+        else:
+            output = writers.Output(args.out, fmt, resume=args.resume, overwrite=args.overwrite)
+    except (sources.SourceError, writers.OutputError, ValueError) as exc:
         return _usage_error(str(exc))
     todo = [s for s in all_sources if s.id not in output.done]
     skipped = len(all_sources) - len(todo)
+    target = args.out_dir or args.out
 
+    pool = None
     results = iter(())
     if todo:
-        from .captioner import Captioner
         from .loading import CheckpointError
+        from .multi_device import DeviceError, DevicePool, make_captioner
 
+        generate = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+        options = dict(dtype=args.dtype, max_batch_size=args.batch_size, num_workers=args.workers,
+                       jpeg_draft=args.jpeg_draft)
         try:
-            captioner = Captioner(args.model, device=args.device, dtype=args.dtype, max_batch_size=args.batch_size)
-            results = captioner.caption_iter(todo, args.prompt, max_new_tokens=args.max_new_tokens,
-                                             num_beams=args.num_beams)
-        except (CheckpointError, ValueError) as exc:
+            if devices is not None and len(devices) > 1:
+                pool = DevicePool(devices, todo, model=args.model, prompt=args.prompt, caption_kwargs=generate,
+                                  captioner_kwargs=dict(options, cpu_share=len(devices)))
+                pool.wait_ready()
+                results = pool.results()
+            else:
+                device = devices[0] if devices else args.device
+                captioner = make_captioner(args.model, device=device, **options)
+                results = ((r.source, r.text, r.error) for r in captioner.caption_iter(todo, args.prompt, **generate))
+        except (CheckpointError, DeviceError, ValueError) as exc:
+            if pool is not None:
+                pool.close()
             return _usage_error(str(exc))
 
     done = failed = 0
     start = time.perf_counter()
+    status = None
     try:
-        with output.open() as writer, tqdm(total=len(todo), unit="img", file=sys.stderr, dynamic_ncols=True,
-                                           disable=True if args.quiet else None) as bar:
-            for r in results:
-                writer.write(writers.record(r.source, r.text, r.error))
-                failed += r.error is not None
-                done += r.error is None
-                bar.update(1)
+        writer = _guarded(output.open, todo)
+        with tqdm(total=len(todo), unit="img", file=sys.stderr, dynamic_ncols=True,
+                  disable=True if args.quiet else None) as bar:
+            try:
+                for source, text, error in results:
+                    _guarded(writer.write, writers.record(source, text, error))
+                    failed += error is not None
+                    done += error is None
+                    bar.update(1)
+            except BaseException:
+                _close_after_failure(writer)
+                raise
+            _guarded(writer.close, True)
     except BrokenPipeError:  # stdout's reader went away (`gitfast caption ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
         return 1
@@ -99,9 +181,35 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"gitfast caption: interrupted after {done + failed} images; "
                          f"what was written is kept: rerun with --resume to continue\n")
         return 130
+    except _WriteFailed as exc:
+        sys.stderr.write(f"gitfast caption: error: cannot write the output: {exc.error}; the {done + failed} "
+                         f"records written before it are kept: fix it, then rerun with --resume to continue\n")
+        return 3
+    except Exception as exc:
+        from .multi_device import RankDied
+
+        if not isinstance(exc, RankDied):
+            raise
+        sys.stderr.write(f"gitfast caption: error: {exc}; what the devices finished is written: "
+                         f"rerun with --resume to caption the rest\n")
+        status = 1
+    finally:
+        if pool is not None:
+            pool.close()
     seconds = time.perf_counter() - start
     rate = (done + failed) / seconds if seconds > 0 else 0.0
-    where = f" (already in {args.out})" if skipped else ""
+    where = f" (already in {target})" if skipped else ""
     sys.stderr.write(f"gitfast caption: {done} captioned, {failed} failed, {skipped} skipped{where} "
                      f"in {seconds:.1f} s, {rate:.1f} images/s\n")
+    if status is not None:
+        return status
     return 1 if failed else 0
+
+
+def _close_after_failure(writer) -> None:
+    """Closes an output as incomplete (journals stay for --resume); a second error from a full disk
+    must not hide the first."""
+    try:
+        writer.close(complete=False)
+    except OSError:
+        pass

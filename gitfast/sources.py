@@ -1,4 +1,5 @@
-"""Turning what the user names (files, folders, globs) into an ordered stream of `Source` records.
+"""Turning what the user names (files, folders, globs, tar shards, file lists, tables of paths) into an
+ordered stream of `Source` records.
 
 A `Source` is an id (what output records call `source`) and a callable returning the encoded bytes.
 Captioner only ever sees Sources, so other kinds of input — tar shards, Parquet/CSV file lists —
@@ -14,6 +15,16 @@ Rules for `expand(paths)`:
   extension, and folders walked as above; a glob matching nothing is an error;
 - a source reached twice (a file inside a folder also named) is produced once, at its first place.
 A path that exists is taken literally even if its name contains glob characters.
+
+Other kinds of input:
+- a `.tar` file (named, matched by a glob, or found in a folder) is a webdataset/img2dataset shard:
+  one Source per sample, id `"<shard path>::<key>"` (see `shards.py`);
+- a `.parquet`/`.pq`/`.csv` file named explicitly is a table of paths, read from its `path_column`
+  (default `path`); relative paths are relative to the table's folder; a missing column is a
+  SourceError, an empty cell an error record `"<table>::row N"`;
+- `files_from` names a list file (`-` = stdin), one path per line, relative to the current folder;
+  blank lines are skipped.
+Paths from tables and lists are not checked up front: a missing one is an error record in its place.
 """
 from __future__ import annotations
 
@@ -21,7 +32,8 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from functools import partial
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 IMAGE_EXTENSIONS = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
@@ -29,14 +41,24 @@ IMAGE_EXTENSIONS = frozenset({
 })
 
 
+TABLE_EXTENSIONS = (".parquet", ".pq", ".csv")
+
+
 class SourceError(ValueError):
     """A named input that does not exist or matches nothing: a usage error, found before any work."""
+
+
+class SourceReadError(OSError):
+    """A Source that cannot be read (a damaged shard, a sample without an image): its error record says why."""
 
 
 @dataclass(frozen=True)
 class Source:
     id: str
     open_bytes: Callable[[], bytes]
+    group: Optional[str] = None      # the shard it came from; None for a plain file
+    key: Optional[str] = None        # its sample key inside that shard
+    meta: Optional[Callable[[], dict]] = None  # the sample's carried fields (its .json, .txt), read when written
 
     def __repr__(self):
         return f"Source({self.id!r})"
@@ -46,17 +68,30 @@ def file_source(path: Union[str, os.PathLike]) -> Source:
     return Source(os.path.normpath(os.fspath(path)), Path(path).read_bytes)
 
 
+def _raise(message: str) -> bytes:
+    raise SourceReadError(message)
+
+
+def failing_source(source_id: str, message: str, **fields) -> Source:
+    """A Source whose reading fails with `message`: an input known bad before decoding, kept in its place."""
+    return Source(source_id, partial(_raise, message), **fields)
+
+
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def expand(paths: Sequence[Union[str, os.PathLike]]) -> Iterator[Source]:
-    """Checks every path now (raising SourceError), then returns a lazy stream of Sources in order."""
+def expand(paths: Sequence[Union[str, os.PathLike]], *, files_from: Optional[str] = None,
+           path_column: str = "path") -> Iterator[Source]:
+    """Checks every path now (raising SourceError), then returns a lazy stream of Sources in order:
+    `paths` first, then the entries of `files_from`."""
     plan = []
     for raw in paths:
         path = os.fspath(raw)
         if os.path.isdir(path):
             plan.append(("dir", path))
+        elif os.path.exists(path) and path.lower().endswith(TABLE_EXTENSIONS):
+            plan.append(("table", (path, _table_reader(path, path_column))))
         elif os.path.exists(path):
             plan.append(("file", path))
         elif _is_glob(path):
@@ -66,39 +101,116 @@ def expand(paths: Sequence[Union[str, os.PathLike]]) -> Iterator[Source]:
             plan.append(("glob", matches))
         else:
             raise SourceError(f"no such file or folder: {path!r}")
+    if files_from is not None:
+        plan.append(("list", _read_list(files_from)))
     return _stream(plan)
 
 
 def _stream(plan) -> Iterator[Source]:
+    from .shards import is_shard_name, shard_sources
+
     seen = set()
     for kind, what in plan:
         if kind == "file":
             candidates = [what]
         elif kind == "dir":
             candidates = walk(what)
-        else:
+        elif kind == "glob":
             candidates = _glob_matches(what)
-        for path in candidates:
-            source = file_source(path)
-            if source.id not in seen:
-                seen.add(source.id)
-                yield source
+        elif kind == "list":
+            candidates = what
+        else:
+            candidates = what[1]()
+        for item in candidates:
+            if isinstance(item, Source):
+                stream = [item]
+            elif is_shard_name(item) and not os.path.isdir(item):
+                stream = shard_sources(item)
+            else:
+                stream = [file_source(item)]
+            for source in stream:
+                if source.id not in seen:
+                    seen.add(source.id)
+                    yield source
+
+
+def _read_list(files_from: str) -> list:
+    import sys
+
+    try:
+        if files_from == "-":
+            text = sys.stdin.read()
+        else:
+            with open(files_from, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read --files-from {files_from!r}: {exc}") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _table_reader(path: str, column: str) -> Callable[[], Iterator]:
+    """Checks the table's column now; returns a function streaming its paths (or error Sources)."""
+    folder = os.path.dirname(path)
+    table = os.path.normpath(path)
+    if path.lower().endswith(".csv"):
+        import csv
+
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise SourceError(f"cannot read table {path!r}: {exc}") from None
+        if column not in header:
+            raise SourceError(f"table {path!r} has no column {column!r} (it has {header}); pick one with --path-column")
+
+        def cells():
+            with open(path, newline="", encoding="utf-8") as f:
+                for row in csv.DictReader(f):
+                    yield row.get(column)
+    else:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise SourceError(f"reading {path!r} needs pyarrow: pip install 'gitfast[parquet]'") from None
+        try:
+            names = pq.ParquetFile(path).schema_arrow.names
+        except Exception as exc:  # pyarrow's own error family for unreadable files
+            raise SourceError(f"cannot read table {path!r} as Parquet: {exc}") from None
+        if column not in names:
+            raise SourceError(f"table {path!r} has no column {column!r} (it has {names}); pick one with --path-column")
+
+        def cells():
+            for batch in pq.ParquetFile(path).iter_batches(columns=[column], batch_size=4096):
+                yield from batch.column(0).to_pylist()
+
+    def entries():
+        for n, cell in enumerate(cells(), 1):
+            if cell is None or not str(cell).strip():
+                yield failing_source(f"{table}::row {n}", f"row {n} of {table} has an empty {column!r}")
+            else:
+                yield os.path.join(folder, str(cell))  # an absolute cell stays absolute
+    return entries
 
 
 def walk(folder: str) -> Iterator[str]:
-    """Image files under `folder`, recursively: each folder's files (sorted), then its subfolders."""
+    """Image files and tar shards under `folder`, recursively: each folder's files (sorted), then its
+    subfolders."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if not name.startswith(".") and is_image_name(name):
+            if not name.startswith(".") and _is_input_name(name):
                 yield os.path.join(root, name)
+
+
+def _is_input_name(name: str) -> bool:
+    return is_image_name(name) or name.lower().endswith(".tar")
 
 
 def _glob_matches(matches):
     for path in matches:
         if os.path.isdir(path):
             yield from walk(path)
-        elif is_image_name(path):
+        elif _is_input_name(path):
             yield path
 
 

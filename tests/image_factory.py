@@ -109,3 +109,43 @@ def write_files(folder: str, files: dict) -> list:
             f.write(data)
         paths.append(path)
     return paths
+
+
+def small_images(n: int, seed: int = 100) -> dict:
+    """name -> bytes of `n` distinct small images (PNG and JPEG alternating), for runs over many inputs."""
+    out = {}
+    for i in range(n):
+        image = Image.fromarray(rgb_array(seed + i, size=(24, 20)))
+        out[f"img{i:03d}.png" if i % 2 else f"img{i:03d}.jpg"] = (
+            encode(image, "PNG") if i % 2 else encode(image, "JPEG", quality=90))
+    return out
+
+
+def write_tar(path: str, members) -> str:
+    """A tar file holding `members` ((name, bytes) pairs or a dict, in order) under exactly those names."""
+    import tarfile
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    items = members.items() if isinstance(members, dict) else members
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def webdataset_samples(images: dict, start: int = 0, meta: bool = True) -> list:
+    """(member name, bytes) pairs of an img2dataset-style shard: KEY.<ext> image, KEY.json, KEY.txt."""
+    import json
+
+    members = []
+    for n, (name, data) in enumerate(images.items(), start):
+        key = f"{n:09d}"
+        members.append((f"{key}.{name.rsplit('.', 1)[1]}", data))
+        if meta:
+            members.append((f"{key}.json", json.dumps({"key": key, "caption": f"alt text {n}", "url": f"http://x/{n}",
+                                                       "width": 24, "status": "success"}).encode()))
+            members.append((f"{key}.txt", f"alt text {n}".encode()))
+    return members

@@ -207,13 +207,19 @@ def test_usage_errors_exit_2_before_any_work(checkpoint, tree, tmp_path, capsys,
     assert (tmp_path / "existing.jsonl").read_text().count("\n") == 1
 
 
-@pytest.mark.parametrize("argv", [["--bogus"], ["--format", "xml"], ["--batch-size", "0"], []])
+@pytest.mark.parametrize("argv", [["--bogus"], ["--format", "xml"], ["--batch-size", "0"], ["--workers", "-1"],
+                                  ["--out", "a.jsonl", "--out-dir", "d"], ["--device", "cpu", "--devices", "cpu,cpu"]])
 def test_bad_flags_exit_2(checkpoint, tree, capsys, argv):
     _, photos, _ = tree
     with pytest.raises(SystemExit) as exc:
-        caption(checkpoint, *([photos] if argv else []), *argv, model=False)
+        caption(checkpoint, photos, *argv, model=False)
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_no_inputs_at_all_exit_2(checkpoint, capsys):
+    assert caption(checkpoint) == 2
+    assert "nothing to caption: give PATHs, or --files-from" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gitfast.info") is None,

@@ -1,0 +1,174 @@
+"""Tar shards (webdataset / img2dataset layout) read in place, as a stream of `Source`s.
+
+Layout: members named `KEY.EXT`, where KEY is the member's path up to the first dot of its file name
+and EXT the rest (`shard/00001.jpg`, `shard/00001.json`, `shard/00001.txt` are sample
+`shard/00001`). A sample's image is its `jpg`/`jpeg`/`png`/`webp` member (other image extensions
+are accepted too; with several, the first in that order); `json` and `txt` members are carried into
+per-shard outputs. A sample without an image becomes an error record.
+
+Source ids are `"<shard path>::<key>"`. A shard is indexed once, headers only, with `tarfile`; an
+image is read by seeking to its recorded offset, so member names are never used as filesystem paths
+and nothing is extracted (`../x.jpg` is just a key). Readers are `functools.partial`s of module
+functions, so Sources stay picklable for worker processes.
+
+Damage never stops the run: the samples before it are kept and the damage itself is one error record
+with id `"<shard path>::@<byte offset>"` — a truncated shard, an unreadable header, a file that is
+not a tar at all. Compressed tars (.tar.gz, ...) cannot be read in place and are reported the same way.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from .sources import IMAGE_EXTENSIONS, Source, SourceReadError, failing_source
+
+log = logging.getLogger(__name__)
+
+SHARD_EXTENSIONS = (".tar",)
+# preferred first when a sample has several images; any other image extension comes after these
+_IMAGE_ORDER = ("jpg", "jpeg", "png", "webp")
+_IMAGE_FIELDS = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS) | frozenset(_IMAGE_ORDER)
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def is_shard_name(name: str) -> bool:
+    return name.lower().endswith(SHARD_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    offset: int  # of the data, not the header
+    size: int
+
+
+@dataclass(frozen=True)
+class Damage:
+    offset: int
+    reason: str
+
+
+def index(path: str) -> Tuple[List[Member], Optional[Damage]]:
+    """Every regular member before any damage, and the damage (None for a sound shard).
+
+    OSError (the shard cannot be opened at all) propagates."""
+    total = os.path.getsize(path)
+    members: List[Member] = []
+    with open(path, "rb") as f:
+        head = f.read(6)
+        for magic, kind in _COMPRESSED.items():
+            if head.startswith(magic):
+                return [], Damage(0, f"{kind}-compressed tar: shards are read in place, so they must be "
+                                     f"uncompressed (decompress it first)")
+        f.seek(0)
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.ReadError as exc:
+            return [], Damage(0, f"not a readable tar file: {exc}")
+        while True:
+            where = tar.offset
+            try:
+                info = tar.next()
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                return members, Damage(where, f"unreadable tar member header: {exc}")
+            if info is None:
+                break
+            if info.isreg() and info.offset_data + info.size > total:
+                return members, Damage(info.offset, f"shard truncated inside member {info.name!r} "
+                                                    f"({total - info.offset_data} of {info.size} bytes present)")
+            if info.isreg():
+                members.append(Member(info.name, info.offset_data, info.size))
+        tar.members = []  # the index above is all we keep
+        # tarfile reads an invalid or cut-off header after the first one as the end of the archive;
+        # only zero blocks (the end marker and padding) may follow the last member in a sound shard
+        end = tar.offset
+        f.seek(end)
+        while True:
+            block = f.read(1 << 16)
+            if not block:
+                break
+            if block.strip(b"\0"):
+                return members, Damage(end, "unreadable tar member header (corrupt or cut off); "
+                                            f"{total - end} bytes after it were not read")
+    return members, None
+
+
+def read_member(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise SourceReadError(f"shard {path} changed since it was indexed: member at byte {offset} is cut off")
+    return data
+
+
+def read_fields(path: str, json_member: Optional[Tuple[int, int]], txt_member: Optional[Tuple[int, int]]) -> dict:
+    """A sample's carried fields: its JSON object's top-level keys, and `txt` (its text member)."""
+    fields: dict = {}
+    try:
+        if json_member is not None:
+            value = json.loads(read_member(path, *json_member))
+            if isinstance(value, dict):
+                fields.update(value)
+            else:
+                fields["json"] = value
+        if txt_member is not None:
+            fields["txt"] = read_member(path, *txt_member).decode("utf-8", errors="replace")
+    except (OSError, ValueError) as exc:  # metadata is carried, not needed: the caption still stands
+        log.warning("%s: cannot read a sample's json/txt member: %s", path, exc)
+    return fields
+
+
+def split_name(name: str) -> Tuple[str, str]:
+    """`a/b/00001.seg.png` -> ("a/b/00001", "seg.png"): the webdataset key and field."""
+    folder, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def shard_sources(path: str) -> Iterator[Source]:
+    """The samples of one shard, in the order their keys first appear, then its damage if any."""
+    shard = os.path.normpath(path)
+    try:
+        members, damage = index(path)
+    except OSError as exc:
+        yield failing_source(f"{shard}::@0", f"cannot read shard: {exc.strerror or exc}", group=shard)
+        return
+    samples: Dict[str, Dict[str, Member]] = {}
+    for m in members:
+        key, field = split_name(m.name)
+        if not field or os.path.basename(key).startswith(".") or not key:
+            continue  # no field (a bare name) or a hidden file such as macOS "._00001.jpg"
+        samples.setdefault(key, {})[field] = m  # a later member of the same name wins, as in tar
+    for key, fields in samples.items():
+        sid = f"{shard}::{key}"
+        meta = partial(read_fields, path, _span(fields.get("json")), _span(fields.get("txt")))
+        image = _pick_image(fields)
+        if image is None:
+            have = ", ".join(sorted(fields)) or "nothing"
+            yield failing_source(sid, f"sample has no image member (it has: {have})", group=shard, key=key, meta=meta)
+        else:
+            yield Source(sid, partial(read_member, path, image.offset, image.size), group=shard, key=key, meta=meta)
+    if damage is not None:
+        yield failing_source(f"{shard}::@{damage.offset}", f"tar damaged at byte {damage.offset}: {damage.reason}; "
+                                                          f"the {len(samples)} samples before it were read",
+                             group=shard)
+
+
+def _span(member: Optional[Member]) -> Optional[Tuple[int, int]]:
+    return None if member is None else (member.offset, member.size)
+
+
+def _pick_image(fields: Dict[str, Member]) -> Optional[Member]:
+    for ext in _IMAGE_ORDER:
+        if ext in fields:
+            return fields[ext]
+    for ext, m in fields.items():
+        if ext in _IMAGE_FIELDS:
+            return m
+    return None
