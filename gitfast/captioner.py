@@ -1,7 +1,8 @@
 """`gitfast.Captioner`: caption (or answer questions about) many images, in order, never crashing on one.
 
 Data flow: inputs → `_prepare` (read, decode to RGB, the checkpoint's own processor, prompt token
-ids) → the engine (`engine.py`: paged KV cache, continuous batching — new images are admitted as
+ids; inline, or in `num_workers` worker processes running ahead of the model — `workers.py`) → on
+CUDA, pinned host memory copied to the GPU a batch ahead on a side stream → the engine (`engine.py`: paged KV cache, continuous batching — new images are admitted as
 others finish, so the batch stays full over a long input) → `CaptionResult`s in input order. An
 input that cannot be read, decoded or preprocessed becomes a result with `.error` set, in its place;
 the others carry on. Beam search runs in batches of `max_batch_size` through `GitForCausalLM.generate`
@@ -11,16 +12,17 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import deque
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
 
-from . import images as imaging
 from . import loading
 from .defaults import EMBEDDED_MODEL
 from .sources import Source
+from .workers import Prepared, PreparePool, Preparer, PrepareSpec
 
 ImageInput = Union[str, os.PathLike, Image.Image, Source]
 
@@ -38,16 +40,6 @@ class CaptionResult:
         return self.error is None
 
 
-@dataclass
-class _Prepared:
-    index: int
-    source: str
-    prompt: Optional[str]
-    pixel_values: Optional[torch.Tensor] = None  # [1, (frames,) 3, H, W]
-    prompt_ids: Optional[List[int]] = None
-    error: Optional[str] = None
-
-
 class Captioner:
     """Captions images with a GIT checkpoint.
 
@@ -56,16 +48,27 @@ class Captioner:
     device: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available, else the CPU.
     dtype: None/"float32" (tokens identical to transformers), "float16", "bfloat16" or "auto".
     max_batch_size: images per model call.
+    num_workers: 0 reads, decodes and preprocesses in this process, between model steps; N > 0 does
+        it in N spawned worker processes (each loads the processor once) running up to
+        `prefetch_batches` batches ahead, results in input order. Paths and picklable Sources go to
+        the workers, PIL images are prepared here. Same pixels, same tokens either way. Call
+        `close()` (or use `with`) to stop the workers before the Captioner is dropped.
+    jpeg_draft: decode JPEGs at a power-of-two reduction that stays at or above the processor's
+        resize target (`images.decode`). Faster on large photos, but not bit-exact: the processor
+        resizes from a smaller picture, and a caption can change. Off by default.
     """
 
     def __init__(self, model: Union[str, os.PathLike, None] = None, *, device=None, dtype=None,
-                 max_batch_size: int = 32, revision: Optional[str] = None, cache_dir: Optional[str] = None):
+                 max_batch_size: int = 32, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                 num_workers: int = 0, jpeg_draft: bool = False, prefetch_batches: int = 2):
         from transformers import AutoProcessor
 
         from .drop_in import GitForCausalLM
 
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if num_workers < 0 or prefetch_batches < 1:
+            raise ValueError(f"num_workers must be >= 0 and prefetch_batches >= 1, got {num_workers}, {prefetch_batches}")
         self.max_batch_size = max_batch_size
         self.device = _resolve_device(device)
         name = EMBEDDED_MODEL if model is None else model
@@ -90,7 +93,24 @@ class Captioner:
         cls = self.tokenizer.cls_token_id
         self._bos = cls if cls is not None else cfg.bos_token_id
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (cfg.pad_token_id or 0)
-        self._prompt_cache: Dict[str, List[int]] = {}
+        self.num_workers, self.jpeg_draft = num_workers, jpeg_draft
+        self._preparer = Preparer(self.processor, self._bos, cfg.max_position_embeddings, jpeg_draft)
+        self._pool = None
+        if num_workers:
+            spec = PrepareSpec(str(folder), self._bos, cfg.max_position_embeddings, jpeg_draft)
+            self._pool = PreparePool(spec, num_workers, window=prefetch_batches * max_batch_size)
+        self._prefetch = prefetch_batches * max_batch_size
+
+    def close(self) -> None:
+        """Stops the worker processes (a later call starts them again)."""
+        if self._pool is not None:
+            self._pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # --- public API ------------------------------------------------------------------------------
     def caption(self, images: Union[ImageInput, Iterable[ImageInput]], prompts=None, *, max_new_tokens: int = 20,
@@ -140,13 +160,15 @@ class Captioner:
         s = resolve_settings(self.model.generation_config, 1, **kwargs)
         eos = self._eos_ids(settings)
         finished: Dict[int, CaptionResult] = {}
-        by_request: List[_Prepared] = []   # engine request index -> prepared input
+        by_request: List[Prepared] = []   # engine request index -> prepared input
 
         def requests():
-            for i, (image, prompt) in enumerate(pairs):
-                p = self._prepare(i, image, prompt, settings)
+            prepared = self._prepared(pairs, settings)
+            if self.device.type == "cuda":
+                prepared = _to_device_ahead(prepared, self.device, self.max_batch_size)
+            for p in prepared:
                 if p.error is not None:
-                    finished[i] = CaptionResult(p.source, None, (), p.error, p.prompt)
+                    finished[p.index] = CaptionResult(p.source, None, (), p.error, p.prompt)
                     continue
                 by_request.append(p)
                 yield Request(p.pixel_values[0], p.prompt_ids, max_new_tokens=settings["max_new_tokens"])
@@ -166,12 +188,11 @@ class Captioner:
             next_index += 1
 
     def _results_batched(self, pairs, settings) -> Iterator[CaptionResult]:
-        numbered = enumerate(pairs)
+        stream = self._prepared(pairs, settings)
         while True:
-            chunk = list(itertools.islice(numbered, self.max_batch_size))
-            if not chunk:
+            prepared = list(itertools.islice(stream, self.max_batch_size))
+            if not prepared:
                 return
-            prepared = [self._prepare(i, image, prompt, settings) for i, (image, prompt) in chunk]
             good = [p for p in prepared if p.error is None]
             outputs = dict(zip((p.index for p in good), self._run_batch(good, settings))) if good else {}
             for p in prepared:
@@ -182,35 +203,15 @@ class Captioner:
                     text = self.tokenizer.decode(ids, skip_special_tokens=True)
                     yield CaptionResult(p.source, text, tuple(ids), None, p.prompt)
 
-    def _prepare(self, index: int, image: ImageInput, prompt: Optional[str], settings) -> _Prepared:
-        """Everything per input before the model: the future worker-process job."""
-        item = _Prepared(index, _label(image, index), prompt)
-        item.prompt_ids = self._prompt_ids(prompt)
-        max_pos = self.model.config.max_position_embeddings
-        if len(item.prompt_ids) + settings["max_new_tokens"] > max_pos:
-            item.error = (f"prompt of {len(item.prompt_ids)} tokens plus max_new_tokens={settings['max_new_tokens']} "
-                          f"exceeds the model's {max_pos} text positions")
-            return item
-        try:
-            rgb = _load_rgb(image)
-        except imaging.ImageError as exc:
-            item.error = str(exc)
-            return item
-        try:
-            item.pixel_values = self.processor(images=rgb, return_tensors="pt").pixel_values
-        except Exception as exc:  # the processor rejects odd images in various ways; it is this input's failure
-            item.error = f"preprocessing failed: {type(exc).__name__}: {exc}"
-        return item
+    def _prepared(self, pairs, settings) -> Iterator[Prepared]:
+        """Every input read, decoded and preprocessed (`workers.Preparer`), in order: lazily here, or
+        by the worker pool running ahead."""
+        numbered = ((i, image, prompt) for i, (image, prompt) in enumerate(pairs))
+        if self._pool is None:
+            return (self._preparer(*item, settings["max_new_tokens"]) for item in numbered)
+        return self._pool.map(numbered, settings["max_new_tokens"], self._preparer)
 
-    def _prompt_ids(self, prompt: Optional[str]) -> List[int]:
-        # as transformers' GIT VQA examples: [CLS] + the prompt's tokens, no [SEP]
-        if not prompt:
-            return [self._bos]
-        if prompt not in self._prompt_cache:
-            self._prompt_cache[prompt] = [self._bos] + self.tokenizer(prompt, add_special_tokens=False).input_ids
-        return self._prompt_cache[prompt]
-
-    def _run_batch(self, batch: Sequence[_Prepared], settings) -> List[List[int]]:
+    def _run_batch(self, batch: Sequence[Prepared], settings) -> List[List[int]]:
         # Prompts of different lengths are left-padded and masked; the model is batch invariant, so
         # each row's tokens equal that input run alone.
         width = max(len(p.prompt_ids) for p in batch)
@@ -265,26 +266,32 @@ def _resolve_device(device) -> torch.device:
     return dev
 
 
-def _load_rgb(image: ImageInput) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return imaging.to_rgb(image)
-    if isinstance(image, Source):
-        try:
-            data = image.open_bytes()
-        except OSError as exc:
-            raise imaging.ImageError(f"cannot read: {exc.strerror or exc}") from None
-        return imaging.decode(data)
-    if isinstance(image, (str, os.PathLike)):
-        return imaging.read(image)
-    raise imaging.ImageError(f"unsupported input type {type(image).__name__}; pass a path, a PIL image or a Source")
+def _to_device_ahead(items: Iterator[Prepared], device: torch.device, depth: int) -> Iterator[Prepared]:
+    """Copies each input's pixels to the GPU `depth` inputs before the engine takes it: from pinned
+    memory, non-blocking, on a side stream, so the next batch's copies overlap this batch's compute.
+    The engine's stream waits on each copy's event (on the GPU, not the host). Untested on a GPU yet."""
+    stream = torch.cuda.Stream(device)
+    ahead: deque = deque()
+    for item in items:
+        ready = None
+        if item.pixel_values is not None:
+            with torch.cuda.stream(stream):
+                item.pixel_values = item.pixel_values.pin_memory().to(device, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(stream)
+        ahead.append((item, ready))
+        if len(ahead) > depth:
+            yield _after_copy(*ahead.popleft(), device)
+    while ahead:
+        yield _after_copy(*ahead.popleft(), device)
 
 
-def _label(image, index: int) -> str:
-    if isinstance(image, Source):
-        return image.id
-    if isinstance(image, (str, os.PathLike)):
-        return os.fspath(image)
-    return f"<image {index}>"
+def _after_copy(item: Prepared, ready, device) -> Prepared:
+    if ready is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_event(ready)
+        item.pixel_values.record_stream(current)  # allocated on the side stream, used on this one
+    return item
 
 
 def _is_single(images) -> bool:

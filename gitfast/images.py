@@ -13,6 +13,12 @@ Conversion rules, applied in this order:
   to 0..255; Pillow's plain conversion would clip every value above 255 to white.
 - Everything else (L, 1, P, CMYK, YCbCr, F, ...) goes through Pillow's `convert("RGB")`.
 - Multi-frame files (GIF, TIFF, WebP) give their first frame.
+
+JPEG draft decoding (`draft=` in `decode`/`read`, off by default): libjpeg decodes straight to a
+1/2, 1/4 or 1/8 scale, the largest reduction that keeps both sides at least the size asked for (the
+processor's resize target), several times faster than a full decode. The processor then resizes
+from a different (smaller) picture, so pixels — and sometimes captions — differ from a full decode;
+`bench/bench_pipeline.py` measures how often.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import io
 import logging
 import os
 import warnings
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,8 +40,9 @@ class ImageError(ValueError):
     """An input that cannot be read or decoded as an image; the message says why."""
 
 
-def decode(data: bytes) -> Image.Image:
-    """Decodes encoded image bytes (any format Pillow reads) into an upright RGB image."""
+def decode(data: bytes, draft: Optional[Tuple[int, int]] = None) -> Image.Image:
+    """Decodes encoded image bytes (any format Pillow reads) into an upright RGB image. `draft`
+    (width, height): a JPEG may be decoded at a power-of-two reduction no smaller than this."""
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -43,6 +50,8 @@ def decode(data: bytes) -> Image.Image:
             # Pillow only warns between 1x and 2x its pixel limit; we refuse from 1x on.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+            if draft is not None and image.format == "JPEG":
+                image.draft("RGB", draft)  # a no-op where no reduction keeps both sides >= draft
             image.load()  # decode now: truncated or corrupt data fails here, not later
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"refused as a possible decompression bomb: {exc}") from None
@@ -55,14 +64,14 @@ def decode(data: bytes) -> Image.Image:
     return to_rgb(image)
 
 
-def read(path: Union[str, os.PathLike]) -> Image.Image:
-    """Reads and decodes an image file into an upright RGB image."""
+def read(path: Union[str, os.PathLike], draft: Optional[Tuple[int, int]] = None) -> Image.Image:
+    """Reads and decodes an image file into an upright RGB image (`draft` as in `decode`)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
-    return decode(data)
+    return decode(data, draft)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from gitfast import images
-from image_factory import broken_files, mode_images
+from image_factory import broken_files, encode, mode_images
 
 GOOD = mode_images()
 
@@ -93,3 +93,16 @@ def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
 def test_missing_file_is_an_image_error(tmp_path):
     with pytest.raises(images.ImageError, match="cannot read file"):
         images.read(tmp_path / "nope.png")
+
+
+def test_jpeg_draft_decodes_smaller_but_never_below_the_size_asked():
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
+    data = encode(photo, "JPEG", quality=90)
+    assert images.decode(data).size == (640, 480)
+    assert images.decode(data, (224, 224)).size == (320, 240)      # 1/2: both sides still >= 224
+    assert images.decode(data, (32, 32)).size == (80, 60)          # 1/8 is the largest reduction
+    assert images.decode(data, (300, 300)).size == (640, 480)      # 1/2 would give 240 < 300
+    assert images.decode(data, (224, 224)).mode == "RGB"
+    assert images.decode(encode(photo, "PNG"), (32, 32)).size == (640, 480)  # only JPEGs have drafts
+    grey = images.decode(encode(photo.convert("L"), "JPEG"), (224, 224))
+    assert grey.mode == "RGB" and grey.size == (320, 240)
