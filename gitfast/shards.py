@@ -12,8 +12,8 @@ and nothing is extracted (`../x.jpg` is just a key). Readers are `functools.part
 functions, so Sources stay picklable for worker processes.
 
 Damage never stops the run: the samples before it are kept and the damage itself is one error record
-with id `"<shard path>::@<byte offset>"` — a truncated shard, an unreadable header, a file that is
-not a tar at all. Compressed tars (.tar.gz, ...) cannot be read in place and are reported the same way.
+with id `"<shard path>::@<byte offset>"` — a truncated shard (also one cut right after a member:
+the end-of-archive marker is missing), an unreadable header, a file that is not a tar at all. Compressed tars (.tar.gz, ...) cannot be read in place and are reported the same way.
 """
 from __future__ import annotations
 
@@ -87,6 +87,9 @@ def index(path: str) -> Tuple[List[Member], Optional[Damage]]:
         # tarfile reads an invalid or cut-off header after the first one as the end of the archive;
         # only zero blocks (the end marker and padding) may follow the last member in a sound shard
         end = tar.offset
+        if end >= total:  # no end-of-archive blocks: the shard was cut off, maybe right after a member
+            return members, Damage(end, "shard ends without tar's end-of-archive marker: it was cut off here, "
+                                        "and members after this point, if any, are missing")
         f.seek(end)
         while True:
             block = f.read(1 << 16)
