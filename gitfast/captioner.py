@@ -159,8 +159,9 @@ class Captioner:
         kwargs = {k: v for k, v in settings.items() if k not in ("num_beams", "seed")}
         s = resolve_settings(self.model.generation_config, 1, **kwargs)
         eos = self._eos_ids(settings)
-        finished: Dict[int, CaptionResult] = {}
-        by_request: List[Prepared] = []   # engine request index -> prepared input
+        finished: Dict[int, CaptionResult] = {}   # reorder buffer
+        by_request: Dict[int, Prepared] = {}      # engine request index -> prepared input, until it finishes
+        issued = itertools.count()                # the engine numbers requests in the order it takes them
 
         def requests():
             prepared = self._prepared(pairs, settings)
@@ -170,12 +171,13 @@ class Captioner:
                 if p.error is not None:
                     finished[p.index] = CaptionResult(p.source, None, (), p.error, p.prompt)
                     continue
-                by_request.append(p)
-                yield Request(p.pixel_values[0], p.prompt_ids, max_new_tokens=settings["max_new_tokens"])
+                by_request[next(issued)] = p
+                pixels, p.pixel_values = p.pixel_values[0], None  # the engine's until prefill, then freed
+                yield Request(pixels, p.prompt_ids, max_new_tokens=settings["max_new_tokens"])
 
         next_index = 0
         for out in self._engine().run(requests(), s, seed=settings.get("seed", 0)):
-            p = by_request[out.index]
+            p = by_request.pop(out.index)
             ids = out.token_ids
             ids = ids[:next((j for j, t in enumerate(ids) if t in eos), len(ids))]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
