@@ -144,7 +144,13 @@ def run(args: argparse.Namespace) -> int:
                        jpeg_draft=args.jpeg_draft)
         try:
             if devices is not None and len(devices) > 1:
-                pool = DevicePool(devices, todo, model=args.model, prompt=args.prompt, caption_kwargs=generate,
+                from . import loading
+
+                # a wrong --model is found here in a second, not after every rank has started
+                model = args.model if args.model is None else str(loading.resolve(args.model))
+                if model is not None:
+                    loading.load_config(loading.resolve(model))
+                pool = DevicePool(devices, todo, model=model, prompt=args.prompt, caption_kwargs=generate,
                                   captioner_kwargs=dict(options, cpu_share=len(devices)))
                 pool.wait_ready()
                 results = pool.results()

@@ -1,0 +1,210 @@
+"""Several devices: `--devices cpu,cpu` runs two spawned CPU ranks over disjoint halves of the inputs
+(what `--devices 0,1` does with GPUs); the output must equal a single-device run's, each source
+once — also after a rank dies, and after the whole run is killed and resumed."""
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from gitfast import Captioner, caption_cli, cli, multi_device, sources
+from image_factory import broken_files, make_checkpoint, small_images, webdataset_samples, write_files, write_tar
+
+ARGS = ["--max-new-tokens", "6", "--batch-size", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    images = small_images(240)
+    write_files(str(root / "files"), {**images, **broken_files()})
+    write_tar(str(root / "00000.tar"), webdataset_samples(dict(list(images.items())[:9])))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, inputs):
+    """Single-device captions of every input, by the Python API."""
+    srcs = list(sources.expand([inputs / "files", inputs / "00000.tar"]))
+    results = Captioner(checkpoint, device="cpu").caption(srcs, max_new_tokens=6)
+    return {r.source: (r.text, r.error) for r in results}
+
+
+def caption(checkpoint, *argv):
+    parser = cli._Parser(prog="gitfast caption")
+    caption_cli.configure(parser)
+    return caption_cli.run(parser.parse_args([str(a) for a in argv] + ["--model", str(checkpoint)] + ARGS))
+
+
+def test_parse_devices(monkeypatch):
+    assert multi_device.parse_devices("cpu,cpu") == ["cpu", "cpu"]
+    monkeypatch.setattr(multi_device, "_cuda_count", lambda: 0)
+    for text, message in [("all", "no CUDA GPU is visible"), ("0", "GPU 0 asked for, but 0 CUDA GPU"),
+                          ("tpu", "unknown device 'tpu'"), ("0,,1", "empty entry")]:
+        with pytest.raises(ValueError, match=message):
+            multi_device.parse_devices(text)
+    monkeypatch.setattr(multi_device, "_cuda_count", lambda: 2)
+    assert multi_device.parse_devices("all") == ["cuda:0", "cuda:1"]
+    assert multi_device.parse_devices("1,cuda:0") == ["cuda:1", "cuda:0"]
+    with pytest.raises(ValueError, match="names a GPU twice"):
+        multi_device.parse_devices("0,cuda:0")
+    with pytest.raises(ValueError, match="GPU 2 asked for, but 2"):
+        multi_device.parse_devices("0,2")
+
+
+def test_a_model_that_cannot_load_is_a_usage_error_before_any_rank_starts(inputs, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    assert caption(inputs / "files", inputs / "files", "--devices", "cpu,cpu", "--out", out) == 2
+    assert f"no config.json in {inputs / 'files'}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("GITFAST_SLOW"), reason="slow: set GITFAST_SLOW=1 to run")
+def test_a_rank_that_cannot_start_is_a_usage_error(checkpoint, inputs, tmp_path, capsys):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, broken)
+    for name in os.listdir(broken):
+        if name.endswith((".safetensors", ".bin")):
+            os.remove(broken / name)
+    out = tmp_path / "o.jsonl"
+    assert caption(broken, inputs / "files", "--devices", "cpu,cpu", "--out", out) == 2
+    assert "device cpu: CheckpointError" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        return []
+    ranks = []
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    ranks.append(kid)
+        except OSError:
+            pass
+    return ranks
+
+
+def _lines(path):
+    try:
+        data = open(path, "rb").read()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in data.split(b"\n")[:-1]]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead too
+        return f.read().split(") ")[1][0] != "Z"
+
+
+def _records(out):
+    """Every record in an --out-dir so far: finished Parquet files and journals (a torn last line dropped)."""
+    recs = []
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        if name.endswith(".parquet"):
+            recs += pq.read_table(out / name).to_pylist()
+        elif name.endswith(".partial.jsonl"):
+            recs += _lines(out / name)
+    return recs
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the ranks through Linux's /proc")
+def test_two_ranks_equal_one_device_after_a_dead_rank_and_a_killed_run(checkpoint, inputs, reference, tmp_path):
+    """Three runs over one --out-dir: a rank is killed (the other finishes; the parent says what is
+    missing); the next run is killed whole (its ranks die with it); the last completes it."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "gitfast.cli", "caption", inputs / "files", inputs / "00000.tar", "--out-dir", out,
+            "--devices", "cpu,cpu", "--model", checkpoint, *ARGS]
+    argv = [str(a) for a in argv]
+
+    def start(*extra):
+        return subprocess.Popen(argv + list(extra), stderr=subprocess.PIPE, text=True)
+
+    def wait_for_records(proc, n):
+        deadline = time.monotonic() + 120
+        while len(_records(out)) < n:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    # 1. one rank dies (an OOM kill, say): the other finishes, the parent says what is missing, exit 1
+    run = start()
+    wait_for_records(run, 1)
+    ranks = _children(run.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[0], signal.SIGKILL)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err
+    assert "device cpu stopped (exit code -9) with" in err and "rerun with --resume" in err
+    first = [r for r in _records(out) if r["error"] is None]
+    assert 0 < len(first) < len(reference) - 3 and len({r["source"] for r in first}) == len(first)
+
+    # 2. the whole run is killed: its ranks die with it, nothing is left running
+    run = start("--resume")
+    wait_for_records(run, len(first) + 1)
+    ranks = _children(run.pid)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(r) for r in ranks):
+        assert time.monotonic() < deadline, "a rank outlived its killed parent"
+        time.sleep(0.05)
+
+    # 3. resumed to the end: each source once, with the captions of one device
+    assert caption(checkpoint, inputs / "files", inputs / "00000.tar", "--out-dir", out, "--devices", "cpu,cpu",
+                   "--resume") == 1
+    assert sorted(os.listdir(out)) == ["00000.parquet", "captions.parquet"]
+    shard = pq.read_table(out / "00000.parquet").to_pylist()
+    plain = pq.read_table(out / "captions.parquet").to_pylist()
+    assert sorted(r["source"] for r in shard + plain) == sorted(reference)
+    assert {r["source"]: (r["caption"], r["error"]) for r in shard + plain} == reference
+    # ranks finish in any interleaving; a finished shard is in its own order all the same
+    assert [r["key"] for r in shard] == [f"{n:09d}" for n in range(9)] and shard[0]["json_caption"] == "alt text 0"
+
+
+def test_workers_and_jpeg_draft_reach_the_captioner(checkpoint, inputs, tmp_path, monkeypatch):
+    import gitfast.captioner as captioner_module
+
+    seen = []
+    real = captioner_module.Captioner
+
+    class Spy(real):
+        @functools.wraps(real.__init__)
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs)
+            raise ValueError("spy: stop here")
+
+    monkeypatch.setattr(captioner_module, "Captioner", Spy)
+    files = [inputs / "files" / "img000.jpg"]
+    assert caption(checkpoint, *files, "--device", "cpu", "--workers", "3", "--jpeg-draft") == 2
+    assert caption(checkpoint, *files, "--device", "cpu") == 2
+    assert seen[0]["num_workers"] == 3 and seen[0]["jpeg_draft"] is True
+    assert "num_workers" not in seen[1] and "jpeg_draft" not in seen[1]  # CPU default: decode in-process
+    # on a GPU the default is min(8, cores - 1), split between the ranks sharing the machine
+    monkeypatch.setattr(os, "cpu_count", lambda: 13)
+    with pytest.raises(ValueError, match="spy"):
+        multi_device.make_captioner(checkpoint, device="cuda:0", dtype=None, max_batch_size=2, cpu_share=2)
+    with pytest.raises(ValueError, match="spy"):
+        multi_device.make_captioner(checkpoint, device="cuda:0", dtype=None, max_batch_size=2, cpu_share=1)
+    assert (seen[2]["num_workers"], seen[3]["num_workers"]) == (6, 8)
