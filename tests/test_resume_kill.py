@@ -6,8 +6,8 @@ per-shard Parquet outputs (--out-dir).
 Each run is a real `gitfast caption` process: `cli.main(argv)` in a child forked from a launcher
 that has already imported torch and transformers (8 s per cold start on the CI machine would leave
 room for only a couple of kills; a fork starts in a few milliseconds). The launcher runs with one
-thread, so forking it is safe. The `slow` variant runs many more seeded trials, each run a cold
-`python -m gitfast.cli` subprocess.
+thread, so forking it is safe. The `slow` variant (GITFAST_SLOW=1; GITFAST_KILL_TRIALS=N, default 12) runs
+more seeded trials, each run a cold `python -m gitfast.cli` subprocess.
 """
 import json
 import os
@@ -250,5 +250,5 @@ def test_killed_runs_resume_to_exactly_once(launcher, checkpoint, inputs, tmp_pa
 @pytest.mark.parametrize("kind", ["jsonl", "out-dir"])
 def test_killed_runs_resume_to_exactly_once_many_cold_trials(checkpoint, inputs, tmp_path_factory, kind):
     runner = ColdRunner()
-    for seed in range(100, 112):
+    for seed in range(100, 100 + int(os.environ.get("GITFAST_KILL_TRIALS", "12"))):
         kill_and_resume(runner, kind, inputs, checkpoint, tmp_path_factory.mktemp(f"cold{kind}{seed}"), seed, kills=4)
