@@ -4,13 +4,13 @@ in the calling process or in a pool of worker processes.
 `Preparer` is the per-input job; `Captioner` runs it inline (`num_workers=0`) or through a
 `PreparePool`: `num_workers` spawned processes, each loading the processor once from the checkpoint
 folder. The pool is an ordered, bounded prefetching iterator: at most `window` inputs are in flight
-(submitted, or done and not yet taken), so the workers run ahead of the model while memory stays flat
-however long the input. Paths and picklable `Source`s go to the workers; PIL images and anything
-that does not pickle are prepared in the calling process, in their place. Each task carries the parent's `PIL.Image.MAX_IMAGE_PIXELS`, the decompression-bomb
-limit. A worker process that dies
-(a decoder crash, the OOM killer) costs only the input that killed it: the pool is restarted, the
-inputs that were in flight are retried one at a time, and the one that kills a worker again becomes
-an error record.
+(submitted, or done and not yet taken), so the workers run ahead of the model while memory stays
+flat however long the input; inputs travel in chunks of a few per task. Paths and picklable
+`Source`s go to the workers; PIL images and anything that does not pickle are prepared in the
+calling process, in their place. Each task carries the parent's `PIL.Image.MAX_IMAGE_PIXELS`, the
+decompression-bomb limit. A worker process that dies (a decoder crash, the OOM killer) costs only
+the input that killed it: the pool is restarted, the inputs that were in flight are retried one at a
+time, and the one that kills a worker again becomes an error record.
 
 Transport: workers return pixel values as float32 numpy arrays, pickled through the result pipe.
 Sending torch tensors instead (torch's shared-memory reduction: a file descriptor per tensor) was
@@ -148,13 +148,13 @@ def _ping() -> bool:
     return _worker is not None
 
 
-def _prepare_in_worker(max_image_pixels: Optional[int], index: int, image, prompt: Optional[str],
-                       max_new_tokens: int) -> Prepared:
+def _prepare_in_worker(max_image_pixels: Optional[int], chunk: List[tuple]) -> List[Prepared]:
     Image.MAX_IMAGE_PIXELS = max_image_pixels  # the parent's decompression-bomb limit, as it is now
-    item = _worker(index, image, prompt, max_new_tokens)
-    if item.pixel_values is not None:
-        item.pixel_values = item.pixel_values.numpy()  # plain pickle through the pipe (see module docstring)
-    return item
+    out = [_worker(*args) for args in chunk]
+    for item in out:
+        if item.pixel_values is not None:
+            item.pixel_values = item.pixel_values.numpy()  # plain pickle through the pipe (see module docstring)
+    return out
 
 
 def _received(item: Prepared) -> Prepared:
@@ -167,10 +167,13 @@ def _received(item: Prepared) -> Prepared:
 class PreparePool:
     """`num_workers` spawned processes running `Preparer`s; `map` yields results in input order."""
 
-    def __init__(self, spec: PrepareSpec, num_workers: int, window: int):
+    def __init__(self, spec: PrepareSpec, num_workers: int, window: int, chunk: Optional[int] = None):
         if num_workers < 1:
             raise ValueError(f"a PreparePool needs at least one worker, got {num_workers}")
         self.spec, self.num_workers, self.window = spec, num_workers, max(window, 2 * num_workers)
+        # inputs per task: one task per input costs a wake-up of the executor's thread, which waits for
+        # the GIL behind the model (~5 ms switch interval); chunks amortise it
+        self.chunk = chunk or max(1, min(16, self.window // (2 * num_workers)))
         self._executor: Optional[ProcessPoolExecutor] = None
         self.restarts = 0  # worker pools lost to a dead worker (for tests and logs)
 
@@ -201,38 +204,57 @@ class PreparePool:
     def map(self, items: Iterable[Tuple[int, object, Optional[str]]], max_new_tokens: int,
             local: Preparer) -> Iterator[Prepared]:
         """(index, image, prompt) → Prepared, in order. `local` prepares what cannot travel."""
-        pending: Deque[Tuple[tuple, object]] = deque()  # (task args, Future or a finished Prepared)
+        pending: Deque[list] = deque()  # [task args, Future of a chunk's results, or the results themselves]
+        chunk: List[tuple] = []
+        in_flight = 0
         source = iter(items)
+
+        def flush():
+            if chunk:
+                pending.append([list(chunk), self._submit(chunk)])
+                chunk.clear()
+
         try:
             while True:
-                while len(pending) < self.window:
+                while in_flight < self.window:
                     nxt = next(source, None)
                     if nxt is None:
                         break
-                    args = (*nxt, max_new_tokens)
-                    pending.append((args, self._submit(args) if _portable(nxt[1]) else local(*args)))
+                    args, in_flight = (*nxt, max_new_tokens), in_flight + 1
+                    if _portable(nxt[1]):
+                        chunk.append(args)
+                        if len(chunk) == self.chunk:
+                            flush()
+                    else:
+                        flush()  # keeps the order
+                        pending.append([[args], [local(*args)]])
+                flush()
                 if not pending:
                     return
-                args, job = pending.popleft()
-                if isinstance(job, Future):
-                    try:
-                        job = _received(job.result())
-                    except BrokenProcessPool:
-                        # every future in flight failed with the pool; rerun those one at a time
-                        lost = [a for a, j in [(args, job), *pending] if isinstance(j, Future) and _lost(j)]
-                        self._restart()
-                        redone = {id(a): self._retry_alone(a) for a in lost}
-                        job = redone[id(args)]
-                        pending = deque((a, redone.get(id(a), j)) for a, j in pending)
-                yield job
+                if isinstance(pending[0][1], Future):
+                    self._resolve(pending)
+                for item in pending.popleft()[1]:
+                    in_flight -= 1
+                    yield item
         finally:
             for _, job in pending:
                 if isinstance(job, Future):
                     job.cancel()
 
-    def _submit(self, args) -> Future:
+    def _resolve(self, pending: Deque[list]) -> None:
+        head = pending[0]
         try:
-            return self._pool().submit(_prepare_in_worker, Image.MAX_IMAGE_PIXELS, *args)
+            head[1] = [_received(p) for p in head[1].result()]
+        except BrokenProcessPool:
+            # the pool failed every chunk in flight at once: rerun their inputs one at a time
+            self._restart()
+            for entry in pending:
+                if isinstance(entry[1], Future) and _lost(entry[1]):
+                    entry[1] = [self._retry_alone(args) for args in entry[0]]
+
+    def _submit(self, chunk: List[tuple]) -> Future:
+        try:
+            return self._pool().submit(_prepare_in_worker, Image.MAX_IMAGE_PIXELS, list(chunk))
         except BrokenProcessPool:  # broken by an earlier input; its own future reports that
             future: Future = Future()
             future.set_exception(BrokenProcessPool("pool broken before submission"))
@@ -240,7 +262,7 @@ class PreparePool:
 
     def _retry_alone(self, args) -> Prepared:
         try:
-            return _received(self._pool().submit(_prepare_in_worker, Image.MAX_IMAGE_PIXELS, *args).result())
+            return _received(self._pool().submit(_prepare_in_worker, Image.MAX_IMAGE_PIXELS, [args]).result()[0])
         except BrokenProcessPool:
             self._restart()
             index, image, prompt, _ = args
