@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
-    images = small_images(240)
+    images = small_images(60)
     write_files(str(root / "files"), {**images, **broken_files()})
     write_tar(str(root / "00000.tar"), webdataset_samples(dict(list(images.items())[:9])))
     return root
@@ -132,38 +132,52 @@ def _records(out):
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the ranks through Linux's /proc")
 def test_two_ranks_equal_one_device_after_a_dead_rank_and_a_killed_run(checkpoint, inputs, reference, tmp_path):
     """Three runs over one --out-dir: a rank is killed (the other finishes; the parent says what is
-    missing); the next run is killed whole (its ranks die with it); the last completes it."""
+    missing); the next run is killed whole (its ranks die with it); the last completes it.
+
+    The first input is a named pipe nobody writes to: the rank that gets it (rank 0: inputs are dealt
+    round-robin) blocks reading it, so each kill lands while a rank is busy, however fast the machine."""
+    late = tmp_path / "late.jpg"
+    os.mkfifo(late)
+    paths = [late, inputs / "files", inputs / "00000.tar"]
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "gitfast.cli", "caption", inputs / "files", inputs / "00000.tar", "--out-dir", out,
-            "--devices", "cpu,cpu", "--model", checkpoint, *ARGS]
+    argv = [sys.executable, "-m", "gitfast.cli", "caption", *paths, "--out-dir", out, "--devices", "cpu,cpu",
+            "--model", checkpoint, *ARGS]
     argv = [str(a) for a in argv]
+    every = [s.id for s in sources.expand(paths)]
+    rank1 = every[1::2]
 
     def start(*extra):
         return subprocess.Popen(argv + list(extra), stderr=subprocess.PIPE, text=True)
 
-    def wait_for_records(proc, n):
+    def wait_for_records(proc, n, ok_only=False):
         deadline = time.monotonic() + 120
-        while len(_records(out)) < n:
+        while len([r for r in _records(out) if r["error"] is None or not ok_only]) < n:
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.01)
 
-    # 1. one rank dies (an OOM kill, say): the other finishes, the parent says what is missing, exit 1
+    # 1. rank 1 finishes its half; rank 0, stuck on the pipe, is killed (an OOM kill, say): the
+    #    parent says what is missing and exits 1
     run = start()
-    wait_for_records(run, 1)
-    ranks = _children(run.pid)
-    assert len(ranks) == 2
-    os.kill(ranks[0], signal.SIGKILL)
+    wait_for_records(run, len(rank1))
+    deadline = time.monotonic() + 60
+    while len(alive := [r for r in _children(run.pid) if _alive(r)]) != 1:  # rank 1 exits when done
+        assert time.monotonic() < deadline, alive
+        time.sleep(0.05)
+    os.kill(alive[0], signal.SIGKILL)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 1, err
-    assert "device cpu stopped (exit code -9) with" in err and "rerun with --resume" in err
-    first = [r for r in _records(out) if r["error"] is None]
-    assert 0 < len(first) < len(reference) - 3 and len({r["source"] for r in first}) == len(first)
+    assert f"device cpu stopped (exit code -9) with {len(every) - len(rank1)} of its" in err
+    assert "rerun with --resume" in err
+    first = _records(out)
+    assert sorted(r["source"] for r in first) == sorted(rank1)
 
-    # 2. the whole run is killed: its ranks die with it, nothing is left running
+    # 2. the whole run is killed while it writes: its ranks die with it, nothing is left running
     run = start("--resume")
-    wait_for_records(run, len(first) + 1)
+    before = sum(r["error"] is None for r in first)
+    wait_for_records(run, before + 1, ok_only=True)
     ranks = _children(run.pid)
+    assert len(ranks) == 2
     os.kill(run.pid, signal.SIGKILL)
     run.wait()
     deadline = time.monotonic() + 10
@@ -171,14 +185,16 @@ def test_two_ranks_equal_one_device_after_a_dead_rank_and_a_killed_run(checkpoin
         assert time.monotonic() < deadline, "a rank outlived its killed parent"
         time.sleep(0.05)
 
-    # 3. resumed to the end: each source once, with the captions of one device
-    assert caption(checkpoint, inputs / "files", inputs / "00000.tar", "--out-dir", out, "--devices", "cpu,cpu",
-                   "--resume") == 1
+    # 3. the pipe becomes a picture; resumed to the end: each source once, with one device's captions
+    os.remove(late)
+    shutil.copyfile(inputs / "files" / "img000.jpg", late)
+    assert caption(checkpoint, *paths, "--out-dir", out, "--devices", "cpu,cpu", "--resume") == 1
     assert sorted(os.listdir(out)) == ["00000.parquet", "captions.parquet"]
     shard = pq.read_table(out / "00000.parquet").to_pylist()
     plain = pq.read_table(out / "captions.parquet").to_pylist()
-    assert sorted(r["source"] for r in shard + plain) == sorted(reference)
-    assert {r["source"]: (r["caption"], r["error"]) for r in shard + plain} == reference
+    want = dict(reference, **{str(late): reference[str(inputs / "files" / "img000.jpg")]})
+    assert sorted(r["source"] for r in shard + plain) == sorted(want)
+    assert {r["source"]: (r["caption"], r["error"]) for r in shard + plain} == want
     # ranks finish in any interleaving; a finished shard is in its own order all the same
     assert [r["key"] for r in shard] == [f"{n:09d}" for n in range(9)] and shard[0]["json_caption"] == "alt text 0"
 
