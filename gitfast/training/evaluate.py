@@ -7,7 +7,7 @@ Pictures come from a seed the training never used. Reported:
   * exact match: the decoded greedy caption equals the drawn picture's caption;
   * token accuracy: over the reference token ids (words + [SEP], after [CLS]), the share of positions
     where the generated id is the same id (a missing or extra token counts as wrong);
-  * per-slot accuracy (count, size, colour, shape, relation, reference), to see what the model misses.
+  * per-slot accuracy (count, size, colour, shape, position), to see what the model misses.
 """
 from __future__ import annotations
 
@@ -28,12 +28,7 @@ HELD_OUT_SEED = 12345
 
 def _slots(caption: str) -> dict:
     w = caption.split()
-    out = {"count": w[:1], "size": w[1:2], "colour": w[2:3], "shape": w[3:4]}
-    rest = w[4:]
-    rel_len = 3 if rest[:1] == ["in"] else (2 if rest[:1] in (["left"], ["right"]) else 1)
-    out["relation"] = rest[:rel_len]
-    out["reference"] = rest[rel_len:]
-    return out
+    return {"count": w[:1], "size": w[1:2], "colour": w[2:3], "shape": w[3:4], "position": w[4:]}
 
 
 def evaluate(model_dir: str = DEFAULT_MODEL, n: int = 1000, seed: int = HELD_OUT_SEED,
