@@ -17,3 +17,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A tiny random GIT checkpoint with tokenizer and processor files (tests/image_factory.py), shared
+    read-only by the captioning, CLI, shard, worker, Ray, memory and resume tests."""
+    from image_factory import make_checkpoint
+
+    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))

@@ -21,12 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gitfast import Captioner, caption_cli, cli, shards, sources, writers
-from image_factory import make_checkpoint, mode_images, small_images, webdataset_samples, write_files, write_tar
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
+from image_factory import mode_images, small_images, webdataset_samples, write_files, write_tar
 
 
 @pytest.fixture(scope="module")

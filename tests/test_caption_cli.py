@@ -10,15 +10,10 @@ import sys
 import pytest
 
 from gitfast import Captioner, caption_cli, cli
-from image_factory import broken_files, make_checkpoint, mode_images, write_files
+from image_factory import broken_files, mode_images, write_files
 
 GOOD = sorted(mode_images())
 BAD = sorted(broken_files())
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,9 @@ from PIL import Image
 from gitfast import Captioner, CheckpointError, images
 from gitfast.defaults import EMBEDDED_MODEL, EXAMPLES
 from gitfast.sources import Source, expand, is_image_name
-from image_factory import broken_files, make_checkpoint, mode_images, rgb_array, write_files
+from image_factory import broken_files, mode_images, rgb_array, write_files
 
 PROMPTS = ["what color is the shape?", None, "how many", "", "is there a big red circle on the left?", "what"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")
@@ -197,13 +192,12 @@ def test_embedded_default_model_matches_transformers():
         assert all(r.text for r in results)  # the trained model describes its own example pictures
 
 
-def test_seeded_sampling_does_not_depend_on_batching(tmp_path):
-    from image_factory import make_checkpoint
+def test_seeded_sampling_does_not_depend_on_batching(checkpoint):
     from PIL import Image
 
     import gitfast
 
-    folder = make_checkpoint(tmp_path / "ckpt")
+    folder = checkpoint
     imgs = [Image.new("RGB", (40, 30), (40 * i, 200 - 30 * i, 90)) for i in range(5)]
     kw = dict(max_new_tokens=6, do_sample=True, top_k=20, seed=5)
     one = gitfast.Captioner(folder, max_batch_size=1).caption(imgs, **kw)

@@ -9,7 +9,7 @@ import torch
 
 from gitfast import Captioner
 from gitfast.sources import Source
-from image_factory import make_checkpoint, small_images
+from image_factory import small_images
 
 N = 3000
 GROWTH_MB = 10  # a leak of one preprocessed 32x32 image per input would be ~12 KB x 2400 = 29 MB
@@ -24,11 +24,6 @@ def rss_mb(pid="self") -> float:
 
 def _same(data: bytes) -> bytes:
     return data
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture

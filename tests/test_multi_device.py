@@ -14,14 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from gitfast import Captioner, caption_cli, cli, multi_device, sources
-from image_factory import broken_files, make_checkpoint, small_images, webdataset_samples, write_files, write_tar
+from image_factory import broken_files, small_images, webdataset_samples, write_files, write_tar
 
 ARGS = ["--max-new-tokens", "6", "--batch-size", "2", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")

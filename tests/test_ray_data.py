@@ -11,7 +11,7 @@ pytest.importorskip("ray.data")
 from gitfast import Captioner  # noqa: E402
 from gitfast.defaults import EMBEDDED_MODEL  # noqa: E402
 from gitfast.ray_data import caption_dataset  # noqa: E402
-from image_factory import (broken_files, make_checkpoint, mode_images, small_images, webdataset_samples,  # noqa: E402
+from image_factory import (broken_files, mode_images, small_images, webdataset_samples,  # noqa: E402
                            write_files, write_tar)
 
 NEW = 6
@@ -24,11 +24,6 @@ def local_ray():
     ctx.enable_progress_bars = False
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")

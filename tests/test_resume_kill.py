@@ -22,7 +22,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from image_factory import broken_files, make_checkpoint, small_images, webdataset_samples, write_files, write_tar
+from image_factory import broken_files, small_images, webdataset_samples, write_files, write_tar
 
 ARGS = ["--max-new-tokens", "8", "--batch-size", "4", "--device", "cpu", "--quiet"]
 
@@ -98,11 +98,6 @@ class ColdRunner:
 
     def close(self):
         pass
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")

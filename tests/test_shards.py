@@ -10,13 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from gitfast import Captioner, caption_cli, cli, shards, sources
-from image_factory import (broken_files, make_checkpoint, mode_images, small_images, webdataset_samples, write_files,
+from image_factory import (broken_files, mode_images, small_images, webdataset_samples, write_files,
                            write_tar)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from PIL import Image
 from gitfast import Captioner
 from gitfast.sources import Source, file_source
 from gitfast.workers import PreparePool, PrepareSpec
-from image_factory import broken_files, encode, make_checkpoint, mode_images, rgb_array, write_files
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
+from image_factory import broken_files, encode, mode_images, rgb_array, write_files
 
 
 @pytest.fixture(scope="module")
