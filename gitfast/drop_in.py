@@ -243,6 +243,10 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         seqs, scores = generation.sample_or_greedy(state, logits, input_ids, s, proc)
         return seqs, scores, None
 
+    def free_kv_cache(self) -> None:
+        """Releases the engine (its KV-cache pools and CUDA graphs) that generate keeps between calls."""
+        self._gitfast_engine = None
+
     @property
     def num_image_tokens(self) -> int:
         return num_image_tokens(self.config)

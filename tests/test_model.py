@@ -155,3 +155,16 @@ def test_text_only_and_interpolated_positions():
     assert rel_err(b, a) < 1e-4
     with pytest.raises(ValueError, match="doesn't match"):
         fm(input_ids=ids, pixel_values=torch.randn(1, 3, 48, 48))
+
+
+def test_engine_is_reused_and_can_be_freed():
+    hf = make_hf_model("hd32")
+    fm = gitfast.GitForCausalLM.from_transformers(hf)
+    px = pixels("hd32", 2)
+    fm.generate(pixel_values=px, max_new_tokens=4)
+    engine = fm._gitfast_engine
+    fm.generate(pixel_values=px[:1], max_new_tokens=4)   # smaller call: same engine
+    assert fm._gitfast_engine is engine
+    fm.free_kv_cache()
+    assert fm._gitfast_engine is None
+    assert torch.equal(fm.generate(pixel_values=px, max_new_tokens=4), hf.generate(pixel_values=px, max_new_tokens=4))
