@@ -44,7 +44,7 @@ class Output:
     finish_reason: str                     # "eos" or "length"
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the per-step loop asks `r in new`
 class _Running:
     index: int
     seq: SeqBlocks

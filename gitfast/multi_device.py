@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 
 class DeviceError(RuntimeError):

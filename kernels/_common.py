@@ -71,3 +71,11 @@ def per_seq_image_tokens(num_image_tokens, batch: int, device: torch.device):
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently drop to TF32 on tensor cores: the fp32 path is the exact one.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_paged_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """K/V pools `[num_blocks, block_size, heads, head_dim]` matching q's heads and head_dim."""
+    num_heads, head_dim = q.shape[1:]
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[2:] != q.shape[1:]:
+        raise ValueError(f"caches must be [num_blocks, block_size, {num_heads}, {head_dim}]; got "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")

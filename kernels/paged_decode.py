@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cast
-from ._common import LOG2E, check_device, check_dtype, check_head_dim, interpreting, next_pow2
+from ._common import (LOG2E, check_device, check_dtype, check_head_dim, check_paged_cache, interpreting,
+                      next_pow2)
 
 
 @triton.jit
@@ -183,9 +184,7 @@ def paged_decode_attention(
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, heads, head_dim], got {tuple(q.shape)}")
     batch, num_heads, head_dim = q.shape
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[2:] != q.shape[1:]:
-        raise ValueError(f"caches must be [num_blocks, block_size, {num_heads}, {head_dim}]; got "
-                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    check_paged_cache(q, k_cache, v_cache)
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or context_lens.shape != (batch,):
         raise ValueError("block_tables must be [batch, max_blocks_per_seq], context_lens [batch]")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):

@@ -39,6 +39,7 @@ from ._common import (
     check_device,
     check_dtype,
     check_head_dim,
+    check_paged_cache,
     dot_precision,
     interpreting,
     last_dim_contiguous,
@@ -171,9 +172,7 @@ def paged_prefill_attention(
     if q.dim() != 3:
         raise ValueError(f"q must be [total_q, heads, head_dim], got {tuple(q.shape)}")
     total_q, num_heads, head_dim = q.shape
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[2:] != q.shape[1:]:
-        raise ValueError(f"caches must be [num_blocks, block_size, {num_heads}, {head_dim}]; got "
-                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    check_paged_cache(q, k_cache, v_cache)
     batch = cu_seqlens_q.numel() - 1
     if batch < 0 or block_tables.dim() != 2 or block_tables.shape[0] != batch \
             or context_lens.shape != (batch,):
