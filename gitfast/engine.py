@@ -23,7 +23,7 @@ import torch
 
 from .cache import PagedKVCache, Prefix, SeqBlocks
 from .generation import Settings
-from .paged import PagedRunner
+from .paged import PagedRunner, SlotState
 from .sampling import Selector, request_seed
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,6 @@ class _Running:
     index: int
     seq: SeqBlocks
     slot: int
-    prompt_len: int
-    position: int
     max_new: int
     tokens: List[int] = field(default_factory=list)
 
@@ -66,11 +64,12 @@ class Engine:
             kv_cache_bytes = self._default_budget(gpu_memory_fraction, max_batch_size, block_size)
         self.cache = PagedKVCache.from_budget(model.config, kv_cache_bytes, block_size, self.dtype, self.device)
         self.runner = PagedRunner(model, self.cache)
+        # block-table width for any sequence the position table allows (decode state and graphs)
+        self.table_width = self.cache.blocks_for(model.num_image_tokens + model.config.max_position_embeddings) + 1
         if cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
 
-            longest = model.num_image_tokens + model.config.max_position_embeddings
-            self.runner.graphs = DecodeGraphs(self.runner, max_batch_size, self.cache.blocks_for(longest) + 1)
+            self.runner.graphs = DecodeGraphs(self.runner, max_batch_size, self.table_width)
 
     def _default_budget(self, fraction, max_batch, block_size) -> int:
         cfg = self.model.config
@@ -103,6 +102,7 @@ class Engine:
         running: List[_Running] = []
         free_slots = list(range(self.max_batch_size - 1, -1, -1))
         selector = Selector(settings, self.max_batch_size, self.model.config.vocab_size, self.device)
+        state = SlotState(self.cache, self.max_batch_size, self.table_width)
         eos = set(settings.eos)
         text_only: Optional[bool] = None  # fixed by the first request: image prefixes or none
 
@@ -127,20 +127,23 @@ class Engine:
                 return
             # -- prefill the admitted, choose their first tokens --
             if admitted:
-                new = self._prefill(admitted, prefixes, waiting, selector, seed, text_only)
+                new = self._prefill(admitted, prefixes, waiting, selector, state, seed, text_only)
                 running.extend(new)
             else:
                 new = []
-            # -- one decode step for everyone who already has a token to feed --
+            # -- one decode step for everyone who already has a token to feed; its inputs are
+            #    gathered and advanced on the device (SlotState), the host reads back the tokens --
             stepping = [r for r in running if r not in new]
             if stepping:
-                tokens = torch.tensor([r.tokens[-1] for r in stepping], device=self.device)
-                positions = torch.tensor([r.position for r in stepping], device=self.device)
-                logits = self.runner.decode([r.seq for r in stepping], tokens, positions)
-                chosen = selector.select(logits, torch.tensor([r.slot for r in stepping], device=self.device))
+                rows = state.rows(tuple(r.slot for r in stepping))
+                tokens, positions, slots, context, tables = state.inputs(rows)
+                max_context = max(r.seq.length for r in stepping) + 1
+                logits = self.runner.step(tokens, positions, slots, context, tables, max_context)
+                chosen = selector.select(logits, rows)
+                state.advance(rows, context, positions, chosen)
                 for r, t in zip(stepping, chosen.tolist()):
                     r.tokens.append(t)
-                    r.position += 1
+                    r.seq.length += 1
             # -- retire finished sequences --
             still = []
             for r in running:
@@ -184,7 +187,8 @@ class Engine:
             admitted.append((idx, req, max_new, total, free_slots.pop()))
         return admitted
 
-    def _prefill(self, admitted, prefixes, waiting, selector: Selector, seed: int, text_only: bool) -> List[_Running]:
+    def _prefill(self, admitted, prefixes, waiting, selector: Selector, state: SlotState, seed: int,
+                 text_only: bool) -> List[_Running]:
         # images seen for the first time: one vision batch, one decoder pass over their tokens
         todo: Dict[Hashable, torch.Tensor] = {}
         for idx, req, *_ in admitted:
@@ -201,10 +205,12 @@ class Engine:
         for idx, req, max_new, total, slot in admitted:
             seq = self.cache.start_sequence(prefixes[self._key(idx, req)], total)
             selector.start(slot, req.prompt, request_seed(seed, idx))
-            new.append(_Running(idx, seq, slot, len(req.prompt), len(req.prompt), max_new))
+            new.append(_Running(idx, seq, slot, max_new))
         n_img = 0 if text_only else self.model.num_image_tokens
         logits = self.runner.prefill([r.seq for r in new], [req.prompt for _, req, *_ in admitted], n_img)
-        chosen = selector.select(logits, torch.tensor([r.slot for r in new], device=self.device))
+        slots = [r.slot for r in new]
+        chosen = selector.select(logits, torch.tensor(slots, device=self.device))
+        state.start(slots, [r.seq for r in new], [len(req.prompt) for _, req, *_ in admitted], chosen)
         for r, t in zip(new, chosen.tolist()):
             r.tokens.append(t)
         # A started sequence holds its own references to the shared blocks, so a prefix is released

@@ -11,7 +11,7 @@ Three phases, each one pass of `GitModel.decode` with its own attention callback
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -80,11 +80,15 @@ class PagedRunner:
             s.length += 1
         context = self._tensor([s.length for s in seqs], torch.int32)
         tables = tables if tables is not None else self.cache.block_table_tensor(seqs)
+        return self.step(tokens, positions, slots, context, tables, max(s.length for s in seqs))
+
+    def step(self, tokens, positions, slots, context, tables, max_context: int) -> torch.Tensor:
+        """A decode step from device inputs: replayed from a CUDA graph where one serves, else eager."""
         if self.graphs is not None:
             out = self.graphs.run(tokens, positions, slots, context, tables)
             if out is not None:
                 return out
-        return self.decode_tensors(tokens, positions, slots, context, tables, max(s.length for s in seqs))
+        return self.decode_tensors(tokens, positions, slots, context, tables, max_context)
 
     def decode_tensors(self, tokens, positions, slots, context, tables, max_context: int) -> torch.Tensor:
         """The decode step on device tensors only (no host work): what CUDA graphs capture."""
@@ -96,6 +100,56 @@ class PagedRunner:
 
         h = self.model.decode(self.model.embed_text(tokens, positions), attend)
         return self.model.lm_head(h)
+
+
+class SlotState:
+    """The running sequences' decode inputs, kept on the device with one row per engine slot.
+
+    The engine reserves a sequence's blocks when it starts, so its block table never changes: the
+    row is written once. Each step gathers the running rows and advances them on the device, so the
+    per-token host work is one small index tensor (cached while the running set is unchanged)
+    instead of slots, lengths and block tables rebuilt from Python lists.
+    """
+
+    def __init__(self, cache: PagedKVCache, capacity: int, width: int):
+        dev = cache.k[0].device
+        self.cache, self.width, self.device = cache, width, dev
+        self.tables = torch.zeros(capacity, width, dtype=torch.int32, device=dev)
+        self.lengths = torch.zeros(capacity, dtype=torch.int32, device=dev)    # tokens in the cache
+        self.positions = torch.zeros(capacity, dtype=torch.long, device=dev)   # text position of the next input
+        self.tokens = torch.zeros(capacity, dtype=torch.long, device=dev)      # the next input token
+        self._key, self._rows = None, None
+
+    def start(self, slots: List[int], seqs: List[SeqBlocks], positions: List[int], tokens: torch.Tensor) -> None:
+        """Sequences just prefilled: their tables, lengths, next positions and first chosen tokens."""
+        longest = max(len(s.table) for s in seqs)
+        if longest > self.width:
+            raise ValueError(f"a sequence holds {longest} blocks; the decode state has room for {self.width}")
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.tables[idx] = self.cache.block_table_tensor(seqs, self.width, self.device)
+        self.lengths[idx] = torch.tensor([s.length for s in seqs], dtype=torch.int32, device=self.device)
+        self.positions[idx] = torch.tensor(positions, dtype=torch.long, device=self.device)
+        self.tokens[idx] = tokens
+
+    def rows(self, slots: Tuple[int, ...]) -> torch.Tensor:
+        """The slots of this step's sequences as a device index (rebuilt only when they change)."""
+        if slots != self._key:
+            self._key, self._rows = slots, torch.tensor(slots, dtype=torch.long, device=self.device)
+        return self._rows
+
+    def inputs(self, rows: torch.Tensor):
+        """(tokens, positions, cache slots, context lengths, block tables) for one decode step."""
+        lengths, tables = self.lengths[rows], self.tables[rows]
+        bs = self.cache.block_size
+        block = tables.gather(1, (lengths // bs).long()[:, None])[:, 0].long()
+        slots = block * bs + (lengths % bs).long()
+        return self.tokens[rows], self.positions[rows], slots, lengths + 1, tables
+
+    def advance(self, rows: torch.Tensor, context: torch.Tensor, positions: torch.Tensor,
+                chosen: torch.Tensor) -> None:
+        self.lengths[rows] = context
+        self.positions[rows] = positions + 1
+        self.tokens[rows] = chosen
 
 
 class PagedStepper:

@@ -89,3 +89,31 @@ def test_budget_sizing():
     assert c.allocator.num_blocks == 5
     with pytest.raises(ValueError, match="holds no"):
         PagedKVCache.from_budget(Cfg, 10, 16, torch.float16, "cpu")
+
+
+def test_slot_state_gathers_the_same_step_inputs_as_the_block_tables():
+    """The engine's device-side decode inputs equal those built from the host block tables."""
+    from gitfast.paged import SlotState
+
+    cache = PagedKVCache(1, 64, 4, 1, 2, torch.float32, "cpu")
+    prefix = cache.new_prefix(6)  # one full block shared, a partial one copied
+    seqs = [cache.start_sequence(prefix, 6 + 3 + n) for n in (2, 5, 7)]
+    for s in seqs:
+        s.length += 3  # a three-token prompt, as prefill leaves it
+    state = SlotState(cache, capacity=5, width=6)
+    slots = [4, 0, 2]  # engine slots in no particular order
+    state.start(slots, seqs, [3, 3, 3], torch.tensor([7, 8, 9]))
+    for step in range(2):
+        rows = state.rows(tuple(slots))
+        tokens, positions, got_slots, context, tables = state.inputs(rows)
+        assert got_slots.tolist() == [cache.slots(s, s.length, 1)[0] for s in seqs]
+        assert context.tolist() == [s.length + 1 for s in seqs]
+        assert tables.tolist() == cache.block_table_tensor(seqs, 6).tolist()
+        assert positions.tolist() == [3 + step] * 3
+        assert tokens.tolist() == ([7, 8, 9] if step == 0 else [1, 2, 3])
+        state.advance(rows, context, positions, torch.tensor([1, 2, 3]))
+        for s in seqs:
+            s.length += 1
+    assert state.rows(tuple(slots)) is rows  # unchanged running set: the index is reused
+    with pytest.raises(ValueError, match="room for 2"):
+        SlotState(cache, capacity=5, width=2).start([1], seqs[2:], [3], torch.tensor([0]))
