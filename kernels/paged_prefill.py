@@ -202,12 +202,14 @@ def paged_prefill_attention(
     if interpreting():
         block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
     elif q.dtype == torch.float32:
-        block_m, block_n, num_warps, num_stages = 32, 32, 4, 2   # fp32 tiles: shared-memory bound
+        block_m, block_n, num_warps, num_stages = 32, 32, 8, 2   # fp32 tiles: shared-memory bound
     else:
         # A GIT prompt is ~20 new tokens: one 32-row tile (not 128) per sequence and head avoids
         # computing 100 padded rows; 64-token key tiles over the long cached prefix.
         block_m = 32 if max_seqlen_q <= 32 else 64
         block_n, num_warps, num_stages = 64, 4, 3
+        if block_m == 64 and head_dim > 64:
+            num_warps = 8  # 64 rows x head_dim 80/128 spill registers with 4 warps (ptxas, sm_80)
     grid = (batch * num_heads, triton.cdiv(max_seqlen_q, block_m))
     _paged_prefill_kernel[grid](
         q, out, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens.to(torch.int32),
