@@ -15,6 +15,7 @@ of batching, but it is not transformers' global-RNG stream.
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple
@@ -54,33 +55,73 @@ class _Running:
 
 
 class Engine:
+    """Continuous batching over a paged KV cache.
+
+    `kv_cache_bytes` fixes the cache size. Without it the cache is sized at the first run from that
+    run's settings: the whole batch at `max_length` text tokens plus one sequence at the position
+    table's end, capped at `gpu_memory_fraction` of the free device memory (of the available RAM on
+    the CPU); a later run that needs more grows it. Sizing for the work at hand, not for the longest
+    possible text, keeps peak memory near what the batch really holds.
+    """
+
     def __init__(self, model, *, max_batch_size: int = 256, kv_cache_bytes: Optional[int] = None,
                  gpu_memory_fraction: float = 0.5, block_size: int = 16, cuda_graphs: bool = True):
         self.model = model  # a gitfast.model.GitModel in eval mode
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.max_batch_size = max_batch_size
-        if kv_cache_bytes is None:
-            kv_cache_bytes = self._default_budget(gpu_memory_fraction, max_batch_size, block_size)
-        self.cache = PagedKVCache.from_budget(model.config, kv_cache_bytes, block_size, self.dtype, self.device)
-        self.runner = PagedRunner(model, self.cache)
+        self.max_batch_size, self.block_size = max_batch_size, block_size
+        self.memory_fraction, self.cuda_graphs = gpu_memory_fraction, cuda_graphs
+        longest = model.num_image_tokens + model.config.max_position_embeddings
         # block-table width for any sequence the position table allows (decode state and graphs)
-        self.table_width = self.cache.blocks_for(model.num_image_tokens + model.config.max_position_embeddings) + 1
-        if cuda_graphs and self.device.type == "cuda":
+        self.table_width = -(-longest // block_size) + 1
+        cfg = model.config
+        self.bytes_per_block = PagedKVCache.bytes_per_block(
+            cfg.num_hidden_layers, block_size, cfg.num_attention_heads,
+            cfg.hidden_size // cfg.num_attention_heads, self.dtype)
+        self.fixed_size = kv_cache_bytes is not None
+        self.cache: Optional[PagedKVCache] = None
+        self.runner: Optional[PagedRunner] = None
+        if kv_cache_bytes is not None:
+            self._allocate(kv_cache_bytes)
+
+    def _allocate(self, nbytes: int) -> None:
+        self.cache = self.runner = None  # let the old pools (and graphs over them) go first
+        self.cache = PagedKVCache.from_budget(self.model.config, nbytes, self.block_size, self.dtype, self.device)
+        self.runner = PagedRunner(self.model, self.cache)
+        if self.cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
 
-            self.runner.graphs = DecodeGraphs(self.runner, max_batch_size, self.table_width)
+            self.runner.graphs = DecodeGraphs(self.runner, self.max_batch_size, self.table_width)
 
-    def _default_budget(self, fraction, max_batch, block_size) -> int:
-        cfg = self.model.config
-        per_token = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, 1, cfg.num_attention_heads,
-                                                 cfg.hidden_size // cfg.num_attention_heads, self.dtype)
-        # enough for the whole batch at the longest sequence the position table allows
-        want = per_token * max_batch * (self.model.num_image_tokens + cfg.max_position_embeddings + block_size)
+    def budget_for(self, settings: Settings) -> int:
+        """Bytes of KV cache a run with these settings can use (before the memory cap)."""
+        n_img, limit = self.model.num_image_tokens, self.model.config.max_position_embeddings
+        blocks = lambda tokens: -(-tokens // self.block_size)  # noqa: E731
+        text = min(max(settings.max_length, 1) + 1, limit)
+        per_row = blocks(n_img + text) + 1            # + the prefix's partial block while it is shared
+        one_long = blocks(n_img + limit) + blocks(n_img)  # any single request fits
+        return self.bytes_per_block * max(self.max_batch_size * per_row, one_long)
+
+    def _available_bytes(self) -> Optional[int]:
+        held = self.cache.allocator.num_blocks * self.bytes_per_block if self.cache is not None else 0
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return int(min(want, free * fraction))
-        return int(want)
+            return free + held
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + held
+        except (ValueError, OSError, AttributeError):  # not Linux: no cap known
+            return None
+
+    def _size_for(self, settings: Settings) -> None:
+        if self.fixed_size:
+            return
+        want = self.budget_for(settings)
+        available = self._available_bytes()
+        if available is not None:
+            want = min(want, int(available * self.memory_fraction))
+        have = self.cache.allocator.num_blocks * self.bytes_per_block if self.cache is not None else 0
+        if want > have:
+            self._allocate(want)
 
     # --- public API -----------------------------------------------------------------------------
     def generate(self, requests: List[Request], settings: Settings, seed: int = 0) -> List[Output]:
@@ -95,6 +136,7 @@ class Engine:
         if settings.num_beams > 1:
             raise ValueError("the engine's continuous batching runs greedy and sampling; beam search runs "
                              "through GitForCausalLM.generate")
+        self._size_for(settings)
         source = iter(enumerate(requests))
         waiting: Deque[Tuple[int, Request]] = deque()
         exhausted = False

@@ -57,6 +57,32 @@ def test_request_larger_than_cache_is_refused(models):
         engine.generate([Request(pixels("hd64_odd_tokens", 1)[0], [101])], settings(fm, max_new_tokens=6))
 
 
+def test_default_cache_is_sized_for_the_run_and_grows_when_needed(models):
+    hf, fm = models
+    px = pixels("hd64_odd_tokens", 6, seed=5)
+    engine = Engine(fm.model, max_batch_size=4, block_size=8)
+    assert engine.cache is None  # nothing allocated before the first run knows its lengths
+    short = settings(fm, max_new_tokens=4)
+    outs = engine.generate([Request(px[i], [101]) for i in range(6)], short)
+    assert [o.token_ids for o in outs] == hf.generate(pixel_values=px, max_new_tokens=4)[:, 1:].tolist()
+    held = engine.cache.allocator.num_blocks * engine.bytes_per_block
+    assert held == engine.budget_for(short)
+    # the whole batch at the position table's end would be far more than this run holds
+    longest = fm.model.num_image_tokens + fm.config.max_position_embeddings
+    assert held < 4 * -(-longest // 8) * engine.bytes_per_block
+    first_cache = engine.cache
+    engine.generate([Request(px[0], [101])], short)
+    assert engine.cache is first_cache  # same needs: kept
+    longer = settings(fm, max_new_tokens=40)
+    out = engine.generate([Request(px[i], [101]) for i in range(6)], longer)
+    assert engine.cache is not first_cache
+    assert engine.cache.allocator.num_blocks * engine.bytes_per_block == engine.budget_for(longer)
+    ref = hf.generate(pixel_values=px, max_new_tokens=40)[:, 1:].tolist()
+    for o, row in zip(out, ref):
+        n = len(o.token_ids)
+        assert o.token_ids == row[:n] and all(t == 0 for t in row[n:])
+
+
 def test_shared_image_prefix_is_encoded_once(models, monkeypatch):
     hf, fm = models
     px = pixels("hd64_odd_tokens", 2, seed=5)
