@@ -92,7 +92,8 @@ def problems(rows: list[dict]) -> str:
 
 def header(results: dict) -> str:
     env, c = results.get("environment", {}), results.get("ceilings")
-    device = env.get("gpu") or f"CPU {env.get('cpu')} ({env.get('cpu_count')} cores visible, torch threads: {env.get('torch_threads')})"
+    device = env.get("gpu") or (f"CPU {env.get('cpu')} ({env.get('cpu_count')} cores visible, torch threads: "
+                                f"{env.get('torch_threads')}; allocator: {env.get('cpu_allocator', 'default')})")
     lines = [
         f"- device: {device}" + (f", driver {env['driver']}, CUDA {env.get('cuda')}" if env.get("driver") else ""),
         f"- date: {env.get('date')}; commit {env.get('commit')}" + (" (uncommitted changes)" if env.get("dirty") else ""),

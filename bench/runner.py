@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         print("gitfast bench: error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     dtypes = args.dtype or (["float16"] if device == "cuda" else ["float32"])
+    allocator = timing.steady_cpu_allocator() if device == "cpu" else "default"
     if args.threads is not None:
         if args.threads < 1:
             print("gitfast bench: error: --threads must be >= 1", file=sys.stderr)
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         "format": FORMAT,
         "command": _command(args, device, dtypes),
         "quick": bool(args.quick),
-        "environment": environment.collect(device),
+        "environment": {**environment.collect(device), "cpu_allocator": allocator},
         "ceilings": ceilings.as_dict(),
         "suites": [s.name for s in suites],
         "rows": [],

@@ -1,6 +1,7 @@
 """`gitfast bench` end to end on the CPU with stand-in suites (independent of the real suites)."""
 import json
 import os
+import platform
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -92,8 +93,10 @@ def test_end_to_end(suites, capsys):
     assert code == 1                                    # error rows present, but no crash
     assert res["format"] == runner.FORMAT
     env = res["environment"]
-    for key in ("date", "torch", "triton", "transformers", "cpu", "commit", "gpu", "driver"):
+    for key in ("date", "torch", "triton", "transformers", "cpu", "commit", "gpu", "driver", "cpu_allocator"):
         assert key in env
+    if platform.libc_ver()[0] == "glibc":  # CPU runs keep freed heap memory (see steady_cpu_allocator)
+        assert env["cpu_allocator"].startswith("glibc mallopt")
     rows = res["rows"]
     assert all(REQUIRED <= set(r) for r in rows)
     by = {(r["benchmark"], r["label"], r["provider"]): r for r in rows}
