@@ -48,12 +48,6 @@ def cases(quick, device, dtype):
 '''
 
 
-@pytest.fixture(autouse=True)
-def bench_only_cli(monkeypatch):
-    # the CLI imports every subcommand's module; only `bench` is under test here
-    monkeypatch.setattr(cli, "COMMANDS", {"bench": cli.COMMANDS["bench"]})
-
-
 @pytest.fixture
 def suites(tmp_path, monkeypatch):
     pkg = tmp_path / "standin_suites"

@@ -49,3 +49,13 @@ def test_reports_reference_without_the_extension(capsys, monkeypatch):
     for op in ops.OPS:
         row = next(line for line in out.splitlines() if line.strip().startswith(op))
         assert row.split()[1:] == ["reference", "reference"]
+
+
+def test_a_subcommand_that_fails_to_import_breaks_only_itself(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMANDS", {**cli.COMMANDS, "broken": ("gitfast.no_such_module", "broken on purpose")})
+    assert cli.main(["info"]) == 0  # the broken module is never imported
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "broken on purpose" in capsys.readouterr().out
+    with pytest.raises(ModuleNotFoundError, match="no_such_module"):
+        cli.main(["broken"])
