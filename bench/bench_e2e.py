@@ -8,8 +8,10 @@ Providers:
 - `transformers_sdpa`: the same with SDPA in the vision encoder (the decoder only has eager).
 Every call decodes exactly `new_tokens` tokens (`min_new_tokens` = `max_new_tokens`), so all
 providers do the same work. Weights are random (speed does not depend on them). `images` in each
-row is the number of images one call captions: images/s = images / median seconds. The VQA case asks
-8 questions per image, where gitfast computes each image's prefix once and shares it.
+row is the number of images one call captions; the runner adds `images_per_s` (images / median
+seconds) and, on CUDA, `peak_mem_gb`: the most memory one call allocates above what is already resident
+(the weights), measured with a fresh gitfast engine so that its KV cache and CUDA graphs count. The VQA
+case asks 8 questions per image, where gitfast computes each image's prefix once and shares it.
 """
 from __future__ import annotations
 
@@ -82,15 +84,21 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
         shape = {"model": size, "batch": batch, "new_tokens": new_tokens, "image_tokens": fm.num_image_tokens}
         label = f"{size} B{batch}"
 
-        def case(provider, fn, reason=None, images=batch):
+        def case(provider, fn, reason=None, images=batch, memory_fn=None):
             return Case(SUITE, shape, provider, dt, fn if reason is None else None, skip_reason=reason,
-                        label=label, extra={"images": images})
+                        label=label, extra={"images": images}, memory_fn=memory_fn or fn)
 
         engine = Engine(fm.model, max_batch_size=batch)
         reqs = [Request(px[i], [fm.config.bos_token_id]) for i in range(batch)]
         s = resolve_settings(fm.generation_config, 1, **forced)
-        yield case("gitfast", lambda: engine.generate(reqs, s))
-        yield case("gitfast_generate", lambda: fm.generate(pixel_values=px, **forced))
+
+        def fresh_generate():  # peak memory counts the engine's KV cache and CUDA graphs it builds
+            fm.free_kv_cache()
+            fm.generate(pixel_values=px, **forced)
+
+        yield case("gitfast", lambda: engine.generate(reqs, s),
+                   memory_fn=lambda: Engine(fm.model, max_batch_size=batch).generate(reqs, s))
+        yield case("gitfast_generate", lambda: fm.generate(pixel_values=px, **forced), memory_fn=fresh_generate)
         yield case("transformers", lambda: hf.generate(pixel_values=px, **forced))
         if isinstance(hf_sdpa, Exception):
             yield case("transformers_sdpa", None, reason="this transformers has no SDPA for GIT's vision encoder: " + str(hf_sdpa).split(".")[0])
@@ -119,8 +127,9 @@ def _vqa_cases(size, hf, fm, px, forced, dt, device, questions: int = 8):
             for r in range(images * questions)]
     s = resolve_settings(fm.generation_config, ids.shape[1], **forced)
 
-    def case(provider, fn):
-        return Case(SUITE, shape, provider, dt, fn, label=label, extra={"images": images})
+    def case(provider, fn, memory_fn=None):
+        return Case(SUITE, shape, provider, dt, fn, label=label, extra={"images": images}, memory_fn=memory_fn or fn)
 
-    yield case("gitfast", lambda: engine.generate(reqs, s))
+    yield case("gitfast", lambda: engine.generate(reqs, s),
+               memory_fn=lambda: Engine(fm.model, max_batch_size=images * questions).generate(reqs, s))
     yield case("transformers", lambda: hf.generate(pixel_values=px_rows, input_ids=ids_all, **forced))

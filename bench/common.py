@@ -24,6 +24,9 @@ class Case:
     skip_reason: Optional[str] = None
     extra: dict = field(default_factory=dict)   # suite-specific fields copied into the row (e.g. images_per_s)
     label: str = ""                     # short shape label for tables and plots, e.g. "B256 197+20"
+    # On CUDA, run once after timing: its peak device memory above what was already allocated is
+    # recorded as peak_mem_gb (give it fresh state, e.g. a new engine, so caches it builds count).
+    memory_fn: Optional[Callable[[], Any]] = None
 
 
 def triton_skip_reason(device: str):

@@ -76,7 +76,24 @@ def table(rows: list[dict]) -> str:
                 pct = f"{mine['pct_of_peak']:.0f}% {mine['bound']}"
             lines.append("| " + " | ".join([label, *(_cell(cells.get(p)) for p in providers), ratio, pct]) + " |")
         parts.append("\n".join(lines))
+        if any(r.get("images_per_s") for r in group):
+            parts.append(_throughput(benchmark, dtype, by_label, providers))
     return "\n\n".join(parts)
+
+
+def _throughput(benchmark: str, dtype: str, by_label, providers) -> str:
+    """Images/s per provider, and peak memory above the resident weights where it was measured."""
+    def cell(r):
+        if not r or not r.get("images_per_s"):
+            return "skip" if r and r["status"] == "skipped" else ""
+        mem = f", {r['peak_mem_gb']:.2f} GB" if r.get("peak_mem_gb") is not None else ""
+        return f"{r['images_per_s']:.4g}{mem}"
+
+    lines = [f"### {benchmark} ({dtype}, images/s; peak GB above the weights where measured)", "",
+             "| " + " | ".join(["shape", *providers]) + " |", "|" + "---|" * (len(providers) + 1)]
+    for label, cells in by_label.items():
+        lines.append("| " + " | ".join([label, *(cell(cells.get(p)) for p in providers)]) + " |")
+    return "\n".join(lines)
 
 
 def problems(rows: list[dict]) -> str:

@@ -34,6 +34,7 @@ ROW_KEYS = (
     "benchmark", "label", "shape", "provider", "dtype", "device", "status", "reason",
     "median_ms", "p20_ms", "p80_ms", "min_ms", "samples", "calls_per_sample", "timing",
     "flops", "bytes", "tflops", "tbps", "intensity", "pct_of_peak", "bound", "suite",
+    "images_per_s", "peak_mem_gb",
 )
 
 
@@ -152,6 +153,13 @@ def time_case(case: Case, suite: str, device: str, budget: dict,
     if case.bytes:
         row["tbps"] = case.bytes / seconds / 1e12
     row["pct_of_peak"], row["bound"] = ceilings_mod.pct_of_peak(ceilings, case.dtype, row["tflops"], row["tbps"])
+    if isinstance(row.get("images"), (int, float)):
+        row["images_per_s"] = row["images"] / seconds
+    if case.memory_fn is not None and timing.is_cuda(device):
+        try:
+            row["peak_mem_gb"] = timing.peak_memory_bytes(case.memory_fn, device) / 1e9
+        except Exception as exc:
+            row["reason"] = (row.get("reason") or "") + f" peak memory not measured: {_describe(exc)}"
     return row
 
 

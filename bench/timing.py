@@ -256,6 +256,17 @@ def copies_for(bytes_per_set: float, device: str | torch.device = "cpu", limit: 
     return int(min(limit, max(1, math.ceil(2 * cache_bytes(device) / bytes_per_set))))
 
 
+def peak_memory_bytes(fn: Callable[[], Any], device: str | torch.device) -> int:
+    """Peak CUDA memory `fn` allocates on top of what is allocated before it (its outputs dropped)."""
+    dev = torch.device(device)
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    fn()
+    torch.cuda.synchronize(dev)
+    return torch.cuda.max_memory_allocated(dev) - before
+
+
 def steady_cpu_allocator() -> str:
     """Keeps glibc malloc from returning freed heap memory to the OS after every call.
 

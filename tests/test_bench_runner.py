@@ -30,6 +30,8 @@ def cases(quick, device, dtype):
         yield Case("toy_matmul", shape, "torch", name, lambda x=x: torch.mm(x, x),
                    flops=2 * n ** 3, bytes=3 * n * n * x.element_size(), label=f"n{n}")
         yield Case("toy_matmul", shape, "flex", name, None, skip_reason="needs a GPU", label=f"n{n}")
+    yield Case("toy_caption", {"b": 4}, "gitfast", name, lambda: torch.ones(4).sum(), label="B4",
+               extra={"images": 4}, memory_fn=lambda: torch.ones(4))
     y = torch.randn(1000)
     yield Case("toy_scale", {"n": 1000}, "gitfast", name, lambda: y * 2, bytes=8000, label="n1000")
     yield Case("toy_scale", {"n": 1000}, "torch", name, lambda: (_ for _ in ()).throw(RuntimeError("boom")),
@@ -104,6 +106,11 @@ def test_end_to_end(suites, capsys):
     assert by[("toy_scale", "n1000", "gitfast")]["tflops"] is None
     assert by[("toy_scale", "n1000", "gitfast")]["bound"] == "memory"
 
+    cap = by[("toy_caption", "B4", "gitfast")]
+    assert cap["images_per_s"] == pytest.approx(4 / (cap["median_ms"] * 1e-3))
+    assert cap["peak_mem_gb"] is None                   # measured on CUDA only
+    assert ok["images_per_s"] is None and "peak_mem_gb" in ok
+
     skipped = by[("toy_matmul", "n128", "flex")]
     assert skipped["status"] == "skipped" and skipped["reason"] == "needs a GPU" and skipped["median_ms"] is None
     failed = by[("toy_scale", "n1000", "torch")]
@@ -116,6 +123,7 @@ def test_end_to_end(suites, capsys):
     text = md.read_text()
     assert "### toy_matmul (float32, median ms)" in text and "| n64 |" in text and "vs torch" in text
     assert "commit" in text and "skip" in text
+    assert "### toy_caption (float32, images/s" in text
     pngs = sorted(p.name for p in plots.glob("*.png"))
     assert "roofline.png" in pngs and "toy_matmul_float32.png" in pngs
     assert (plots / "roofline.png").read_bytes()[:4] == b"\x89PNG"
@@ -160,8 +168,8 @@ def test_pytest_benchmark_runs_the_same_cases(suites, tmp_path, monkeypatch):
     assert code == pytest.ExitCode.TESTS_FAILED
     suite = ET.parse(junit).getroot().find("testsuite")
     counts = {k: int(suite.get(k)) for k in ("tests", "failures", "errors", "skipped")}
-    # toy: 5 timed, 2 flex skipped, 1 raising (failure); broken: import error; halfway: 1 timed + error
-    assert counts == {"tests": 11, "failures": 1, "errors": 2, "skipped": 2}
+    # toy: 6 timed, 2 flex skipped, 1 raising (failure); broken: import error; halfway: 1 timed + error
+    assert counts == {"tests": 12, "failures": 1, "errors": 2, "skipped": 2}
     data = json.loads(out.read_text())
     info = {b["name"]: b["extra_info"] for b in data["benchmarks"]}
     mm = info["test_case[toy_matmul-n64-gitfast-float32]"]
