@@ -8,6 +8,12 @@ in one vision batch and computes each image's prefix once, shared by every reque
 (5) retires finished sequences, freeing their blocks. Results are yielded as they finish, tagged with
 the request's index; `generate` returns them in input order.
 
+The host stays one step behind the device: a decode step's inputs come from device-side state
+(`paged.SlotState`), so step t+1 is queued before step t's tokens are read back (a non-blocking copy
+waited for by event). The device never idles while Python does the bookkeeping; the price is one
+discarded token for a sequence that ended with EOS at step t. Steps never run past a sequence's
+`max_new_tokens`, so its reserved blocks always suffice.
+
 Greedy decoding gives the same tokens as transformers (per-row argmax over identically processed
 scores). Sampling is seeded per request (see `sampling.py`), so it is reproducible and independent
 of batching, but it is not transformers' global-RNG stream.
@@ -51,7 +57,37 @@ class _Running:
     seq: SeqBlocks
     slot: int
     max_new: int
-    tokens: List[int] = field(default_factory=list)
+    tokens: List[int] = field(default_factory=list)  # read back so far
+    launched: int = 1      # tokens chosen or being chosen on the device (the first by prefill)
+    done: bool = False     # retired: blocks and slot released
+
+
+class _Readback:
+    """Chosen tokens to the host without stalling the device: on CUDA a non-blocking copy into one
+    of two pinned buffers plus an event, waited for only after the next step has been queued."""
+
+    def __init__(self, device: torch.device, capacity: int):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.buffers = [torch.empty(capacity, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self.turn = 0
+
+    def start(self, chosen: torch.Tensor):
+        if not self.cuda:
+            return chosen
+        buf = self.buffers[self.turn][:chosen.shape[0]]
+        self.turn ^= 1  # the other buffer may still be read: its step's tokens are read after this launch
+        buf.copy_(chosen, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return buf, event
+
+    def finish(self, handle) -> List[int]:
+        if not self.cuda:
+            return handle.tolist()
+        buf, event = handle
+        event.synchronize()
+        return buf.tolist()
 
 
 class Engine:
@@ -145,9 +181,11 @@ class Engine:
         free_slots = list(range(self.max_batch_size - 1, -1, -1))
         selector = Selector(settings, self.max_batch_size, self.model.config.vocab_size, self.device)
         state = SlotState(self.cache, self.max_batch_size, self.table_width)
+        readback = _Readback(self.device, self.max_batch_size)
         eos = set(settings.eos)
         text_only: Optional[bool] = None  # fixed by the first request: image prefixes or none
 
+        pending = None  # the decode step launched last iteration, its tokens not yet read back
         while True:
             # -- admit: pull requests lazily, only as many as the batch has room for, so a long input
             #    streams (and prefix sharing looks no further than this window) --
@@ -167,15 +205,20 @@ class Engine:
                                        f"({self.cache.allocator.num_blocks} blocks of {self.cache.block_size}); "
                                        "raise kv_cache_bytes or lower max_new_tokens")
                 return
-            # -- prefill the admitted, choose their first tokens --
+            # -- prefill the admitted, choose their first tokens (read back at once) --
+            new: List[_Running] = []
             if admitted:
                 new = self._prefill(admitted, prefixes, waiting, selector, state, seed, text_only)
                 running.extend(new)
-            else:
-                new = []
-            # -- one decode step for everyone who already has a token to feed; its inputs are
-            #    gathered and advanced on the device (SlotState), the host reads back the tokens --
-            stepping = [r for r in running if r not in new]
+                for r in new:
+                    out = self._finished(r, eos, free_slots)
+                    if out is not None:
+                        yield out
+            # -- launch one decode step for every sequence that has a token to feed. Its inputs
+            #    are gathered and advanced on the device (SlotState), so launching needs no tokens
+            #    from the host: the step runs while the host reads back the previous one's --
+            stepping = [r for r in running if not r.done and r not in new and r.launched < r.max_new]
+            launched = None
             if stepping:
                 rows = state.rows(tuple(r.slot for r in stepping))
                 tokens, positions, slots, context, tables = state.inputs(rows)
@@ -183,20 +226,34 @@ class Engine:
                 logits = self.runner.step(tokens, positions, slots, context, tables, max_context)
                 chosen = selector.select(logits, rows)
                 state.advance(rows, context, positions, chosen)
-                for r, t in zip(stepping, chosen.tolist()):
-                    r.tokens.append(t)
+                for r in stepping:
                     r.seq.length += 1
-            # -- retire finished sequences --
-            still = []
-            for r in running:
-                done_eos = r.tokens[-1] in eos
-                if done_eos or len(r.tokens) >= r.max_new:
-                    self.cache.release(r.seq)
-                    free_slots.append(r.slot)
-                    yield Output(r.index, list(r.tokens), "eos" if done_eos else "length")
-                else:
-                    still.append(r)
-            running = still
+                    r.launched += 1
+                launched = (stepping, readback.start(chosen))
+            # -- read back the previous step's tokens; retire finished sequences. A sequence that
+            #    finished there also ran in the step just launched: that token is discarded, and
+            #    its blocks are reused only by work queued after it on the same stream --
+            if pending is not None:
+                seqs, handle = pending
+                for r, t in zip(seqs, readback.finish(handle)):
+                    if r.done:
+                        continue
+                    r.tokens.append(t)
+                    out = self._finished(r, eos, free_slots)
+                    if out is not None:
+                        yield out
+            pending = launched
+            running = [r for r in running if not r.done]
+
+    def _finished(self, r: _Running, eos, free_slots: List[int]) -> Optional[Output]:
+        """Retires `r` (frees its blocks and slot) if its last token ended it."""
+        done_eos = r.tokens[-1] in eos
+        if not (done_eos or len(r.tokens) >= r.max_new):
+            return None
+        r.done = True
+        self.cache.release(r.seq)
+        free_slots.append(r.slot)
+        return Output(r.index, list(r.tokens), "eos" if done_eos else "length")
 
     # --- scheduling steps -------------------------------------------------------------------------
     @staticmethod
