@@ -1,7 +1,9 @@
 """Argument checks and launch helpers shared by gitfast's Triton kernels (no Triton import here)."""
 from __future__ import annotations
 
+import functools
 import os
+import re
 
 import torch
 
@@ -13,9 +15,30 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2, so scores are pre-scaled by it
 
 
+# Triton's CPU interpreter before 3.8 cannot run loops whose bounds derive from program ids (it
+# hands range() one-element arrays); compiled for a GPU, 3.6 and later build every kernel
+# (tests/test_kernels_compile.py, run with 3.6 and 3.9).
+MIN_INTERPRETER = (3, 8)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    _check_interpreter_version()
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _check_interpreter_version() -> None:
+    import triton
+
+    version = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+    if version < MIN_INTERPRETER:
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) cannot run gitfast's "
+            f"kernels; it needs triton>={'.'.join(map(str, MIN_INTERPRETER))}. (On a GPU, without "
+            "TRITON_INTERPRET, triton>=3.6 compiles them.)")
 
 
 def next_pow2(n: int) -> int:

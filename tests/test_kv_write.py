@@ -93,3 +93,18 @@ def test_cuda_pool_past_int32():
     assert torch.equal(kc[slots // block_size, slots % block_size], k)
     assert torch.equal(vc[slots // block_size, slots % block_size], v)
     assert kc[: num_blocks - 64].abs().sum() == 0     # nothing wrapped around to low addresses
+
+
+def test_an_interpreter_too_old_for_the_kernels_is_refused_by_name(monkeypatch):
+    import triton
+
+    from gitfast.kernels import _common
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    _common._check_interpreter_version.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"Triton 3\.6\.0's CPU interpreter .* needs triton>=3\.8"):
+            _common.interpreting()
+    finally:
+        _common._check_interpreter_version.cache_clear()
