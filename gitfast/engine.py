@@ -70,15 +70,15 @@ class _Readback:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.buffers = [torch.empty(capacity, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self.events = [torch.cuda.Event() for _ in range(2)]
             self.turn = 0
 
     def start(self, chosen: torch.Tensor):
         if not self.cuda:
             return chosen
-        buf = self.buffers[self.turn][:chosen.shape[0]]
+        buf, event = self.buffers[self.turn][:chosen.shape[0]], self.events[self.turn]
         self.turn ^= 1  # the other buffer may still be read: its step's tokens are read after this launch
         buf.copy_(chosen, non_blocking=True)
-        event = torch.cuda.Event()
         event.record()
         return buf, event
 
@@ -138,8 +138,11 @@ class Engine:
         one_long = blocks(n_img + limit) + blocks(n_img)  # any single request fits
         return self.bytes_per_block * max(self.max_batch_size * per_row, one_long)
 
+    def _held_bytes(self) -> int:
+        return self.cache.allocator.num_blocks * self.bytes_per_block if self.cache is not None else 0
+
     def _available_bytes(self) -> Optional[int]:
-        held = self.cache.allocator.num_blocks * self.bytes_per_block if self.cache is not None else 0
+        held = self._held_bytes()
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return free + held
@@ -155,8 +158,7 @@ class Engine:
         available = self._available_bytes()
         if available is not None:
             want = min(want, int(available * self.memory_fraction))
-        have = self.cache.allocator.num_blocks * self.bytes_per_block if self.cache is not None else 0
-        if want > have:
+        if want > self._held_bytes():
             self._allocate(want)
 
     # --- public API -----------------------------------------------------------------------------
@@ -307,9 +309,9 @@ class Engine:
             new.append(_Running(idx, seq, slot, max_new))
         n_img = 0 if text_only else self.model.num_image_tokens
         logits = self.runner.prefill([r.seq for r in new], [req.prompt for _, req, *_ in admitted], n_img)
-        slots = [r.slot for r in new]
-        chosen = selector.select(logits, torch.tensor(slots, device=self.device))
-        state.start(slots, [r.seq for r in new], [len(req.prompt) for _, req, *_ in admitted], chosen)
+        rows = torch.tensor([r.slot for r in new], dtype=torch.long, device=self.device)
+        chosen = selector.select(logits, rows)
+        state.start(rows, [r.seq for r in new], [len(req.prompt) for _, req, *_ in admitted], chosen)
         for r, t in zip(new, chosen.tolist()):
             r.tokens.append(t)
         # A started sequence holds its own references to the shared blocks, so a prefix is released

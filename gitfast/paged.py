@@ -120,16 +120,16 @@ class SlotState:
         self.tokens = torch.zeros(capacity, dtype=torch.long, device=dev)      # the next input token
         self._key, self._rows = None, None
 
-    def start(self, slots: List[int], seqs: List[SeqBlocks], positions: List[int], tokens: torch.Tensor) -> None:
-        """Sequences just prefilled: their tables, lengths, next positions and first chosen tokens."""
+    def start(self, rows: torch.Tensor, seqs: List[SeqBlocks], positions: List[int], tokens: torch.Tensor) -> None:
+        """Sequences just prefilled into slots `rows` (a device index): their tables, lengths, next
+        positions and first chosen tokens."""
         longest = max(len(s.table) for s in seqs)
         if longest > self.width:
             raise ValueError(f"a sequence holds {longest} blocks; the decode state has room for {self.width}")
-        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        self.tables[idx] = self.cache.block_table_tensor(seqs, self.width, self.device)
-        self.lengths[idx] = torch.tensor([s.length for s in seqs], dtype=torch.int32, device=self.device)
-        self.positions[idx] = torch.tensor(positions, dtype=torch.long, device=self.device)
-        self.tokens[idx] = tokens
+        self.tables[rows] = self.cache.block_table_tensor(seqs, self.width, self.device)
+        self.lengths[rows] = torch.tensor([s.length for s in seqs], dtype=torch.int32, device=self.device)
+        self.positions[rows] = torch.tensor(positions, dtype=torch.long, device=self.device)
+        self.tokens[rows] = tokens
 
     def rows(self, slots: Tuple[int, ...]) -> torch.Tensor:
         """The slots of this step's sequences as a device index (rebuilt only when they change)."""

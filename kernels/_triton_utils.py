@@ -44,3 +44,13 @@ def softmax_tile(acc, l_i, m_i, q, kt, v, cols, row_limit, qk_scale,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + dot(cast(p, v.dtype, INTERP_BF16), v, DOT_PRECISION, INTERP_BF16)
     return acc, l_i, m_new
+
+
+@triton.jit
+def image_tokens(n_img_ptr, n_img_shared, b, limit, N_IMG_PER_SEQ: tl.constexpr):
+    """Sequence b's image-token count (per-sequence array or one shared int), clamped to [0, limit]."""
+    if N_IMG_PER_SEQ:
+        n_img = tl.load(n_img_ptr + b)
+    else:
+        n_img = n_img_shared + 0 * limit  # as a tensor, like the per-sequence branch
+    return tl.minimum(tl.maximum(n_img, 0), limit)

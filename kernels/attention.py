@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast, softmax_tile
+from ._triton_utils import cast, image_tokens, softmax_tile
 from ._common import (
     LOG2E,
     check_device,
@@ -112,11 +112,7 @@ def _git_attention_kernel(
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen:
         return
-    if N_IMG_PER_SEQ:
-        n_img = tl.load(n_img_ptr + b)
-    else:
-        n_img = n_img_shared + 0 * seqlen  # as a tensor, like the per-sequence branch
-    n_img = tl.minimum(tl.maximum(n_img, 0), seqlen)
+    n_img = image_tokens(n_img_ptr, n_img_shared, b, seqlen, N_IMG_PER_SEQ)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

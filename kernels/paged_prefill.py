@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast, softmax_tile
+from ._triton_utils import cast, image_tokens, softmax_tile
 from ._common import (
     LOG2E,
     check_device,
@@ -109,11 +109,7 @@ def _paged_prefill_kernel(
     if start_m >= n_q:
         return
     ctx = tl.load(context_lens + b)
-    if N_IMG_PER_SEQ:
-        n_img = tl.load(n_img_ptr + b)
-    else:
-        n_img = n_img_shared + 0 * ctx
-    n_img = tl.minimum(tl.maximum(n_img, 0), ctx)
+    n_img = image_tokens(n_img_ptr, n_img_shared, b, ctx, N_IMG_PER_SEQ)
     first_pos = ctx - n_q                # position of new token 0
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
