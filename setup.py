@@ -1,8 +1,9 @@
 """Build script: packages (with `kernels/` installed as `gitfast.kernels`) and the `gitfast._C` extension.
 
-The extension is built from `csrc/` with torch's cpp_extension: C++ sources always (the CPU ops),
-CUDA sources too when a CUDA toolkit and a CUDA build of torch are present. `GITFAST_SKIP_EXTENSION=1`
-skips it; gitfast then falls back to its plain-torch reference ops. Nothing here downloads anything.
+The extension is built from `csrc/` with torch's cpp_extension: the bindings (`csrc/*.cpp`) and the
+CPU kernels (`csrc/cpu/*.cpp`) always, the CUDA kernels (`csrc/cuda/*.cu`) too when a CUDA toolkit
+and a CUDA build of torch are present. `GITFAST_SKIP_EXTENSION=1` skips it;
+gitfast then falls back to its plain-torch reference ops. Nothing here downloads anything.
 """
 import glob
 import os
@@ -16,7 +17,7 @@ def _extensions():
     if os.environ.get("GITFAST_SKIP_EXTENSION", "0") == "1":
         return [], {}
     # Sources relative to setup.py (setuptools refuses absolute ones); pip runs us from ROOT.
-    cpp = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT))
+    cpp = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT) + glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
     if not cpp:
         return [], {}
     try:
@@ -28,7 +29,7 @@ def _extensions():
         ) from exc
     import torch
 
-    cu = sorted(glob.glob("csrc/*.cu", root_dir=ROOT))
+    cu = sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
     with_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if os.environ.get("GITFAST_SKIP_CUDA", "0") == "1":
         with_cuda = False
@@ -59,7 +60,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["gitfast", "gitfast.kernels", "gitfast.bench", "gitfast.assets", "gitfast.training"],
+    packages=["gitfast", "gitfast.serving", "gitfast.captioning", "gitfast.kernels", "gitfast.bench", "gitfast.assets",
+              "gitfast.training"],
     package_dir={"gitfast": "gitfast", "gitfast.kernels": "kernels", "gitfast.bench": "bench"},
     package_data={"gitfast.assets": ["**/*"]},
     include_package_data=True,

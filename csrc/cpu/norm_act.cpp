@@ -1,5 +1,5 @@
-// gitfast._C, CPU side: the op schemas, input checks at the boundary, the CPU kernels, the shared MLP
-// and the (empty) Python module whose import registers everything as torch.ops.gitfast.*.
+// gitfast._C, CPU kernels of layer_norm / add_layer_norm and bias_act (mlp's fused middle pass).
+// Schemas, input checks and the op entries live in ../bindings.cpp.
 //
 // CPU kernels work one row at a time, rows split over threads with at::parallel_for. Inner loops are
 // plain float code (no libm calls, no data-dependent branches) marked `omp simd`, so -O3 vectorises
@@ -8,24 +8,15 @@
 // Arithmetic is fp32: half rows are converted to fp32 (F16C where the CPU has it) and rounded once
 // on the way out.
 
-#include <Python.h>
-
 #include <ATen/Parallel.h>
-#include <ATen/core/enum_tag.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <string>
 
 #include "ops.h"
 
@@ -47,92 +38,6 @@
 #endif
 
 namespace gitfast {
-
-// ---------------------------------------------------------------------------------------------
-// Boundary checks
-// ---------------------------------------------------------------------------------------------
-
-Activation parse_activation(c10::string_view name) {
-  if (name == "quick_gelu") return Activation::QuickGelu;
-  if (name == "gelu") return Activation::Gelu;
-  TORCH_CHECK_VALUE(false, "gitfast: unsupported activation '", std::string(name),
-                    "'; expected 'quick_gelu' or 'gelu'");
-}
-
-namespace {
-
-void check_input(const char* op, const at::Tensor& x) {
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, "gitfast.", op, ": x has dtype ",
-              t, "; supported dtypes are float32, float16 and bfloat16");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "gitfast.", op,
-              ": x must have shape [..., width] with width > 0, got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "gitfast.", op, ": x must be contiguous; call x.contiguous() first");
-}
-
-void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), "gitfast.", op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device(), "; move both to one device");
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "gitfast.", op, ": ", name, " has dtype ", t.scalar_type(),
-              " but x has ", x.scalar_type(), "; cast both to one dtype (e.g. ", name, ".to(x.dtype))");
-  TORCH_CHECK(t.is_contiguous(), "gitfast.", op, ": ", name, " must be contiguous; call .contiguous() first");
-}
-
-void check_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t n) {
-  check_like(op, name, t, x);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "gitfast.", op, ": ", name, " must have shape [", n,
-              "] to match the width of x, got ", t.sizes());
-}
-
-}  // namespace
-
-void check_layer_norm(const char* op, const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
-                      const at::Tensor& bias) {
-  check_input(op, x);
-  if (residual != nullptr) {
-    check_like(op, "residual", *residual, x);
-    TORCH_CHECK(residual->sizes() == x.sizes(), "gitfast.", op, ": residual has shape ", residual->sizes(),
-                " but x has ", x.sizes(), "; they must match");
-  }
-  check_vector(op, "weight", weight, x, x.size(-1));
-  check_vector(op, "bias", bias, x, x.size(-1));
-}
-
-void check_bias_act(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
-  check_input(op, x);
-  if (bias) check_vector(op, "bias", *bias, x, x.size(-1));
-}
-
-void check_mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-               const std::optional<at::Tensor>& b2) {
-  check_input("mlp", x);
-  check_like("mlp", "fc1_weight", w1, x);
-  check_like("mlp", "fc2_weight", w2, x);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == x.size(-1), "gitfast.mlp: fc1_weight must have shape [hidden, ",
-              x.size(-1), "] (nn.Linear layout, in-features = width of x), got ", w1.sizes());
-  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == w1.size(0), "gitfast.mlp: fc2_weight must have shape [out, ",
-              w1.size(0), "] (in-features = rows of fc1_weight), got ", w2.sizes());
-  if (b1) check_vector("mlp", "fc1_bias", *b1, x, w1.size(0));
-  if (b2) check_vector("mlp", "fc2_bias", *b2, x, w2.size(0));
-}
-
-at::Tensor mlp_with(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                    const at::Tensor& w2, const std::optional<at::Tensor>& b2, Activation act,
-                    BiasActInplace bias_act_inplace) {
-  check_mlp(x, w1, b1, w2, b2);
-  const int64_t width = x.size(-1);
-  const at::Tensor x2 = x.view({x.numel() / width, width});  // numel/width, not -1: rows may be 0
-  at::Tensor h = at::mm(x2, w1.t());
-  bias_act_inplace(h, b1, act);
-  at::Tensor out = b2 ? at::addmm(*b2, h, w2.t()) : at::mm(h, w2.t());
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = w2.size(0);
-  return out.view(shape);
-}
-
-// ---------------------------------------------------------------------------------------------
-// CPU kernels
-// ---------------------------------------------------------------------------------------------
 namespace {
 
 // Every op stages a row in fp32 (half rows are converted into per-task buffers, fp32 rows are
@@ -452,8 +357,12 @@ R* out(at::Tensor& t) { return static_cast<R*>(t.mutable_data_ptr()); }
 // Rows per task: about 32k elements, enough work to amortise handing a chunk to a thread.
 int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 32768 / width); }
 
-void layer_norm_cpu_into(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
-                         const at::Tensor& bias, double eps, at::Tensor& y, at::Tensor* summed) {
+}  // namespace
+
+namespace cpu_kernels {
+
+void layer_norm(const char* /*op*/, const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
+                const at::Tensor& bias, double eps, at::Tensor& y, at::Tensor* summed) {
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
   with_storage(x.scalar_type(), [&](auto tag) {
@@ -470,7 +379,7 @@ void layer_norm_cpu_into(const at::Tensor& x, const at::Tensor* residual, const 
   });
 }
 
-void bias_act_cpu_into(const at::Tensor& x, const std::optional<at::Tensor>& bias, Activation act, at::Tensor& y) {
+void bias_act(const at::Tensor& x, const std::optional<at::Tensor>& bias, Activation act, at::Tensor& y) {
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
   with_storage(x.scalar_type(), [&](auto tag) {
@@ -483,75 +392,5 @@ void bias_act_cpu_into(const at::Tensor& x, const std::optional<at::Tensor>& bia
   });
 }
 
-at::Tensor layer_norm_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_layer_norm("layer_norm", x, nullptr, weight, bias);
-  at::Tensor y = at::empty_like(x);
-  layer_norm_cpu_into(x, nullptr, weight, bias, eps, y, nullptr);
-  return y;
-}
-
-std::tuple<at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
-                                                      const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_layer_norm("add_layer_norm", x, &residual, weight, bias);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor s = at::empty_like(x);
-  layer_norm_cpu_into(x, &residual, weight, bias, eps, y, &s);
-  return {y, s};
-}
-
-at::Tensor bias_act_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  const Activation act = parse_activation(activation);
-  check_bias_act("bias_act", x, bias);
-  at::Tensor y = at::empty_like(x);
-  bias_act_cpu_into(x, bias, act, y);
-  return y;
-}
-
-void bias_act_cpu_inplace(at::Tensor& h, const std::optional<at::Tensor>& bias, Activation act) {
-  bias_act_cpu_into(h, bias, act, h);
-}
-
-at::Tensor mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                   const at::Tensor& w2, const std::optional<at::Tensor>& b2, c10::string_view activation) {
-  return mlp_with(x, w1, b1, w2, b2, parse_activation(activation), &bias_act_cpu_inplace);
-}
-
-}  // namespace
+}  // namespace cpu_kernels
 }  // namespace gitfast
-
-// ---------------------------------------------------------------------------------------------
-// Registration. FRAGMENT, not TORCH_LIBRARY: Python code may add ops to the same namespace.
-// ---------------------------------------------------------------------------------------------
-TORCH_LIBRARY_FRAGMENT(gitfast, m) {
-  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
-  m.def("layer_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor", tags);
-  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)",
-        tags);
-  m.def("bias_act(Tensor x, Tensor? bias, str activation) -> Tensor", tags);
-  m.def("mlp(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
-        "str activation) -> Tensor",
-        tags);
-}
-
-TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
-  m.impl("layer_norm", &gitfast::layer_norm_cpu);
-  m.impl("add_layer_norm", &gitfast::add_layer_norm_cpu);
-  m.impl("bias_act", &gitfast::bias_act_cpu);
-  m.impl("mlp", &gitfast::mlp_cpu);
-}
-
-#ifndef GITFAST_WITH_CUDA
-#define GITFAST_WITH_CUDA 0
-#endif
-
-PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
-                               "gitfast's compiled ops; importing registers them as torch.ops.gitfast.*", -1,
-                               nullptr};
-  PyObject* mod = PyModule_Create(&module);
-  if (mod != nullptr && PyModule_AddIntConstant(mod, "with_cuda", GITFAST_WITH_CUDA) != 0) {
-    Py_DECREF(mod);
-    return nullptr;
-  }
-  return mod;
-}

@@ -1,5 +1,6 @@
-// gitfast._C, CUDA side: the CUDA kernels of layer_norm, add_layer_norm, bias_act and mlp
-// (schemas and checks live in ops.cpp). Built only with a CUDA toolkit and a CUDA build of torch.
+// gitfast._C, CUDA kernels of layer_norm / add_layer_norm and bias_act (mlp's fused middle pass).
+// Schemas, input checks and the op entries live in ../bindings.cpp. Built only with a CUDA toolkit
+// and a CUDA build of torch.
 //
 // Layout: contiguous [rows, width] tensors, fp32 / fp16 / bf16, arithmetic in fp32. Memory moves in
 // 16-byte packs where the width allows (8 halves or 4 floats per access), one element at a time
@@ -14,7 +15,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <cuda_runtime.h>
 
@@ -217,15 +217,17 @@ int multiprocessors(int device) {
   return count[device];
 }
 
-void check_cuda(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "gitfast.", op, ": the CUDA kernel got x on ", x.device());
-}
-
 // The CUDA LayerNorm caches a row of fp32 in shared memory, within the default 48 KiB per block.
 constexpr int64_t kMaxLayerNormWidth = 8192;
 
-void layer_norm_cuda_into(const char* op, const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
-                          const at::Tensor& bias, double eps, at::Tensor& y, at::Tensor* summed) {
+}  // namespace
+
+// -- kernels called by the op entries ------------------------------------------------------------
+
+namespace cuda_kernels {
+
+void layer_norm(const char* op, const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
+                const at::Tensor& bias, double eps, at::Tensor& y, at::Tensor* summed) {
   const int64_t width = x.size(-1);
   TORCH_CHECK(width <= kMaxLayerNormWidth, "gitfast.", op, ": rows of ", width, " elements exceed the CUDA kernel's ",
               kMaxLayerNormWidth, "; use gitfast.ops.add_layer_norm, which falls back to torch for them");
@@ -255,7 +257,7 @@ void layer_norm_cuda_into(const char* op, const at::Tensor& x, const at::Tensor*
   });
 }
 
-void bias_act_cuda_into(const at::Tensor& x, const std::optional<at::Tensor>& bias, Activation act, at::Tensor& y) {
+void bias_act(const at::Tensor& x, const std::optional<at::Tensor>& bias, Activation act, at::Tensor& y) {
   const int64_t width = x.size(-1);
   const int64_t rows = x.numel() / width;
   if (rows == 0) return;
@@ -291,52 +293,5 @@ void bias_act_cuda_into(const at::Tensor& x, const std::optional<at::Tensor>& bi
   });
 }
 
-// -- op entry points -------------------------------------------------------------------------------
-
-at::Tensor layer_norm_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_layer_norm("layer_norm", x, nullptr, weight, bias);
-  check_cuda("layer_norm", x);
-  at::Tensor y = at::empty_like(x);
-  layer_norm_cuda_into("layer_norm", x, nullptr, weight, bias, eps, y, nullptr);
-  return y;
-}
-
-std::tuple<at::Tensor, at::Tensor> add_layer_norm_cuda(const at::Tensor& x, const at::Tensor& residual,
-                                                       const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  check_layer_norm("add_layer_norm", x, &residual, weight, bias);
-  check_cuda("add_layer_norm", x);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor s = at::empty_like(x);
-  layer_norm_cuda_into("add_layer_norm", x, &residual, weight, bias, eps, y, &s);
-  return {y, s};
-}
-
-at::Tensor bias_act_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  const Activation act = parse_activation(activation);
-  check_bias_act("bias_act", x, bias);
-  check_cuda("bias_act", x);
-  at::Tensor y = at::empty_like(x);
-  bias_act_cuda_into(x, bias, act, y);
-  return y;
-}
-
-void bias_act_cuda_inplace(at::Tensor& h, const std::optional<at::Tensor>& bias, Activation act) {
-  bias_act_cuda_into(h, bias, act, h);
-}
-
-at::Tensor mlp_cuda(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                    const at::Tensor& w2, const std::optional<at::Tensor>& b2, c10::string_view activation) {
-  check_cuda("mlp", x);
-  const at::cuda::CUDAGuard guard(x.device());
-  return mlp_with(x, w1, b1, w2, b2, parse_activation(activation), &bias_act_cuda_inplace);
-}
-
-}  // namespace
+}  // namespace cuda_kernels
 }  // namespace gitfast
-
-TORCH_LIBRARY_IMPL(gitfast, CUDA, m) {
-  m.impl("layer_norm", &gitfast::layer_norm_cuda);
-  m.impl("add_layer_norm", &gitfast::add_layer_norm_cuda);
-  m.impl("bias_act", &gitfast::bias_act_cuda);
-  m.impl("mlp", &gitfast::mlp_cuda);
-}
