@@ -68,8 +68,8 @@ def _models(size: str, device: str, dtype: torch.dtype):
 
 
 def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
-    from gitfast.engine import Engine, Request
-    from gitfast.generation import resolve_settings
+    from gitfast.serving.engine import Engine, Request
+    from gitfast.serving.generation import resolve_settings
 
     dt = str(dtype).replace("torch.", "")
     new_tokens = 8 if quick else NEW_TOKENS
@@ -110,8 +110,8 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
 
 def _vqa_cases(size, hf, fm, px, forced, dt, device, questions: int = 8):
     """Each image asked `questions` different 6-token questions."""
-    from gitfast.engine import Engine, Request
-    from gitfast.generation import resolve_settings
+    from gitfast.serving.engine import Engine, Request
+    from gitfast.serving.generation import resolve_settings
 
     images = min(px.shape[0], 32)
     px = px[:images]

@@ -2,7 +2,7 @@
 
 Inputs are photo-like 640×480 JPEGs (quality 90: a gradient, a few filled shapes, pixel noise) made
 once into a cache folder. Stages, each timed alone over the same files (one thread of this process):
-`read` (bytes from the page cache), `decode` (`gitfast.images.decode`, full size), `decode_draft`
+`read` (bytes from the page cache), `decode` (`gitfast.captioning.images.decode`, full size), `decode_draft`
 (JPEG draft decoding to the processor's target), `preprocess` (the checkpoint's processor), `encoder`
 (vision encoder + projection, batched), `generate` (the engine on prepared pixels, encoder included;
 its remainder is prefill + decode loop), `write` (a Parquet table of the captions). End to end:
@@ -135,7 +135,7 @@ class Stages:
         self.paths, self.new_tokens = paths, new_tokens
         self.captioner = Captioner(checkpoint(model), device=device, max_batch_size=batch)
         self.processor = self.captioner.processor
-        from gitfast.workers import draft_size
+        from gitfast.captioning.workers import draft_size
 
         self.draft = draft_size(self.processor.image_processor)
         self.data = self.read()
@@ -151,7 +151,7 @@ class Stages:
         return out
 
     def decode(self, draft=None):
-        from gitfast import images
+        from gitfast.captioning import images
 
         return [images.decode(d, draft) for d in self.data]
 
@@ -172,8 +172,8 @@ class Stages:
         return out
 
     def generate(self):
-        from gitfast.engine import Request
-        from gitfast.generation import resolve_settings
+        from gitfast.serving.engine import Request
+        from gitfast.serving.generation import resolve_settings
 
         c = self.captioner
         s = resolve_settings(c.model.generation_config, 1, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens)
@@ -192,7 +192,7 @@ def end_to_end(captioner, paths: List[str], new_tokens: int, out=None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gitfast.sources import file_source
+    from gitfast.captioning.sources import file_source
 
     schema = pa.schema([("source", pa.string()), ("caption", pa.string()), ("error", pa.string())])
     n, rows = 0, []
@@ -298,7 +298,7 @@ def draft_agreement(n: int, model: str = "embedded", upscale: int = 4, new_token
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=90)
         data.append(buf.getvalue())
-    from gitfast.sources import Source
+    from gitfast.captioning.sources import Source
 
     srcs = [Source(str(i), functools.partial(bytes, d)) for i, d in enumerate(data)]
     full = Captioner(checkpoint(model), device="cpu").caption(srcs, max_new_tokens=new_tokens)
@@ -315,7 +315,7 @@ def draft_agreement(n: int, model: str = "embedded", upscale: int = 4, new_token
 def memory(n: int, workers: int = 0, every: int = 0) -> dict:
     """RSS of this process over a stream of n small images (tiny random model, 4 new tokens)."""
     from gitfast import Captioner
-    from gitfast.sources import Source
+    from gitfast.captioning.sources import Source
 
     def rss_mb():
         with open("/proc/self/statm") as f:

@@ -7,8 +7,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "GitForCausalLM": ("gitfast.drop_in", "GitForCausalLM"),
-    "Captioner": ("gitfast.captioner", "Captioner"),
-    "CaptionResult": ("gitfast.captioner", "CaptionResult"),
+    "Captioner": ("gitfast.captioning.captioner", "Captioner"),
+    "CaptionResult": ("gitfast.captioning.captioner", "CaptionResult"),
     "CheckpointError": ("gitfast.loading", "CheckpointError"),
 }
 

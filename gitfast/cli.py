@@ -8,7 +8,7 @@ from typing import Optional
 
 # name -> (module, one-line help). Each module defines `configure(parser)` and `run(args) -> int`.
 COMMANDS = {
-    "caption": ("gitfast.caption_cli", "caption images, folders, globs and tar shards"),
+    "caption": ("gitfast.captioning.cli", "caption images, folders, globs and tar shards"),
     "bench": ("gitfast.bench.runner", "benchmark gitfast's kernels and end-to-end captioning"),
     "info": ("gitfast.info", "show versions, devices and which backend serves each op"),
 }

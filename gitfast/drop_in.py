@@ -15,8 +15,10 @@ from transformers import GenerationConfig, GitConfig, PreTrainedModel
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import attention, generation, loading, paged_generate
-from .kv_cache import DecodeState
+from . import attention, loading
+from .serving import generation
+from .serving import paged_generate
+from .serving.contiguous_cache import DecodeState
 from .model import GitModel, num_image_tokens
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,

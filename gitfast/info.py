@@ -42,7 +42,7 @@ def _devices() -> list[dict]:
 
 def collect() -> dict:
     """Everything `gitfast info` reports, as plain data."""
-    from gitfast import __version__, ops
+    from . import __version__, ops
 
     loaded = ops.extension_loaded()
     return {
@@ -68,7 +68,7 @@ def collect() -> dict:
 def _attention_backends() -> dict:
     """Attention runs Triton kernels on CUDA when triton imports, PyTorch (SDPA / gathers) otherwise."""
     try:
-        from gitfast.kernels import _triton_importable
+        from .kernels import _triton_importable
         triton_ok = _triton_importable()
     except Exception:  # noqa: BLE001 - reporting only
         triton_ok = False

@@ -20,7 +20,11 @@ import zlib
 import pyarrow.parquet as pq
 import pytest
 
-from gitfast import Captioner, caption_cli, cli, shards, sources, writers
+from gitfast import Captioner, cli
+from gitfast.captioning import cli as caption_cli
+from gitfast.captioning import shards
+from gitfast.captioning import sources
+from gitfast.captioning import writers
 from image_factory import mode_images, small_images, webdataset_samples, write_files, write_tar
 
 

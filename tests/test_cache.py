@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gitfast.cache import BlockAllocator, OutOfBlocks, PagedKVCache
+from gitfast.serving.paged_cache import BlockAllocator, OutOfBlocks, PagedKVCache
 
 
 def test_allocate_free_and_exhaustion():
@@ -93,7 +93,7 @@ def test_budget_sizing():
 
 def test_slot_state_gathers_the_same_step_inputs_as_the_block_tables():
     """The engine's device-side decode inputs equal those built from the host block tables."""
-    from gitfast.paged import SlotState
+    from gitfast.serving.paged_runner import SlotState
 
     cache = PagedKVCache(1, 64, 4, 1, 2, torch.float32, "cpu")
     prefix = cache.new_prefix(6)  # one full block shared, a partial one copied

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from gitfast import Captioner, caption_cli, cli
+from gitfast import Captioner, cli
+from gitfast.captioning import cli as caption_cli
 from image_factory import broken_files, mode_images, write_files
 
 GOOD = sorted(mode_images())

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import gitfast
-from gitfast.engine import Engine, Request
-from gitfast.generation import resolve_settings
+from gitfast.serving.engine import Engine, Request
+from gitfast.serving.generation import resolve_settings
 from git_factory import make_hf_model, pixels
 
 pytestmark = pytest.mark.cuda

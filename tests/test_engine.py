@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import gitfast
-from gitfast.engine import Engine, Request
-from gitfast.generation import resolve_settings
-from gitfast.sampling import uniform_noise
+from gitfast.serving.engine import Engine, Request
+from gitfast.serving.generation import resolve_settings
+from gitfast.serving.selection import uniform_noise
 from git_factory import make_hf_model, pixels
 
 

@@ -1,11 +1,11 @@
-"""gitfast.images: every image mode becomes the right RGB picture; bad data is an ImageError."""
+"""gitfast.captioning.images: every image mode becomes the right RGB picture; bad data is an ImageError."""
 import io
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from gitfast import images
+from gitfast.captioning import images
 from image_factory import broken_files, encode, mode_images
 
 GOOD = mode_images()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gitfast import Captioner
-from gitfast.sources import Source
+from gitfast.captioning.sources import Source
 from image_factory import small_images
 
 N = 3000

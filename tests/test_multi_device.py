@@ -13,7 +13,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from gitfast import Captioner, caption_cli, cli, multi_device, sources
+from gitfast import Captioner, cli
+from gitfast.captioning import cli as caption_cli
+from gitfast.captioning import multi_device
+from gitfast.captioning import sources
 from image_factory import broken_files, small_images, webdataset_samples, write_files, write_tar
 
 ARGS = ["--max-new-tokens", "6", "--batch-size", "2", "--quiet"]
@@ -195,7 +198,7 @@ def test_two_ranks_equal_one_device_after_a_dead_rank_and_a_killed_run(checkpoin
 
 
 def test_workers_and_jpeg_draft_reach_the_captioner(checkpoint, inputs, tmp_path, monkeypatch):
-    import gitfast.captioner as captioner_module
+    import gitfast.captioning.captioner as captioner_module
 
     seen = []
     real = captioner_module.Captioner

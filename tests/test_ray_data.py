@@ -1,4 +1,4 @@
-"""gitfast.ray_data on a local Ray instance (CPU): image folders, Parquet tables and webdataset shards
+"""gitfast.captioning.ray_data on a local Ray instance (CPU): image folders, Parquet tables and webdataset shards
 captioned by an actor pool of GitCaptioners give exactly `Captioner.caption`'s results."""
 import os
 
@@ -10,7 +10,7 @@ pytest.importorskip("ray.data")
 
 from gitfast import Captioner  # noqa: E402
 from gitfast.defaults import EMBEDDED_MODEL  # noqa: E402
-from gitfast.ray_data import caption_dataset  # noqa: E402
+from gitfast.captioning.ray_data import caption_dataset  # noqa: E402
 from image_factory import (broken_files, mode_images, small_images, webdataset_samples,  # noqa: E402
                            write_files, write_tar)
 
@@ -57,7 +57,7 @@ def test_image_folder_to_parquet_through_two_actors_matches_captioner(local_ray,
 def test_parquet_table_and_webdataset_shards(local_ray, checkpoint, tmp_path):
     import pyarrow as pa
 
-    from gitfast.sources import Source
+    from gitfast.captioning.sources import Source
 
     imgs = small_images(12)
     names, data = list(imgs), list(imgs.values())

@@ -28,8 +28,8 @@ ARGS = ["--max-new-tokens", "8", "--batch-size", "4", "--device", "cpu", "--quie
 
 LAUNCHER = textwrap.dedent("""
     import json, os, sys, traceback
-    import gitfast.cli, gitfast.caption_cli, gitfast.multi_device, gitfast.shards
-    from gitfast.captioner import Captioner
+    import gitfast.cli, gitfast.captioning.cli, gitfast.captioning.multi_device, gitfast.captioning.shards
+    from gitfast.captioning.captioner import Captioner
     Captioner(sys.argv[1], device="cpu")  # imports everything a run needs; runs nothing on many threads
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -119,7 +119,7 @@ def inputs(tmp_path_factory):
         path = write_tar(str(root / "shards" / f"{n:05d}.tar"),
                          webdataset_samples({k: images[k] for k in part}, start=100 * n))
         if n == 2:
-            from gitfast.shards import index
+            from gitfast.captioning.shards import index
 
             last = index(path)[0][-1]
             with open(path, "r+b") as f:

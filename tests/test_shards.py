@@ -9,7 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gitfast import Captioner, caption_cli, cli, shards, sources
+from gitfast import Captioner, cli
+from gitfast.captioning import cli as caption_cli
+from gitfast.captioning import shards
+from gitfast.captioning import sources
 from image_factory import (broken_files, mode_images, small_images, webdataset_samples, write_files,
                            write_tar)
 

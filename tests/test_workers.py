@@ -1,4 +1,4 @@
-"""Preparation in worker processes (`Captioner(num_workers=N)`, `gitfast.workers`): the same pixels and
+"""Preparation in worker processes (`Captioner(num_workers=N)`, `gitfast.captioning.workers`): the same pixels and
 tokens as inline preparation, results in input order, a bounded look-ahead, error records in place,
 a dead worker costing only its own input, and JPEG draft decoding behind its switch."""
 import functools
@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from gitfast import Captioner
-from gitfast.sources import Source, file_source
-from gitfast.workers import PreparePool, PrepareSpec
+from gitfast.captioning.sources import Source, file_source
+from gitfast.captioning.workers import PreparePool, PrepareSpec
 from image_factory import broken_files, encode, mode_images, rgb_array, write_files
 
 

@@ -19,8 +19,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 from PIL import Image
 
-from . import loading
-from .defaults import EMBEDDED_MODEL
+from .. import loading
+from ..defaults import EMBEDDED_MODEL
 from .sources import Source
 from .workers import Prepared, PreparePool, Preparer, PrepareSpec
 
@@ -63,7 +63,7 @@ class Captioner:
                  num_workers: int = 0, jpeg_draft: bool = False, prefetch_batches: int = 2):
         from transformers import AutoProcessor
 
-        from .drop_in import GitForCausalLM
+        from ..drop_in import GitForCausalLM
 
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -145,7 +145,7 @@ class Captioner:
         return self._results_batched(pairs, settings)
 
     def _engine(self):
-        from .engine import Engine
+        from ..serving.engine import Engine
 
         if getattr(self, "_engine_obj", None) is None:
             self._engine_obj = Engine(self.model.model, max_batch_size=self.max_batch_size)
@@ -153,8 +153,8 @@ class Captioner:
 
     def _results_engine(self, pairs, settings) -> Iterator[CaptionResult]:
         """Continuous batching over the whole input; results leave in input order (a reorder buffer)."""
-        from .engine import Request
-        from .generation import resolve_settings
+        from ..serving.engine import Request
+        from ..serving.generation import resolve_settings
 
         kwargs = {k: v for k, v in settings.items() if k not in ("num_beams", "seed")}
         s = resolve_settings(self.model.generation_config, 1, **kwargs)

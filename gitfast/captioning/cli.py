@@ -107,7 +107,8 @@ def _guarded(call, *args):
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import sources, writers
+    from . import sources
+    from . import writers
     from .multi_device import parse_devices
 
     if not args.paths and args.files_from is None:
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     pool = None
     results = iter(())
     if todo:
-        from .loading import CheckpointError
+        from ..loading import CheckpointError
         from .multi_device import DeviceError, DevicePool, make_captioner
 
         generate = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
                        jpeg_draft=args.jpeg_draft)
         try:
             if devices is not None and len(devices) > 1:
-                from . import loading
+                from .. import loading
 
                 # a wrong --model is found here in a second, not after every rank has started
                 model = args.model if args.model is None else str(loading.resolve(args.model))

@@ -2,7 +2,7 @@
 `gitfast.Captioner`, Ray Data streams the blocks, balances the actors and writes the output.
 
     import ray
-    from gitfast.ray_data import caption_dataset
+    from gitfast.captioning.ray_data import caption_dataset
 
     ray.init()  # or an existing cluster: ray.init(address="auto")
     caption_dataset("s3://bucket/shards/", "s3://bucket/captions/", input="webdataset",
@@ -10,7 +10,7 @@
 
 or, from a Dataset of your own (a column of encoded image bytes or of paths):
 
-    from gitfast.ray_data import GitCaptioner
+    from gitfast.captioning.ray_data import GitCaptioner
     ds = ray.data.read_parquet("images.parquet")
     ds = ds.map_batches(GitCaptioner, fn_constructor_kwargs={"column": "image"}, batch_size=256,
                         compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1, batch_format="pyarrow")

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from . import attention
+from .. import attention
 
 
 class KVCache:

@@ -28,10 +28,10 @@ from typing import Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tu
 
 import torch
 
-from .cache import PagedKVCache, Prefix, SeqBlocks
+from .paged_cache import PagedKVCache, Prefix, SeqBlocks
 from .generation import Settings
-from .paged import PagedRunner, SlotState
-from .sampling import Selector, request_seed
+from .paged_runner import PagedRunner, SlotState
+from .selection import Selector, request_seed
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import List, Optional
 import torch
 
 from . import generation
-from .cache import PagedKVCache
+from .paged_cache import PagedKVCache
 from .engine import Engine, Request
-from .paged import PagedRunner, PagedStepper
+from .paged_runner import PagedRunner, PagedStepper
 
 
 def _rows(input_ids, attention_mask) -> List[List[int]]:

@@ -15,8 +15,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import attention
-from .cache import PagedKVCache, Prefix, SeqBlocks
+from .. import attention
+from .paged_cache import PagedKVCache, Prefix, SeqBlocks
 
 
 class PagedRunner:

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from gitfast.training import shapes
+from . import shapes
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "git-shapes")
 HELD_OUT_SEED = 12345

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from gitfast.training import shapes
+from . import shapes
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD]=0 as in BERT-uncased's order
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
