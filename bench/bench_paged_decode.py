@@ -1,6 +1,7 @@
 """One decode step of attention over the paged KV cache (one new token per sequence).
 
-Providers: `gitfast` (Triton `paged_decode_attention`, split-K chosen from shapes), `gitfast_nosplit`
+Providers: `gitfast` (Triton `paged_decode_attention`, split-K chosen from shapes), `gitfast_graph`
+(splits planned for a CUDA graph's bound, 1,248 tokens, whatever the context), `gitfast_nosplit`
 (the same kernel forced to one pass, to show what split-K buys at small batch), `sdpa` (SDPA over
 K/V already contiguous `[B, H, L, D]`: no gather, a strong baseline). Bytes are the K/V a step must
 read (q and out are negligible), so TB/s compares directly with the device's copy bandwidth.
@@ -21,6 +22,7 @@ HEADS, HEAD_DIM, BLOCK_SIZE = 12, 64, 16          # GIT decoder; a vLLM-style 16
 FULL_CONTEXTS = [217, 500, 901, 1200]             # git-base caption, longer prompts, VQA prefix
 FULL_BATCHES = [1, 8, 64, 256, 512]
 QUICK = [(2, 37)]                                  # (batch, context)
+GRAPH_BOUND = 1248                                 # a CUDA-graph decode's table width x block size
 
 
 
@@ -61,12 +63,17 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
             def run(paged=paged, context=context):
                 return paged_decode_attention(*paged.next(), max_context_len=context)
 
+            def run_graph(paged=paged):
+                return paged_decode_attention(*paged.next(), max_context_len=GRAPH_BOUND)
+
             def run_nosplit(paged=paged):
                 return paged_decode_attention(*paged.next(), num_splits=1)
             yield case("gitfast", run)
+            yield case("gitfast_graph", run_graph)
             yield case("gitfast_nosplit", run_nosplit)
         else:
             yield case("gitfast", None, skip)
+            yield case("gitfast_graph", None, skip)
             yield case("gitfast_nosplit", None, skip)
 
         def make_dense(batch=batch, context=context):

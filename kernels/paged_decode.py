@@ -15,11 +15,14 @@ Design (flash-decoding): a single query row is memory-bound and too small for te
 program takes one (sequence, head, key split), gathers BLOCK_N cached tokens at a time through the
 block table (any block_size; table entries and K/V past the context are never loaded, so stale or
 NaN slots cannot leak), and keeps an fp32 online softmax with q.k as a broadcast multiply + row sum.
-When batch * heads alone would leave the GPU's SMs idle, the keys are split across NUM_SPLITS
+When batch * heads alone would leave the GPU's SMs idle, the keys are split across `num_splits`
 programs that write partial (acc, max, sum) in fp32, and a second kernel merges them with the
-log-sum-exp rule; otherwise a single pass writes the output directly. The split count depends only
-on shapes (never on context_lens values), so a call captured in a CUDA graph stays valid. A context
-of length 0 gives zeros.
+log-sum-exp rule; otherwise a single pass writes the output directly. The split count is a runtime
+argument (one compiled kernel serves every context length and batch) chosen from shapes only
+(batch * heads and a host bound on the context, never context_lens values), so a call captured in
+a CUDA graph stays valid. Each program divides its own sequence's key tiles evenly among the
+splits, so a context far below the bound still spreads over all of them; splits left without a
+tile write empty partials that the merge weighs by zero. A context of length 0 gives zeros.
 
 References: Dao et al., "Flash-Decoding for long-context inference" (2023); vLLM's PagedAttention
 (Kwon et al., 2023) for the block-table layout.
@@ -39,15 +42,17 @@ from ._common import (LOG2E, check_device, check_dtype, check_head_dim, check_pa
                       next_pow2)
 
 
-@triton.jit
+# num_splits is not specialized (Triton would otherwise compile separate kernels for 1, for multiples
+# of 16 and for the rest), so one compiled kernel serves every split count.
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_kernel(
     Q,                                   # [batch, heads, head_dim]
     K_cache, V_cache,                    # [num_blocks, block_size, heads, head_dim]
     block_tables,                        # int32 [batch, max_blocks_per_seq]
     context_lens,                        # int32 [batch]
-    Out,                                 # [batch, heads, head_dim] (written when not SPLIT)
-    Part_acc,                            # fp32 [batch * heads, NUM_SPLITS, BLOCK_D] (when SPLIT)
-    Part_ml,                             # fp32 [batch * heads, NUM_SPLITS, 2]: running max, sum
+    Out,                                 # [batch, heads, head_dim] (written when num_splits == 1)
+    Part_acc,                            # fp32 [batch * heads, num_splits, BLOCK_D] (when > 1)
+    Part_ml,                             # fp32 [batch * heads, num_splits, 2]: running max, sum
     qk_scale,                            # sm_scale * log2(e)
     stride_qb, stride_qh,
     stride_kcb, stride_kcs, stride_kch,  # cache strides: block, slot in block, head
@@ -55,18 +60,19 @@ def _paged_decode_kernel(
     stride_bt,                           # block_tables row stride
     stride_ob, stride_oh,
     num_heads,
-    tokens_per_split,                    # multiple of BLOCK_N
+    num_splits,                          # programs per (sequence, head) along grid axis 1
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT: tl.constexpr,
-    INTERP_BF16: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     ctx = tl.load(context_lens + b)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, ctx)
+    # this sequence's key tiles shared evenly among the splits (counts differ by at most one)
+    n_tiles = tl.cdiv(ctx, BLOCK_N)
+    start = (split * n_tiles // num_splits) * BLOCK_N
+    end = tl.minimum(((split + 1) * n_tiles // num_splits) * BLOCK_N, ctx)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -101,35 +107,36 @@ def _paged_decode_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m_i = m_new
 
-    if SPLIT:
-        # epilogue: unnormalised partials; an empty split leaves (-inf, 0, 0), merged away later
-        part = pid_bh.to(tl.int64) * NUM_SPLITS + split
-        tl.store(Part_acc + part * BLOCK_D + offs_d, acc)
-        tl.store(Part_ml + part * 2, m_i)
-        tl.store(Part_ml + part * 2 + 1, l_i)
-    else:
+    if num_splits == 1:
         # epilogue: an empty context (l_i = 0) gives zeros rather than 0/0
         out = acc / tl.where(l_i > 0, l_i, 1.0)
         tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_d,
                  cast(out, Out.dtype.element_ty, INTERP_BF16), mask=d_ok)
+    else:
+        # epilogue: unnormalised partials; an empty split leaves (-inf, 0, 0), merged away later
+        part = pid_bh.to(tl.int64) * num_splits + split
+        tl.store(Part_acc + part * BLOCK_D + offs_d, acc)
+        tl.store(Part_ml + part * 2, m_i)
+        tl.store(Part_ml + part * 2 + 1, l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_merge_kernel(
     Part_acc, Part_ml,                   # from _paged_decode_kernel
     Out,                                 # [batch, heads, head_dim]
     stride_ob, stride_oh,
     num_heads,
+    num_splits,                          # 2 .. BLOCK_S
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_S: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < NUM_SPLITS
-    part = pid_bh.to(tl.int64) * NUM_SPLITS + offs_s
+    s_ok = offs_s < num_splits
+    part = pid_bh.to(tl.int64) * num_splits + offs_s
     m = tl.load(Part_ml + part * 2, mask=s_ok, other=float("-inf"))
     l = tl.load(Part_ml + part * 2 + 1, mask=s_ok, other=0.0)
     acc = tl.load(Part_acc + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None],
@@ -155,17 +162,16 @@ _PROGRAMS_PER_SM = 4
 _MAX_SPLITS = 32            # beyond this the merge pass and partial traffic outweigh the gain
 
 
-def _plan(batch_heads: int, max_tokens: int, block_n: int, device: torch.device):
-    """(num_splits, tokens_per_split) from shapes only, so CUDA-graph replays stay valid."""
+def _plan(batch_heads: int, max_tokens: int, block_n: int, device: torch.device) -> int:
+    """Number of key splits, from shapes and a host bound on the context only (graph-safe): enough
+    programs to fill the device, at most one split per key tile of the longest possible context."""
     if device.type == "cuda":
         target = _PROGRAMS_PER_SM * _num_sms(device.index if device.index is not None
                                              else torch.cuda.current_device())
     else:
         target = 8  # interpreter: small, so tests exercise the split path on tiny shapes
     tiles = max(1, triton.cdiv(max_tokens, block_n))
-    splits = min(_MAX_SPLITS, tiles, max(1, triton.cdiv(target, batch_heads)))
-    tokens_per_split = triton.cdiv(tiles, splits) * block_n
-    return triton.cdiv(tiles * block_n, tokens_per_split), tokens_per_split
+    return min(_MAX_SPLITS, tiles, max(1, triton.cdiv(target, batch_heads)))
 
 
 def paged_decode_attention(
@@ -179,7 +185,7 @@ def paged_decode_attention(
     int32 `[batch, max_blocks_per_seq]`; context_lens int32 `[batch]` (cached tokens, the new one
     included). Optional, keyword only: max_context_len, a host-side upper bound on context_lens used
     to size the key splits (default: max_blocks_per_seq * block_size); num_splits to force a split
-    count (1 = single pass).
+    count (1 = single pass, at most 32).
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, heads, head_dim], got {tuple(q.shape)}")
@@ -193,6 +199,8 @@ def paged_decode_attention(
     check_device(q, k_cache, v_cache, block_tables, context_lens)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("caches must have a packed head_dim (stride 1)")
+    if num_splits is not None and not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
     out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
@@ -209,18 +217,15 @@ def paged_decode_attention(
     max_tokens = block_tables.shape[1] * block_size if max_context_len is None else max_context_len
     bh = batch * num_heads
     if num_splits is None:
-        num_splits, tokens_per_split = _plan(bh, max_tokens, block_n, q.device)
-    else:
-        num_splits = max(1, int(num_splits))
-        per_split = triton.cdiv(max(max_tokens, 1), num_splits)
-        tokens_per_split = triton.cdiv(per_split, block_n) * block_n
+        num_splits = _plan(bh, max_tokens, block_n, q.device)
+    num_splits = int(num_splits)
     block_d = next_pow2(head_dim)
-    split = num_splits > 1
-    if split:
+    if num_splits > 1:
         part_acc = torch.empty((bh, num_splits, block_d), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((bh, num_splits, 2), dtype=torch.float32, device=q.device)
     else:
-        part_acc = part_ml = out  # unused
+        # unused, but fp32 like the split path's, so both share one compiled kernel
+        part_acc = part_ml = torch.empty(1, dtype=torch.float32, device=q.device)
     num_warps = 4 if block_d <= 64 else 8
     interp_bf16 = interpreting() and q.dtype == torch.bfloat16
     _paged_decode_kernel[(bh, num_splits)](
@@ -230,15 +235,15 @@ def paged_decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        num_heads, tokens_per_split,
+        num_heads, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        NUM_SPLITS=num_splits, SPLIT=split, INTERP_BF16=interp_bf16, num_warps=num_warps,
+        INTERP_BF16=interp_bf16, num_warps=num_warps,
     )
-    if split:
+    if num_splits > 1:
+        # BLOCK_S fixed at the largest split count: one compiled merge serves every count
         _paged_decode_merge_kernel[(bh,)](
-            part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=next_pow2(num_splits), INTERP_BF16=interp_bf16,
+            part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MAX_SPLITS, INTERP_BF16=interp_bf16,
             num_warps=1 if block_d <= 64 else 2,
         )
     return out

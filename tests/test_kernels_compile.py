@@ -159,7 +159,7 @@ def _launches(arch, dtype_name, head_dim, heads):
 
 def _describe(kw):
     """The launch's tile sizes and launch options, e.g. `BLOCK_M=64 BLOCK_N=64 warps=4 stages=3`."""
-    tiles = [f"{k}={kw[k]}" for k in ("BLOCK_M", "BLOCK_N", "NUM_SPLITS") if k in kw]
+    tiles = [f"{k}={kw[k]}" for k in ("BLOCK_M", "BLOCK_N") if k in kw]
     return " ".join(tiles + [f"warps={kw.get('num_warps', 4)}", f"stages={kw.get('num_stages', 3)}"])
 
 
@@ -225,6 +225,51 @@ def _compile_all(arch):
                 row["seconds"] = round(time.perf_counter() - start, 2)
                 results.append(row)
     return results
+
+
+def _decode_cache_keys(arch):
+    """{kernel: {(dtype, head_dim): [JIT cache key per launch]}} for paged decode at many context
+    lengths, batch sizes and both context bounds the engine passes (eager: the current longest
+    context; CUDA graph: the block table's width), computed as JITFunction.run keys its cache."""
+    import torch
+    import gitfast.kernels as kernels
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    from gitfast.kernels import paged_decode
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    real_plan = paged_decode._plan
+    real = {"dec": paged_decode._paged_decode_kernel, "merge": paged_decode._paged_decode_merge_kernel}
+    rec = {name: _Recorder() for name in real}
+    keys = {name: {} for name in real}
+    heads, width = 4, 78                     # 78 blocks x 16 = a 1,248-token bound
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(paged_decode, check_device=lambda *t: None,
+                                     _paged_decode_kernel=rec["dec"],
+                                     _paged_decode_merge_kernel=rec["merge"],
+                                     _num_sms=lambda index: SMS[arch],
+                                     _plan=lambda bh, tokens, block_n, device: real_plan(
+                                         bh, tokens, block_n, torch.device("cuda", 0))))
+        for dtype in (torch.float16, torch.float32):
+            for head_dim in (64, 128):
+                k_cache = torch.zeros(width, BLOCK_SIZE, heads, head_dim, dtype=dtype)
+                for batch in (1, 8, 64):
+                    q = torch.zeros(batch, heads, head_dim, dtype=dtype)
+                    tables = torch.zeros(batch, width, dtype=torch.int32)
+                    for context in (1, 17, 64, 65, 129, 208, 500, 1000, 1248):
+                        lens = torch.full((batch,), context, dtype=torch.int32)
+                        for bound in (context, None):
+                            kernels.paged_decode_attention(q, k_cache, k_cache, tables, lens,
+                                                           max_context_len=bound)
+                for name, fn in real.items():
+                    binder = create_function_from_signature(fn.signature, fn.params, backend)
+                    got = keys[name].setdefault(f"{str(dtype)[6:]} hd{head_dim}", [])
+                    for args, kw in rec[name].launches:
+                        _, spec, opts = binder(*args, **kw)
+                        got.append(str(spec) + str(opts))
+                    rec[name].launches.clear()
+    return keys
 
 
 def _worker_main(arch: int, out_path: str) -> None:
@@ -350,5 +395,32 @@ def test_register_spills(compiled):
         print("\nsmall spills outside half precision on sm_90 / head_dim 64:\n" + "\n".join(others))
 
 
+def test_paged_decode_compiles_once_per_config(tmp_path):
+    """Eager decode grows the context bound every step and CUDA graphs use the table's width: the
+    split count must stay a runtime argument, so each kernel builds once per dtype / head size (it
+    used to be a constexpr: two recompiles every 64 tokens)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        from triton.runtime.jit import create_function_from_signature  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"triton's nvidia backend or launch binder is unavailable ({exc})")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "keys.json"
+    proc = subprocess.run([sys.executable, __file__, "keys", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    keys = json.loads(out.read_text())
+    for name in ("dec", "merge"):
+        assert len(keys[name]) == 4, keys[name].keys()
+        for config, launch_keys in keys[name].items():
+            assert len(launch_keys) > 10, (name, config)
+            assert len(set(launch_keys)) == 1, f"{name} {config}: {len(set(launch_keys))} compiles"
+
+
 if __name__ == "__main__":
-    _worker_main(int(sys.argv[1]), sys.argv[2])
+    if sys.argv[1] == "keys":
+        assert os.environ.get("TRITON_INTERPRET", "0") != "1", "must run without Triton's interpreter"
+        with open(sys.argv[2], "w") as f:
+            json.dump(_decode_cache_keys(90), f)
+    else:
+        _worker_main(int(sys.argv[1]), sys.argv[2])

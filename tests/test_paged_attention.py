@@ -99,10 +99,29 @@ def test_decode_head_dims(head_dim):
 def test_decode_split_plan_shapes_only():
     from gitfast.kernels import paged_decode
 
-    splits, per = paged_decode._plan(batch_heads=2, max_tokens=100, block_n=16,
-                                     device=torch.device("cpu"))
-    assert splits > 1 and per % 16 == 0 and splits * per >= 100 and (splits - 1) * per < 100
-    assert paged_decode._plan(64, 100, 16, torch.device("cpu"))[0] == 1
+    cpu = torch.device("cpu")
+    assert paged_decode._plan(batch_heads=2, max_tokens=100, block_n=16, device=cpu) == 4
+    assert paged_decode._plan(2, 20, 16, cpu) == 2             # at most one split per key tile
+    assert paged_decode._plan(64, 100, 16, cpu) == 1
+
+
+@pytest.mark.parametrize("num_splits", [None, 2, 5, 13])
+def test_decode_contexts_far_below_the_bound(num_splits):
+    """A CUDA-graph decode plans splits for the table's whole width; each sequence spreads its own
+    (much shorter) context over them and splits left without keys must merge away (13 splits over
+    contexts of 1..4 key tiles)."""
+    lens = [1, 16, 17, 50, 64]
+    kc, vc, tables, dense = _paged(lens, 2, 64, 8, torch.float32, seed=11, table_width=40)
+    q = torch.randn(len(lens), 2, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out = paged_decode_attention(q, kc, vc, tables, _lens(lens), num_splits=num_splits)
+    torch.testing.assert_close(out.cpu().double(), _decode_oracle(q, dense), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_rejects_split_counts_past_the_merge():
+    kc, vc, tables, _ = _paged([5], 1, 64, 4, torch.float32)
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_decode_attention(torch.zeros(1, 1, 64, device=DEVICE), kc, vc, tables, _lens([5]),
+                               num_splits=33)
 
 
 def test_decode_empty_context_gives_zeros():
