@@ -1,16 +1,38 @@
 """Build script: packages (with `kernels/` installed as `gitfast.kernels`) and the `gitfast._C` extension.
 
 The extension is built from `csrc/` with torch's cpp_extension: the bindings (`csrc/*.cpp`) and the
-CPU kernels (`csrc/cpu/*.cpp`) always, the CUDA kernels (`csrc/cuda/*.cu`) too when a CUDA toolkit
-and a CUDA build of torch are present. `GITFAST_SKIP_EXTENSION=1` skips it;
-gitfast then falls back to its plain-torch reference ops. Nothing here downloads anything.
+CPU kernels (`csrc/cpu/*.cpp`) always, the CUDA kernels (`csrc/cuda/*.cu`) too when torch is a CUDA
+build and a CUDA toolkit is found (csrc/build_support.py: torch's CUDA_HOME, $CUDA_HOME, $CUDA_PATH
+or the nvcc on PATH). A CUDA torch without a toolkit gets a CPU-only extension, with a warning here
+and `gitfast._C.with_cuda == 0` plus `gitfast._C.cuda_build_note` saying why at run time.
+
+Environment: `GITFAST_SKIP_EXTENSION=1` skips the extension (gitfast then runs its plain-torch
+reference ops); `GITFAST_SKIP_CUDA=1` builds the CPU kernels only; `GITFAST_REQUIRE_CUDA=1` makes a
+missing toolkit an error; `GITFAST_CUDA_ARCHS` ("80;90"), else `TORCH_CUDA_ARCH_LIST` ("8.0;9.0+PTX"),
+picks the GPU architectures (default: the visible GPU's, else sm_80 and sm_90). Nothing here
+downloads anything.
 """
 import glob
+import importlib.util
 import os
+import sys
+import warnings
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Generated build info (gitfast_build_info.h), kept out of the source tree.
+GENERATED = os.path.join(ROOT, "build", "gitfast_generated")
+
+
+def _build_support():
+    """csrc/build_support.py, loaded by path: it is a build helper, not part of the package."""
+    path = os.path.join(ROOT, "csrc", "build_support.py")
+    spec = importlib.util.spec_from_file_location("gitfast_build_support", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def _extensions():
@@ -29,29 +51,47 @@ def _extensions():
         ) from exc
     import torch
 
+    support = _build_support()
     cu = sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
-    with_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if os.environ.get("GITFAST_SKIP_CUDA", "0") == "1":
-        with_cuda = False
+    plan = support.plan_cuda(torch.version.cuda, bool(cu), cpp_extension.CUDA_HOME)
+    if plan.warn:
+        # pip shows a build's output only with -v; the warning also reaches `pip install` logs
+        sys.stderr.write(f"\n{'=' * 78}\ngitfast: building WITHOUT CUDA kernels: {plan.note}\n{'=' * 78}\n\n")
+        warnings.warn(f"gitfast: building without CUDA kernels: {plan.note}", stacklevel=1)
+    os.makedirs(GENERATED, exist_ok=True)
+    header = os.path.join(GENERATED, "gitfast_build_info.h")
+    text = support.build_info_header(plan)
+    old = None
+    if os.path.exists(header):
+        with open(header) as f:
+            old = f.read()
+    if old != text:  # rewritten only when it changes: ninja would rebuild bindings.cpp otherwise
+        with open(header, "w") as f:
+            f.write(text)
+    include_dirs = [os.path.join(ROOT, "csrc"), GENERATED]
     # -fno-trapping-math: the CPU kernels compute both arms of their branch-free selects; GCC only
     # vectorises those loops when FP exceptions need not be preserved (nothing here reads them).
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
-    define = [("GITFAST_WITH_CUDA", "1")] if with_cuda else []
-    if with_cuda:
-        archs = os.environ.get("GITFAST_CUDA_ARCHS", "80;90").split(";")
+    define = [("GITFAST_WITH_CUDA", "1" if plan.with_cuda else "0")]
+    if plan.with_cuda:
+        # cpp_extension reads its module-level CUDA_HOME for nvcc, headers and libraries; it is None
+        # when torch did not find the toolkit that build_support did (e.g. nvcc behind a wrapper)
+        cpp_extension.CUDA_HOME = plan.cuda_home
+        os.environ["CUDA_HOME"] = plan.cuda_home
+        visible = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        archs = support.cuda_archs(os.environ, visible)
         # no --use_fast_math: the kernels pick their fast intrinsics (__expf) themselves, and the
         # LayerNorm keeps IEEE division/sqrt so fp32 stays within 1e-5 of torch
-        nvcc = ["-O3", "-std=c++20", "-lineinfo"]  # torch 2.13 headers are C++20
-        for a in archs:
-            nvcc += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        nvcc = ["-O3", "-std=c++20", "-lineinfo"] + support.gencode_flags(archs)  # torch 2.13 headers are C++20
         ext = cpp_extension.CUDAExtension(
-            "gitfast._C", cpp + cu, include_dirs=[os.path.join(ROOT, "csrc")],
+            "gitfast._C", cpp + cu, include_dirs=include_dirs,
+            library_dirs=[support.cudart_dir(plan.cuda_home)],
             define_macros=define, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )
     else:
         ext = cpp_extension.CppExtension(
-            "gitfast._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")],
+            "gitfast._C", cpp, include_dirs=include_dirs,
             define_macros=define, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
@@ -60,8 +100,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["gitfast", "gitfast.serving", "gitfast.captioning", "gitfast.kernels", "gitfast.bench", "gitfast.assets",
-              "gitfast.training"],
+    packages=["gitfast", "gitfast.kernels", "gitfast.bench", "gitfast.assets", "gitfast.training"],
     package_dir={"gitfast": "gitfast", "gitfast.kernels": "kernels", "gitfast.bench": "bench"},
     package_data={"gitfast.assets": ["**/*"]},
     include_package_data=True,

@@ -24,6 +24,13 @@
 #ifndef GITFAST_WITH_CUDA
 #define GITFAST_WITH_CUDA 0
 #endif
+// setup.py generates this header (build/gitfast_generated) with why CUDA kernels are in or out.
+#if __has_include("gitfast_build_info.h")
+#include "gitfast_build_info.h"
+#endif
+#ifndef GITFAST_CUDA_BUILD_NOTE
+#define GITFAST_CUDA_BUILD_NOTE "built without setup.py's build info"
+#endif
 
 namespace gitfast {
 namespace {
@@ -196,7 +203,10 @@ PyMODINIT_FUNC PyInit__C(void) {
                                "gitfast's compiled ops; importing registers them as torch.ops.gitfast.*", -1,
                                nullptr};
   PyObject* mod = PyModule_Create(&module);
-  if (mod != nullptr && PyModule_AddIntConstant(mod, "with_cuda", GITFAST_WITH_CUDA) != 0) {
+  // with_cuda: whether CUDA kernels were compiled in; cuda_build_note: why (or with which toolkit),
+  // so a CPU-only extension under a CUDA build of torch is told apart at run time
+  if (mod != nullptr && (PyModule_AddIntConstant(mod, "with_cuda", GITFAST_WITH_CUDA) != 0 ||
+                         PyModule_AddStringConstant(mod, "cuda_build_note", GITFAST_CUDA_BUILD_NOTE) != 0)) {
     Py_DECREF(mod);
     return nullptr;
   }
