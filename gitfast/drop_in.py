@@ -16,26 +16,11 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import attention, loading
-from .serving import generation
-from .serving import paged_generate
-from .serving.contiguous_cache import DecodeState
+from .devices import placement
 from .model import GitModel, num_image_tokens
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "half": torch.float16}
-
-
-def resolve_dtype(dtype, config=None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        return resolve_dtype(str(saved).replace("torch.", "")) if saved else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16 or 'auto'")
-    return _DTYPES[dtype]
+from .serving import generation, paged_generate
+from .serving.contiguous_cache import DecodeState
+from .serving.engine import Engine
 
 
 class GitForCausalLM(PreTrainedModel, GenerationMixin):
@@ -50,6 +35,7 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: GitConfig):
         super().__init__(config)
         self.model = GitModel(config)
+        self._engine: Optional[Engine] = None
 
     def _init_weights(self, module):  # weights always come from a checkpoint
         pass
@@ -63,12 +49,11 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         unknown = set(kwargs) - harmless
         if unknown:
             raise TypeError(f"from_pretrained() got unsupported arguments: {', '.join(sorted(unknown))}")
-        folder = loading.resolve(name_or_path, revision=revision, cache_dir=cache_dir)
-        config = loading.load_config(folder)
-        model = cls._from_weights(config, loading.read_weights(folder), dtype if dtype is not None else torch_dtype,
-                                  device if device is not None else device_map)
-        if (folder / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        ck = loading.load_checkpoint(name_or_path, dtype=dtype if dtype is not None else torch_dtype,
+                                     device=device if device is not None else device_map,
+                                     revision=revision, cache_dir=cache_dir)
+        model = cls._wrap(ck.config, ck.model)
+        model.generation_config = ck.generation_config
         model.name_or_path = str(name_or_path)
         model.config._name_or_path = str(name_or_path)
         return model
@@ -83,21 +68,21 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         """
         if getattr(hf_model.config, "model_type", None) != "git":
             raise loading.CheckpointError(f"expected a GIT model, got model_type {hf_model.config.model_type!r}")
-        p = next(hf_model.parameters())
-        model = cls._from_weights(hf_model.config, hf_model.state_dict(), dtype or p.dtype, device or p.device)
+        dev, dt = placement(hf_model)
+        model = cls._from_weights(hf_model.config, hf_model.state_dict(), dtype or dt, device or dev)
         model.generation_config = GenerationConfig.from_dict(hf_model.generation_config.to_dict())
         return model
 
     @classmethod
     def _from_weights(cls, config, hf_weights, dtype, device):
-        with torch.device("meta"):
-            model = cls(config)
-        shapes = {k: v.shape for k, v in model.model.state_dict().items()}
-        model.model.load_state_dict(loading.from_hf_state_dict(hf_weights, config, shapes), strict=True, assign=True)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model.to(device=device or "cpu", dtype=resolve_dtype(dtype, config))
-        return model.eval()
+        return cls._wrap(config, loading.build_model(config, hf_weights, dtype, device))
+
+    @classmethod
+    def _wrap(cls, config, model: GitModel) -> "GitForCausalLM":
+        with torch.device("meta"):  # the placeholder GitModel costs nothing; the loaded one replaces it
+            wrapper = cls(config)
+        wrapper.model = model
+        return wrapper.eval()
 
     def save_pretrained(self, save_directory, **kwargs):
         """Writes a transformers-compatible checkpoint: config.json, generation_config.json, model.safetensors."""
@@ -112,10 +97,10 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
 
     # --- forward --------------------------------------------------------------------------------
     def _image_tokens(self, pixel_values, text_batch, interpolate_pos_encoding=False):
-        p = next(self.model.parameters())
+        dev, dt = placement(self.model)
         if pixel_values is None:
-            return torch.empty(text_batch, 0, self.config.hidden_size, dtype=p.dtype, device=p.device)
-        tokens = self.model.encode_images(pixel_values.to(device=p.device, dtype=p.dtype), interpolate_pos_encoding)
+            return torch.empty(text_batch, 0, self.config.hidden_size, dtype=dt, device=dev)
+        tokens = self.model.encode_images(pixel_values.to(device=dev, dtype=dt), interpolate_pos_encoding)
         if tokens.shape[0] != text_batch:
             if text_batch % tokens.shape[0]:
                 raise ValueError(f"{text_batch} text rows cannot share {tokens.shape[0]} images; the text batch "
@@ -132,7 +117,7 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         m = self.model
-        dev = next(m.parameters()).device
+        dev, _ = placement(m)
         if input_ids is not None:
             input_ids = input_ids.to(dev)
             words = m.word_embeddings(input_ids)
@@ -174,7 +159,7 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
             kwargs.pop(ignored, None)
         kwargs.pop("use_cache", None)
         kwargs.pop("token_type_ids", None)  # some BERT tokenizers emit it; GIT has no token types
-        dev = next(self.model.parameters()).device
+        dev, dtype = placement(self.model)
         gc = generation_config if generation_config is not None else self.generation_config
         if input_ids is None:
             if pixel_values is None:
@@ -203,14 +188,13 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         scores = seq_scores = None
         if paged and s.num_beams == 1 and expand == 1:
             if pixel_values is not None:
-                pixel_values = pixel_values.to(dev, next(self.model.parameters()).dtype)
+                pixel_values = pixel_values.to(dev, dtype)
                 image_of_row = [i % pixel_values.shape[0] for i in range(b)]  # tiled, as transformers
                 if b % pixel_values.shape[0]:
                     raise ValueError(f"{b} text rows cannot share {pixel_values.shape[0]} images")
             else:
                 image_of_row = None
-            engine = paged_generate.engine_for(self, self.model, b, 0 if pixel_values is None else pixel_values.shape[0],
-                                               t, s)
+            engine = self._engine_for(b, 0 if pixel_values is None else pixel_values.shape[0], t, s)
             seqs = paged_generate.greedy(engine, pixel_values, input_ids, attention_mask, s, image_of_row)
         elif paged and s.num_beams > 1:
             image = self._image_tokens(pixel_values, b)
@@ -245,9 +229,24 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         seqs, scores = generation.sample_or_greedy(state, logits, input_ids, s, proc)
         return seqs, scores, None
 
+    def _engine_for(self, rows: int, images: int, prompt_len: int, s) -> Engine:
+        """The engine kept between generate calls, rebuilt only when this call needs more."""
+        budget = paged_generate.engine_budget(self.model, rows, images, prompt_len, s)
+        if not paged_generate.engine_serves(self._engine, self.model, rows, budget):
+            self._engine = None  # let the old pools go before allocating new ones
+            self._engine = Engine(self.model, max_batch_size=rows, kv_cache_bytes=budget,
+                                  block_size=paged_generate.BLOCK_SIZE)
+        return self._engine
+
+    @property
+    def gitfast_engine(self) -> Optional[Engine]:
+        """The engine `generate` keeps between calls (None before the first greedy call, or after
+        `free_kv_cache()`)."""
+        return self._engine
+
     def free_kv_cache(self) -> None:
         """Releases the engine (its KV-cache pools and CUDA graphs) that generate keeps between calls."""
-        self._gitfast_engine = None
+        self._engine = None
 
     @property
     def num_image_tokens(self) -> int:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
@@ -190,3 +191,58 @@ def to_hf_state_dict(ours: Dict[str, torch.Tensor], config) -> Dict[str, torch.T
         for n, t in zip(names, split(ours[name])):
             out[n] = t.detach().contiguous().clone()
     return out
+
+
+# --- the one loader -----------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    """A loaded GIT checkpoint: what the drop-in, the Captioner and every rank start from."""
+    folder: Path
+    config: Any               # transformers.GitConfig
+    model: Any                # gitfast.model.GitModel, eval mode, placed
+    generation_config: Any    # transformers.GenerationConfig
+
+
+def build_model(config, hf_weights: Dict[str, torch.Tensor], dtype=None, device=None):
+    """A `GitModel` from Hugging Face-named tensors: built on the meta device, then the (mapped)
+    tensors are assigned, so no second copy is allocated; placed and in eval mode."""
+    from .devices import resolve_device, resolve_dtype
+    from .model import GitModel
+
+    with torch.device("meta"):
+        model = GitModel(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(from_hf_state_dict(hf_weights, config, shapes), strict=True, assign=True)
+    return model.to(device=resolve_device(device or "cpu"), dtype=resolve_dtype(dtype, config)).eval()
+
+
+def generation_config_of(folder: Path, config):
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(str(folder))
+    return GenerationConfig.from_model_config(config)
+
+
+def load_checkpoint(name_or_path, *, dtype=None, device=None, revision=None, cache_dir=None) -> Checkpoint:
+    """Resolves, reads and places a checkpoint once."""
+    folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir)
+    config = load_config(folder)
+    model = build_model(config, read_weights(folder), dtype, device)
+    return Checkpoint(folder, config, model, generation_config_of(folder, config))
+
+
+def load_processor(folder: Path, config=None):
+    """The checkpoint's GitProcessor (image processor + tokenizer), checked against its config."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"{folder} has no usable GIT processor (preprocessor_config.json and tokenizer files): {exc}") from exc
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise CheckpointError(f"{folder} holds a {type(processor).__name__}, not a GitProcessor "
+                              "(image processor + tokenizer)")
+    return processor

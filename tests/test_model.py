@@ -162,9 +162,9 @@ def test_engine_is_reused_and_can_be_freed():
     fm = gitfast.GitForCausalLM.from_transformers(hf)
     px = pixels("hd32", 2)
     fm.generate(pixel_values=px, max_new_tokens=4)
-    engine = fm._gitfast_engine
+    engine = fm.gitfast_engine
     fm.generate(pixel_values=px[:1], max_new_tokens=4)   # smaller call: same engine
-    assert fm._gitfast_engine is engine
+    assert fm.gitfast_engine is engine
     fm.free_kv_cache()
-    assert fm._gitfast_engine is None
+    assert fm.gitfast_engine is None
     assert torch.equal(fm.generate(pixel_values=px, max_new_tokens=4), hf.generate(pixel_values=px, max_new_tokens=4))

@@ -28,6 +28,7 @@ from typing import Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tu
 
 import torch
 
+from ..devices import placement
 from .paged_cache import PagedKVCache, Prefix, SeqBlocks
 from .generation import Settings
 from .paged_runner import PagedRunner, SlotState
@@ -103,8 +104,7 @@ class Engine:
     def __init__(self, model, *, max_batch_size: int = 256, kv_cache_bytes: Optional[int] = None,
                  gpu_memory_fraction: float = 0.5, block_size: int = 16, cuda_graphs: bool = True):
         self.model = model  # a gitfast.model.GitModel in eval mode
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = placement(model)
         self.max_batch_size, self.block_size = max_batch_size, block_size
         self.memory_fraction, self.cuda_graphs = gpu_memory_fraction, cuda_graphs
         longest = model.num_image_tokens + model.config.max_position_embeddings
@@ -138,11 +138,12 @@ class Engine:
         one_long = blocks(n_img + limit) + blocks(n_img)  # any single request fits
         return self.bytes_per_block * max(self.max_batch_size * per_row, one_long)
 
-    def _held_bytes(self) -> int:
+    def held_bytes(self) -> int:
+        """Bytes of KV cache the engine holds now."""
         return self.cache.allocator.num_blocks * self.bytes_per_block if self.cache is not None else 0
 
     def _available_bytes(self) -> Optional[int]:
-        held = self._held_bytes()
+        held = self.held_bytes()
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return free + held
@@ -158,7 +159,7 @@ class Engine:
         available = self._available_bytes()
         if available is not None:
             want = min(want, int(available * self.memory_fraction))
-        if want > self._held_bytes():
+        if want > self.held_bytes():
             self._allocate(want)
 
     # --- public API -----------------------------------------------------------------------------

@@ -14,8 +14,12 @@ import torch
 
 from . import generation
 from .paged_cache import PagedKVCache
+from ..devices import placement
 from .engine import Engine, Request
 from .paged_runner import PagedRunner, PagedStepper
+
+
+BLOCK_SIZE = 16
 
 
 def _rows(input_ids, attention_mask) -> List[List[int]]:
@@ -32,21 +36,16 @@ def _budget(model, rows: int, prefixes: int, prompt_len: int, s, block_size: int
     return per_block * (rows * per_row + prefixes * per_prefix)
 
 
-def engine_for(owner, model, rows: int, images: int, prompt_len: int, s, block_size: int = 16) -> Engine:
-    """The engine cached on `owner`, rebuilt only when this call needs more rows or blocks (or the
-    model moved), so repeated generate calls keep their cache pools and CUDA graphs."""
-    p = next(model.parameters())
-    budget = _budget(model, rows, images, prompt_len, s, block_size, p.dtype)
-    e = getattr(owner, "_gitfast_engine", None)
-    if (e is None or e.device != p.device or e.dtype != p.dtype or e.max_batch_size < rows
-            or e.cache.allocator.num_blocks * e.cache.bytes_per_block(
-                model.config.num_hidden_layers, block_size, model.config.num_attention_heads,
-                model.head_dim, p.dtype) < budget):
-        e = None
-        owner._gitfast_engine = None  # let the old pools go before allocating new ones
-        e = Engine(model, max_batch_size=rows, kv_cache_bytes=budget, block_size=block_size)
-        owner._gitfast_engine = e
-    return e
+def engine_budget(model, rows: int, images: int, prompt_len: int, s, block_size: int = BLOCK_SIZE) -> int:
+    """KV-cache bytes a generate call over `rows` sequences and `images` prefixes needs."""
+    return _budget(model, rows, images, prompt_len, s, block_size, placement(model)[1])
+
+
+def engine_serves(engine: Optional[Engine], model, rows: int, budget: int) -> bool:
+    """Whether a kept engine can run this call (so its cache pools and CUDA graphs are reused)."""
+    device, dtype = placement(model)
+    return (engine is not None and engine.device == device and engine.dtype == dtype
+            and engine.max_batch_size >= rows and engine.held_bytes() >= budget)
 
 
 def greedy(engine: Engine, pixel_values: Optional[torch.Tensor], input_ids, attention_mask, s,
