@@ -1,6 +1,7 @@
 """Argument checks and launch helpers shared by gitfast's Triton kernels (no Triton import here)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -39,6 +40,15 @@ def _check_interpreter_version() -> None:
             f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) cannot run gitfast's "
             f"kernels; it needs triton>={'.'.join(map(str, MIN_INTERPRETER))}. (On a GPU, without "
             "TRITON_INTERPRET, triton>=3.6 compiles them.)")
+
+
+def launch_device(device: torch.device):
+    """Context to launch kernels in: Triton launches on the *current* CUDA device and its current
+    stream, so tensors on `cuda:1` need that device made current (its stream follows). A no-op for
+    CPU tensors and under the interpreter; entering torch.cuda.device costs ~1 us."""
+    if device.type != "cuda" or interpreting():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def next_pow2(n: int) -> int:

@@ -43,6 +43,7 @@ from ._common import (
     dot_precision,
     interpreting,
     last_dim_contiguous,
+    launch_device,
     next_pow2,
     per_seq_image_tokens,
 )
@@ -242,11 +243,12 @@ def git_attention(
     meta = dict(N_IMG_PER_SEQ=n_img_t is not None, HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
                 DOT_PRECISION=dot_precision(q.dtype),
                 INTERP_BF16=interpreting() and q.dtype == torch.bfloat16)
-    if interpreting():
-        grid = (batch * num_heads, triton.cdiv(max_seqlen, _INTERPRET_CONFIG["BLOCK_M"]))
-        _git_attention_kernel[grid](*args, **meta, **_INTERPRET_CONFIG)
-    else:
-        def grid(m):
-            return (batch * num_heads, triton.cdiv(max_seqlen, m["BLOCK_M"]))
-        _git_attention_tuned[grid](*args, **meta)
+    with launch_device(q.device):
+        if interpreting():
+            grid = (batch * num_heads, triton.cdiv(max_seqlen, _INTERPRET_CONFIG["BLOCK_M"]))
+            _git_attention_kernel[grid](*args, **meta, **_INTERPRET_CONFIG)
+        else:
+            def grid(m):
+                return (batch * num_heads, triton.cdiv(max_seqlen, m["BLOCK_M"]))
+            _git_attention_tuned[grid](*args, **meta)
     return out

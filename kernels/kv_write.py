@@ -30,6 +30,7 @@ from ._common import (
     check_head_dim,
     interpreting,
     last_dim_contiguous,
+    launch_device,
     next_pow2,
 )
 
@@ -97,14 +98,15 @@ def write_kv_cache(
     k, v = last_dim_contiguous(k), last_dim_contiguous(v)
     # 2 warps: a GIT token is 12 heads x 64 = 768 elements per tensor; more threads would idle
     num_warps = 2 if num_heads * head_dim <= 1024 else 4
-    _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping.to(torch.int64),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        k_cache.shape[1],
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim,
-        BLOCK_H=next_pow2(num_heads), BLOCK_D=next_pow2(head_dim),
-        INTERP_BF16=interpreting() and k.dtype != k_cache.dtype and k_cache.dtype == torch.bfloat16,
-        num_warps=num_warps,
-    )
+    with launch_device(k.device):
+        _write_kv_kernel[(num_tokens,)](
+            k, v, k_cache, v_cache, slot_mapping.to(torch.int64),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            k_cache.shape[1],
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim,
+            BLOCK_H=next_pow2(num_heads), BLOCK_D=next_pow2(head_dim),
+            INTERP_BF16=interpreting() and k.dtype != k_cache.dtype and k_cache.dtype == torch.bfloat16,
+            num_warps=num_warps,
+        )

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._triton_utils import cast
 from ._common import (LOG2E, check_device, check_dtype, check_head_dim, check_paged_cache, interpreting,
-                      next_pow2)
+                      launch_device, next_pow2)
 
 
 # num_splits is not specialized (Triton would otherwise compile separate kernels for 1, for multiples
@@ -228,22 +228,23 @@ def paged_decode_attention(
         part_acc = part_ml = torch.empty(1, dtype=torch.float32, device=q.device)
     num_warps = 4 if block_d <= 64 else 8
     interp_bf16 = interpreting() and q.dtype == torch.bfloat16
-    _paged_decode_kernel[(bh, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
-        sm_scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        num_heads, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        INTERP_BF16=interp_bf16, num_warps=num_warps,
-    )
-    if num_splits > 1:
-        # BLOCK_S fixed at the largest split count: one compiled merge serves every count
-        _paged_decode_merge_kernel[(bh,)](
-            part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MAX_SPLITS, INTERP_BF16=interp_bf16,
-            num_warps=1 if block_d <= 64 else 2,
+    with launch_device(q.device):
+        _paged_decode_kernel[(bh, num_splits)](
+            q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
+            sm_scale * LOG2E,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0), out.stride(0), out.stride(1),
+            num_heads, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+            INTERP_BF16=interp_bf16, num_warps=num_warps,
         )
+        if num_splits > 1:
+            # BLOCK_S fixed at the largest split count: one compiled merge serves every count
+            _paged_decode_merge_kernel[(bh,)](
+                part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads, num_splits,
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MAX_SPLITS, INTERP_BF16=interp_bf16,
+                num_warps=1 if block_d <= 64 else 2,
+            )
     return out

@@ -43,6 +43,7 @@ from ._common import (
     dot_precision,
     interpreting,
     last_dim_contiguous,
+    launch_device,
     next_pow2,
     per_seq_image_tokens,
 )
@@ -207,18 +208,19 @@ def paged_prefill_attention(
         if block_m == 64 and head_dim > 64:
             num_warps = 8  # 64 rows x head_dim 80/128 spill registers with 4 warps (ptxas, sm_80)
     grid = (batch * num_heads, triton.cdiv(max_seqlen_q, block_m))
-    _paged_prefill_kernel[grid](
-        q, out, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens.to(torch.int32),
-        n_img_t if n_img_t is not None else cu_seqlens_q, n_img_shared,
-        sm_scale * LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), num_heads,
-        N_IMG_PER_SEQ=n_img_t is not None, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(q.dtype),
-        INTERP_BF16=interpreting() and q.dtype == torch.bfloat16,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    with launch_device(q.device):
+        _paged_prefill_kernel[grid](
+            q, out, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens.to(torch.int32),
+            n_img_t if n_img_t is not None else cu_seqlens_q, n_img_shared,
+            sm_scale * LOG2E,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0), num_heads,
+            N_IMG_PER_SEQ=n_img_t is not None, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+            DOT_PRECISION=dot_precision(q.dtype),
+            INTERP_BF16=interpreting() and q.dtype == torch.bfloat16,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return out

@@ -4,6 +4,7 @@ On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_IN
 CPU shapes are tiny but odd: lengths that are not tile multiples, one-token sequences, sequences of
 only image or only text tokens. The `cuda` tests use GIT's real sizes.
 """
+import contextlib
 import math
 
 import pytest
@@ -161,6 +162,32 @@ def test_autotune_pruning_keeps_valid_configs():
 
 
 # -- GPU, real sizes ------------------------------------------------------------------------------
+
+def test_launches_on_the_tensors_device(monkeypatch):
+    """Every launch (the interpreter's kernel or the autotuned one) runs inside launch_device(q's
+    device), which makes that GPU and its stream current (tested in test_paged_attention.py)."""
+    from gitfast.kernels import attention
+
+    devices, launched = [], []
+
+    @contextlib.contextmanager
+    def spy(device):
+        devices.append(device)
+        launched.append("enter")
+        yield
+        launched.append("exit")
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append("launch")
+
+    monkeypatch.setattr(attention, "launch_device", spy)
+    monkeypatch.setattr(attention, "_git_attention_kernel", Recorder())
+    monkeypatch.setattr(attention, "_git_attention_tuned", Recorder())
+    q, k, v = _qkv(sum(LENS), 2, 64, torch.float32)
+    git_attention(q, k, v, _cu(LENS), 3)
+    assert devices == [q.device] and launched == ["enter", "launch", "exit"]
+
 
 def _dense_git_mask(length, n_img, device):
     return _spec_mask(length, n_img).to(device)

@@ -1,4 +1,6 @@
 """write_kv_cache (Triton) vs the plain-torch reference: exact copies, skipped slots, no stray writes."""
+import contextlib
+
 import pytest
 import torch
 
@@ -72,6 +74,31 @@ def test_bad_arguments_raise():
         write_kv_cache(k, v, kc[:, :, :1], vc[:, :, :1], slots)
     with pytest.raises(ValueError, match="slot_mapping"):
         write_kv_cache(k, v, kc, vc, slots[:2])
+
+
+def test_launches_on_the_tensors_device(monkeypatch):
+    """The launch runs inside launch_device(k's device), which makes that GPU and its stream
+    current (tested in test_paged_attention.py)."""
+    from gitfast.kernels import kv_write
+
+    devices, launched = [], []
+
+    @contextlib.contextmanager
+    def spy(device):
+        devices.append(device)
+        launched.append("enter")
+        yield
+        launched.append("exit")
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append("launch")
+
+    monkeypatch.setattr(kv_write, "launch_device", spy)
+    monkeypatch.setattr(kv_write, "_write_kv_kernel", Recorder())
+    k, v, kc, vc, slots = _setup(4, 2, 64, 2, 4, torch.float32)
+    write_kv_cache(k, v, kc, vc, slots)
+    assert devices == [k.device] and launched == ["enter", "launch", "exit"]
 
 
 @pytest.mark.cuda

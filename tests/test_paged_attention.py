@@ -4,6 +4,8 @@ Caches are NaN-poisoned everywhere no sequence has written, block tables are ran
 of the pool padded with garbage entries, and context lengths are not block multiples: any read past
 a context, or through an unused table entry, turns the output NaN.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,70 @@ def test_decode_bad_head_dim():
     with pytest.raises(ValueError, match="head_dim"):
         paged_decode_attention(torch.zeros(1, 1, 48, device=DEVICE), kc, kc,
                                torch.zeros(1, 2, dtype=torch.int32, device=DEVICE), _lens([3]))
+
+
+# -- launch device ----------------------------------------------------------------------------------
+
+def test_launch_device_makes_the_tensors_gpu_current(monkeypatch):
+    """Triton launches on the current device and stream: a cuda:1 tensor must make GPU 1 current."""
+    from gitfast.kernels import _common
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    with _common.launch_device(torch.device("cuda", 1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with _common.launch_device(torch.device("cpu")):
+        pass
+    monkeypatch.setattr(_common, "interpreting", lambda: True)
+    with _common.launch_device(torch.device("cuda", 1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]             # CPU tensors, interpreter: no CUDA call
+
+
+def spy_launches(monkeypatch, module, kernel_names):
+    """Replaces `module.launch_device` by a spy and the named kernels by recorders; returns
+    (devices the spy was entered with, [(kernel, launched inside the spy's context)])."""
+    devices, launches, depth = [], [], []
+
+    @contextlib.contextmanager
+    def spy(device):
+        devices.append(device)
+        depth.append(1)
+        try:
+            yield
+        finally:
+            depth.pop()
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, bool(depth)))
+
+    monkeypatch.setattr(module, "launch_device", spy)
+    for name in kernel_names:
+        monkeypatch.setattr(module, name, Recorder(name))
+    return devices, launches
+
+
+def test_paged_kernels_launch_on_the_tensors_device(monkeypatch):
+    from gitfast.kernels import paged_decode, paged_prefill
+
+    devices, launches = spy_launches(monkeypatch, paged_decode,
+                                     ["_paged_decode_kernel", "_paged_decode_merge_kernel"])
+    kc, vc, tables, _ = _paged([40, 9], 2, 64, 8, torch.float32)
+    q = torch.zeros(2, 2, 64, device=DEVICE)
+    paged_decode_attention(q, kc, vc, tables, _lens([40, 9]), num_splits=2)
+    assert devices == [q.device]
+    assert launches == [("_paged_decode_kernel", True), ("_paged_decode_merge_kernel", True)]
+
+    devices, launches = spy_launches(monkeypatch, paged_prefill, ["_paged_prefill_kernel"])
+    q, kc, vc, tables, cu, lens, _ = _prefill_case([3, 2], 4, torch.float32)
+    paged_prefill_attention(q, kc, vc, tables, cu, lens, 4, max_seqlen_q=3)
+    assert devices == [q.device] and launches == [("_paged_prefill_kernel", True)]
 
 
 # -- paged prefill --------------------------------------------------------------------------------
