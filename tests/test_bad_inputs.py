@@ -24,7 +24,7 @@ from gitfast import Captioner, cli
 from gitfast.captioning import cli as caption_cli
 from gitfast.captioning import shards
 from gitfast.captioning import sources
-from gitfast.captioning import writers
+from gitfast.captioning import formats, resumable
 from image_factory import mode_images, small_images, webdataset_samples, write_files, write_tar
 
 
@@ -111,7 +111,7 @@ class _FullDisk:
 def test_a_full_disk_stops_with_exit_3_and_keeps_every_record_written(checkpoint, photos, reference, tmp_path,
                                                                        monkeypatch, capsys, fmt):
     out = tmp_path / f"o.{fmt}"
-    real_init = writers._StreamWriter.__init__
+    real_init = formats.StreamWriter.__init__
     written = []
 
     def init(self, stream, owns=True):
@@ -120,8 +120,8 @@ def test_a_full_disk_stops_with_exit_3_and_keeps_every_record_written(checkpoint
             written.append(stream)
         real_init(self, stream, owns)
 
-    monkeypatch.setattr(writers._StreamWriter, "__init__", init)
-    real_write = writers._JsonlWriter.write
+    monkeypatch.setattr(formats.StreamWriter, "__init__", init)
+    real_write = formats.JsonlWriter.write
     count = [0]
 
     def write(self, rec):
@@ -130,7 +130,7 @@ def test_a_full_disk_stops_with_exit_3_and_keeps_every_record_written(checkpoint
             written[-1].room = 25  # the disk fills up in the middle of the sixth record
         real_write(self, rec)
 
-    monkeypatch.setattr(writers._JsonlWriter, "write", write)
+    monkeypatch.setattr(formats.JsonlWriter, "write", write)
     assert caption(checkpoint, photos, "--out", out) == 3
     err = capsys.readouterr().err
     assert "cannot write the output: [Errno 28] No space left on device" in err
@@ -207,7 +207,7 @@ def test_an_output_that_fails_to_open_keeps_the_previous_file(checkpoint, photos
     def refuse(path, fill):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path + ".tmp")
 
-    monkeypatch.setattr(writers, "_replace_with", refuse)
+    monkeypatch.setattr(resumable, "replace_with", refuse)
     assert caption(checkpoint, photos, "--out", out, "--resume") == 3
     assert "cannot write the output: [Errno 13] Permission denied" in capsys.readouterr().err
     assert out.read_bytes() == before

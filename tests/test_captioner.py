@@ -10,7 +10,8 @@ from PIL import Image
 from gitfast import Captioner, CheckpointError
 from gitfast.captioning import images
 from gitfast.defaults import EMBEDDED_MODEL, EXAMPLES
-from gitfast.captioning.sources import Source, expand, is_image_name
+from gitfast.captioning.records import Source, is_image_name
+from gitfast.captioning.sources import expand
 from image_factory import broken_files, mode_images, rgb_array, write_files
 
 PROMPTS = ["what color is the shape?", None, "how many", "", "is there a big red circle on the left?", "what"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gitfast import Captioner
-from gitfast.captioning.sources import Source
+from gitfast.captioning.records import Source
 from image_factory import small_images
 
 N = 3000
@@ -53,7 +53,7 @@ def watch(captioner, n: int, pids=lambda: []):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_rss_is_flat_over_a_long_stream(checkpoint, one_thread, workers):
     with Captioner(checkpoint, device="cpu", max_batch_size=32, num_workers=workers) as captioner:
-        pids = (lambda: list(captioner._pool._executor._processes)) if workers else (lambda: [])
+        pids = captioner.worker_pids
         (main_at_20, workers_at_20), (main_end, workers_end) = watch(captioner, N, pids)
     assert main_end - main_at_20 < GROWTH_MB, (main_at_20, main_end)
     assert workers_end - workers_at_20 < GROWTH_MB, (workers_at_20, workers_end)

@@ -214,11 +214,8 @@ def test_workers_and_jpeg_draft_reach_the_captioner(checkpoint, inputs, tmp_path
     assert caption(checkpoint, *files, "--device", "cpu", "--workers", "3", "--jpeg-draft") == 2
     assert caption(checkpoint, *files, "--device", "cpu") == 2
     assert seen[0]["num_workers"] == 3 and seen[0]["jpeg_draft"] is True
-    assert "num_workers" not in seen[1] and "jpeg_draft" not in seen[1]  # CPU default: decode in-process
+    assert seen[1]["num_workers"] == 0 and seen[1]["jpeg_draft"] is False  # CPU default: decode in-process
     # on a GPU the default is min(8, cores - 1), split between the ranks sharing the machine
     monkeypatch.setattr(os, "cpu_count", lambda: 13)
-    with pytest.raises(ValueError, match="spy"):
-        multi_device.make_captioner(checkpoint, device="cuda:0", dtype=None, max_batch_size=2, cpu_share=2)
-    with pytest.raises(ValueError, match="spy"):
-        multi_device.make_captioner(checkpoint, device="cuda:0", dtype=None, max_batch_size=2, cpu_share=1)
-    assert (seen[2]["num_workers"], seen[3]["num_workers"]) == (6, 8)
+    assert (caption_cli.default_workers("cuda:0", 2), caption_cli.default_workers("cuda:0", 1)) == (6, 8)
+    assert caption_cli.default_workers("cpu", 1) == 0

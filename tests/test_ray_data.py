@@ -57,7 +57,7 @@ def test_image_folder_to_parquet_through_two_actors_matches_captioner(local_ray,
 def test_parquet_table_and_webdataset_shards(local_ray, checkpoint, tmp_path):
     import pyarrow as pa
 
-    from gitfast.captioning.sources import Source
+    from gitfast.captioning.records import Source
 
     imgs = small_images(12)
     names, data = list(imgs), list(imgs.values())

@@ -12,7 +12,7 @@ import pytest
 from gitfast import Captioner, cli
 from gitfast.captioning import cli as caption_cli
 from gitfast.captioning import shards
-from gitfast.captioning import sources
+from gitfast.captioning import records, sources
 from image_factory import (broken_files, mode_images, small_images, webdataset_samples, write_files,
                            write_tar)
 
@@ -48,7 +48,7 @@ def test_samples_become_sources_with_ids_keys_and_carried_fields(tmp_path):
     assert [s.open_bytes() for s in srcs[:3]] == list(images.values())
     assert srcs[0].meta() == {"key": "000000000", "caption": "alt text 0", "url": "http://x/0", "width": 24,
                               "status": "success", "txt": "alt text 0"}
-    with pytest.raises(sources.SourceReadError, match=r"no image member \(it has: json\)"):
+    with pytest.raises(records.SourceReadError, match=r"no image member \(it has: json\)"):
         srcs[4].open_bytes()
     # picklable, for worker processes: a partial over the shard path, offset and size
     clone = pickle.loads(pickle.dumps(srcs[1]))

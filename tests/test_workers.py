@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from gitfast import Captioner
-from gitfast.captioning.sources import Source, file_source
+from gitfast.captioning.records import Source, file_source
 from gitfast.captioning.workers import PreparePool, PrepareSpec
 from image_factory import broken_files, encode, mode_images, rgb_array, write_files
 
@@ -54,9 +54,9 @@ def test_workers_give_the_same_results_as_inline(inline, pooled, files, tmp_path
 
 def test_pixels_from_workers_are_bit_identical(inline, pooled, files):
     good, _ = files
-    local = inline._preparer
+    local = inline.preparer
     jobs = [(i, path, None) for i, path in enumerate(good)]
-    theirs = list(pooled._pool.map(iter(jobs), 5, local))
+    theirs = list(pooled.pool.map(iter(jobs), 5, local))
     ours = [local(*job, 5) for job in jobs]
     assert [p.index for p in theirs] == list(range(len(good)))
     for a, b in zip(theirs, ours):
@@ -65,7 +65,7 @@ def test_pixels_from_workers_are_bit_identical(inline, pooled, files):
 
 def test_look_ahead_is_bounded_and_results_stay_in_order(pooled, files):
     good, _ = files
-    pool = pooled._pool
+    pool = pooled.pool
     taken = []
 
     def lazy():
@@ -74,7 +74,7 @@ def test_look_ahead_is_bounded_and_results_stay_in_order(pooled, files):
             yield i, good[i % len(good)], None
 
     assert pool.window == 2 * pooled.max_batch_size and pool.chunk == 2
-    stream = pool.map(lazy(), 5, pooled._preparer)
+    stream = pool.map(lazy(), 5, pooled.preparer)
     in_flight = []
     for k in range(30):
         assert next(stream).index == k
@@ -87,12 +87,12 @@ def test_a_dead_worker_costs_only_its_own_input(inline, pooled, files, caplog):
     good, _ = files
     killer = Source("kills-its-worker", functools.partial(os._exit, 3))  # picklable, so it runs in a worker
     items = [good[0], good[1], killer, *good[2:6]]
-    before = pooled._pool.restarts
+    before = pooled.pool.restarts
     results = pooled.caption(items, max_new_tokens=5)
     assert [r.source for r in results] == [good[0], good[1], "kills-its-worker", *good[2:6]]
     assert "worker process died" in results[2].error
     assert [r for i, r in enumerate(results) if i != 2] == inline.caption(good[:6], max_new_tokens=5)
-    assert pooled._pool.restarts == before + 2  # the pool that broke, and the retry that broke again
+    assert pooled.pool.restarts == before + 2  # the pool that broke, and the retry that broke again
     assert pooled.caption(good[:2], max_new_tokens=5) == inline.caption(good[:2], max_new_tokens=5)
 
 
@@ -125,8 +125,8 @@ def test_jpeg_draft_is_a_switch_of_the_captioner(checkpoint, tmp_path):
 
     plain = Captioner(checkpoint, device="cpu", max_batch_size=2)
     draft = Captioner(checkpoint, device="cpu", max_batch_size=2, jpeg_draft=True)
-    assert draft._preparer.draft == (32, 32) and plain._preparer.draft is None
-    a, b = plain._preparer(0, str(path), None, 5), draft._preparer(0, str(path), None, 5)
+    assert draft.preparer.draft == (32, 32) and plain.preparer.draft is None
+    a, b = plain.preparer(0, str(path), None, 5), draft.preparer(0, str(path), None, 5)
     assert a.pixel_values.shape == b.pixel_values.shape == (1, 3, 32, 32)
     assert not torch.equal(a.pixel_values, b.pixel_values)  # not exact: it resizes from a smaller picture
     assert (a.pixel_values - b.pixel_values).abs().mean() < 0.1  # but the same picture

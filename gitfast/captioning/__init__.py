@@ -1,6 +1,10 @@
 """The captioning wing: from paths, folders, tar shards and tables to ordered, resumable records.
 
-Inputs (`sources`, `shards`), decoding and preprocessing (`images`, `workers`), the `Captioner`
-(`captioner`), output formats and resumable writing (`writers`), the `gitfast caption` command (`cli`),
-several devices (`multi_device`) and Ray Data (`ray_data`).
+- what flows: `records` (Source in, Record out; the on-disk record fields)
+- inputs: `sources` (files, folders, globs, lists, tables), `shards` (tar shards read in place)
+- preparing: `images` (decode to RGB), `workers` (processor and prompt ids, inline or in processes)
+- the model: `captioner` (`Captioner`), `multi_device` (one process per device)
+- outputs: `formats` (JSONL/CSV/Parquet), `resumable` (one journaled, resumable file), `sharded`
+  (one file per shard)
+- the command: `cli` (`gitfast caption`); elsewhere: `ray_data` (Ray Data)
 """

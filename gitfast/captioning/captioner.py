@@ -21,7 +21,7 @@ from PIL import Image
 
 from .. import loading
 from ..defaults import EMBEDDED_MODEL
-from .sources import Source
+from .records import Source
 from .workers import Prepared, PreparePool, Preparer, PrepareSpec
 
 ImageInput = Union[str, os.PathLike, Image.Image, Source]
@@ -53,6 +53,8 @@ class Captioner:
         `prefetch_batches` batches ahead, results in input order. Paths and picklable Sources go to
         the workers, PIL images are prepared here. Same pixels, same tokens either way. Call
         `close()` (or use `with`) to stop the workers before the Captioner is dropped.
+        `preparer` (the inline `workers.Preparer`) and `pool` (the `workers.PreparePool`, None
+        without workers) are public for tests and benchmarks.
     jpeg_draft: decode JPEGs at a power-of-two reduction that stays at or above the processor's
         resize target (`images.decode`). Faster on large photos, but not bit-exact: the processor
         resizes from a smaller picture, and a caption can change. Off by default.
@@ -94,17 +96,25 @@ class Captioner:
         self._bos = cls if cls is not None else cfg.bos_token_id
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (cfg.pad_token_id or 0)
         self.num_workers, self.jpeg_draft = num_workers, jpeg_draft
-        self._preparer = Preparer(self.processor, self._bos, cfg.max_position_embeddings, jpeg_draft)
-        self._pool = None
+        self.preparer = Preparer(self.processor, self._bos, cfg.max_position_embeddings, jpeg_draft)
+        self.pool: Optional[PreparePool] = None
         if num_workers:
             spec = PrepareSpec(str(folder), self._bos, cfg.max_position_embeddings, jpeg_draft)
-            self._pool = PreparePool(spec, num_workers, window=prefetch_batches * max_batch_size)
+            self.pool = PreparePool(spec, num_workers, window=prefetch_batches * max_batch_size)
         self._prefetch = prefetch_batches * max_batch_size
+
+    @property
+    def _preparer(self) -> Preparer:  # bench/bench_pipeline.py reads this older name
+        return self.preparer
+
+    def worker_pids(self) -> List[int]:
+        """The process ids of the running preparation workers (none before the first input, or inline)."""
+        return self.pool.worker_pids() if self.pool is not None else []
 
     def close(self) -> None:
         """Stops the worker processes (a later call starts them again)."""
-        if self._pool is not None:
-            self._pool.close()
+        if self.pool is not None:
+            self.pool.close()
 
     def __enter__(self):
         return self
@@ -209,9 +219,9 @@ class Captioner:
         """Every input read, decoded and preprocessed (`workers.Preparer`), in order: lazily here, or
         by the worker pool running ahead."""
         numbered = ((i, image, prompt) for i, (image, prompt) in enumerate(pairs))
-        if self._pool is None:
-            return (self._preparer(*item, settings["max_new_tokens"]) for item in numbered)
-        return self._pool.map(numbered, settings["max_new_tokens"], self._preparer)
+        if self.pool is None:
+            return (self.preparer(*item, settings["max_new_tokens"]) for item in numbered)
+        return self.pool.map(numbered, settings["max_new_tokens"], self.preparer)
 
     def _run_batch(self, batch: Sequence[Prepared], settings) -> List[List[int]]:
         # Prompts of different lengths are left-padded and masked; the model is batch invariant, so

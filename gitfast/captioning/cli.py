@@ -104,31 +104,46 @@ def _guarded(call, *args):
         raise _WriteFailed(exc) from exc
 
 
+def default_workers(device, ranks: int = 1) -> int:
+    """Decode processes when --workers is not given: on a GPU min(8, cores - 1), split between the
+    `ranks` sharing this machine; none on the CPU, where decoding would only take cores from the model."""
+    import torch
+
+    on_gpu = str(device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    return min(8, max(0, ((os.cpu_count() or 1) - 1) // max(1, ranks))) if on_gpu else 0
+
+
+def captioner_options(args: argparse.Namespace, device, ranks: int = 1) -> dict:
+    """The Captioner's keyword arguments for one device of this run."""
+    workers = default_workers(device, ranks) if args.workers is None else args.workers
+    return dict(device=device, dtype=args.dtype, max_batch_size=args.batch_size, num_workers=workers,
+                jpeg_draft=args.jpeg_draft)
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import sources
-    from . import writers
+    from .formats import OutputError, infer_format
     from .multi_device import parse_devices
+    from .records import Record
+    from .resumable import Output
+    from .sharded import ShardedOutput
 
     if not args.paths and args.files_from is None:
         return _usage_error("nothing to caption: give PATHs, or --files-from LIST")
     try:
         devices = parse_devices(args.devices) if args.devices is not None else None
-        if args.out_dir is not None:
-            fmt = args.format or "parquet"
-        else:
-            fmt = writers.infer_format(args.out, args.format)
+        fmt = (args.format or "parquet") if args.out_dir is not None else infer_format(args.out, args.format)
         all_sources = list(sources.expand(args.paths, files_from=args.files_from, path_column=args.path_column))
         if not all_sources:
             return _usage_error(f"no images found in {' '.join(args.paths)} "
                                 f"(folders and globs take only files with image extensions and .tar shards)")
         if args.out_dir is not None:
-            output = writers.ShardedOutput(args.out_dir, fmt, all_sources, resume=args.resume,
-                                           overwrite=args.overwrite)
+            output = ShardedOutput(args.out_dir, fmt, all_sources, resume=args.resume, overwrite=args.overwrite)
         else:
-            output = writers.Output(args.out, fmt, resume=args.resume, overwrite=args.overwrite)
-    except (sources.SourceError, writers.OutputError, ValueError) as exc:
+            output = Output(args.out, fmt, resume=args.resume, overwrite=args.overwrite)
+    except (sources.SourceError, OutputError, ValueError) as exc:
         return _usage_error(str(exc))
     todo = [s for s in all_sources if s.id not in output.done]
     skipped = len(all_sources) - len(todo)
@@ -138,11 +153,10 @@ def run(args: argparse.Namespace) -> int:
     results = iter(())
     if todo:
         from ..loading import CheckpointError
-        from .multi_device import DeviceError, DevicePool, make_captioner
+        from .captioner import Captioner
+        from .multi_device import DeviceError, DevicePool
 
         generate = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-        options = dict(dtype=args.dtype, max_batch_size=args.batch_size, num_workers=args.workers,
-                       jpeg_draft=args.jpeg_draft)
         try:
             if devices is not None and len(devices) > 1:
                 from .. import loading
@@ -152,13 +166,13 @@ def run(args: argparse.Namespace) -> int:
                 if model is not None:
                     loading.load_config(loading.resolve(model))
                 pool = DevicePool(devices, todo, model=model, prompt=args.prompt, caption_kwargs=generate,
-                                  captioner_kwargs=dict(options, cpu_share=len(devices)))
+                                  captioner_kwargs=[captioner_options(args, d, len(devices)) for d in devices])
                 pool.wait_ready()
                 results = pool.results()
             else:
-                device = devices[0] if devices else args.device
-                captioner = make_captioner(args.model, device=device, **options)
-                results = ((r.source, r.text, r.error) for r in captioner.caption_iter(todo, args.prompt, **generate))
+                captioner = Captioner(args.model, **captioner_options(args, devices[0] if devices else args.device))
+                # one result per input, in input order
+                results = ((s, r.text, r.error) for s, r in zip(todo, captioner.caption_iter(todo, args.prompt, **generate)))
         except (CheckpointError, DeviceError, ValueError) as exc:
             if pool is not None:
                 pool.close()
@@ -173,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
                   disable=True if args.quiet else None) as bar:
             try:
                 for source, text, error in results:
-                    _guarded(writer.write, writers.record(source, text, error))
+                    _guarded(writer.write, Record(source, text, error))
                     failed += error is not None
                     done += error is None
                     bar.update(1)

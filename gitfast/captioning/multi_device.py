@@ -26,6 +26,8 @@ import traceback
 from collections import deque
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+from .records import Source
+
 
 class DeviceError(RuntimeError):
     """A rank could not start (bad device, model that does not load there): nothing was captioned."""
@@ -63,36 +65,6 @@ def parse_devices(text: str) -> List[str]:
     return devices
 
 
-def make_captioner(model, *, device, dtype, max_batch_size, num_workers: Optional[int] = None,
-                   jpeg_draft: bool = False, cpu_share: int = 1):
-    """A Captioner with the decode options the CLI exposes. num_workers None = automatic: on a GPU
-    min(8, cores - 1) decode processes (split between the ranks sharing this machine), none on the
-    CPU, where decoding would only take cores from the model. Options this build's Captioner does
-    not have are dropped when automatic and refused when asked for."""
-    import inspect
-
-    import torch
-
-    from .captioner import Captioner
-
-    accepted = inspect.signature(Captioner.__init__).parameters
-    on_gpu = str(device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    options = {}
-    if num_workers is None:
-        auto = min(8, max(0, ((os.cpu_count() or 1) - 1) // max(1, cpu_share))) if on_gpu else 0
-        if auto and "num_workers" in accepted:
-            options["num_workers"] = auto
-    elif num_workers:
-        options["num_workers"] = num_workers
-    if jpeg_draft:
-        options["jpeg_draft"] = True
-    missing = [k for k in options if k not in accepted]
-    if missing:
-        raise ValueError(f"this gitfast's Captioner has no {', '.join(missing)} option yet "
-                         "(--workers/--jpeg-draft need the worker-process decoding update)")
-    return Captioner(model, device=device, dtype=dtype, max_batch_size=max_batch_size, **options)
-
-
 def _cuda_count() -> int:
     import torch
 
@@ -102,14 +74,16 @@ def _cuda_count() -> int:
 class DevicePool:
     """Ranks started on construction; `wait_ready()`, then iterate `results()`; `close()` always."""
 
-    def __init__(self, devices: Sequence[str], todo: Sequence, *, model, captioner_kwargs: dict, prompt,
-                 caption_kwargs: dict):
+    def __init__(self, devices: Sequence[str], todo: Sequence[Source], *, model, captioner_kwargs: Sequence[dict],
+                 prompt, caption_kwargs: dict):
+        """captioner_kwargs: the Captioner's keyword arguments for each device, in order."""
         ctx = multiprocessing.get_context("spawn")
         self.devices = list(devices)
         self.queue = ctx.Queue()
         n = len(self.devices)
         n_cpu = sum(d == "cpu" for d in self.devices)
         threads = max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else None
+        self.todo = list(todo)
         self.assigned = [len(todo[r::n]) for r in range(n)]
         self.received = [0] * n
         self.finished = [False] * n
@@ -117,7 +91,7 @@ class DevicePool:
         self._early: deque = deque()
         self.procs = []
         for r, device in enumerate(self.devices):
-            args = (r, device, list(todo[r::n]), model, captioner_kwargs, prompt, caption_kwargs,
+            args = (r, list(todo[r::n]), model, captioner_kwargs[r], prompt, caption_kwargs,
                     threads if device == "cpu" else None, os.getpid(), self.queue)
             p = ctx.Process(target=_rank_main, args=args, name=f"gitfast-rank{r}-{device}", daemon=True)
             p.start()
@@ -154,7 +128,7 @@ class DevicePool:
         else:
             self._early.append(msg)
 
-    def results(self) -> Iterator[Tuple[str, Optional[str], Optional[str]]]:
+    def results(self) -> Iterator[Tuple[Source, Optional[str], Optional[str]]]:
         """(source, text, error) as ranks finish them; RankDied at the end if a rank stopped early."""
         while self._early:
             yield from self._handle(self._early.popleft())
@@ -178,9 +152,10 @@ class DevicePool:
 
     def _handle(self, msg):
         kind, rank = msg[0], msg[1]
-        if kind == "result":
+        if kind == "result":  # a rank's results come in its input order: todo[rank::n]
+            source = self.todo[rank + self.received[rank] * len(self.procs)]
             self.received[rank] += 1
-            yield msg[2], msg[3], msg[4]
+            yield source, msg[2], msg[3]
         elif kind == "done":
             self.finished[rank] = True
         elif kind in ("crash", "fatal"):
@@ -209,7 +184,7 @@ class DevicePool:
 
 
 # --- inside a rank -------------------------------------------------------------------------------
-def _rank_main(rank, device, sources, model, captioner_kwargs, prompt, caption_kwargs, threads, parent_pid, q):
+def _rank_main(rank, sources, model, captioner_kwargs, prompt, caption_kwargs, threads, parent_pid, q):
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     try:
@@ -217,14 +192,16 @@ def _rank_main(rank, device, sources, model, captioner_kwargs, prompt, caption_k
 
         if threads is not None:
             torch.set_num_threads(threads)
-        captioner = make_captioner(model, device=device, **captioner_kwargs)
+        from .captioner import Captioner
+
+        captioner = Captioner(model, **captioner_kwargs)
     except Exception as exc:  # any setup failure is reported to the parent as this device's
         q.put(("fatal", rank, f"{type(exc).__name__}: {exc}"))
         return
     q.put(("ready", rank))
     try:
         for r in captioner.caption_iter(sources, prompt, **caption_kwargs):
-            q.put(("result", rank, r.source, r.text, r.error))
+            q.put(("result", rank, r.text, r.error))
     except Exception as exc:
         q.put(("crash", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         return

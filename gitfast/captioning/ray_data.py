@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
-from .sources import IMAGE_EXTENSIONS, Source
+from .records import IMAGE_EXTENSIONS, Source
 
 # the image column Ray Data's readers produce: read_binary_files -> "bytes"; read_webdataset -> one
 # column per file extension

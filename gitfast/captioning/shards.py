@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from .sources import IMAGE_EXTENSIONS, Source, SourceReadError, failing_source
+from .records import IMAGE_EXTENSIONS, Source, SourceReadError, failing_source
 
 log = logging.getLogger(__name__)
 

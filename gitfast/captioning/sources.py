@@ -30,55 +30,12 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from functools import partial
 from typing import Callable, Iterator, Optional, Sequence, Union
 
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
-    ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".jp2", ".j2k", ".avif", ".heic", ".heif",
-})
-
+from .records import Source, SourceError, failing_source, file_source, is_image_name
+from .shards import is_shard_name, shard_sources
 
 TABLE_EXTENSIONS = (".parquet", ".pq", ".csv")
-
-
-class SourceError(ValueError):
-    """A named input that does not exist or matches nothing: a usage error, found before any work."""
-
-
-class SourceReadError(OSError):
-    """A Source that cannot be read (a damaged shard, a sample without an image): its error record says why."""
-
-
-@dataclass(frozen=True)
-class Source:
-    id: str
-    open_bytes: Callable[[], bytes]
-    group: Optional[str] = None      # the shard it came from; None for a plain file
-    key: Optional[str] = None        # its sample key inside that shard
-    meta: Optional[Callable[[], dict]] = None  # the sample's carried fields (its .json, .txt), read when written
-
-    def __repr__(self):
-        return f"Source({self.id!r})"
-
-
-def file_source(path: Union[str, os.PathLike]) -> Source:
-    return Source(os.path.normpath(os.fspath(path)), Path(path).read_bytes)
-
-
-def _raise(message: str) -> bytes:
-    raise SourceReadError(message)
-
-
-def failing_source(source_id: str, message: str, **fields) -> Source:
-    """A Source whose reading fails with `message`: an input known bad before decoding, kept in its place."""
-    return Source(source_id, partial(_raise, message), **fields)
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def expand(paths: Sequence[Union[str, os.PathLike]], *, files_from: Optional[str] = None,
@@ -107,8 +64,6 @@ def expand(paths: Sequence[Union[str, os.PathLike]], *, files_from: Optional[str
 
 
 def _stream(plan) -> Iterator[Source]:
-    from .shards import is_shard_name, shard_sources
-
     seen = set()
     for kind, what in plan:
         if kind == "file":

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from . import images as imaging
-from .sources import Source
+from .records import Source
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,11 @@ class PreparePool:
         self.restarts += 1
         log.warning("a preparation worker died; restarting the pool and retrying its inputs one at a time")
         self.close()
+
+    def worker_pids(self) -> List[int]:
+        """The process ids of the running workers (none until the pool has started)."""
+        # ProcessPoolExecutor keeps no public list of its processes
+        return list(self._executor._processes) if self._executor is not None else []
 
     def close(self) -> None:
         if self._executor is not None:

@@ -1,0 +1,82 @@
+"""What flows through the captioning wing: `Source`s (one input each) in, `Record`s (one result each) out.
+
+A Source is an id plus a way to read its bytes; shards and tables make Sources too, so every input
+kind reaches the model and the writers in the same shape. A Record keeps its Source, so a per-shard
+output can name the sample's key and carry its fields without looking the input up again.
+
+On disk a record is `{"source": str, "caption": str | None, "error": str | None}`; a source is done
+when its record has a caption and no error.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".jp2", ".j2k", ".avif", ".heic", ".heif",
+})
+FIELDS = ("source", "caption", "error")
+
+
+class SourceError(ValueError):
+    """A named input that does not exist or matches nothing: a usage error, found before any work."""
+
+
+class SourceReadError(OSError):
+    """A Source that cannot be read (a damaged shard, a sample without an image): its error record says why."""
+
+
+@dataclass(frozen=True)
+class Source:
+    id: str
+    open_bytes: Callable[[], bytes]
+    group: Optional[str] = None      # the shard it came from; None for a plain file
+    key: Optional[str] = None        # its sample key inside that shard
+    meta: Optional[Callable[[], dict]] = None  # the sample's carried fields (its .json, .txt), read when written
+
+    def __repr__(self):
+        return f"Source({self.id!r})"
+
+
+def file_source(path: Union[str, os.PathLike]) -> Source:
+    return Source(os.path.normpath(os.fspath(path)), partial(_read_path, os.fspath(path)))
+
+
+def _read_path(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def _raise(message: str) -> bytes:
+    raise SourceReadError(message)
+
+
+def failing_source(source_id: str, message: str, **fields) -> Source:
+    """A Source whose reading fails with `message`: an input known bad before decoding, kept in its place."""
+    return Source(source_id, partial(_raise, message), **fields)
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input's outcome on its way to an output."""
+    source: Source
+    caption: Optional[str]
+    error: Optional[str]
+
+    def row(self) -> dict:
+        return record(self.source.id, self.caption, self.error)
+
+
+def record(source: str, caption: Optional[str], error: Optional[str]) -> dict:
+    return {"source": source, "caption": caption, "error": error}
+
+
+def is_done(rec: dict) -> bool:
+    return rec.get("error") in (None, "") and rec.get("caption") is not None
