@@ -82,6 +82,12 @@ def check_device(*tensors: torch.Tensor) -> None:
         )
 
 
+def index_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An index tensor (cu_seqlens, context_lens, slot_mapping, block_tables) as `dtype`, packed:
+    the kernels step through it with unit strides. No copy when it already is."""
+    return t.to(dtype).contiguous()
+
+
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels take any token/head strides but need the head_dim axis packed."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -97,7 +103,7 @@ def per_seq_image_tokens(num_image_tokens, batch: int, device: torch.device):
                 f"num_image_tokens must be an int or a [batch]={batch} tensor, got shape "
                 f"{tuple(num_image_tokens.shape)}"
             )
-        return num_image_tokens.to(device=device, dtype=torch.int32), 0
+        return index_tensor(num_image_tokens.to(device), torch.int32), 0
     return None, int(num_image_tokens)
 
 

@@ -41,6 +41,7 @@ from ._common import (
     check_dtype,
     check_head_dim,
     dot_precision,
+    index_tensor,
     interpreting,
     last_dim_contiguous,
     launch_device,
@@ -222,7 +223,7 @@ def git_attention(
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D int32 tensor [batch + 1]")
     batch = cu_seqlens.numel() - 1
-    cu_seqlens = cu_seqlens.to(torch.int32)
+    cu_seqlens = index_tensor(cu_seqlens, torch.int32)
     n_img_t, n_img_shared = per_seq_image_tokens(num_image_tokens, batch, q.device)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     if sm_scale is None:

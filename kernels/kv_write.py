@@ -28,6 +28,7 @@ from ._common import (
     check_device,
     check_dtype,
     check_head_dim,
+    index_tensor,
     interpreting,
     last_dim_contiguous,
     launch_device,
@@ -100,7 +101,7 @@ def write_kv_cache(
     num_warps = 2 if num_heads * head_dim <= 1024 else 4
     with launch_device(k.device):
         _write_kv_kernel[(num_tokens,)](
-            k, v, k_cache, v_cache, slot_mapping.to(torch.int64),
+            k, v, k_cache, v_cache, index_tensor(slot_mapping, torch.int64),
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import cast
-from ._common import (LOG2E, check_device, check_dtype, check_head_dim, check_paged_cache, interpreting,
-                      launch_device, next_pow2)
+from ._common import (LOG2E, check_device, check_dtype, check_head_dim, check_paged_cache,
+                      index_tensor, interpreting, launch_device, next_pow2)
 
 
 # num_splits is not specialized (Triton would otherwise compile separate kernels for 1, for multiples
@@ -205,8 +205,8 @@ def paged_decode_attention(
     if batch == 0:
         return out
     q = q if q.stride(-1) == 1 else q.contiguous()
-    block_tables = block_tables.to(torch.int32)
-    context_lens = context_lens.to(torch.int32)
+    block_tables = index_tensor(block_tables, torch.int32)
+    context_lens = index_tensor(context_lens, torch.int32)
     block_size = k_cache.shape[1]
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)

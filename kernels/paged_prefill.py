@@ -41,6 +41,7 @@ from ._common import (
     check_head_dim,
     check_paged_cache,
     dot_precision,
+    index_tensor,
     interpreting,
     last_dim_contiguous,
     launch_device,
@@ -185,7 +186,8 @@ def paged_prefill_attention(
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("caches must have a packed head_dim (stride 1)")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    cu_seqlens_q = cu_seqlens_q.to(torch.int32)
+    cu_seqlens_q = index_tensor(cu_seqlens_q, torch.int32)
+    context_lens = index_tensor(context_lens, torch.int32)
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
     if total_q == 0 or batch == 0 or max_seqlen_q <= 0:
@@ -194,7 +196,7 @@ def paged_prefill_attention(
     n_img_t, n_img_shared = per_seq_image_tokens(num_image_tokens, batch, q.device)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
-    block_tables = block_tables.to(torch.int32)
+    block_tables = index_tensor(block_tables, torch.int32)
     block_d = next_pow2(head_dim)
     if interpreting():
         block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
@@ -210,7 +212,7 @@ def paged_prefill_attention(
     grid = (batch * num_heads, triton.cdiv(max_seqlen_q, block_m))
     with launch_device(q.device):
         _paged_prefill_kernel[grid](
-            q, out, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens.to(torch.int32),
+            q, out, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
             n_img_t if n_img_t is not None else cu_seqlens_q, n_img_shared,
             sm_scale * LOG2E,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),

@@ -104,6 +104,18 @@ def test_strided_views_and_scale():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_strided_index_tensors():
+    """cu_seqlens and per-sequence image counts as views with stride 2 (every other element)."""
+    q, k, v = _qkv(sum(LENS), 2, 64, torch.float32, seed=6)
+    n_img = torch.tensor([20, 0, 30, 1, 16], dtype=torch.int32, device=DEVICE)
+    wide_cu = _cu(LENS).repeat_interleave(2)
+    wide_img = n_img.repeat_interleave(2)
+    assert wide_cu[::2].stride(0) == 2
+    out = git_attention(q, k, v, wide_cu[::2], wide_img[::2])
+    gold = _spec_attention(q, k, v, LENS, n_img.tolist())
+    torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
+
+
 def test_matches_unpacked_sequences():
     """Packing must not couple sequences: each sequence alone gives the same rows."""
     q, k, v = _qkv(sum(LENS), 2, 64, torch.float32, seed=5)

@@ -58,6 +58,17 @@ def test_strided_inputs_and_casting_store():
     assert _same(kc, kc_ref) and _same(vc, vc_ref)
 
 
+def test_strided_slot_mapping():
+    """slot_mapping as every other element of a wider tensor (e.g. a column of per-token metadata)."""
+    k, v, kc, vc, slots = _setup(9, 2, 64, 4, 4, torch.float32, seed=4)
+    wide = torch.stack([slots, torch.zeros_like(slots)], dim=1)     # [tokens, 2]: slot, other
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    write_kv_cache(k, v, kc, vc, wide[:, 0])
+    write_kv_cache_reference(k, v, kc_ref, vc_ref, slots)
+    assert wide[:, 0].stride(0) == 2
+    assert _same(kc, kc_ref) and _same(vc, vc_ref)
+
+
 def test_all_skipped_and_empty():
     k, v, kc, vc, _ = _setup(4, 2, 64, 2, 4, torch.float16)
     before = kc.clone()

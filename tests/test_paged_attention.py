@@ -148,6 +148,25 @@ def test_decode_low_precision(dtype):
     assert err <= 2 * torch_err + FLOOR[dtype], (err.item(), torch_err.item())
 
 
+def _strided(t, dtype=torch.int32):
+    """t's values in a view with no unit stride: every other column of a twice-as-wide tensor
+    (1-D: every other element), so a kernel that assumes packed indices reads the gaps."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), -7, dtype=dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def test_decode_strided_index_tensors():
+    lens = [5, 40, 17]
+    kc, vc, tables, dense = _paged(lens, 2, 64, 4, torch.float32, seed=8)
+    q = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    tables_s, lens_s = _strided(tables), _strided(_lens(lens))
+    assert tables_s.stride(-1) == 2 and lens_s.stride(0) == 2
+    for splits in (1, 3):
+        out = paged_decode_attention(q, kc, vc, tables_s, lens_s, num_splits=splits)
+        torch.testing.assert_close(out.cpu().double(), _decode_oracle(q, dense), rtol=1e-5, atol=1e-5)
+
+
 def test_decode_bad_head_dim():
     kc = torch.zeros(2, 4, 1, 48, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim"):
@@ -262,6 +281,14 @@ def test_prefill_fp32(n_img):
     torch.testing.assert_close(out.cpu().double(), oracle(), rtol=1e-5, atol=1e-5)
     ref = paged_prefill_attention_reference(q, kc, vc, tables, cu, lens, nimg)
     torch.testing.assert_close(ref.cpu().double(), oracle(), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_strided_index_tensors():
+    n_img = torch.tensor([4, 0, 25], dtype=torch.int32, device=DEVICE)
+    q, kc, vc, tables, cu, lens, oracle = _prefill_case([7, 1, 20], n_img.cpu(), torch.float32, seed=2)
+    out = paged_prefill_attention(q, kc, vc, _strided(tables), _strided(cu), _strided(lens),
+                                  _strided(n_img))
+    torch.testing.assert_close(out.cpu().double(), oracle(), rtol=1e-5, atol=1e-5)
 
 
 def test_prefill_shared_image_prefix():
