@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -83,27 +84,58 @@ def prefill(q, k, v, num_image: int, text_mask: Optional[torch.Tensor] = None):
     return _sdpa(q, k, v, git_mask(num_image, None if unpadded else text_mask, q.shape[1], q.device))
 
 
-def cached(q, k_cache, v_cache, length: int, key_mask: Optional[torch.Tensor]):
-    """New text tokens `q` [B, T, H, D], already written at `length - T ..`, attending to cache[:, :length].
-
-    Text queries see all cached tokens but later new ones (causal among the T new tokens) and no
-    masked key. `key_mask` [B, length] bool or None.
-    """
-    t = q.shape[1]
-    k, v = k_cache[:, :length], v_cache[:, :length]
-    mask = None
-    if t > 1:
-        pos = torch.arange(length, device=q.device)
-        mask = (pos[None, :] <= pos[length - t:, None])[None, None]
-    if key_mask is not None:
-        km = key_mask[:, None, None, :length]
-        mask = km if mask is None else mask & km
-    return _sdpa(q, k, v, mask)
-
-
 # --- the paged cache (engine) ---------------------------------------------------------------
 # On CUDA these call the Triton kernels; elsewhere a vectorised plain-torch gather through the block
 # tables (the per-sequence references in `gitfast.kernels.reference` are the tests' ground truth).
+
+PREFIX, PREFILL, DECODE = "prefix", "prefill", "decode"
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything one decoder pass over the paged KV cache needs to attend, and nothing else: the
+    only contract between the serving wing, which builds it, and the attention backends, which read
+    it. A CUDA graph captures one whole; replaying refreshes its tensors in place (`copy_rows_`).
+
+    phase `prefix`: image tokens [n, I] of new images, attending bidirectionally among themselves
+    (no cache read); `prefill`: packed new text tokens of each sequence after its cached tokens;
+    `decode`: one new token per sequence.
+    """
+    phase: str
+    slot_mapping: torch.Tensor                    # [new tokens] int64: cache slot of each (-1: not written)
+    block_tables: Optional[torch.Tensor] = None   # [B, W] int32: each sequence's blocks
+    context_lens: Optional[torch.Tensor] = None   # [B] int32: tokens each sequence holds after this pass
+    cu_seqlens_q: Optional[torch.Tensor] = None   # [B + 1] int32: new tokens of sequence i are [cu[i], cu[i+1]) (prefill)
+    num_image: int = 0                            # image-prefix tokens of every sequence
+    max_q: int = 1                                # host bounds (no device sync): longest new-token run,
+    max_context: int = 0                          # longest context
+
+    def copy_rows_(self, other: "AttentionMetadata", rows: int) -> None:
+        """Refreshes the first `rows` sequences from `other` in place (a captured graph's inputs);
+        the rest stay inert: no slot written, no key read."""
+        n = other.slot_mapping.shape[0]
+        self.slot_mapping[:n].copy_(other.slot_mapping)
+        self.slot_mapping[n:rows].fill_(-1)
+        self.context_lens[:n].copy_(other.context_lens)
+        self.context_lens[n:rows].zero_()
+        self.block_tables[:n, :other.block_tables.shape[1]].copy_(other.block_tables)
+
+    def rows(self, n: int) -> "AttentionMetadata":
+        """The first `n` sequences of a decode batch (views: a graph's static inputs stay shared)."""
+        return AttentionMetadata(self.phase, self.slot_mapping[:n], self.block_tables[:n], self.context_lens[:n],
+                                 None, self.num_image, self.max_q, self.max_context)
+
+
+def paged(q, k, v, k_pool, v_pool, meta: AttentionMetadata):
+    """Writes the new K/V at `meta.slot_mapping`, then attends as `meta.phase` says. Layouts: prefix
+    `[n, I, H, D]`; prefill packed `[N, H, D]`; decode `[B, H, D]`."""
+    write_kv(k.reshape(-1, *k.shape[-2:]), v.reshape(-1, *v.shape[-2:]), k_pool, v_pool, meta.slot_mapping)
+    if meta.phase == PREFIX:
+        return bidirectional(q, k, v)
+    if meta.phase == DECODE:
+        return paged_decode(q, k_pool, v_pool, meta.block_tables, meta.context_lens, meta.max_context)
+    return paged_prefill(q, k_pool, v_pool, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, meta.num_image,
+                         meta.max_q, meta.max_context)
 
 def _gather_padded(pool, block_tables, length: int):
     """Tokens 0..length-1 of every sequence through its block table: [B, length, H, D]."""

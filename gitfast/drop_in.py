@@ -19,7 +19,6 @@ from . import attention, loading
 from .devices import placement
 from .model import GitModel, num_image_tokens
 from .serving import generation, paged_generate
-from .serving.contiguous_cache import DecodeState
 from .serving.engine import Engine
 
 
@@ -28,8 +27,8 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "gitfast"
     main_input_name = "input_ids"
     _supports_cache_class = False
-    # generate() runs greedy and beam search over the paged KV cache (the engine); False forces the
-    # plain contiguous-cache path (sampling always takes it, to reproduce transformers' RNG stream)
+    # generate() runs plain greedy through the engine (continuous batching); False runs it, like
+    # sampling and beam search always are, under transformers' own loops with rows in lockstep
     use_paged_cache = True
 
     def __init__(self, config: GitConfig):
@@ -176,17 +175,15 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
             else:
                 attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(dev)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        pad_lengths = (attention_mask != 0).int().argmax(dim=1)
         if s.max_length <= t:
             raise ValueError(f"max_length ({s.max_length}) leaves no room after the {t}-token prompt; "
                              "set max_new_tokens")
 
         expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
-        paged = (self.use_paged_cache and not s.do_sample and not s.output_scores and s.min_length == 0
-                 and not interpolate_pos_encoding)
+        continuous = (self.use_paged_cache and not s.do_sample and not s.output_scores and s.min_length == 0
+                      and not interpolate_pos_encoding and s.num_beams == 1 and expand == 1)
         scores = seq_scores = None
-        if paged and s.num_beams == 1 and expand == 1:
+        if continuous:
             if pixel_values is not None:
                 pixel_values = pixel_values.to(dev, dtype)
                 image_of_row = [i % pixel_values.shape[0] for i in range(b)]  # tiled, as transformers
@@ -196,38 +193,21 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
                 image_of_row = None
             engine = self._engine_for(b, 0 if pixel_values is None else pixel_values.shape[0], t, s)
             seqs = paged_generate.greedy(engine, pixel_values, input_ids, attention_mask, s, image_of_row)
-        elif paged and s.num_beams > 1:
-            image = self._image_tokens(pixel_values, b)
-            seqs, seq_scores = paged_generate.beam(
-                self.model, image, input_ids, attention_mask, s,
+        else:  # transformers' own loops, rows in lockstep (its exact RNG use when sampling)
+            image = self._image_tokens(pixel_values, b, interpolate_pos_encoding)
+            seqs, loop_scores = paged_generate.lockstep(
+                self.model, image, input_ids, attention_mask, s, expand,
                 lambda pads, vocab: generation.Processor(s, t, pads, vocab, dev))
-        else:  # the plain path: a contiguous cache, transformers' exact RNG use when sampling
-            seqs, scores, seq_scores = self._generate_plain(pixel_values, input_ids, attention_mask, position_ids,
-                                                            pad_lengths, s, expand, interpolate_pos_encoding)
+            if s.num_beams > 1:
+                seq_scores = loop_scores
+            else:
+                scores = loop_scores
         if not s.return_dict:
             return seqs
         from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
         if s.num_beams > 1:
             return GenerateBeamDecoderOnlyOutput(sequences=seqs, sequences_scores=seq_scores)
         return GenerateDecoderOnlyOutput(sequences=seqs, scores=tuple(scores) if s.output_scores else None)
-
-    def _generate_plain(self, pixel_values, input_ids, attention_mask, position_ids, pad_lengths, s, expand,
-                        interpolate_pos_encoding):
-        b, t = input_ids.shape
-        dev = input_ids.device
-        image = self._image_tokens(pixel_values, b, interpolate_pos_encoding)
-        state = DecodeState(self.model, b, image.shape[1], t, s.max_length - t, image.dtype, dev)
-        logits = state.prefill(image, input_ids, attention_mask, position_ids)
-        if expand > 1:  # every beam / returned sample starts from the same prefilled rows
-            rows = torch.arange(b, device=dev).repeat_interleave(expand)
-            state.reorder(rows)
-            logits, input_ids, pad_lengths = logits[rows], input_ids[rows], pad_lengths[rows]
-        proc = generation.Processor(s, t, pad_lengths, logits.shape[-1], dev)
-        if s.num_beams > 1:
-            seqs, seq_scores = generation.beam_search(state, logits, input_ids, s, proc)
-            return seqs, None, seq_scores
-        seqs, scores = generation.sample_or_greedy(state, logits, input_ids, s, proc)
-        return seqs, scores, None
 
     def _engine_for(self, rows: int, images: int, prompt_len: int, s) -> Engine:
         """The engine kept between generate calls, rebuilt only when this call needs more."""

@@ -3,7 +3,7 @@
 Weights use gitfast's fused layout (one QKV projection per layer; see `loading.py` for the mapping
 from Hugging Face names). Every block has exactly one attention call site (`attention.py`), one MLP
 call site and add+LayerNorm call sites (`ops.py`), so faster backends plug in without touching this
-file. The KV cache is passed in by the caller (`serving/contiguous_cache.py`, or the paged engine).
+file. The KV cache is passed in by the caller (`serving/paged_runner.py` builds one `attention.AttentionMetadata` per pass).
 """
 from __future__ import annotations
 

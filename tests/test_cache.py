@@ -105,10 +105,12 @@ def test_slot_state_gathers_the_same_step_inputs_as_the_block_tables():
     state.start(slots, seqs, [3, 3, 3], torch.tensor([7, 8, 9]))
     for step in range(2):
         rows = state.rows(tuple(slots))
-        tokens, positions, got_slots, context, tables = state.inputs(rows)
-        assert got_slots.tolist() == [cache.slots(s, s.length, 1)[0] for s in seqs]
+        tokens, positions, meta = state.inputs(rows, max(s.length for s in seqs) + 1)
+        context = meta.context_lens
+        assert meta.phase == "decode" and meta.max_context == max(s.length for s in seqs) + 1
+        assert meta.slot_mapping.tolist() == [cache.slots(s, s.length, 1)[0] for s in seqs]
         assert context.tolist() == [s.length + 1 for s in seqs]
-        assert tables.tolist() == cache.block_table_tensor(seqs, 6).tolist()
+        assert meta.block_tables.tolist() == cache.block_table_tensor(seqs, 6).tolist()
         assert positions.tolist() == [3 + step] * 3
         assert tokens.tolist() == ([7, 8, 9] if step == 0 else [1, 2, 3])
         state.advance(rows, context, positions, torch.tensor([1, 2, 3]))

@@ -224,11 +224,10 @@ class Engine:
             launched = None
             if stepping:
                 rows = state.rows(tuple(r.slot for r in stepping))
-                tokens, positions, slots, context, tables = state.inputs(rows)
-                max_context = max(r.seq.length for r in stepping) + 1
-                logits = self.runner.step(tokens, positions, slots, context, tables, max_context)
+                tokens, positions, meta = state.inputs(rows, max(r.seq.length for r in stepping) + 1)
+                logits = self.runner.step(tokens, positions, meta)
                 chosen = selector.select(logits, rows)
-                state.advance(rows, context, positions, chosen)
+                state.advance(rows, meta.context_lens, positions, chosen)
                 for r in stepping:
                     r.seq.length += 1
                     r.launched += 1

@@ -3,8 +3,10 @@
 - greedy: through the engine (continuous batching; rows retire as they finish), then laid out as
   transformers lays out its batch: the prompt as given (left padding kept), the new tokens, and
   `pad_token_id` after EOS up to the longest row;
-- beam search: every beam of an image shares the image's prefix blocks; beams step in lockstep
-  (`PagedStepper`) under `generation.beam_search`, which reorders only their private blocks.
+- beam search, sampling with transformers' RNG stream, and anything that needs per-step scores:
+  rows step in lockstep (`PagedStepper`) under `generation.py`'s transformers-exact loops; every copy
+  of a row (a beam, a returned sample) shares the row's image prefix blocks, and beam search
+  reorders only their private blocks.
 """
 from __future__ import annotations
 
@@ -67,31 +69,36 @@ def greedy(engine: Engine, pixel_values: Optional[torch.Tensor], input_ids, atte
 
 
 @torch.inference_mode()
-def beam(model, image_tokens: torch.Tensor, input_ids, attention_mask, s, proc_factory, block_size: int = 16):
-    """Beam search with `s.num_beams` beams per row; `image_tokens` [B, I, hidden] (I may be 0)."""
-    k = s.num_beams
+def lockstep(model, image_tokens: torch.Tensor, input_ids, attention_mask, s, expand: int, proc_factory,
+             block_size: int = BLOCK_SIZE):
+    """Rows stepped together under transformers' exact loops: `generation.beam_search` with
+    `s.num_beams` beams per row, else `generation.sample_or_greedy` with `expand` copies of each row
+    (returned samples). `image_tokens` [B, I, hidden] (I may be 0). Every copy of a row shares the
+    row's image prefix blocks; beams reorder only their private blocks. Returns the loop's
+    (sequences, scores)."""
     b, t = input_ids.shape
     dtype = image_tokens.dtype
-    cache = PagedKVCache.from_budget(model.config, _budget(model, b * k, b, t, s, block_size, dtype),
+    cache = PagedKVCache.from_budget(model.config, _budget(model, b * expand, b, t, s, block_size, dtype),
                                      block_size, dtype, image_tokens.device)
     runner = PagedRunner(model, cache)
     prefixes = runner.encode_prefixes(image_tokens)
     prompts = _rows(input_ids, attention_mask)
     n_img = image_tokens.shape[1]
-    seqs, beam_prompts = [], []
+    seqs, row_prompts = [], []
     for i in range(b):
-        for _ in range(k):
+        for _ in range(expand):
             seqs.append(cache.start_sequence(prefixes[i], n_img + s.max_length + 1))
-            beam_prompts.append(prompts[i])
-    for p in prefixes:  # the beams hold their own references now
+            row_prompts.append(prompts[i])
+    for p in prefixes:  # the rows hold their own references now
         cache.release_prefix(p)
-    logits = runner.prefill(seqs, beam_prompts, n_img)
-    positions = torch.tensor([len(p) for p in beam_prompts], device=image_tokens.device)
+    logits = runner.prefill(seqs, row_prompts, n_img)
+    positions = torch.tensor([len(p) for p in row_prompts], device=image_tokens.device)
     stepper = PagedStepper(runner, seqs, positions)
-    rows = torch.arange(b, device=input_ids.device).repeat_interleave(k)
+    rows = torch.arange(b, device=input_ids.device).repeat_interleave(expand)
     pad_lengths = (attention_mask != 0).int().argmax(dim=1)[rows]
     proc = proc_factory(pad_lengths, logits.shape[-1])
+    loop = generation.beam_search if s.num_beams > 1 else generation.sample_or_greedy
     try:
-        return generation.beam_search(stepper, logits, input_ids[rows], s, proc)
+        return loop(stepper, logits, input_ids[rows], s, proc)
     finally:
         stepper.release()

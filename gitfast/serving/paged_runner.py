@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import attention
+from ..attention import AttentionMetadata
 from .paged_cache import PagedKVCache, Prefix, SeqBlocks
 
 
@@ -28,6 +29,11 @@ class PagedRunner:
     def _tensor(self, values, dtype=torch.long):
         return torch.tensor(values, dtype=dtype, device=self.device)
 
+    def _decode(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The decoder over `h` with every layer attending through the paged cache as `meta` says."""
+        cache = self.cache
+        return self.model.decode(h, lambda layer, q, k, v: attention.paged(q, k, v, cache.k[layer], cache.v[layer], meta))
+
     def encode_prefixes(self, image_tokens: torch.Tensor) -> List[Prefix]:
         """Decoder pass over `[N, I, hidden]` image tokens; returns one prefix (its blocks) per image."""
         n, length = image_tokens.shape[:2]
@@ -36,14 +42,7 @@ class PagedRunner:
             return prefixes
         bs = self.cache.block_size
         slots = self._tensor([p.blocks[t // bs] * bs + t % bs for p in prefixes for t in range(length)])
-        cache = self.cache
-
-        def attend(layer, q, k, v):
-            attention.write_kv(k.reshape(n * length, *k.shape[2:]), v.reshape(n * length, *v.shape[2:]),
-                               cache.k[layer], cache.v[layer], slots)
-            return attention.bidirectional(q, k, v)
-
-        self.model.decode(image_tokens, attend)
+        self._decode(image_tokens, AttentionMetadata(attention.PREFIX, slots, num_image=length))
         return prefixes
 
     def prefill(self, seqs: List[SeqBlocks], prompts: Sequence[Sequence[int]], num_image: int) -> torch.Tensor:
@@ -58,48 +57,33 @@ class PagedRunner:
             seq.length += n
         cu = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=self.device)
         cu[1:] = torch.cumsum(self._tensor(lens, torch.int32), 0)
-        context = self._tensor([s.length for s in seqs], torch.int32)
-        tables = self.cache.block_table_tensor(seqs)
-        max_q, max_ctx = max(lens), max(s.length for s in seqs)
-        cache = self.cache
+        meta = AttentionMetadata(attention.PREFILL, slots, self.cache.block_table_tensor(seqs),
+                                 self._tensor([s.length for s in seqs], torch.int32), cu, num_image,
+                                 max_q=max(lens), max_context=max(s.length for s in seqs))
+        h = self._decode(self.model.embed_text(ids, positions), meta)
+        return self.model.lm_head(h[(cu[1:] - 1).long()])
 
-        def attend(layer, q, k, v):
-            attention.write_kv(k, v, cache.k[layer], cache.v[layer], slots)
-            return attention.paged_prefill(q, cache.k[layer], cache.v[layer], tables, cu, context, num_image,
-                                           max_q, max_ctx)
-
-        h = self.model.decode(self.model.embed_text(ids, positions), attend)
-        last = (cu[1:] - 1).long()
-        return self.model.lm_head(h[last])
-
-    def decode(self, seqs: List[SeqBlocks], tokens: torch.Tensor, positions: torch.Tensor,
-               tables: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode(self, seqs: List[SeqBlocks], tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Appends `tokens` [B] (text positions `positions`) to each sequence; returns logits [B, vocab]."""
         slots = self._tensor([self.cache.slots(s, s.length, 1)[0] for s in seqs])
         for s in seqs:
             s.length += 1
-        context = self._tensor([s.length for s in seqs], torch.int32)
-        tables = tables if tables is not None else self.cache.block_table_tensor(seqs)
-        return self.step(tokens, positions, slots, context, tables, max(s.length for s in seqs))
+        meta = AttentionMetadata(attention.DECODE, slots, self.cache.block_table_tensor(seqs),
+                                 self._tensor([s.length for s in seqs], torch.int32),
+                                 max_context=max(s.length for s in seqs))
+        return self.step(tokens, positions, meta)
 
-    def step(self, tokens, positions, slots, context, tables, max_context: int) -> torch.Tensor:
+    def step(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
         """A decode step from device inputs: replayed from a CUDA graph where one serves, else eager."""
         if self.graphs is not None:
-            out = self.graphs.run(tokens, positions, slots, context, tables)
+            out = self.graphs.run(tokens, positions, meta)
             if out is not None:
                 return out
-        return self.decode_tensors(tokens, positions, slots, context, tables, max_context)
+        return self.decode_tensors(tokens, positions, meta)
 
-    def decode_tensors(self, tokens, positions, slots, context, tables, max_context: int) -> torch.Tensor:
+    def decode_tensors(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
         """The decode step on device tensors only (no host work): what CUDA graphs capture."""
-        cache = self.cache
-
-        def attend(layer, q, k, v):
-            attention.write_kv(k, v, cache.k[layer], cache.v[layer], slots)
-            return attention.paged_decode(q, cache.k[layer], cache.v[layer], tables, context, max_context)
-
-        h = self.model.decode(self.model.embed_text(tokens, positions), attend)
-        return self.model.lm_head(h)
+        return self.model.lm_head(self._decode(self.model.embed_text(tokens, positions), meta))
 
 
 class SlotState:
@@ -137,13 +121,15 @@ class SlotState:
             self._key, self._rows = slots, torch.tensor(slots, dtype=torch.long, device=self.device)
         return self._rows
 
-    def inputs(self, rows: torch.Tensor):
-        """(tokens, positions, cache slots, context lengths, block tables) for one decode step."""
+    def inputs(self, rows: torch.Tensor, max_context: int):
+        """(tokens, positions, attention metadata) for one decode step; `max_context` is the host's
+        bound on the longest context after it."""
         lengths, tables = self.lengths[rows], self.tables[rows]
         bs = self.cache.block_size
         block = tables.gather(1, (lengths // bs).long()[:, None])[:, 0].long()
         slots = block * bs + (lengths % bs).long()
-        return self.tokens[rows], self.positions[rows], slots, lengths + 1, tables
+        meta = AttentionMetadata(attention.DECODE, slots, tables, lengths + 1, max_context=max_context)
+        return self.tokens[rows], self.positions[rows], meta
 
     def advance(self, rows: torch.Tensor, context: torch.Tensor, positions: torch.Tensor,
                 chosen: torch.Tensor) -> None:
