@@ -9,12 +9,17 @@
 
 #include <ATen/core/enum_tag.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/mm.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/string_view.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -169,6 +174,161 @@ at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at
   return out.view(shape);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention (CPU kernels only): checks, index tensors made contiguous int32, then the kernel
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kMaxAttentionHeadDim = 256;  // the CPU kernel's register/scratch sizing
+
+void check_attention_q(const char* op, const at::Tensor& q) {
+  const auto t = q.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, "gitfast.", op, ": q has dtype ", t,
+              "; supported dtypes are float32, float16 and bfloat16");
+  TORCH_CHECK(q.dim() == 3, "gitfast.", op, ": q must have shape [tokens, heads, head_dim], got ", q.sizes());
+  TORCH_CHECK(q.size(2) >= 1 && q.size(2) <= kMaxAttentionHeadDim, "gitfast.", op, ": head_dim ", q.size(2),
+              " is outside the CPU kernel's 1..", kMaxAttentionHeadDim);
+  TORCH_CHECK(q.is_cpu(), "gitfast.", op, ": gitfast._C has CPU attention kernels only; q is on ", q.device(),
+              " (use gitfast.kernels for CUDA)");
+}
+
+void check_same_kind(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.device() == q.device(), "gitfast.", op, ": ", name, " is on ", t.device(), " but q is on ",
+              q.device(), "; move both to one device");
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "gitfast.", op, ": ", name, " has dtype ", t.scalar_type(),
+              " but q has ", q.scalar_type(), "; cast both to one dtype");
+}
+
+// Kernels read rows through leading strides; only the last dim must be dense.
+at::Tensor rows_dense(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Index tensors as the kernels read them: contiguous int32 on the CPU (a strided view or an int64
+// tensor is copied, never read as raw memory).
+at::Tensor index_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK(t.is_cpu(), "gitfast.", op, ": ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kBool, "gitfast.", op, ": ", name,
+              " must hold integers, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, "gitfast.", op, ": ", name, " must have ", dim, " dims, got ", t.sizes());
+  return t.to(at::kInt).contiguous();
+}
+
+// One image-token count per sequence: the tensor (per sequence, or 0-dim for all) or the int.
+at::Tensor image_counts_of(const char* op, const std::optional<at::Tensor>& counts, int64_t num_image_tokens,
+                           int64_t batch) {
+  if (!counts) return at::full({batch}, num_image_tokens, at::TensorOptions().dtype(at::kInt));
+  if (counts->dim() == 0) {
+    return at::full({batch}, index_tensor(op, "num_image_tokens", *counts, 0).item<int32_t>(),
+                    at::TensorOptions().dtype(at::kInt));
+  }
+  at::Tensor c = index_tensor(op, "num_image_tokens", *counts, 1);
+  TORCH_CHECK(c.numel() == batch, "gitfast.", op, ": num_image_tokens has ", c.numel(), " entries for ", batch,
+              " sequences");
+  return c;
+}
+
+double scale_or_default(const std::optional<double>& sm_scale, const at::Tensor& q) {
+  return sm_scale ? *sm_scale : 1.0 / std::sqrt(static_cast<double>(q.size(2)));
+}
+
+// cu_seqlens [B + 1]: starts at 0 or later, never decreases, ends within `tokens`.
+at::Tensor cu_seqlens_of(const char* op, const char* name, const at::Tensor& cu_seqlens, int64_t tokens) {
+  at::Tensor cu = index_tensor(op, name, cu_seqlens, 1);
+  TORCH_CHECK(cu.numel() >= 1, "gitfast.", op, ": ", name, " must hold B + 1 offsets, got none");
+  const int32_t* c = cu.const_data_ptr<int32_t>();
+  TORCH_CHECK(c[0] >= 0 && c[cu.numel() - 1] <= tokens, "gitfast.", op, ": ", name, " spans [", c[0], ", ",
+              c[cu.numel() - 1], ") but q has ", tokens, " tokens");
+  for (int64_t b = 0; b + 1 < cu.numel(); ++b) {
+    TORCH_CHECK(c[b] <= c[b + 1], "gitfast.", op, ": ", name, " decreases at ", b, " (", c[b], " > ", c[b + 1], ")");
+  }
+  return cu;
+}
+
+at::Tensor git_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+                         const std::optional<at::Tensor>& num_image_tokens_per_seq, int64_t num_image_tokens,
+                         std::optional<double> sm_scale) {
+  const char* op = "git_attention";
+  check_attention_q(op, q);
+  check_same_kind(op, "k", k, q);
+  check_same_kind(op, "v", v, q);
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "gitfast.", op, ": q, k, v must have one shape "
+              "[tokens, heads, head_dim], got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const at::Tensor cu = cu_seqlens_of(op, "cu_seqlens", cu_seqlens, q.size(0));
+  const at::Tensor counts = image_counts_of(op, num_image_tokens_per_seq, num_image_tokens, cu.numel() - 1);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  cpu_kernels::git_attention(rows_dense(q), rows_dense(k), rows_dense(v), cu, counts, scale_or_default(sm_scale, q),
+                             out);
+  return out;
+}
+
+// The paged checks both paged ops share; returns the int32 tables and context lengths.
+std::tuple<at::Tensor, at::Tensor> check_paged(const char* op, const at::Tensor& q, const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                               const at::Tensor& context_lens) {
+  check_attention_q(op, q);
+  check_same_kind(op, "k_cache", k_cache, q);
+  check_same_kind(op, "v_cache", v_cache, q);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(2) == q.size(1) && k_cache.size(3) == q.size(2) &&
+                  v_cache.sizes() == k_cache.sizes(),
+              "gitfast.", op, ": caches must have shape [num_blocks, block_size, ", q.size(1), ", ", q.size(2),
+              "] (heads and head_dim of q), got ", k_cache.sizes(), " and ", v_cache.sizes());
+  at::Tensor tables = index_tensor(op, "block_tables", block_tables, 2);
+  at::Tensor lens = index_tensor(op, "context_lens", context_lens, 1);
+  TORCH_CHECK(tables.size(0) == lens.numel(), "gitfast.", op, ": block_tables has ", tables.size(0),
+              " rows for ", lens.numel(), " sequences");
+  // every table entry a context reaches must name a block of the pool: a bad one would be read
+  const int64_t bs = k_cache.size(1), width = tables.size(1), blocks = k_cache.size(0);
+  const int32_t* t = tables.const_data_ptr<int32_t>();
+  const int32_t* l = lens.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < lens.numel(); ++b) {
+    TORCH_CHECK(l[b] >= 0 && l[b] <= width * bs, "gitfast.", op, ": context_lens[", b, "] = ", l[b],
+                " is outside 0..", width * bs, " (block_tables width x block_size)");
+    for (int64_t i = 0; i < (l[b] + bs - 1) / bs; ++i) {
+      TORCH_CHECK(t[b * width + i] >= 0 && t[b * width + i] < blocks, "gitfast.", op, ": block_tables[", b, ", ",
+                  i, "] = ", t[b * width + i], " is not a block of the ", blocks, "-block cache");
+    }
+  }
+  return {tables, lens};
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                  std::optional<double> sm_scale) {
+  const char* op = "paged_decode_attention";
+  auto [tables, lens] = check_paged(op, q, k_cache, v_cache, block_tables, context_lens);
+  TORCH_CHECK(q.size(0) == lens.numel(), "gitfast.", op, ": q has ", q.size(0), " rows for ", lens.numel(),
+              " sequences");
+  const at::TensorOptions i32 = at::TensorOptions().dtype(at::kInt);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  cpu_kernels::paged_attention(rows_dense(q), rows_dense(k_cache), rows_dense(v_cache), tables,
+                               at::arange(lens.numel() + 1, i32), lens, at::zeros({lens.numel()}, i32),
+                               scale_or_default(sm_scale, q), out);
+  return out;
+}
+
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q,
+                                   const at::Tensor& context_lens,
+                                   const std::optional<at::Tensor>& num_image_tokens_per_seq, int64_t num_image_tokens,
+                                   std::optional<double> sm_scale) {
+  const char* op = "paged_prefill_attention";
+  auto [tables, lens] = check_paged(op, q, k_cache, v_cache, block_tables, context_lens);
+  const at::Tensor cu = cu_seqlens_of(op, "cu_seqlens_q", cu_seqlens_q, q.size(0));
+  TORCH_CHECK(cu.numel() == lens.numel() + 1, "gitfast.", op, ": cu_seqlens_q has ", cu.numel(),
+              " offsets for ", lens.numel(), " sequences (expected B + 1)");
+  const int32_t* c = cu.const_data_ptr<int32_t>();
+  const int32_t* l = lens.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < lens.numel(); ++b) {
+    TORCH_CHECK(c[b + 1] - c[b] <= l[b], "gitfast.", op, ": sequence ", b, " has ", c[b + 1] - c[b],
+                " new tokens but context_lens[", b, "] = ", l[b], " (the new tokens are the last of the context)");
+  }
+  const at::Tensor counts = image_counts_of(op, num_image_tokens_per_seq, num_image_tokens, lens.numel());
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  cpu_kernels::paged_attention(rows_dense(q), rows_dense(k_cache), rows_dense(v_cache), tables, cu, lens, counts,
+                               scale_or_default(sm_scale, q), out);
+  return out;
+}
+
+std::string cpu_isa() { return cpu_kernels::cpu_isa(); }
+
 }  // namespace
 }  // namespace gitfast
 
@@ -184,6 +344,18 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
   m.def("mlp(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
         "str activation) -> Tensor",
         tags);
+  // Attention: num_image_tokens is per sequence when the tensor is given (0-dim: for all), else the int.
+  m.def("git_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor? num_image_tokens_per_seq, "
+        "int num_image_tokens, float? sm_scale) -> Tensor",
+        tags);
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float? sm_scale) -> Tensor",
+        tags);
+  m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor cu_seqlens_q, Tensor context_lens, Tensor? num_image_tokens_per_seq, int num_image_tokens, "
+        "float? sm_scale) -> Tensor",
+        tags);
+  m.def("cpu_isa() -> str", &gitfast::cpu_isa);  // no tensors: one kernel for every dispatch key
 }
 
 // The same entries for every device: they pick the device's kernels themselves.
@@ -193,7 +365,12 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
   m.impl("bias_act", &gitfast::bias_act);             \
   m.impl("mlp", &gitfast::mlp)
 
-TORCH_LIBRARY_IMPL(gitfast, CPU, m) { GITFAST_IMPL_ALL(m); }
+TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
+  GITFAST_IMPL_ALL(m);
+  m.impl("git_attention", &gitfast::git_attention);
+  m.impl("paged_decode_attention", &gitfast::paged_decode_attention);
+  m.impl("paged_prefill_attention", &gitfast::paged_prefill_attention);
+}
 #if GITFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(gitfast, CUDA, m) { GITFAST_IMPL_ALL(m); }
 #endif

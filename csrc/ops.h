@@ -7,6 +7,8 @@
 //   add_layer_norm(x, residual, w, b, eps)   -> (LayerNorm(x + residual), x + residual)
 //   bias_act(x, bias?, activation)           -> act(x + bias), act in {quick_gelu, gelu}
 //   mlp(x, w1, b1?, w2, b2?, activation)     -> act(x @ w1^T + b1) @ w2^T + b2
+// and GIT attention on the CPU (cpu/attention.cpp; contracts of kernels/__init__.py):
+//   git_attention, paged_decode_attention, paged_prefill_attention, cpu_isa
 // Kernels get inputs the bindings have checked (dtype, shapes, contiguity, one device) and write
 // into outputs the bindings allocated. This header stays light (no CUDA, no pybind) so both
 // compilers parse it quickly.
@@ -28,6 +30,20 @@ namespace cpu_kernels {
 void layer_norm(const char* op, const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
                 const at::Tensor& bias, double eps, at::Tensor& y, at::Tensor* summed);
 void bias_act(const at::Tensor& x, const std::optional<at::Tensor>& bias, Activation act, at::Tensor& y);
+
+// Attention (CPU only). q/k/v/caches: last dim contiguous, any leading strides; index tensors
+// contiguous int32 (image_counts [B], one per sequence); out: q's shape and dtype.
+//   git_attention:   q, k, v [N, H, D] packed varlen, cu_seqlens [B + 1]
+//   paged_attention: q [N, H, D] new tokens (cu_seqlens_q [B + 1]) at the end of context_lens[b]
+//                    cached tokens each, caches [num_blocks, block_size, H, D], block_tables [B, W];
+//                    decode is one new token per sequence, no image tokens (an empty context -> 0)
+void git_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+                   const at::Tensor& image_counts, double sm_scale, at::Tensor& out);
+void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens,
+                     const at::Tensor& image_counts, double sm_scale, at::Tensor& out);
+// The vector ISA the attention kernels run ("avx512", "avx2" or "generic"), chosen once.
+const char* cpu_isa();
 }  // namespace cpu_kernels
 
 namespace cuda_kernels {  // defined only in builds with CUDA (GITFAST_WITH_CUDA=1)

@@ -1,0 +1,421 @@
+// gitfast._C, CPU attention with GIT's mask: git_attention (varlen, packed [N, H, D]) and paged
+// decode / prefill over a block-table KV cache [num_blocks, block_size, H, D]. The contracts are
+// kernels/__init__.py's (Triton) and kernels/reference.py's: per sequence, key j is visible to the
+// query at absolute position i iff j < min(max(P, i + 1), L), P = the image-token count clamped to
+// [0, L]. Checks live in ../bindings.cpp.
+//
+// Work item = (sequence, head), items split over threads (at::parallel_for). An item packs its L
+// keys transposed (Kt [Dp][Lp]) and its values (V [Lp][Dp]) into fp32 scratch, which does the
+// block-table gather, the bf16/fp16 -> fp32 conversion and the zero padding once; then blocks of
+// query rows run attention_block.h: scores by FMA over the head dim into key tiles of 32, online
+// softmax in base 2, o += p V. fp32 throughout, one rounding to the output dtype.
+//
+// The block kernel is compiled for AVX-512, AVX2+FMA and portable C++; the CPU (or
+// GITFAST_CPU_ISA=avx512|avx2|generic, read once at the first call) picks one at run time.
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define GITFAST_X86 1
+#include <immintrin.h>
+#else
+#define GITFAST_X86 0
+#endif
+#if defined(__GNUC__)
+#define GITFAST_BLOCK_INLINE inline __attribute__((always_inline))
+#else
+#define GITFAST_BLOCK_INLINE inline
+#endif
+
+namespace gitfast {
+namespace {
+
+constexpr int kTile = 32;        // keys per tile: a multiple of every ISA's vector width
+constexpr int kMaxHeadDim = 256;  // bindings refuse wider heads (register/scratch sizing)
+constexpr int kPadDim = 16;       // head dims are zero-padded to a multiple of this (every W divides it)
+constexpr int kMaxRows = 4;       // the most query rows any ISA's block takes
+
+}  // namespace
+
+// ---- the block kernel, once per ISA ----------------------------------------------------------
+
+#if GITFAST_X86
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in _mm512_reduce_*_ps
+#endif
+namespace avx512 {
+namespace {
+struct Vec {
+  static constexpr int W = 16, kRegs = 32;
+  __m512 x;
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, x); }
+  static Vec broadcast(float f) { return {_mm512_set1_ps(f)}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.x, b.x, c.x)}; }
+  static Vec mul(Vec a, Vec b) { return {_mm512_mul_ps(a.x, b.x)}; }
+  static Vec add(Vec a, Vec b) { return {_mm512_add_ps(a.x, b.x)}; }
+  static Vec sub(Vec a, Vec b) { return {_mm512_sub_ps(a.x, b.x)}; }
+  static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.x, b.x)}; }
+  float hmax() const { return _mm512_reduce_max_ps(x); }
+  float hsum() const { return _mm512_reduce_add_ps(x); }
+  // lanes >= valid become -inf
+  static Vec mask_from(Vec s, int valid) {
+    if (valid >= W) return s;
+    const __mmask16 keep = valid <= 0 ? 0 : static_cast<__mmask16>((1u << valid) - 1u);
+    return {_mm512_mask_blend_ps(keep, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), s.x)};
+  }
+  // 2^x for x <= 0 (-inf -> 0): 2^n * 2^f, n = round(x), |f| <= 1/2, 2^f by its degree-6 Taylor
+  // polynomial (relative error ~1e-7); scalef applies 2^n and flushes x < -150 to 0.
+  static Vec exp2(Vec v) {
+    const __m512 x = _mm512_max_ps(v.x, _mm512_set1_ps(-160.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.5403530e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));  // ln 2
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return {_mm512_scalef_ps(p, n)};
+  }
+};
+#include "attention_block.h"
+}  // namespace
+}  // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+namespace avx2 {
+namespace {
+struct Vec {
+  static constexpr int W = 8, kRegs = 16;
+  __m256 x;
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, x); }
+  static Vec broadcast(float f) { return {_mm256_set1_ps(f)}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.x, b.x, c.x)}; }
+  static Vec mul(Vec a, Vec b) { return {_mm256_mul_ps(a.x, b.x)}; }
+  static Vec add(Vec a, Vec b) { return {_mm256_add_ps(a.x, b.x)}; }
+  static Vec sub(Vec a, Vec b) { return {_mm256_sub_ps(a.x, b.x)}; }
+  static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.x, b.x)}; }
+  float hmax() const {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  float hsum() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+  static Vec mask_from(Vec s, int valid) {
+    if (valid >= W) return s;
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 keep = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(valid)), _CMP_LT_OQ);
+    return {_mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()), s.x, keep)};
+  }
+  // as avx512's; 2^n built in the exponent bits, lanes below -126 (masked keys among them) -> 0
+  static Vec exp2(Vec v) {
+    const __m256 x = _mm256_max_ps(v.x, _mm256_set1_ps(-126.0f));
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_set1_ps(1.5403530e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504109e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022651e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));  // ln 2
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return {_mm256_and_ps(r, _mm256_cmp_ps(v.x, _mm256_set1_ps(-126.0f), _CMP_GE_OQ))};
+  }
+};
+#include "attention_block.h"
+}  // namespace
+}  // namespace avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // GITFAST_X86
+
+// Portable C++ (any CPU): arrays of 8 floats the compiler vectorises for the build's baseline.
+namespace generic {
+namespace {
+struct Vec {
+  static constexpr int W = 8, kRegs = 16;
+  float x[W];
+  static Vec zero() { return broadcast(0.0f); }
+  static Vec load(const float* p) {
+    Vec r;
+    std::memcpy(r.x, p, sizeof(r.x));
+    return r;
+  }
+  void store(float* p) const { std::memcpy(p, x, sizeof(x)); }
+  static Vec broadcast(float f) {
+    Vec r;
+    for (float& v : r.x) v = f;
+    return r;
+  }
+  template <typename F>
+  static Vec map(Vec a, Vec b, F f) {
+    Vec r;
+    for (int i = 0; i < W; ++i) r.x[i] = f(a.x[i], b.x[i]);
+    return r;
+  }
+  static Vec fma(Vec a, Vec b, Vec c) {
+    Vec r;
+    for (int i = 0; i < W; ++i) r.x[i] = std::fma(a.x[i], b.x[i], c.x[i]);
+    return r;
+  }
+  static Vec mul(Vec a, Vec b) { return map(a, b, [](float u, float v) { return u * v; }); }
+  static Vec add(Vec a, Vec b) { return map(a, b, [](float u, float v) { return u + v; }); }
+  static Vec sub(Vec a, Vec b) { return map(a, b, [](float u, float v) { return u - v; }); }
+  static Vec max(Vec a, Vec b) { return map(a, b, [](float u, float v) { return u > v ? u : v; }); }
+  float hmax() const { return *std::max_element(x, x + W); }
+  float hsum() const {
+    float s = 0.0f;
+    for (float v : x) s += v;
+    return s;
+  }
+  static Vec mask_from(Vec s, int valid) {
+    for (int i = std::max(valid, 0); i < W; ++i) s.x[i] = -std::numeric_limits<float>::infinity();
+    return s;
+  }
+  static Vec exp2(Vec v) {
+    for (float& e : v.x) e = std::exp2(e);
+    return v;
+  }
+};
+#include "attention_block.h"
+}  // namespace
+}  // namespace generic
+
+namespace {
+
+// ---- ISA choice ------------------------------------------------------------------------------
+
+using BlockFn = void (*)(const float*, const float*, const float*, const int*, int, int64_t, int, float*);
+
+struct Isa {
+  const char* name;
+  BlockFn block;
+  int width;  // floats per vector
+  int rows;   // query rows per block
+};
+
+// The best ISA the CPU has, capped by GITFAST_CPU_ISA (avx512 | avx2 | generic); decided once.
+const Isa& chosen_isa() {
+  static const Isa isa = [] {
+    const Isa portable{"generic", &generic::attend_block, generic::Vec::W, generic::kRows};
+#if GITFAST_X86
+    const Isa v4{"avx512", &avx512::attend_block, avx512::Vec::W, avx512::kRows};
+    const Isa v3{"avx2", &avx2::attend_block, avx2::Vec::W, avx2::kRows};
+    const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const char* env = std::getenv("GITFAST_CPU_ISA");
+    const std::string want = env ? env : "";
+    TORCH_CHECK(want.empty() || want == "avx512" || want == "avx2" || want == "generic",
+                "gitfast: GITFAST_CPU_ISA=", want, " is not one of avx512, avx2, generic");
+    if (has512 && (want.empty() || want == "avx512")) return v4;
+    if (has2 && want != "generic") return v3;
+#endif
+    return portable;
+  }();
+  return isa;
+}
+
+// ---- packing ---------------------------------------------------------------------------------
+
+GITFAST_BLOCK_INLINE float to_f32(float v) { return v; }
+GITFAST_BLOCK_INLINE float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
+GITFAST_BLOCK_INLINE float to_f32(c10::Half v) { return static_cast<float>(v); }
+
+// Where token j of one (sequence, head) lives: contiguous rows, or through a block table.
+template <typename T>
+struct Rows {
+  const T* base;             // token 0's row (sequence start + head offset) or block 0's head offset
+  int64_t token_stride;      // elements between consecutive tokens (within a block)
+  const int32_t* table;      // block table row, or null for contiguous rows
+  int64_t block_stride;      // elements between blocks
+  int64_t block_size;
+  const T* row(int64_t j) const {
+    if (table == nullptr) return base + j * token_stride;
+    return base + table[j / block_size] * block_stride + (j % block_size) * token_stride;
+  }
+};
+
+struct Scratch {
+  std::vector<float> kt, v, q, o;
+  std::vector<int> lim;
+  Scratch(int64_t max_lp, int64_t dp)
+      : kt(max_lp * dp), v(max_lp * dp), q(kMaxRows * dp), o(kMaxRows * dp), lim(kMaxRows) {}
+};
+
+// One item: nq queries at positions pos0.. attend to L keys with P image tokens; out rows in T.
+template <typename T>
+void attend_item(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Rows<T>& values, const T* q,
+                 int64_t q_stride, T* out, int64_t out_stride, int64_t nq, int64_t pos0, int64_t L, int64_t P,
+                 int64_t D, float scale) {
+  const int64_t Dp = (D + kPadDim - 1) / kPadDim * kPadDim;
+  if (L <= 0) {  // decode with an empty context: zeros, as the kernels and references write
+    for (int64_t i = 0; i < nq; ++i) std::fill(out + i * out_stride, out + i * out_stride + D, T(0.0f));
+    return;
+  }
+  const int64_t Lp = (L + kTile - 1) / kTile * kTile;
+  float* kt = sc.kt.data();
+  float* vp = sc.v.data();
+  // -- pack: Kt [Dp][Lp] and V [Lp][Dp] in fp32, zero-padded --
+  for (int64_t j = 0; j < L; ++j) {
+    const T* kr = keys.row(j);
+    const T* vr = values.row(j);
+    for (int64_t d = 0; d < D; ++d) kt[d * Lp + j] = to_f32(kr[d]);
+    for (int64_t d = 0; d < D; ++d) vp[j * Dp + d] = to_f32(vr[d]);
+    std::fill(vp + j * Dp + D, vp + (j + 1) * Dp, 0.0f);
+  }
+  for (int64_t d = 0; d < Dp; ++d) std::fill(kt + d * Lp + (d < D ? L : 0), kt + (d + 1) * Lp, 0.0f);
+  std::fill(vp + L * Dp, vp + Lp * Dp, 0.0f);
+  // -- query blocks --
+  constexpr float kLog2e = 1.44269504088896f;  // scores in base 2: exp(x) = 2^(x log2 e)
+  const float qscale = scale * kLog2e;
+  const int nv = static_cast<int>(Dp / isa.width);
+  for (int64_t i0 = 0; i0 < nq; i0 += isa.rows) {
+    const int nr = static_cast<int>(std::min<int64_t>(isa.rows, nq - i0));
+    std::fill(sc.q.begin(), sc.q.end(), 0.0f);
+    for (int r = 0; r < nr; ++r) {
+      const T* qr = q + (i0 + r) * q_stride;
+      for (int64_t d = 0; d < D; ++d) sc.q[r * Dp + d] = to_f32(qr[d]) * qscale;
+      const int64_t pos = pos0 + i0 + r;
+      sc.lim[r] = static_cast<int>(std::min(std::max(pos + 1, P), L));
+    }
+    isa.block(kt, vp, sc.q.data(), sc.lim.data(), nr, Lp, nv, sc.o.data());
+    for (int r = 0; r < nr; ++r) {
+      T* orow = out + (i0 + r) * out_stride;
+      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(sc.o[r * Dp + d]);
+    }
+  }
+}
+
+template <typename F>
+void with_dtype(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "gitfast: unsupported dtype ", t);
+  }
+}
+
+int64_t padded_dim(int64_t D) { return (D + kPadDim - 1) / kPadDim * kPadDim; }
+int64_t padded_len(int64_t L) { return std::max<int64_t>(kTile, (L + kTile - 1) / kTile * kTile); }
+
+}  // namespace
+
+namespace cpu_kernels {
+
+const char* cpu_isa() { return chosen_isa().name; }
+
+void git_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+                   const at::Tensor& image_counts, double sm_scale, at::Tensor& out) {
+  const int64_t B = cu_seqlens.numel() - 1, H = q.size(1), D = q.size(2);
+  const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
+  const int32_t* counts = image_counts.const_data_ptr<int32_t>();
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, cu[b + 1] - cu[b]);
+  const Isa& isa = chosen_isa();
+  with_dtype(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* qp = q.const_data_ptr<T>();
+    const T* kp = k.const_data_ptr<T>();
+    const T* vp = v.const_data_ptr<T>();
+    T* op = out.mutable_data_ptr<T>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      Scratch sc(padded_len(max_len), padded_dim(D));
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / H, h = item % H, s = cu[b], L = cu[b + 1] - cu[b];
+        if (L == 0) continue;
+        const int64_t P = std::min<int64_t>(std::max<int64_t>(counts[b], 0), L);
+        const Rows<T> keys{kp + s * k.stride(0) + h * k.stride(1), k.stride(0), nullptr, 0, 1};
+        const Rows<T> values{vp + s * v.stride(0) + h * v.stride(1), v.stride(0), nullptr, 0, 1};
+        attend_item<T>(isa, sc, keys, values, qp + s * q.stride(0) + h * q.stride(1), q.stride(0),
+                       op + s * out.stride(0) + h * out.stride(1), out.stride(0), L, 0, L, P, D,
+                       static_cast<float>(sm_scale));
+      }
+    });
+  });
+}
+
+void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens,
+                     const at::Tensor& image_counts, double sm_scale, at::Tensor& out) {
+  const int64_t B = context_lens.numel(), H = q.size(1), D = q.size(2), bs = k_cache.size(1);
+  const int32_t* cu = cu_seqlens_q.const_data_ptr<int32_t>();
+  const int32_t* lens = context_lens.const_data_ptr<int32_t>();
+  const int32_t* counts = image_counts.const_data_ptr<int32_t>();
+  const int32_t* tables = block_tables.const_data_ptr<int32_t>();
+  const int64_t table_width = block_tables.size(1);
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, lens[b]);
+  const Isa& isa = chosen_isa();
+  with_dtype(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* qp = q.const_data_ptr<T>();
+    const T* kc = k_cache.const_data_ptr<T>();
+    const T* vc = v_cache.const_data_ptr<T>();
+    T* op = out.mutable_data_ptr<T>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      Scratch sc(padded_len(max_len), padded_dim(D));
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / H, h = item % H, s = cu[b], n = cu[b + 1] - cu[b], L = lens[b];
+        if (n == 0) continue;
+        const int64_t P = std::min<int64_t>(std::max<int64_t>(counts[b], 0), L);
+        const int32_t* table = tables + b * table_width;
+        const Rows<T> keys{kc + h * k_cache.stride(2), k_cache.stride(1), table, k_cache.stride(0), bs};
+        const Rows<T> values{vc + h * v_cache.stride(2), v_cache.stride(1), table, v_cache.stride(0), bs};
+        attend_item<T>(isa, sc, keys, values, qp + s * q.stride(0) + h * q.stride(1), q.stride(0),
+                       op + s * out.stride(0) + h * out.stride(1), out.stride(0), n, L - n, L, P, D,
+                       static_cast<float>(sm_scale));
+      }
+    });
+  });
+}
+
+}  // namespace cpu_kernels
+}  // namespace gitfast

@@ -1,0 +1,104 @@
+// One query block of GIT attention on packed fp32 operands, written once for a vector type `Vec`
+// (W floats) and compiled per ISA: attention.cpp includes this file (no include guard, on purpose)
+// inside `namespace <isa>` with the matching `#pragma GCC target`, after defining Vec there.
+//
+// Operands (built by attention.cpp's packing, zero-padded so no loop needs a tail):
+//   Kt  [Dp][Lp]  keys transposed: column j is key j; Lp a multiple of kTile
+//   V   [Lp][Dp]  values
+//   Q   [kRows][Dp] queries pre-scaled by sm_scale * log2(e): scores come out in base 2
+//   lim [nr]      row r sees keys j < lim[r] (1 <= lim[r] <= L)
+// Output O [nr][Dp] = softmax(Q Kt) V per row, in fp32. Online softmax over key tiles of kTile.
+
+// Rows per block: score accumulators (kRows x kTile/W) and the output rows (kRows x NV) stay in
+// registers with AVX-512's 32; AVX2's 16 registers take half the rows.
+constexpr int kRows = Vec::kRegs >= 32 ? 4 : 2;
+constexpr int kTV = kTile / Vec::W;  // vectors per key tile
+
+// NV: vectors per head row (Dp / W) when known at compile time, 0 for a runtime count `nv`.
+template <int NV>
+GITFAST_BLOCK_INLINE void attend_block_nv(const float* Kt, const float* V, const float* Q, const int* lim, int nr,
+                                          int64_t Lp, int nv_runtime, float* O) {
+  constexpr int kMaxNV = NV > 0 ? NV : kMaxHeadDim / Vec::W;
+  const int nv = NV > 0 ? NV : nv_runtime;
+  const int64_t Dp = static_cast<int64_t>(nv) * Vec::W;
+  Vec o[kRows][kMaxNV];
+  float m[kRows], l[kRows];
+  alignas(64) float p[kRows][kTile];
+  int max_lim = 0;
+  for (int r = 0; r < kRows; ++r) {
+    m[r] = -std::numeric_limits<float>::infinity();
+    l[r] = 0.0f;
+    for (int v = 0; v < nv; ++v) o[r][v] = Vec::zero();
+    if (r < nr) max_lim = std::max(max_lim, lim[r]);
+  }
+  for (int64_t j0 = 0; j0 < max_lim; j0 += kTile) {
+    // -- scores: s[r] = Q[r] . Kt[:, j0 : j0 + kTile], FMA over the head dim --
+    Vec s[kRows][kTV];
+    for (int r = 0; r < kRows; ++r)
+      for (int t = 0; t < kTV; ++t) s[r][t] = Vec::zero();
+    const float* kcol = Kt + j0;
+    for (int64_t d = 0; d < Dp; ++d, kcol += Lp) {
+      Vec k[kTV];
+      for (int t = 0; t < kTV; ++t) k[t] = Vec::load(kcol + t * Vec::W);
+      for (int r = 0; r < kRows; ++r) {
+        const Vec q = Vec::broadcast(Q[r * Dp + d]);
+        for (int t = 0; t < kTV; ++t) s[r][t] = Vec::fma(q, k[t], s[r][t]);
+      }
+    }
+    // -- online softmax: mask keys past each row's limit, rescale the running sums --
+    for (int r = 0; r < kRows; ++r) {
+      const int valid = r < nr ? static_cast<int>(std::min<int64_t>(lim[r] - j0, kTile)) : 0;
+      if (valid <= 0) {  // nothing visible to this row in the tile (or a padding row)
+        for (int t = 0; t < kTV; ++t) Vec::zero().store(p[r] + t * Vec::W);
+        continue;
+      }
+      Vec mx = Vec::broadcast(-std::numeric_limits<float>::infinity());
+      for (int t = 0; t < kTV; ++t) {
+        s[r][t] = Vec::mask_from(s[r][t], valid - t * Vec::W);
+        mx = Vec::max(mx, s[r][t]);
+      }
+      const float m_new = std::max(m[r], mx.hmax());
+      const float alpha = std::exp2(m[r] - m_new);  // 0 on the first tile (m = -inf)
+      m[r] = m_new;
+      const Vec mv = Vec::broadcast(m_new);
+      Vec sum = Vec::zero();
+      for (int t = 0; t < kTV; ++t) {
+        const Vec e = Vec::exp2(Vec::sub(s[r][t], mv));
+        sum = Vec::add(sum, e);
+        e.store(p[r] + t * Vec::W);
+      }
+      l[r] = l[r] * alpha + sum.hsum();
+      if (alpha != 1.0f) {
+        const Vec a = Vec::broadcast(alpha);
+        for (int v = 0; v < nv; ++v) o[r][v] = Vec::mul(o[r][v], a);
+      }
+    }
+    // -- o += p V over the tile's keys --
+    const int64_t keys = std::min<int64_t>(kTile, max_lim - j0);
+    const float* vrow = V + j0 * Dp;
+    for (int64_t t = 0; t < keys; ++t, vrow += Dp) {
+      for (int v = 0; v < nv; ++v) {
+        const Vec vv = Vec::load(vrow + v * Vec::W);
+        for (int r = 0; r < kRows; ++r) o[r][v] = Vec::fma(Vec::broadcast(p[r][t]), vv, o[r][v]);
+      }
+    }
+  }
+  // epilogue: normalise (every row saw at least key 0, so l > 0)
+  for (int r = 0; r < nr; ++r) {
+    const Vec inv = Vec::broadcast(1.0f / l[r]);
+    for (int v = 0; v < nv; ++v) Vec::mul(o[r][v], inv).store(O + r * Dp + v * Vec::W);
+  }
+}
+
+// Dispatches to a compile-time vector count for the common head dims (registers), else runtime.
+void attend_block(const float* Kt, const float* V, const float* Q, const int* lim, int nr, int64_t Lp, int nv,
+                  float* O) {
+  switch (nv) {
+    case 1: return attend_block_nv<1>(Kt, V, Q, lim, nr, Lp, nv, O);
+    case 2: return attend_block_nv<2>(Kt, V, Q, lim, nr, Lp, nv, O);
+    case 4: return attend_block_nv<4>(Kt, V, Q, lim, nr, Lp, nv, O);
+    case 5: return attend_block_nv<5>(Kt, V, Q, lim, nr, Lp, nv, O);
+    case 8: return attend_block_nv<8>(Kt, V, Q, lim, nr, Lp, nv, O);
+    default: return attend_block_nv<0>(Kt, V, Q, lim, nr, Lp, nv, O);
+  }
+}

@@ -1,0 +1,74 @@
+"""GIT attention on the CPU through `gitfast._C` (csrc/cpu/attention.cpp): the same signatures as
+the Triton kernels' API in `gitfast.kernels`, for CPU tensors.
+
+- ``git_attention(q, k, v, cu_seqlens, num_image_tokens, max_seqlen=None, sm_scale=None)``
+- ``paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_scale=None)``
+- ``paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+  num_image_tokens, sm_scale=None)``
+- ``available()``: whether the built extension has these ops; ``isa()``: the vector ISA serving
+  them ("avx512", "avx2" or "generic"; GITFAST_CPU_ISA caps it, read once per process).
+
+`num_image_tokens` is an int or a tensor (per sequence, or 0-dim for all), clamped per sequence
+to its length as in `gitfast.kernels.reference`. fp32, fp16 and bf16 inputs; fp32 arithmetic.
+No autograd: these are inference kernels.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+_OPS = ("git_attention", "paged_decode_attention", "paged_prefill_attention")
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """True when gitfast._C is built with the CPU attention ops (their fakes registered then)."""
+    try:
+        importlib.import_module("gitfast._C")
+    except ImportError:
+        return False
+    if not all(torch._C._dispatch_has_kernel_for_dispatch_key(f"gitfast::{op}", "CPU") for op in _OPS):
+        return False
+    _register_fakes()
+    return True
+
+
+def isa() -> str | None:
+    """The vector ISA the CPU attention kernels run, or None without them."""
+    return torch.ops.gitfast.cpu_isa() if available() else None
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so torch.compile traces the ops."""
+    for op in _OPS:
+        torch.library.register_fake(f"gitfast::{op}")(lambda q, *args: q.new_empty(q.shape))
+
+
+def _image_counts(num_image_tokens):
+    if isinstance(num_image_tokens, torch.Tensor):
+        return num_image_tokens, 0
+    return None, int(num_image_tokens)
+
+
+def git_attention(q, k, v, cu_seqlens, num_image_tokens, max_seqlen=None, sm_scale=None):
+    """Varlen GIT attention over packed q, k, v `[N, H, D]`; `max_seqlen` is accepted for the Triton
+    API's sake and unused (the CPU kernel reads the lengths)."""
+    counts, n = _image_counts(num_image_tokens)
+    return torch.ops.gitfast.git_attention(q, k, v, cu_seqlens, counts, n, sm_scale)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_scale=None, **_ignored):
+    """One query per sequence `[B, H, D]` over its `context_lens[b]` cached tokens (none: zeros);
+    Triton tuning keywords (num_splits, ...) are accepted and ignored."""
+    return torch.ops.gitfast.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_scale)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, num_image_tokens,
+                            sm_scale=None, **_ignored):
+    """New tokens (packed by `cu_seqlens_q`) at the end of each sequence's cached context, with
+    GIT's mask; Triton tuning keywords (max_seqlen_q, ...) are accepted and ignored."""
+    counts, n = _image_counts(num_image_tokens)
+    return torch.ops.gitfast.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q,
+                                                     context_lens, counts, n, sm_scale)

@@ -1,0 +1,260 @@
+"""gitfast._C's CPU attention (gitfast.cpu_attention) vs fp64 oracles: kernels/reference.py run in
+float64 on the same inputs.
+
+Shapes are odd on purpose: one-token sequences, 17 tokens (half a key tile), 197 image + 20 text
+tokens; head dims 32, 64 and 80 (80 is not a power of two). Paged caches are NaN-poisoned wherever
+no sequence wrote (unused blocks and the unused tail slots of used blocks), block tables are shuffled
+and padded with out-of-range garbage: a read past a context or through an unused entry shows up as
+NaN. fp32 is held to 1e-5; bf16/fp16 to twice the error of the plain-torch reference computed in that
+dtype. The vector ISA paths the CPU lacks or does not pick are run in subprocesses with
+GITFAST_CPU_ISA forcing them (the choice is made once per process).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gitfast import cpu_attention as ca
+from gitfast.kernels.reference import (
+    git_attention_reference,
+    paged_decode_attention_reference,
+    paged_prefill_attention_reference,
+)
+
+pytestmark = pytest.mark.skipif(not ca.available(), reason="gitfast._C without CPU attention ops")
+F64 = torch.float64
+LOW = (torch.bfloat16, torch.float16)
+LENS = [1, 17, 217]
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _check_low(out, gold, torch_low):
+    """bf16/fp16: the kernel's error at most twice that of torch's reference in the same dtype."""
+    err, torch_err = _err(out, gold), _err(torch_low, gold)
+    assert err <= 2 * torch_err, (err, torch_err)
+
+
+# -- git_attention --------------------------------------------------------------------------------
+
+IMAGE_CASES = {
+    "int": (9, [9, 9, 9]),
+    "per_seq": (torch.tensor([1, 5, 197], dtype=torch.int32), None),
+    "int64_per_seq": (torch.tensor([0, 17, 150]), None),
+    "zero_dim": (torch.tensor(197), None),
+    "causal": (0, None),
+    "clamped_image_only": (10_000, None),  # every token an image token: the vision encoder's attention
+}
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80])
+@pytest.mark.parametrize("case", list(IMAGE_CASES))
+def test_git_attention_fp32(case, head_dim):
+    n_img, _ = IMAGE_CASES[case]
+    q, k, v = (_randn(sum(LENS), 3, head_dim, seed=s) for s in range(3))
+    out = ca.git_attention(q.float(), k.float(), v.float(), _cu(LENS), n_img)
+    gold = git_attention_reference(q, k, v, _cu(LENS), n_img, compute_dtype=F64)
+    torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
+
+
+def test_git_attention_empty_sequences_and_scale():
+    lens = [0, 5, 0, 3]
+    q, k, v = (_randn(8, 2, 64, seed=s).float() for s in range(3))
+    out = ca.git_attention(q, k, v, _cu(lens), 2, max_seqlen=5, sm_scale=0.3)
+    gold = git_attention_reference(q.double(), k.double(), v.double(), _cu(lens), 2, sm_scale=0.3, compute_dtype=F64)
+    torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
+
+
+def test_git_attention_strided_views():
+    """q, k, v as views of one fused [N, 3, H, D] projection, cu_seqlens a strided int64 view."""
+    qkv = _randn(sum(LENS), 3, 2, 64, seed=4).float()
+    q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
+    cu = torch.stack([_cu(LENS).long(), torch.full((4,), -7)], 1)[:, 0]  # stride 2, int64
+    out = ca.git_attention(q, k, v, cu, torch.tensor([3, 9, 197])[::1])
+    gold = git_attention_reference(q.double(), k.double(), v.double(), _cu(LENS), torch.tensor([3, 9, 197]),
+                                   compute_dtype=F64)
+    torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
+    # a head dim that is not dense is copied, not misread
+    wide = _randn(sum(LENS), 2, 128, seed=5).float()[..., ::2]
+    out = ca.git_attention(wide, wide, wide, _cu(LENS), 5)
+    gold = git_attention_reference(*(wide.double(),) * 3, _cu(LENS), 5, compute_dtype=F64)
+    torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_git_attention_low_precision(dtype):
+    q, k, v = (_randn(sum(LENS), 2, 64, seed=s).to(dtype) for s in range(3))
+    n_img = torch.tensor([1, 5, 197])
+    out = ca.git_attention(q, k, v, _cu(LENS), n_img)
+    assert out.dtype == dtype
+    gold = git_attention_reference(q.double(), k.double(), v.double(), _cu(LENS), n_img, compute_dtype=F64)
+    _check_low(out, gold, git_attention_reference(q, k, v, _cu(LENS), n_img, compute_dtype=dtype))
+
+
+# -- paged caches ---------------------------------------------------------------------------------
+
+
+def _paged(lens, heads, head_dim, block_size, seed=0, shared_prefix=0):
+    """A NaN-poisoned fp64 pool holding each sequence's K/V through a shuffled block table; sequences
+    share their first `shared_prefix` tokens' blocks (one cached image, several prompts)."""
+    g = torch.Generator().manual_seed(seed)
+    n_shared = shared_prefix // block_size
+    own = [-(-(L - shared_prefix) // block_size) for L in lens]
+    num_blocks = n_shared + sum(own) + 3                         # a few blocks nobody uses
+    width = max(n_shared + o for o in own) + 2                   # garbage entries past the used ones
+    perm = torch.randperm(num_blocks, generator=g)
+    k_cache = torch.full((num_blocks, block_size, heads, head_dim), float("nan"), dtype=F64)
+    v_cache = k_cache.clone()
+    tables = torch.randint(-5, num_blocks + 5, (len(lens), width), generator=g)
+    prefix = [torch.randn(shared_prefix, heads, head_dim, generator=g, dtype=F64) for _ in range(2)]
+    nxt = n_shared
+    for b, L in enumerate(lens):
+        blocks = torch.cat([perm[:n_shared], perm[nxt:nxt + own[b]]])
+        nxt += own[b]
+        tables[b, :len(blocks)] = blocks
+        t = torch.arange(L)
+        for cache, pre in ((k_cache, prefix[0]), (v_cache, prefix[1])):
+            fresh = torch.randn(L - shared_prefix, heads, head_dim, generator=g, dtype=F64)
+            cache[blocks[t // block_size], t % block_size] = torch.cat([pre, fresh])
+    return k_cache, v_cache, tables.to(torch.int32)
+
+
+def _i32(xs):
+    return torch.tensor(xs, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_decode_fp32(block_size, head_dim):
+    lens = [1, 17, 217, 0]                                        # 0: no context, zeros out
+    kc, vc, tables = _paged([max(L, 1) for L in lens], 3, head_dim, block_size, seed=head_dim)
+    q = _randn(len(lens), 3, head_dim, seed=1)
+    out = ca.paged_decode_attention(q.float(), kc.float(), vc.float(), tables, _i32(lens))
+    gold = paged_decode_attention_reference(q, kc, vc, tables, _i32(lens), compute_dtype=F64)
+    torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_decode_low_precision(dtype):
+    lens = [3, 45, 217]
+    kc, vc, tables = _paged(lens, 2, 64, 8, seed=3)
+    kc, vc = kc.to(dtype), vc.to(dtype)
+    q = _randn(3, 2, 64, seed=2).to(dtype)
+    out = ca.paged_decode_attention(q, kc, vc, tables, _i32(lens), num_splits=2)
+    gold = paged_decode_attention_reference(q.double(), kc.double(), vc.double(), tables, _i32(lens),
+                                            compute_dtype=F64)
+    _check_low(out, gold, paged_decode_attention_reference(q, kc, vc, tables, _i32(lens), compute_dtype=dtype))
+
+
+PREFILL_CASES = {
+    # (new tokens per sequence, image tokens, shared cached prefix)
+    "text_after_image": ([20, 1, 7], 197, 200),
+    "per_seq_images": ([17, 1, 20], torch.tensor([0, 4, 197], dtype=torch.int32), 200),
+    "whole_prompt": ([217, 17, 1], torch.tensor([197, 40, 0]), 0),  # nothing cached before
+}
+
+
+@pytest.mark.parametrize("head_dim", [32, 80])
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_prefill_fp32(case, head_dim):
+    n_new, n_img, prefix = PREFILL_CASES[case]
+    lens = [prefix + n for n in n_new] if prefix else list(n_new)
+    kc, vc, tables = _paged(lens, 2, head_dim, 16, seed=len(case), shared_prefix=prefix)
+    q = _randn(sum(n_new), 2, head_dim, seed=6)
+    out = ca.paged_prefill_attention(q.float(), kc.float(), vc.float(), tables, _cu(n_new), _i32(lens), n_img)
+    gold = paged_prefill_attention_reference(q, kc, vc, tables, _cu(n_new), _i32(lens), n_img, compute_dtype=F64)
+    torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_equals_git_attention_without_prefix():
+    lens = [21, 6]
+    kc, vc, tables = _paged(lens, 2, 64, 4, seed=9)
+    t = [torch.arange(L) for L in lens]
+    k = torch.cat([kc[tables[b, t[b] // 4].long(), t[b] % 4] for b in range(2)]).float()
+    v = torch.cat([vc[tables[b, t[b] // 4].long(), t[b] % 4] for b in range(2)]).float()
+    q = _randn(27, 2, 64, seed=4).float()
+    paged = ca.paged_prefill_attention(q, kc.float(), vc.float(), tables, _cu(lens), _i32(lens), 8)
+    torch.testing.assert_close(paged, ca.git_attention(q, k, v, _cu(lens), 8), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_prefill_low_precision(dtype):
+    n_new, lens = [9, 20], [205, 217]
+    kc, vc, tables = _paged(lens, 2, 64, 8, seed=5, shared_prefix=192)
+    kc, vc = kc.to(dtype), vc.to(dtype)
+    q = _randn(29, 2, 64, seed=7).to(dtype)
+    out = ca.paged_prefill_attention(q, kc, vc, tables, _cu(n_new), _i32(lens), 197)
+    gold = paged_prefill_attention_reference(q.double(), kc.double(), vc.double(), tables, _cu(n_new), _i32(lens),
+                                             197, compute_dtype=F64)
+    _check_low(out, gold, paged_prefill_attention_reference(q, kc, vc, tables, _cu(n_new), _i32(lens), 197,
+                                                            compute_dtype=dtype))
+
+
+# -- errors, tracing, ISA ---------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_refused_by_name():
+    kc, vc, tables = _paged([5], 2, 64, 4)
+    kc, vc, q = kc.float(), vc.float(), torch.zeros(1, 2, 64)
+    bad = tables.clone()
+    bad[0, 1] = 10_000                                            # an entry the context reaches
+    with pytest.raises(RuntimeError, match=r"block_tables\[0, 1\] = 10000 is not a block"):
+        ca.paged_decode_attention(q, kc, vc, bad, _i32([5]))
+    with pytest.raises(RuntimeError, match="context_lens"):
+        ca.paged_decode_attention(q, kc, vc, tables, _i32([10_000]))
+    with pytest.raises(RuntimeError, match="new tokens but context_lens"):
+        ca.paged_prefill_attention(torch.zeros(6, 2, 64), kc, vc, tables, _cu([6]), _i32([5]), 0)
+    with pytest.raises(RuntimeError, match="head_dim 300"):
+        ca.git_attention(*(torch.zeros(3, 1, 300),) * 3, _cu([3]), 0)
+    with pytest.raises(RuntimeError, match="k has dtype"):
+        ca.git_attention(q, q.double(), q, _cu([1]), 0)
+    with pytest.raises(RuntimeError, match="cu_seqlens spans"):
+        ca.git_attention(q, q, q, _cu([2]), 0)
+
+
+def test_opcheck():
+    kc, vc, tables = _paged([5, 9], 2, 32, 4)
+    kc, vc = kc.float(), vc.float()
+    q = torch.randn(14, 2, 32)
+    g = torch.ops.gitfast
+    for op, args in (
+        (g.git_attention, (q, q.clone(), q.clone(), _cu([5, 9]), None, 3, None)),
+        (g.git_attention, (q, q.clone(), q.clone(), _cu([5, 9]), _i32([1, 9]), 0, 0.2)),
+        (g.paged_decode_attention, (q[:2].clone(), kc, vc, tables, _i32([5, 9]), None)),
+        (g.paged_prefill_attention, (q, kc, vc, tables, _cu([5, 9]), _i32([5, 9]), None, 4, None)),
+    ):
+        torch.library.opcheck(op, args)
+
+
+def test_isa_reported():
+    forced = os.environ.get("GITFAST_CPU_ISA")
+    assert ca.isa() in ("avx512", "avx2", "generic")
+    if forced:
+        assert ca.isa() == forced
+
+
+@pytest.mark.skipif(os.environ.get("GITFAST_CPU_ISA") is not None, reason="already a forced-ISA run")
+@pytest.mark.parametrize("forced", ["avx2", "generic"])
+def test_forced_isa_paths(forced):
+    """The fallback paths this CPU does not pick, forced by GITFAST_CPU_ISA in a fresh process."""
+    if forced == "avx2" and not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        pytest.skip("no AVX2 on this CPU")
+    env = {**os.environ, "GITFAST_CPU_ISA": forced}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+           "-k", "isa_reported or fp32 or low_precision"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
