@@ -9,12 +9,13 @@ with the same logits the same tokens come out.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import logits
 
 # GenerationConfig fields gitfast implements; any other field set away from its default is refused
 # rather than silently ignored.
@@ -90,10 +91,10 @@ def resolve_settings(base_config, prompt_len: int, generation_config=None, **kwa
     )
 
 
-# --- logits processing (same order as transformers) -------------------------------------------------
+# --- logits processing for the loops (the steps are `logits.py`'s) ------------------------------------
 
 class Processor:
-    """Turns raw next-token scores into the scores tokens are chosen from."""
+    """Turns raw next-token scores into the scores tokens are chosen from, given the ids so far."""
 
     def __init__(self, s: Settings, prompt_len: int, pad_lengths: Optional[torch.Tensor], vocab: int, device):
         self.s, self.prompt_len, self.pad_lengths = s, prompt_len, pad_lengths
@@ -105,44 +106,20 @@ class Processor:
 
     def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         s = self.s
-        if s.repetition_penalty != 1.0:
-            scores = self._repetition(ids, scores)
         cur = ids.shape[1]
-        if (s.min_length > 0 and cur < s.min_length) or (s.min_new_tokens > 0 and cur - self.prompt_len < s.min_new_tokens):
-            scores = scores.masked_fill(self.eos_mask, -math.inf)
-        if s.do_sample:
-            if s.temperature != 1.0:
-                scores = scores / s.temperature
-            if s.top_k:
-                k = min(max(s.top_k, self.min_keep), scores.shape[-1])
-                kth = torch.topk(scores, k).values[..., -1:]
-                scores = scores.masked_fill(scores < kth, -math.inf)
-            if s.top_p < 1.0:
-                scores = _top_p(scores, s.top_p, self.min_keep)
-        return scores
+        too_short = (s.min_length > 0 and cur < s.min_length) or (s.min_new_tokens > 0
+                                                                  and cur - self.prompt_len < s.min_new_tokens)
+        seen = self._seen(ids, scores) if s.repetition_penalty != 1.0 else None
+        return logits.process(scores, s, seen=seen, too_short=too_short, eos_mask=self.eos_mask,
+                              min_keep=self.min_keep)
 
-    def _repetition(self, ids, scores):
-        # Tokens seen so far (left padding excluded) are made less likely: scores divided by the
-        # penalty when positive, multiplied when negative.
+    def _seen(self, ids, scores):
+        """Tokens in `ids` so far, left padding excluded: [B, vocab] bool."""
         seen = torch.zeros(scores.shape[0], scores.shape[1] + 1, dtype=torch.bool, device=scores.device)
-        ids = ids
         if self.pad_lengths is not None:
             cols = torch.arange(ids.shape[1], device=ids.device)[None, :]
             ids = torch.where(cols < self.pad_lengths[:, None], scores.shape[1], ids)
-        seen.scatter_(1, ids, True)
-        seen = seen[:, :-1]
-        p = self.s.repetition_penalty
-        penalised = torch.where(scores < 0, scores * p, scores / p)
-        return torch.where(seen, penalised, scores)
-
-
-def _top_p(scores, top_p, min_keep):
-    # Drop the least likely tokens whose total probability stays within 1 - top_p.
-    ascending, order = torch.sort(scores, descending=False)
-    cum = ascending.softmax(dim=-1).cumsum(dim=-1)
-    drop = cum <= (1 - top_p)
-    drop[..., -min_keep:] = False
-    return scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
+        return seen.scatter_(1, ids, True)[:, :-1]
 
 
 # --- greedy and sampling ------------------------------------------------------------------------

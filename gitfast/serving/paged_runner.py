@@ -11,7 +11,7 @@ Three phases, each one pass of `GitModel.decode` with its own attention callback
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 

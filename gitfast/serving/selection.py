@@ -11,12 +11,12 @@ top-p; greedy is a plain argmax of the processed scores, exactly as transformers
 """
 from __future__ import annotations
 
-import math
 from typing import List
 
 import torch
 
-from .generation import Settings, _top_p
+from . import logits as logits_steps
+from .generation import Settings
 
 _MASK32 = 0xFFFFFFFF
 
@@ -68,22 +68,10 @@ class Selector:
     def select(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Next token for each row of `logits` [B, vocab], row i belonging to slot slots[i]."""
         s = self.s
-        scores = logits.float()
-        if self.seen is not None:
-            seen = self.seen[slots, :-1]
-            p = s.repetition_penalty
-            scores = torch.where(seen, torch.where(scores < 0, scores * p, scores / p), scores)
-        if s.min_new_tokens > 0:
-            early = self.generated[slots] < s.min_new_tokens
-            scores = scores.masked_fill(early[:, None] & self.eos_mask[None, :], -math.inf)
+        seen = self.seen[slots, :-1] if self.seen is not None else None
+        too_short = self.generated[slots] < s.min_new_tokens if s.min_new_tokens > 0 else None
+        scores = logits_steps.process(logits.float(), s, seen=seen, too_short=too_short, eos_mask=self.eos_mask)
         if s.do_sample:
-            if s.temperature != 1.0:
-                scores = scores / s.temperature
-            if s.top_k:
-                kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[..., -1:]
-                scores = scores.masked_fill(scores < kth, -math.inf)
-            if s.top_p < 1.0:
-                scores = _top_p(scores, s.top_p, 1)
             u = uniform_noise(self.seeds[slots], self.generated[slots], scores.shape[-1])
             tokens = torch.argmax(scores - torch.log(-torch.log(u)), dim=-1)  # Gumbel-max: a draw from softmax
         else:
