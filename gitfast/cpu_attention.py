@@ -72,3 +72,8 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
     counts, n = _image_counts(num_image_tokens)
     return torch.ops.gitfast.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q,
                                                      context_lens, counts, n, sm_scale)
+
+
+# Load now rather than on the first call: that call may be inside torch.compile's tracing, which
+# cannot import modules.
+available()
