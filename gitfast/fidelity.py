@@ -3,7 +3,7 @@ the two choices must be a near-tie (each in the other's top-k at that step).
 
 `compare_greedy` runs both models on the same images, finds the first divergence in each row, and at
 that step reruns both models' forward on the shared prefix to check the near-tie. It reports the share
-of identical sequences, which DESIGN.md asks to publish beside the fp16/bf16 results.
+of identical sequences, which README's Correctness section publishes beside the fp16/bf16 results.
 """
 from __future__ import annotations
 

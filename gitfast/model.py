@@ -3,11 +3,10 @@
 Weights use gitfast's fused layout (one QKV projection per layer; see `loading.py` for the mapping
 from Hugging Face names). Every block has exactly one attention call site (`attention.py`), one MLP
 call site and add+LayerNorm call sites (`ops.py`), so faster backends plug in without touching this
-file. The KV cache is passed in by the caller (`serving/paged_runner.py` builds one `attention.AttentionMetadata` per pass).
+file. Caching is the caller's: the `attend` callback of `decode` (the serving wing passes one that
+reads and writes the paged KV cache as an `attention.AttentionMetadata` says).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +164,3 @@ class GitModel(nn.Module):
     @property
     def head_dim(self) -> int:
         return self.config.hidden_size // self.config.num_attention_heads
-
-    def sm_scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)
