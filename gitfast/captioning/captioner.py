@@ -5,8 +5,9 @@ ids; inline, or in `num_workers` worker processes running ahead of the model —
 CUDA, pinned host memory copied to the GPU a batch ahead on a side stream → the engine (`engine.py`: paged KV cache, continuous batching — new images are admitted as
 others finish, so the batch stays full over a long input) → `CaptionResult`s in input order. An
 input that cannot be read, decoded or preprocessed becomes a result with `.error` set, in its place;
-the others carry on. Beam search runs in batches of `max_batch_size` through `GitForCausalLM.generate`
-(beams on the paged cache, sharing their image's blocks).
+the others carry on. The checkpoint is read once (`loading.load_checkpoint`'s steps); the engine and beam
+search run its `GitModel` directly. Beam search runs in batches of `max_batch_size` through
+`serving.paged_generate.lockstep` (beams on the paged cache, sharing their image's blocks).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from PIL import Image
 
 from .. import loading
 from ..defaults import EMBEDDED_MODEL
+from ..devices import resolve_device
+from ..serving.generation import resolve_settings
 from .records import Source
 from .workers import Prepared, PreparePool, Preparer, PrepareSpec
 
@@ -63,35 +66,26 @@ class Captioner:
     def __init__(self, model: Union[str, os.PathLike, None] = None, *, device=None, dtype=None,
                  max_batch_size: int = 32, revision: Optional[str] = None, cache_dir: Optional[str] = None,
                  num_workers: int = 0, jpeg_draft: bool = False, prefetch_batches: int = 2):
-        from transformers import AutoProcessor
-
-        from ..drop_in import GitForCausalLM
-
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if num_workers < 0 or prefetch_batches < 1:
             raise ValueError(f"num_workers must be >= 0 and prefetch_batches >= 1, got {num_workers}, {prefetch_batches}")
         self.max_batch_size = max_batch_size
-        self.device = _resolve_device(device)
-        name = EMBEDDED_MODEL if model is None else model
+        self.device = resolve_device(device)
         if model is None and not EMBEDDED_MODEL.is_dir():
             raise loading.CheckpointError(f"the embedded default model is missing from this install ({EMBEDDED_MODEL}); "
                                           "pass a checkpoint folder or hub id")
-        folder = loading.resolve(name, revision=revision, cache_dir=cache_dir)
-        if (loading.load_config(folder).num_image_with_embedding or 1) > 1:
-            raise loading.CheckpointError(f"{folder} is a video checkpoint (several frames per input); Captioner takes "
-                                          "single images — use gitfast.GitForCausalLM.generate with 5-D pixel_values")
-        self.model = GitForCausalLM.from_pretrained(folder, dtype=dtype, device=self.device)
-        try:
-            self.processor = AutoProcessor.from_pretrained(str(folder))
-        except (OSError, ValueError, TypeError) as exc:
-            raise loading.CheckpointError(
-                f"{folder} has no usable GIT processor (preprocessor_config.json and tokenizer files): {exc}") from exc
-        if not hasattr(self.processor, "tokenizer") or not hasattr(self.processor, "image_processor"):
-            raise loading.CheckpointError(f"{folder} holds a {type(self.processor).__name__}, not a GitProcessor "
-                                          "(image processor + tokenizer)")
+        # load_checkpoint's steps, so that a video checkpoint is refused before its weights are read
+        folder = loading.resolve(EMBEDDED_MODEL if model is None else model, revision=revision, cache_dir=cache_dir)
+        self.folder, self.config = folder, loading.load_config(folder)
+        if (self.config.num_image_with_embedding or 1) > 1:
+            raise loading.CheckpointError(f"{folder} is a video checkpoint (several frames per input); Captioner "
+                                          "takes single images — use gitfast.GitForCausalLM.generate with 5-D pixel_values")
+        self.processor = loading.load_processor(folder, self.config)
+        self.model = loading.build_model(self.config, loading.read_weights(folder), dtype, self.device)  # a GitModel
+        self.generation_config = loading.generation_config_of(folder, self.config)
         self.tokenizer = self.processor.tokenizer
-        cfg = self.model.config
+        cfg = self.config
         cls = self.tokenizer.cls_token_id
         self._bos = cls if cls is not None else cfg.bos_token_id
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (cfg.pad_token_id or 0)
@@ -158,16 +152,15 @@ class Captioner:
         from ..serving.engine import Engine
 
         if getattr(self, "_engine_obj", None) is None:
-            self._engine_obj = Engine(self.model.model, max_batch_size=self.max_batch_size)
+            self._engine_obj = Engine(self.model, max_batch_size=self.max_batch_size)
         return self._engine_obj
 
     def _results_engine(self, pairs, settings) -> Iterator[CaptionResult]:
         """Continuous batching over the whole input; results leave in input order (a reorder buffer)."""
         from ..serving.engine import Request
-        from ..serving.generation import resolve_settings
 
         kwargs = {k: v for k, v in settings.items() if k not in ("num_beams", "seed")}
-        s = resolve_settings(self.model.generation_config, 1, **kwargs)
+        s = resolve_settings(self.generation_config, 1, **kwargs)
         eos = self._eos_ids(settings)
         finished: Dict[int, CaptionResult] = {}   # reorder buffer
         by_request: Dict[int, Prepared] = {}      # engine request index -> prepared input, until it finishes
@@ -188,8 +181,7 @@ class Captioner:
         next_index = 0
         for out in self._engine().run(requests(), s, seed=settings.get("seed", 0)):
             p = by_request.pop(out.index)
-            ids = out.token_ids
-            ids = ids[:next((j for j, t in enumerate(ids) if t in eos), len(ids))]
+            ids = _until_eos(out.token_ids, eos)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             finished[p.index] = CaptionResult(p.source, text, tuple(ids), None, p.prompt)
             while next_index in finished:
@@ -223,7 +215,11 @@ class Captioner:
             return (self.preparer(*item, settings["max_new_tokens"]) for item in numbered)
         return self.pool.map(numbered, settings["max_new_tokens"], self.preparer)
 
+    @torch.inference_mode()
     def _run_batch(self, batch: Sequence[Prepared], settings) -> List[List[int]]:
+        """Beam search over one batch: generated ids per row, after the prompt, cut before the first EOS."""
+        from ..serving import generation, paged_generate
+
         # Prompts of different lengths are left-padded and masked; the model is batch invariant, so
         # each row's tokens equal that input run alone.
         width = max(len(p.prompt_ids) for p in batch)
@@ -232,50 +228,37 @@ class Captioner:
         for row, p in enumerate(batch):
             input_ids[row, width - len(p.prompt_ids):] = torch.tensor(p.prompt_ids)
             attention_mask[row, width - len(p.prompt_ids):] = 1
-        pixel_values = torch.cat([p.pixel_values for p in batch])
-        return self._generate(pixel_values, input_ids, attention_mask, settings)
-
-    def _generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  settings: dict) -> List[List[int]]:
-        """The one model call: generated ids per row, after the prompt, cut before the first EOS."""
-        out = self.model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                                  **{k: v for k, v in settings.items() if k != "seed"})
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        s = resolve_settings(self.generation_config, width, **{k: v for k, v in settings.items() if k != "seed"})
+        dtype = next(self.model.parameters()).dtype
+        image = self.model.encode_images(torch.cat([p.pixel_values for p in batch]).to(self.device, dtype))
+        seqs, _ = paged_generate.lockstep(self.model, image, input_ids, attention_mask, s, s.num_beams,
+                                          lambda pads, vocab: generation.Processor(s, width, pads, vocab, self.device))
         eos = self._eos_ids(settings)
-        rows = []
-        for seq in out[:, input_ids.shape[1]:].tolist():
-            cut = next((i for i, t in enumerate(seq) if t in eos), len(seq))
-            rows.append(seq[:cut])
-        return rows
+        return [_until_eos(row, eos) for row in seqs[:, width:].tolist()]
 
     def _eos_ids(self, settings) -> set:
         eos = settings.get("eos_token_id")
         if eos is None:
-            eos = self.model.generation_config.eos_token_id
+            eos = self.generation_config.eos_token_id
         if eos is None:
-            eos = self.model.config.eos_token_id
+            eos = self.config.eos_token_id
         return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
 
     def _check_settings(self, settings):
         if settings.get("num_return_sequences", 1) != 1:
             raise ValueError("Captioner returns one result per input; num_return_sequences must be 1")
         n = settings["max_new_tokens"]
-        if not isinstance(n, int) or n < 1 or n + 1 > self.model.config.max_position_embeddings:
-            raise ValueError(f"max_new_tokens must be between 1 and {self.model.config.max_position_embeddings - 1}, "
+        if not isinstance(n, int) or n < 1 or n + 1 > self.config.max_position_embeddings:
+            raise ValueError(f"max_new_tokens must be between 1 and {self.config.max_position_embeddings - 1}, "
                              f"got {n}")
         if settings["num_beams"] < 1:
             raise ValueError(f"num_beams must be at least 1, got {settings['num_beams']}")
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available")
-    return dev
+def _until_eos(ids: Sequence[int], eos: set) -> List[int]:
+    """`ids` up to (without) the first EOS."""
+    return list(ids[:next((i for i, t in enumerate(ids) if t in eos), len(ids))])
 
 
 def _to_device_ahead(items: Iterator[Prepared], device: torch.device, depth: int) -> Iterator[Prepared]:

@@ -162,9 +162,10 @@ def run(args: argparse.Namespace) -> int:
                 from .. import loading
 
                 # a wrong --model is found here in a second, not after every rank has started
-                model = args.model if args.model is None else str(loading.resolve(args.model))
+                model = None if args.model is None else loading.resolve(args.model)
                 if model is not None:
-                    loading.load_config(loading.resolve(model))
+                    loading.load_config(model)
+                    model = str(model)
                 pool = DevicePool(devices, todo, model=model, prompt=args.prompt, caption_kwargs=generate,
                                   captioner_kwargs=[captioner_options(args, d, len(devices)) for d in devices])
                 pool.wait_ready()
