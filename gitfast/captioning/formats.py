@@ -17,7 +17,7 @@ import os
 import time
 from typing import Iterable, List, Optional, TextIO
 
-from .records import FIELDS
+from .records import FIELDS, valid_row
 
 FORMATS = ("jsonl", "csv", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
@@ -92,6 +92,7 @@ class StreamWriter(Writer):
 
 class JsonlWriter(StreamWriter):
     def write(self, row):
+        row = valid_row(row)
         line = {k: row.get(k) for k in FIELDS}
         line.update(row)  # extra fields (per-shard outputs) after the three
         self.stream.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -106,6 +107,7 @@ class CsvWriter(StreamWriter):
             self.csv.writerow(FIELDS)
 
     def write(self, row):
+        row = valid_row(row)
         self.csv.writerow(["" if row.get(k) is None else row[k] for k in FIELDS])
         self._written()
 
@@ -115,6 +117,7 @@ def arrow_table(rows: List[dict]):
     by pyarrow where their values agree."""
     import pyarrow as pa
 
+    rows = [valid_row(r) for r in rows]
     names = list(FIELDS)
     for row in rows:
         names += [k for k in row if k not in names]

@@ -6,6 +6,11 @@ output can name the sample's key and carry its fields without looking the input 
 
 On disk a record is `{"source": str, "caption": str | None, "error": str | None}`; a source is done
 when its record has a caption and no error.
+
+Every output is valid UTF-8. A name that is not (a file named with a raw byte such as 0xFF, which
+Python holds as the lone surrogate U+DCFF) is written with that byte as the four characters `\\xff`;
+any other lone surrogate (from a sidecar's JSON, say) as `\\uDXXX` (six characters). Source ids are escaped when the
+Source is made, so a resumed run matches what it wrote; the bytes are still read from the real name.
 """
 from __future__ import annotations
 
@@ -37,6 +42,9 @@ class Source:
     group: Optional[str] = None      # the shard it came from; None for a plain file
     key: Optional[str] = None        # its sample key inside that shard
     meta: Optional[Callable[[], dict]] = None  # the sample's carried fields (its .json, .txt), read when written
+
+    def __post_init__(self):
+        object.__setattr__(self, "id", valid_text(self.id))
 
     def __repr__(self):
         return f"Source({self.id!r})"
@@ -72,6 +80,30 @@ class Record:
 
     def row(self) -> dict:
         return record(self.source.id, self.caption, self.error)
+
+
+def valid_text(text: str) -> str:
+    """`text` if it encodes as UTF-8, else with each lone surrogate escaped (see the module docstring)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as surrogateescape holds it
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def valid_row(row: dict) -> dict:
+    """A row whose names and text values are all valid UTF-8 (`valid_text`)."""
+    return {valid_text(str(k)): valid_text(v) if isinstance(v, str) else v for k, v in row.items()}
 
 
 def record(source: str, caption: Optional[str], error: Optional[str]) -> dict:
