@@ -1,5 +1,6 @@
 """Issue #15: the captioning path under inputs and outputs that used to abort, hang, lose records or
 touch files it should not. Runs on the embedded default model (no --model)."""
+import csv
 import io
 import json
 import os
@@ -66,3 +67,16 @@ def test_undecodable_names_are_escaped_captioned_and_resumed(tmp_path, capsys):
     assert rows[0]["key"] == "k\\xff" and rows[0]["x"] == "\\xff"  # U+DCFF is how Python holds the byte 0xFF
 
 
+# --- 7. CSV fields holding line breaks --------------------------------------------------------------
+def test_csv_round_trips_every_character_a_path_can_hold(tmp_path, capsys):
+    names = ["a\rb.png", "c\nd.png", 'e,f"g.png', "h\r\ni .png", "tab\tq.png"]
+    data = list(small_images(len(names)).values())
+    folder = tmp_path / "in"
+    write_files(str(folder), dict(zip(names, data)))
+    out = tmp_path / "o.csv"
+    assert caption(folder, "--out", out) == 0
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["source"] for r in rows) == sorted(str(folder / n) for n in names)
+    assert caption(folder, "--out", out, "--resume") == 0
+    assert f"0 captioned, 0 failed, {len(names)} skipped" in capsys.readouterr().err

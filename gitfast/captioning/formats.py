@@ -100,15 +100,25 @@ class JsonlWriter(StreamWriter):
 
 
 class CsvWriter(StreamWriter):
+    """Rows end in "\n"; a field holding "\r" or "\n" is quoted. (csv quotes only for the characters
+    of its line terminator, so rows are formatted with "\r\n" and the terminator swapped.)"""
+
     def __init__(self, stream: TextIO, header: bool, owns: bool = True):
         super().__init__(stream, owns)
-        self.csv = csv.writer(stream, lineterminator="\n")
+        self._line = io.StringIO()
+        self.csv = csv.writer(self._line, lineterminator="\r\n")
         if header:
-            self.csv.writerow(FIELDS)
+            self._row(FIELDS)
+
+    def _row(self, values) -> None:
+        self._line.seek(0)
+        self._line.truncate()
+        self.csv.writerow(values)
+        self.stream.write(self._line.getvalue()[:-2] + "\n")
 
     def write(self, row):
         row = valid_row(row)
-        self.csv.writerow(["" if row.get(k) is None else row[k] for k in FIELDS])
+        self._row(["" if row.get(k) is None else row[k] for k in FIELDS])
         self._written()
 
 
