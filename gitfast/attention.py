@@ -1,4 +1,5 @@
-"""Attention for the model, by phase, each picking the Triton kernel on CUDA or plain torch otherwise.
+"""Attention for the model, by phase: the Triton kernels on CUDA, the extension's C++ kernels on the
+CPU, plain torch where neither serves (autograd, an unbuilt extension, odd head sizes).
 
 Layouts are token-major, `[batch, tokens, heads, head_dim]`, like the KV cache. GIT's mask: in each
 sequence the first `num_image` tokens attend to each other (bidirectional) and to no text; text
@@ -20,7 +21,7 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # what gitfast.kernels supports
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels():
+def _triton():
     """`gitfast.kernels` when its Triton kernels can run on the GPU, else None (plain torch is used)."""
     if not torch.cuda.is_available():
         return None
@@ -33,10 +34,20 @@ def _kernels():
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu():
+    """`gitfast.cpu_attention` (the extension's C++ kernels, same API as the Triton ones) when built."""
+    from . import cpu_attention
+
+    return cpu_attention if cpu_attention.available() else None
+
+
 def _use_kernels(q: torch.Tensor) -> Optional[object]:
-    if not q.is_cuda or q.requires_grad or q.shape[-1] not in KERNEL_HEAD_DIMS:
+    """The kernels for `q`'s device (Triton on CUDA, C++ on the CPU), or None for plain torch: autograd
+    and unsupported head sizes take plain torch."""
+    if q.requires_grad or q.shape[-1] not in KERNEL_HEAD_DIMS:
         return None
-    return _kernels()
+    return _triton() if q.is_cuda else _cpu() if q.device.type == "cpu" else None
 
 
 def _sdpa(q, k, v, mask=None):
@@ -54,8 +65,10 @@ def _packed(kern, q, k, v, num_image):
 
 
 def bidirectional(q, k, v):
-    """Vision encoder attention: every token sees every token of its image."""
-    kern = _use_kernels(q)
+    """Vision encoder attention: every token sees every token of its image. On the CPU, SDPA without
+    a mask (oneDNN's GEMM path) beats the C++ kernel here (0.6-0.7x at 8 x 197 tokens, 12 heads:
+    bench/bench_cpu_attention.py), so only CUDA takes a kernel."""
+    kern = _use_kernels(q) if q.is_cuda else None
     if kern is not None:
         return _packed(kern, q, k, v, q.shape[1])
     return _sdpa(q, k, v)
@@ -146,7 +159,7 @@ def _gather_padded(pool, block_tables, length: int):
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
     """Stores new K/V `[N, H, D]` at `slot_mapping` (block * block_size + offset; negative = skip)."""
-    kern = _use_kernels(k)
+    kern = _triton() if k.is_cuda else None  # on the CPU an indexed copy is the write
     if kern is not None:
         return kern.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     bs = k_cache.shape[1]

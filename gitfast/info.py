@@ -58,6 +58,8 @@ def collect() -> dict:
         "extension": {
             "loaded": loaded,
             "cuda_kernels": bool(loaded and ops.backend("bias_act", "cuda") == "cuda ext"),
+            "cuda_build_note": _build_note() if loaded else None,
+            "cpu_isa": _cpu_isa(),
         },
         # the cuda column is what a CUDA tensor would get, also on a machine without a GPU
         "ops": {op: {kind: ops.backend(op, kind) for kind in ("cpu", "cuda")} for op in ops.OPS},
@@ -65,16 +67,45 @@ def collect() -> dict:
     }
 
 
+def _build_note():
+    import gitfast._C as ext
+
+    return getattr(ext, "cuda_build_note", None)
+
+
+def _cpu_isa():
+    """The vector ISA the extension's CPU attention runs (None without the extension)."""
+    from . import cpu_attention
+
+    return cpu_attention.isa() if cpu_attention.available() else None
+
+
 def _attention_backends() -> dict:
-    """Attention runs Triton kernels on CUDA when triton imports, PyTorch (SDPA / gathers) otherwise."""
+    """Attention: Triton kernels on CUDA when triton imports, the extension's C++ kernels on the CPU
+    when built (the vision encoder's unmasked attention stays on SDPA there), PyTorch otherwise."""
     try:
         from .kernels import _triton_importable
         triton_ok = _triton_importable()
     except Exception:  # noqa: BLE001 - reporting only
         triton_ok = False
     cuda = "triton" if triton_ok else "torch sdpa"
-    return {name: {"cpu": "torch sdpa", "cuda": cuda}
-            for name in ("git_attention", "paged_decode", "paged_prefill", "write_kv_cache")}
+    cpu = "cpu ext" if _cpu_isa() else "torch sdpa"
+    return {"git_attention": {"cpu": cpu, "cuda": cuda}, "vision_attention": {"cpu": "torch sdpa", "cuda": cuda},
+            "paged_decode": {"cpu": cpu, "cuda": cuda}, "paged_prefill": {"cpu": cpu, "cuda": cuda},
+            "write_kv_cache": {"cpu": "torch index", "cuda": cuda}}
+
+
+def problems(info: dict) -> list:
+    """What makes this install slower than it should be here, loudly: a GPU the extension was built
+    without kernels for (every fused op would quietly run its plain-torch reference)."""
+    out = []
+    gpus = [d for d in info["devices"] if d["name"].startswith("cuda")]
+    ext = info["extension"]
+    if gpus and not ext["cuda_kernels"]:
+        why = ext["cuda_build_note"] or ("gitfast._C is not built" if not ext["loaded"] else "built without CUDA")
+        out.append(f"a CUDA device is present but gitfast._C has no CUDA kernels ({why}); rebuild with the CUDA "
+                   "toolkit: GITFAST_REQUIRE_CUDA=1 pip install --no-build-isolation -e .")
+    return out
 
 
 def _text(info: dict) -> str:
@@ -95,6 +126,10 @@ def _text(info: dict) -> str:
     state = "not built (ops use the plain-torch reference)" if not ext["loaded"] else (
         "loaded, CPU and CUDA kernels" if ext["cuda_kernels"] else "loaded, CPU kernels only")
     lines.append(f"extension gitfast._C: {state}")
+    if ext.get("cuda_build_note"):
+        lines.append(f"  CUDA build: {ext['cuda_build_note']}")
+    if ext.get("cpu_isa"):
+        lines.append(f"  CPU attention ISA: {ext['cpu_isa']}")
     lines.append("ops (backend per device):")
     lines.append(f"  {'op':<16} {'cpu':<10} cuda")
     for op, by_device in {**info["ops"], **info["attention"]}.items():
@@ -104,5 +139,8 @@ def _text(info: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     info = collect()
+    info["problems"] = problems(info)
     sys.stdout.write(json.dumps(info, indent=2) + "\n" if args.json else _text(info))
-    return 0
+    for p in info["problems"]:
+        sys.stderr.write(f"gitfast info: ERROR: {p}\n")
+    return 1 if info["problems"] else 0

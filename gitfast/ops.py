@@ -24,7 +24,7 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 OPS = ("add_layer_norm", "bias_act", "mlp")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The CUDA LayerNorm keeps a row of fp32 in shared memory; wider rows use the reference.
-_CUDA_MAX_LN_WIDTH = 8192  # kMaxLayerNormWidth in csrc/ops_cuda.cu
+_CUDA_MAX_LN_WIDTH = 8192  # kMaxLayerNormWidth in csrc/cuda/norm_act.cu
 
 
 def _check_activation(activation: str) -> None:

@@ -258,3 +258,23 @@ def test_forced_isa_paths(forced):
            "-k", "isa_reported or fp32 or low_precision"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def test_model_attention_on_the_cpu_runs_these_kernels(monkeypatch):
+    """gitfast.attention's paged decode and prefill take the C++ kernels on the CPU (the vision
+    encoder's unmasked attention stays on SDPA, measured faster), with the plain-torch answers."""
+    from gitfast import attention
+
+    calls = []
+    for name in ("paged_decode_attention", "paged_prefill_attention", "git_attention"):
+        real = getattr(ca, name)
+        monkeypatch.setattr(ca, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    kc, vc = torch.randn(2, 8, 4, 2, 32, generator=g)  # 8 blocks of 4 slots, 2 heads
+    tables, lens = torch.tensor([[5, 2, 0], [7, 1, 3]], dtype=torch.int32), [5, 9]
+    q = torch.randn(2, 2, 32, generator=g)
+    got = attention.paged_decode(q, kc, vc, tables, _i32(lens), max(lens))
+    monkeypatch.setattr(attention, "_use_kernels", lambda q: None)
+    want = attention.paged_decode(q, kc, vc, tables, _i32(lens), max(lens))
+    assert calls == ["paged_decode_attention"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -76,3 +76,21 @@ def test_a_subcommand_that_fails_to_import_breaks_only_itself(monkeypatch, capsy
     assert "broken on purpose" in capsys.readouterr().out
     with pytest.raises(ModuleNotFoundError, match="no_such_module"):
         cli.main(["broken"])
+
+
+def test_a_gpu_without_cuda_kernels_is_an_error(capsys, monkeypatch):
+    """A CUDA device with an extension built CPU-only: every fused op would silently run its
+    reference, so `gitfast info` says so and exits 1."""
+    from gitfast import info
+
+    real = info.collect
+
+    def with_a_gpu():
+        data = real()
+        data["devices"].append({"name": "cuda:0", "description": "fake", "capability": "sm_90", "memory_gib": 80})
+        data["extension"]["cuda_kernels"] = False
+        return data
+
+    monkeypatch.setattr(info, "collect", with_a_gpu)
+    assert cli.main(["info"]) == 1
+    assert "has no CUDA kernels" in capsys.readouterr().err
