@@ -167,6 +167,10 @@ def _gpu_configs():
         # fp32 (no tensor-core fast path): smaller tiles keep the staged K/V within shared memory;
         # 8 warps, because with 4 the fp32 accumulators spill (255 registers + 1.3 KB on sm_90)
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+        # fp32 at head_dim > 64: the FMA dot q.k^T holds a whole 128-wide row of q and column of
+        # k per thread, so 64 x 32 tiles spill 1.3 KB on sm_90 (112 B on sm_80) whatever the warps;
+        # 32 x 16 tiles, unpipelined, fit: 77-86 registers, no spill (ptxas, Triton 3.9)
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=1),
     ]
 
 
@@ -174,10 +178,11 @@ def _prune(configs, named_args, **kwargs):
     # constexprs arrive in kwargs, positional tensors in named_args
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     def is_fp32_config(c):
-        return c.kwargs["BLOCK_N"] == 32 and c.num_stages == 2
+        return c.num_stages < 3
 
     if named_args["Q"].dtype == torch.float32:
-        return [c for c in configs if is_fp32_config(c)]
+        block_n = 32 if head_dim <= 64 else 16
+        return [c for c in configs if is_fp32_config(c) and c.kwargs["BLOCK_N"] == block_n]
     configs = [c for c in configs if not is_fp32_config(c)]
     if head_dim <= 64:
         return configs

@@ -166,11 +166,14 @@ def test_autotune_pruning_keeps_valid_configs():
     q32 = torch.empty(1, dtype=torch.float32)
     q16 = torch.empty(1, dtype=torch.float16)
     fp32 = attention._prune(configs, {"Q": q32}, HEAD_DIM=64)
-    assert fp32 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 for c in fp32)
+    assert len(fp32) == 1 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 for c in fp32)
     hd64 = attention._prune(configs, {"Q": q16}, HEAD_DIM=64)
     assert hd64 and not set(map(id, hd64)) & set(map(id, fp32))
     hd128 = attention._prune(configs, {"Q": q16}, HEAD_DIM=128)
     assert hd128 and all(c.num_warps == 8 or c.kwargs["BLOCK_M"] == 64 for c in hd128)
+    # fp32 past head_dim 64: only the small unpipelined tiles (larger ones spill, see _gpu_configs)
+    fp32_wide = attention._prune(configs, {"Q": q32}, HEAD_DIM=128)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in fp32_wide] == [(32, 16, 1)]
 
 
 # -- GPU, real sizes ------------------------------------------------------------------------------

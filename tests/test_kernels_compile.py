@@ -32,8 +32,9 @@ MAX_SHARED = {80: 166912, 90: 232448}
 
 # (dtype, head_dim, heads): GIT-base/large use head_dim 64; the others are the padded head sizes.
 FULL_MATRIX = (("float16", 64, 12), ("bfloat16", 64, 12), ("float32", 64, 12),
-               ("float16", 32, 16), ("float16", 80, 16), ("float16", 128, 8))
-MATRIX = {90: FULL_MATRIX, 80: FULL_MATRIX}  # about 35 s on two cores, one process per target
+               ("float16", 32, 16), ("float16", 80, 16), ("float16", 128, 8),
+               ("float32", 80, 16), ("float32", 96, 8), ("float32", 128, 8))
+MATRIX = {90: FULL_MATRIX, 80: FULL_MATRIX}  # about 1 min on two free cores, one process per target
 
 IMAGE_TOKENS = 197        # ViT-B/16 at 224 px: 14 * 14 patches + CLS
 PROMPT = 20               # text tokens of a typical prompt
