@@ -159,21 +159,21 @@ def test_a_full_disk_while_finishing_a_shard_keeps_its_journal(checkpoint, tmp_p
     real = pqm.write_table
 
     def full(table, where, **kw):
-        if str(where).endswith("00001.parquet.tmp"):
-            with open(where, "wb") as f:
-                f.write(b"PAR1 half")
+        if "000000010" in table.column("key").to_pylist():  # shard 00001
+            where.write(b"PAR1 half")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(table, where, **kw)
 
     monkeypatch.setattr(pqm, "write_table", full)
     assert caption(checkpoint, tmp_path / "in", "--out-dir", out) == 3
     assert "No space left on device" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ["00000.parquet", "00001.parquet.partial.jsonl", "00001.parquet.tmp"]
+    # the half-written temporary file is gitfast's own: removed
+    assert sorted(os.listdir(out)) == ["00000.parquet", "00001.parquet.partial.jsonl", "gitfast-settings.json"]
     assert len(pq.read_table(out / "00000.parquet")) == 3 and len((out / "00001.parquet.partial.jsonl").read_text().splitlines()) == 3
 
     monkeypatch.undo()
     assert caption(checkpoint, tmp_path / "in", "--out-dir", out, "--resume") == 0
-    assert sorted(os.listdir(out)) == ["00000.parquet", "00001.parquet"]
+    assert sorted(os.listdir(out)) == ["00000.parquet", "00001.parquet", "gitfast-settings.json"]
     assert [r["key"] for r in pq.read_table(out / "00001.parquet").to_pylist()] == [f"{n:09d}" for n in (10, 11, 12)]
     assert "0 captioned, 0 failed, 6 skipped" in capsys.readouterr().err
 

@@ -122,7 +122,7 @@ def test_parquet_output_and_resume(checkpoint, tree, captions, tmp_path):
     assert not captions[first[2]].ok
     assert caption(checkpoint, *first, "--out", out) == 1
     check_records(pq.read_table(out).to_pylist(), first, captions)
-    assert sorted(os.listdir(tmp_path)) == ["out.parquet"]  # no journal or temporary file left behind
+    assert sorted(os.listdir(tmp_path)) == ["out.parquet", "out.parquet.settings.json"]  # no journal or temporary file left behind
     # a killed resumed run leaves its journal (whole lines, then a torn one) beside the untouched Parquet file
     journaled = expected[0]
     (tmp_path / "out.parquet.partial.jsonl").write_text(
@@ -134,7 +134,7 @@ def test_parquet_output_and_resume(checkpoint, tree, captions, tmp_path):
     del records[len(first) - 1]
     check_records(records, [s for s in first if captions[s].ok]
                   + [s for s in expected if s != journaled and (s not in first or not captions[s].ok)], captions)
-    assert sorted(os.listdir(tmp_path)) == ["out.parquet"]
+    assert sorted(os.listdir(tmp_path)) == ["out.parquet", "out.parquet.settings.json"]
 
 
 def test_resume_after_a_killed_run(checkpoint, tree, captions, tmp_path, capsys):

@@ -1,9 +1,11 @@
 """Issue #15: the captioning path under inputs and outputs that used to abort, hang, lose records or
 touch files it should not. Runs on the embedded default model (no --model)."""
 import csv
+import errno
 import io
 import json
 import os
+import stat
 import tarfile
 
 import pyarrow.parquet as pq
@@ -80,3 +82,108 @@ def test_csv_round_trips_every_character_a_path_can_hold(tmp_path, capsys):
     assert sorted(r["source"] for r in rows) == sorted(str(folder / n) for n in names)
     assert caption(folder, "--out", out, "--resume") == 0
     assert f"0 captioned, 0 failed, {len(names)} skipped" in capsys.readouterr().err
+
+
+# --- 2. paths other than the chosen output ---------------------------------------------------------
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "in"
+    write_files(str(folder), small_images(3))
+    return folder
+
+
+def test_a_symlinked_output_writes_its_target_and_keeps_the_link(photos, tmp_path):
+    target, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    assert caption(photos, "--out", link) == 0
+    assert link.is_symlink() and len(jsonl(target)) == 3
+    assert caption(photos, "--out", link, "--resume") == 0
+    assert link.is_symlink() and len(jsonl(target)) == 3
+
+
+def test_a_users_tmp_file_beside_the_output_is_never_touched(photos, tmp_path):
+    mine = tmp_path / "o.jsonl.tmp"
+    mine.write_text("mine")
+    for fmt in ("jsonl", "parquet"):
+        assert caption(photos, "--out", tmp_path / f"o.{fmt}") == 0
+        assert caption(photos, "--out", tmp_path / f"o.{fmt}", "--resume") == 0
+    assert mine.read_text() == "mine"
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp") and n != "o.jsonl.tmp"]
+
+
+def test_out_dash_is_stdout(photos, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert caption(photos, "--out", "-") == 0
+    assert not os.path.exists(tmp_path / "-")
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert caption(photos, "--out", "-", "--resume") == 2
+
+
+def test_a_fifo_output_is_streamed_to_not_replaced(photos, tmp_path, capsys):
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
+    reader.start()
+    assert caption(photos, "--out", fifo) == 0
+    reader.join(30)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert len(got[0].decode().splitlines()) == 3
+    assert caption(photos, "--out", fifo, "--resume") == 2
+    assert "cannot be resumed" in capsys.readouterr().err
+
+
+def test_a_character_device_output_is_streamed_to(photos, tmp_path):
+    null = tmp_path / "null"
+    try:
+        os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # what /dev/null is
+    except (PermissionError, OSError) as exc:
+        pytest.skip(f"cannot make a device node here ({exc}); the FIFO test covers streaming")
+    assert caption(photos, "--out", null) == 0
+    assert stat.S_ISCHR(os.stat(null).st_mode)
+
+
+def test_a_full_disk_while_resuming_a_complete_output_leaves_no_temporary_file(photos, tmp_path, monkeypatch,
+                                                                               capsys):
+    from gitfast.captioning import formats
+
+    out = tmp_path / "o.jsonl"
+    assert caption(photos, "--out", out) == 0
+    before = out.read_bytes()
+
+    def full(self, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(formats.JsonlWriter, "write", full)
+    assert caption(photos, "--out", out, "--resume") == 3
+    assert out.read_bytes() == before
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+# --- 3. two runs on one output -------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--out", "--out-dir"])
+def test_a_second_run_on_a_locked_output_is_refused(photos, tmp_path, capsys, flag):
+    from gitfast.captioning import locking
+
+    out = tmp_path / ("o.jsonl" if flag == "--out" else "d")
+    lock = locking.lock_for(**({"out": str(out)} if flag == "--out" else {"out_dir": str(out)}))
+    with lock:
+        assert caption(photos, flag, out) == 2
+        assert "another gitfast run is writing" in capsys.readouterr().err
+        assert not out.exists() or not os.listdir(out) or os.listdir(out) == [".gitfast-lock"]
+    assert caption(photos, flag, out) == 0
+    assert not [n for n in os.listdir(tmp_path if flag == "--out" else out) if "lock" in n]
+
+
+# --- 10. settings that shape captions ---------------------------------------------------------------
+def test_resume_refuses_changed_settings_by_name(photos, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    assert caption(photos, "--out", out, "--num-beams", "1") == 0
+    capsys.readouterr()
+    assert caption(photos, "--out", out, "--resume", "--prompt", "a photo of", "--num-beams", "2") == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "num_beams 2 (was 1)" in err and "prompt 'a photo of' (was None)" in err
+    assert caption(photos, "--out", out, "--resume", "--dtype", "float32") == 0  # the default, spelt out
+    assert caption(photos, "--out", out, "--resume", "--prompt", "a photo of", "--force") == 0

@@ -187,7 +187,7 @@ def test_two_ranks_equal_one_device_after_a_dead_rank_and_a_killed_run(checkpoin
     os.remove(late)
     shutil.copyfile(inputs / "files" / "img000.jpg", late)
     assert caption(checkpoint, *paths, "--out-dir", out, "--devices", "cpu,cpu", "--resume") == 1
-    assert sorted(os.listdir(out)) == ["00000.parquet", "captions.parquet"]
+    assert sorted(os.listdir(out)) == ["00000.parquet", "captions.parquet", "gitfast-settings.json"]
     shard = pq.read_table(out / "00000.parquet").to_pylist()
     plain = pq.read_table(out / "captions.parquet").to_pylist()
     want = dict(reference, **{str(late): reference[str(inputs / "files" / "img000.jpg")]})

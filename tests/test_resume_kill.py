@@ -161,10 +161,11 @@ def _final(kind, out):
         data = open(out, "rb").read()
         assert data.endswith(b"\n"), "torn last line"
         recs = [json.loads(line) for line in data.decode().splitlines()]
-        assert os.listdir(os.path.dirname(out)) == [os.path.basename(out)]  # no .tmp left
+        # no .tmp or lock left; the run's settings beside it
+        assert sorted(os.listdir(os.path.dirname(out))) == [os.path.basename(out), os.path.basename(out) + ".settings.json"]
         return recs
-    names = sorted(os.listdir(out))
-    assert names == ["00000.parquet", "00001.parquet", "00002.parquet"], names  # no journal or .tmp left
+    names = sorted(n for n in os.listdir(out) if n != "gitfast-settings.json")
+    assert names == ["00000.parquet", "00001.parquet", "00002.parquet"], names  # no journal, .tmp or lock left
     return [r for n in names for r in pq.read_table(os.path.join(out, n)).to_pylist()]
 
 

@@ -188,7 +188,7 @@ def shard_set(tmp_path_factory):
 def test_out_dir_one_parquet_per_shard_with_carried_fields(checkpoint, captioner, shard_set, tmp_path):
     out = tmp_path / "out"
     assert caption(checkpoint, f"{shard_set}/*.tar", shard_set / "plain", "--out-dir", out) == 1
-    assert sorted(os.listdir(out)) == ["00000.parquet", "00001.parquet", "captions.parquet"]  # no temporary files
+    assert sorted(os.listdir(out)) == ["00000.parquet", "00001.parquet", "captions.parquet", "gitfast-settings.json"]  # no temporary files
     want = {r.source: r for r in captioner.caption(list(sources.expand([f"{shard_set}/*.tar", shard_set / "plain"])),
                                                    max_new_tokens=5)}
     first = pq.read_table(out / "00000.parquet")

@@ -29,7 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint folder or hub id in the local Hugging Face cache "
                              "(default: gitfast's embedded model)")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", default=None, metavar="FILE", help="output file (default: JSONL on stdout)")
+    where.add_argument("--out", default=None, metavar="FILE",
+                       help="output file (default or '-': JSONL on stdout; a character device or FIFO is "
+                            "streamed to, without resume)")
     where.add_argument("--out-dir", default=None, metavar="DIR",
                        help="one output per input shard (00000.tar -> DIR/00000.parquet, with the samples' "
                             "json fields), and DIR/captions.parquet for inputs that are not in a shard")
@@ -58,6 +60,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     again.add_argument("--resume", action="store_true",
                        help="keep what the output already has, retry its failures, caption the rest")
     again.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--force", action="store_true",
+                        help="with --resume: continue even though the settings that shape captions (model, "
+                             "max-new-tokens, num-beams, prompt, dtype) differ from the output's")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -121,12 +126,10 @@ def captioner_options(args: argparse.Namespace, device, ranks: int = 1) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from . import sources
+    from ..loading import CheckpointError
+    from . import locking, run_settings, sources
     from .formats import OutputError, infer_format
     from .multi_device import parse_devices
-    from .records import Record
     from .resumable import Output
     from .sharded import ShardedOutput
 
@@ -139,12 +142,48 @@ def run(args: argparse.Namespace) -> int:
         if not all_sources:
             return _usage_error(f"no images found in {' '.join(args.paths)} "
                                 f"(folders and globs take only files with image extensions and .tar shards)")
-        if args.out_dir is not None:
-            output = ShardedOutput(args.out_dir, fmt, all_sources, resume=args.resume, overwrite=args.overwrite)
-        else:
-            output = Output(args.out, fmt, resume=args.resume, overwrite=args.overwrite)
-    except (sources.SourceError, OutputError, ValueError) as exc:
+        lock = locking.lock_for(args.out, args.out_dir)
+        if lock is not None:
+            lock.acquire()  # before the output is read: the run it waits for may still be writing it
+        try:
+            if args.out_dir is not None:
+                output = ShardedOutput(args.out_dir, fmt, all_sources, resume=args.resume, overwrite=args.overwrite)
+            else:
+                output = Output(args.out, fmt, resume=args.resume, overwrite=args.overwrite)
+            recorded = run_settings.settings_path(args.out, args.out_dir) if lock is not None else None
+            settings = _caption_settings(args)
+            if recorded is not None and not run_settings.check(recorded, settings, resume=args.resume,
+                                                               force=args.force):
+                recorded = None  # already recorded as they are
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+    except (sources.SourceError, OutputError, CheckpointError, ValueError) as exc:
         return _usage_error(str(exc))
+    try:
+        return _caption(args, devices, all_sources, output, lock_settings=(recorded, settings))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _caption_settings(args: argparse.Namespace) -> dict:
+    """What shapes the captions (run_settings): recorded with the output, compared on --resume."""
+    from .. import loading
+    from ..defaults import EMBEDDED_MODEL
+
+    model = loading.resolve(EMBEDDED_MODEL if args.model is None else args.model)
+    return {"model": os.path.realpath(model), "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
+            "prompt": args.prompt, "dtype": args.dtype or "float32"}
+
+
+def _caption(args, devices, all_sources, output, lock_settings) -> int:
+    from tqdm import tqdm
+
+    from . import run_settings
+    from .records import Record
+
     todo = [s for s in all_sources if s.id not in output.done]
     skipped = len(all_sources) - len(todo)
     target = args.out_dir or args.out
@@ -183,6 +222,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     status = None
     try:
+        recorded, settings = lock_settings
+        if recorded is not None:
+            _guarded(run_settings.record, recorded, settings)
         writer = _guarded(output.open, todo)
         with tqdm(total=len(todo), unit="img", file=sys.stderr, dynamic_ncols=True,
                   disable=True if args.quiet else None) as bar:

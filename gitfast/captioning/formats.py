@@ -63,10 +63,10 @@ class Writer:
 class StreamWriter(Writer):
     """One write and a flush per row (a kill leaves whole lines plus at most one torn one); an
     fsync every SYNC_EVERY rows or SYNC_SECONDS, and on close. `owns`: the stream is ours to
-    sync and close (not stdout, not a caller's)."""
+    sync and close (not stdout, not a caller's); `sync=False` for streams fsync refuses (devices, FIFOs)."""
 
-    def __init__(self, stream: TextIO, owns: bool = True):
-        self.stream, self.owns = stream, owns
+    def __init__(self, stream: TextIO, owns: bool = True, sync: bool = True):
+        self.stream, self.owns, self.sync = stream, owns, sync
         self._unsynced, self._synced_at = 0, time.monotonic()
 
     def _written(self):
@@ -77,7 +77,8 @@ class StreamWriter(Writer):
                 self._sync()
 
     def _sync(self):
-        os.fsync(self.stream.fileno())
+        if self.sync:
+            os.fsync(self.stream.fileno())
         self._unsynced, self._synced_at = 0, time.monotonic()
 
     def close(self, complete=True):
@@ -103,8 +104,8 @@ class CsvWriter(StreamWriter):
     """Rows end in "\n"; a field holding "\r" or "\n" is quoted. (csv quotes only for the characters
     of its line terminator, so rows are formatted with "\r\n" and the terminator swapped.)"""
 
-    def __init__(self, stream: TextIO, header: bool, owns: bool = True):
-        super().__init__(stream, owns)
+    def __init__(self, stream: TextIO, header: bool, owns: bool = True, sync: bool = True):
+        super().__init__(stream, owns, sync)
         self._line = io.StringIO()
         self.csv = csv.writer(self._line, lineterminator="\r\n")
         if header:

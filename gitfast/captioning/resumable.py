@@ -9,13 +9,16 @@ input order within each run, not across runs.
 Parquet cannot be appended to, nor read back without its footer, so a Parquet output is built in a
 JSONL journal next to it (`<out>.partial.jsonl`), flushed per record like the JSONL writer. When the
 run ends normally the journal is converted into a temporary file, renamed to `<out>`, and the
-journal deleted. Until then a previous `<out>` stays untouched; `--resume` reads the previous `<out>`
+journal deleted. Temporary files get unique names (`.<out>.XXXXXXXX.tmp`, created exclusively) and
+are removed when writing them fails, so gitfast never replaces or deletes a file it did not make. Until then a previous `<out>` stays untouched; `--resume` reads the previous `<out>`
 and any journal a killed run left, and the final file holds both (the "append" is a rewrite).
 """
 from __future__ import annotations
 
 import os
+import stat
 import sys
+import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from .formats import (FORMATS, CsvWriter, JsonlWriter, OutputError, Writer, arrow_table, read_csv, read_jsonl,
@@ -26,7 +29,9 @@ from .records import Record, is_done
 class Output:
     """An output destination, checked on construction (nothing is modified until `open()`).
 
-    `path=None` means stdout (JSONL, or CSV when asked). `done` holds the sources a resumed output already has.
+    `path=None` (or "-") means stdout (JSONL, or CSV when asked); a character device or FIFO is
+    streamed to likewise (no journal, no temporary file, no resume). A symbolic link is followed.
+    `done` holds the sources a resumed output already has.
     """
 
     def __init__(self, path: Optional[str], fmt: str, *, resume: bool = False, overwrite: bool = False,
@@ -37,6 +42,8 @@ class Output:
             raise OutputError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
         if resume and overwrite:
             raise OutputError("--resume and --overwrite contradict each other")
+        if path == "-":
+            path = None
         if path is None and (resume or fmt == "parquet"):
             raise OutputError(f"{'--resume' if resume else 'parquet output'} needs --out FILE")
         if fmt == "parquet":
@@ -44,15 +51,23 @@ class Output:
                 import pyarrow  # noqa: F401
             except ImportError:
                 raise OutputError("parquet output needs pyarrow: pip install 'gitfast[parquet]'") from None
+        self.stream = stream_kind(path) if path is not None else None
+        if self.stream is not None:
+            if resume or fmt == "parquet":
+                raise OutputError(f"--out {path} is a {self.stream}: it can only be streamed to, as JSONL or CSV, "
+                                  "and cannot be resumed")
+        elif path is not None:
+            path = os.path.realpath(path)  # a link is followed: its target is written, the link kept
         self.path, self.fmt, self.resume, self.overwrite, self.order = path, fmt, resume, overwrite, order
-        journaled = fmt == "parquet" or (atomic and fmt == "jsonl")
+        journaled = self.stream is None and (fmt == "parquet" or (atomic and fmt == "jsonl"))
         self.journal = f"{path}.partial.jsonl" if journaled else None
         self._kept: List[dict] = []
         if path is not None and os.path.isdir(path):
             raise OutputError(f"--out {path!r} is a folder")
         if path is not None:
             check_writable_folder(os.path.dirname(os.path.abspath(path)))
-        existing = [p for p in (path, self.journal) if p and os.path.isfile(p) and os.path.getsize(p) > 0]
+        existing = [p for p in (path, self.journal)
+                    if self.stream is None and p and os.path.isfile(p) and os.path.getsize(p) > 0]
         if existing and not (resume or overwrite):
             raise OutputError(f"{existing[0]!r} exists; pass --resume to continue it or --overwrite to replace it")
         if resume:
@@ -83,6 +98,9 @@ class Output:
         """As `open`, the writer taking row dicts (a per-shard output adds columns)."""
         if self.path is None:
             return CsvWriter(sys.stdout, header=True, owns=False) if self.fmt == "csv" else JsonlWriter(sys.stdout, owns=False)
+        if self.stream is not None:
+            stream = open(self.path, "w", newline="", encoding="utf-8")
+            return CsvWriter(stream, header=True, sync=False) if self.fmt == "csv" else JsonlWriter(stream, sync=False)
         target = self.journal or self.path
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         if self.fmt == "csv":
@@ -129,17 +147,12 @@ def finish_journal(journal: str, path: str, fmt: str, order: Optional[Dict[str, 
     if order is not None:  # stable: records of sources outside `order` keep their place at the end
         last = len(order)
         rows.sort(key=lambda r: order.get(r["source"], last))
-    tmp = path + ".tmp"
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        pq.write_table(arrow_table(rows), tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        replace_with(path, lambda f: pq.write_table(arrow_table(rows), f), binary=True)
     else:
         replace_with(path, lambda f: JsonlWriter(f, owns=False).write_all(rows))
-    if fmt == "parquet":
-        os.replace(tmp, path)
     # a kill between the rename and this leaves both; the next --resume reads both, keeping each source once
     os.remove(journal)
 
@@ -152,14 +165,48 @@ def first_success(rows: Iterable[dict]) -> List[dict]:
     return list(kept.values())
 
 
-def replace_with(path: str, fill) -> None:
-    """Writes a file through `fill(stream)` under a temporary name, then renames it over `path`."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        fill(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def replace_with(path: str, fill, binary: bool = False) -> None:
+    """Writes a file through `fill(stream)` under a temporary name of its own, then renames it over
+    `path`. The temporary file is created exclusively (never someone else's) in `path`'s folder, and
+    removed again if anything fails. `binary`: `fill` gets a binary stream."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, _mode_for(path))
+        with (open(fd, "wb") if binary else open(fd, "w", newline="", encoding="utf-8")) as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _mode_for(path: str) -> int:
+    """The replaced file's permissions, or what a plain open() would give a new file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def stream_kind(path: str) -> Optional[str]:
+    """"character device", "FIFO" or "socket" for an existing such `path` (links followed), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, kind in ((stat.S_ISCHR, "character device"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return None
 
 
 def check_writable_folder(folder: str) -> None:

@@ -1,0 +1,95 @@
+"""One run per output: an exclusive `flock` held for the whole run, on a lock file beside the output.
+
+`--out FILE` locks `.FILE.gitfast-lock` in FILE's folder, `--out-dir DIR` locks `DIR/.gitfast-lock`;
+a second run on the same output fails at once with `OutputLocked` (a usage error, exit 2) before it
+reads or writes anything. The lock dies with its process, so a killed run never blocks the next one.
+gitfast deletes the lock file on release only if it created it; a run that finds the path's file
+replaced under it (a finishing run deleted it) locks the new one instead.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import Optional
+
+from .formats import OutputError
+
+
+class OutputLocked(OutputError):
+    """Another run holds the output's lock."""
+
+
+class OutputLock:
+    def __init__(self, target: str, lock_path: str):
+        self.target, self.path = target, lock_path
+        self._fd: Optional[int] = None
+        self._created = False
+
+    def acquire(self) -> "OutputLock":
+        while True:
+            try:
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:
+                    continue  # released and deleted between the two opens
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputLocked(f"another gitfast run is writing {self.target} (it holds {self.path}); "
+                                   "wait for it to finish, or write to another output") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd, self._created = fd, created
+                return self
+            os.close(fd)  # we locked a file a finishing run had just deleted: try the one at the path now
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        if self._created:
+            try:
+                os.remove(self.path)  # while still locked, so no other run holds this file
+            except OSError:
+                pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_for(out: Optional[str] = None, out_dir: Optional[str] = None) -> Optional[OutputLock]:
+    """The lock of an output file or folder (folders are created for it); None for stdout and for
+    streams (character devices, FIFOs), which are not resumable."""
+    if out_dir is not None:
+        folder, lock = out_dir, OutputLock(out_dir, os.path.join(out_dir, ".gitfast-lock"))
+    elif out is None or out == "-" or not is_regular_target(out):
+        return None
+    else:
+        folder, name = os.path.split(os.path.realpath(out))
+        lock = OutputLock(out, os.path.join(folder, f".{name}.gitfast-lock"))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return None  # an output that cannot be made: the output's own checks say why
+    return lock
+
+
+def is_regular_target(path: str) -> bool:
+    """True unless `path` (followed through links) exists and is not a regular file or folder."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing (or under a file: the output's own checks say so)
+        return True
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
