@@ -187,3 +187,49 @@ def test_resume_refuses_changed_settings_by_name(photos, tmp_path, capsys):
     assert "other settings" in err and "num_beams 2 (was 1)" in err and "prompt 'a photo of' (was None)" in err
     assert caption(photos, "--out", out, "--resume", "--dtype", "float32") == 0  # the default, spelt out
     assert caption(photos, "--out", out, "--resume", "--prompt", "a photo of", "--force") == 0
+
+
+# --- 4. only regular files are read, and only so much of them ---------------------------------------
+@pytest.fixture
+def alarm():
+    """Fails a test that blocks (a FIFO read waits for a writer forever) instead of hanging the suite."""
+    import signal
+
+    def timeout(*_):
+        raise TimeoutError("blocked reading an input")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_fifos_and_devices_are_error_records_not_reads(photos, tmp_path, alarm):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    tar_fifo = tmp_path / "s.tar"
+    os.mkfifo(tar_fifo)
+    out = tmp_path / "o.jsonl"
+    good = sorted(str(p) for p in photos.iterdir())
+    assert caption(fifo, "/dev/zero", tar_fifo, *good, "--out", out) == 1
+    recs = {r["source"]: r for r in jsonl(out)}
+    assert "not a regular file (a FIFO)" in recs[str(fifo)]["error"]
+    assert "not a regular file (a character device)" in recs["/dev/zero"]["error"]
+    assert "not a regular file" in recs[f"{tar_fifo}::@0"]["error"]
+    assert all(recs[p]["caption"] for p in good)
+
+
+def test_inputs_over_the_size_limit_are_error_records(photos, tmp_path, monkeypatch):
+    from gitfast import Captioner
+
+    names = sorted(os.listdir(photos))
+    shard = _tar(str(tmp_path / "s.tar"), [("k.png", (photos / names[0]).read_bytes())])
+    sizes = [os.path.getsize(photos / n) for n in names]
+    monkeypatch.setenv("GITFAST_MAX_INPUT_BYTES", str(min(sizes) - 1))
+    out = tmp_path / "o.jsonl"
+    assert caption(photos, shard, "--out", out) == 1
+    recs = jsonl(out)
+    assert len(recs) == 4 and all("over the input size limit" in r["error"] for r in recs)
+    results = Captioner(device="cpu").caption([str(photos / names[0])], max_new_tokens=2)
+    assert "over the input size limit" in results[0].error

@@ -66,9 +66,10 @@ def decode(data: bytes, draft: Optional[Tuple[int, int]] = None) -> Image.Image:
 
 def read(path: Union[str, os.PathLike], draft: Optional[Tuple[int, int]] = None) -> Image.Image:
     """Reads and decodes an image file into an upright RGB image (`draft` as in `decode`)."""
+    from .records import read_file
+
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_file(path)  # regular files only, size-capped
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
     return decode(data, draft)

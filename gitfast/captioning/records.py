@@ -15,9 +15,9 @@ Source is made, so a resumed run matches what it wrote; the bytes are still read
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Callable, Optional, Union
 
 IMAGE_EXTENSIONS = frozenset({
@@ -25,6 +25,7 @@ IMAGE_EXTENSIONS = frozenset({
     ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".jp2", ".j2k", ".avif", ".heic", ".heif",
 })
 FIELDS = ("source", "caption", "error")
+DEFAULT_MAX_INPUT_BYTES = 256 << 20
 
 
 class SourceError(ValueError):
@@ -51,11 +52,45 @@ class Source:
 
 
 def file_source(path: Union[str, os.PathLike]) -> Source:
-    return Source(os.path.normpath(os.fspath(path)), partial(_read_path, os.fspath(path)))
+    return Source(os.path.normpath(os.fspath(path)), partial(read_file, os.fspath(path)))
 
 
-def _read_path(path: str) -> bytes:
-    return Path(path).read_bytes()
+def max_input_bytes() -> int:
+    """The most bytes one input (a file or a tar member) may hold: GITFAST_MAX_INPUT_BYTES, default
+    256 MiB. Larger inputs are error records, so a stray huge file cannot take the machine's memory."""
+    return int(os.environ.get("GITFAST_MAX_INPUT_BYTES", DEFAULT_MAX_INPUT_BYTES))
+
+
+def check_size(size: int) -> None:
+    limit = max_input_bytes()
+    if size > limit:
+        raise SourceReadError(f"{size} bytes is over the input size limit of {limit} bytes "
+                              "(GITFAST_MAX_INPUT_BYTES)")
+
+
+def read_file(path: Union[str, os.PathLike]) -> bytes:
+    """A regular file's bytes. Anything else (a FIFO, a device such as /dev/zero, a socket) is a
+    SourceReadError, found without blocking; so is a file over `max_input_bytes()`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SourceReadError(f"not a regular file ({_kind(info.st_mode)}): only files and tar members are read")
+        check_size(info.st_size)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_input_bytes() + 1)
+        check_size(len(data))  # it grew since
+        return data
+    finally:
+        os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 def _raise(message: str) -> bytes:

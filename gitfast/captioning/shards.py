@@ -17,15 +17,17 @@ the end-of-archive marker is missing), an unreadable header, a file that is not 
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from .records import IMAGE_EXTENSIONS, Source, SourceReadError, failing_source
+from .records import IMAGE_EXTENSIONS, Source, SourceReadError, check_size, failing_source
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ def index(path: str) -> Tuple[List[Member], Optional[Damage]]:
     """Every regular member before any damage, and the damage (None for a sound shard).
 
     OSError (the shard cannot be opened at all) propagates."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device never end
+        raise OSError(errno.EINVAL, "not a regular file")
     total = os.path.getsize(path)
     members: List[Member] = []
     with open(path, "rb") as f:
@@ -102,6 +106,7 @@ def index(path: str) -> Tuple[List[Member], Optional[Damage]]:
 
 
 def read_member(path: str, offset: int, size: int) -> bytes:
+    check_size(size)
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read(size)
