@@ -233,3 +233,24 @@ def test_inputs_over_the_size_limit_are_error_records(photos, tmp_path, monkeypa
     assert len(recs) == 4 and all("over the input size limit" in r["error"] for r in recs)
     results = Captioner(device="cpu").caption([str(photos / names[0])], max_new_tokens=2)
     assert "over the input size limit" in results[0].error
+
+
+# --- 8. one image-like object is one input ----------------------------------------------------------
+def test_one_array_or_bytes_object_is_one_input():
+    import numpy as np
+    from PIL import Image
+
+    from gitfast import Captioner
+    from image_factory import encode, rgb_array
+
+    pixels = rgb_array(3, size=(40, 48))
+    data = encode(Image.fromarray(pixels), "PNG")
+    captioner = Captioner(device="cpu")
+    from_pil = captioner.caption(Image.fromarray(pixels), max_new_tokens=4)
+    for one in (pixels, data, bytearray(data)):
+        results = captioner.caption(one, max_new_tokens=4)
+        assert len(results) == 1 and results[0].ok, results[0].error
+        assert results[0].token_ids == from_pil[0].token_ids
+    assert len(captioner.caption([pixels, data], max_new_tokens=4)) == 2
+    bad = captioner.caption(np.zeros((4, 4), dtype=np.float64), max_new_tokens=4)
+    assert len(bad) == 1 and "must be uint8" in bad[0].error

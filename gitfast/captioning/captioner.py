@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -27,7 +28,7 @@ from ..serving.generation import resolve_settings
 from .records import Source
 from .workers import Prepared, PreparePool, Preparer, PrepareSpec
 
-ImageInput = Union[str, os.PathLike, Image.Image, Source]
+ImageInput = Union[str, os.PathLike, Image.Image, Source, bytes, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,8 @@ def _after_copy(item: Prepared, ready, device) -> Prepared:
 
 
 def _is_single(images) -> bool:
-    return isinstance(images, (str, os.PathLike, Image.Image, Source))
+    # encoded bytes and pixel arrays are iterable, but each is one image
+    return isinstance(images, (str, os.PathLike, Image.Image, Source, bytes, bytearray, memoryview, np.ndarray))
 
 
 def _as_list(images) -> list:

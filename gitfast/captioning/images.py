@@ -75,6 +75,14 @@ def read(path: Union[str, os.PathLike], draft: Optional[Tuple[int, int]] = None)
     return decode(data, draft)
 
 
+def from_array(pixels: np.ndarray) -> Image.Image:
+    """An RGB image from a uint8 array: H x W (grey), H x W x 3 (RGB) or H x W x 4 (RGBA, onto white)."""
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (3, 4)):
+        raise ImageError(f"a pixel array must be uint8 H x W, H x W x 3 or H x W x 4, not {pixels.dtype} "
+                         f"{'x'.join(map(str, pixels.shape))}")
+    return to_rgb(Image.fromarray(np.ascontiguousarray(pixels)))
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """An upright RGB copy of `image`, following the conversion rules in this module's docstring."""
     try:

@@ -123,7 +123,12 @@ def load_rgb(image, draft: Optional[Tuple[int, int]] = None) -> Image.Image:
         return imaging.decode(data, draft)
     if isinstance(image, (str, os.PathLike)):
         return imaging.read(image, draft)
-    raise imaging.ImageError(f"unsupported input type {type(image).__name__}; pass a path, a PIL image or a Source")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return imaging.decode(bytes(image), draft)
+    if isinstance(image, np.ndarray):
+        return imaging.from_array(image)
+    raise imaging.ImageError(f"unsupported input type {type(image).__name__}; pass a path, a PIL image, encoded "
+                             "bytes, a pixel array or a Source")
 
 
 def label(image, index: int) -> str:
