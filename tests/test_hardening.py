@@ -254,3 +254,16 @@ def test_one_array_or_bytes_object_is_one_input():
     assert len(captioner.caption([pixels, data], max_new_tokens=4)) == 2
     bad = captioner.caption(np.zeros((4, 4), dtype=np.float64), max_new_tokens=4)
     assert len(bad) == 1 and "must be uint8" in bad[0].error
+
+
+# --- 9. link members in a tar shard -----------------------------------------------------------------
+def test_hard_linked_images_are_read_and_symlinked_ones_are_error_records(tmp_path):
+    data = list(small_images(2).values())
+    shard = _tar(str(tmp_path / "s.tar"), [("a.jpg", data[0]), ("b.jpg", "hard", "a.jpg"), ("c.jpg", "sym", "a.jpg"),
+                                           ("d.jpg", "sym", "/etc/passwd"), ("e.png", data[1])])
+    out = tmp_path / "o.jsonl"
+    assert caption(shard, "--out", out) == 1
+    recs = {r["source"].split("::")[1]: r for r in jsonl(out)}
+    assert sorted(recs) == ["a", "b", "c", "d", "e"]
+    assert recs["b"]["caption"] == recs["a"]["caption"] is not None and recs["e"]["caption"] is not None
+    assert "is a symbolic link to 'a.jpg'" in recs["c"]["error"] and "symbolic link" in recs["d"]["error"]

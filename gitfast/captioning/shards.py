@@ -4,7 +4,9 @@ Layout: members named `KEY.EXT`, where KEY is the member's path up to the first 
 and EXT the rest (`shard/00001.jpg`, `shard/00001.json`, `shard/00001.txt` are sample
 `shard/00001`). A sample's image is its `jpg`/`jpeg`/`png`/`webp` member (other image extensions
 are accepted too; with several, the first in that order); `json` and `txt` members are carried into
-per-shard outputs. A sample without an image becomes an error record.
+per-shard outputs. A sample without an image becomes an error record. A hard-link member (tar's
+way of storing a duplicate file) reads the data it links to; an image that is a symbolic link is an
+error record (links are never followed out of the shard).
 
 Source ids are `"<shard path>::<key>"`. A shard is indexed once, headers only, with `tarfile`; an
 image is read by seeking to its recorded offset, so member names are never used as filesystem paths
@@ -47,6 +49,7 @@ class Member:
     name: str
     offset: int  # of the data, not the header
     size: int
+    problem: Optional[str] = None  # why it cannot be read (a symbolic link); None for data
 
 
 @dataclass(frozen=True)
@@ -56,13 +59,15 @@ class Damage:
 
 
 def index(path: str) -> Tuple[List[Member], Optional[Damage]]:
-    """Every regular member before any damage, and the damage (None for a sound shard).
+    """Every file member before any damage (a hard link as the data it links to, a symbolic link as
+    a Member with its `problem`), and the damage (None for a sound shard).
 
     OSError (the shard cannot be opened at all) propagates."""
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device never end
         raise OSError(errno.EINVAL, "not a regular file")
     total = os.path.getsize(path)
     members: List[Member] = []
+    data: Dict[str, Member] = {}  # regular members by name, for hard links
     with open(path, "rb") as f:
         head = f.read(6)
         for magic, kind in _COMPRESSED.items():
@@ -87,6 +92,15 @@ def index(path: str) -> Tuple[List[Member], Optional[Damage]]:
                                                     f"({total - info.offset_data} of {info.size} bytes present)")
             if info.isreg():
                 members.append(Member(info.name, info.offset_data, info.size))
+                data[info.name] = members[-1]
+            elif info.islnk():  # tar stores a file's second copy as a hard link to the first
+                target = data.get(info.linkname)
+                members.append(Member(info.name, target.offset, target.size) if target is not None else
+                               Member(info.name, 0, 0, f"hard link to {info.linkname!r}, which is not earlier "
+                                                       "in the shard"))
+            elif info.issym():
+                members.append(Member(info.name, 0, 0, f"symbolic link to {info.linkname!r}; links are not "
+                                                       "followed out of a shard"))
         tar.members = []  # the index above is all we keep
         # tarfile reads an invalid or cut-off header after the first one as the end of the archive;
         # only zero blocks (the end marker and padding) may follow the last member in a sound shard
@@ -157,7 +171,10 @@ def shard_sources(path: str) -> Iterator[Source]:
         sid = f"{shard}::{key}"
         meta = partial(read_fields, path, _span(fields.get("json")), _span(fields.get("txt")))
         image = _pick_image(fields)
-        if image is None:
+        if image is not None and image.problem is not None:
+            yield failing_source(sid, f"image member {image.name!r} is a {image.problem}", group=shard, key=key,
+                                 meta=meta)
+        elif image is None:
             have = ", ".join(sorted(fields)) or "nothing"
             yield failing_source(sid, f"sample has no image member (it has: {have})", group=shard, key=key, meta=meta)
         else:
@@ -169,7 +186,7 @@ def shard_sources(path: str) -> Iterator[Source]:
 
 
 def _span(member: Optional[Member]) -> Optional[Tuple[int, int]]:
-    return None if member is None else (member.offset, member.size)
+    return None if member is None or member.problem is not None else (member.offset, member.size)
 
 
 def _pick_image(fields: Dict[str, Member]) -> Optional[Member]:
