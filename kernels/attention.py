@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast, image_tokens, softmax_tile
+from ._triton_utils import cast, div, image_tokens, softmax_tile
 from ._common import (
     LOG2E,
     check_device,
@@ -60,6 +60,7 @@ def _attn_tiles(
     lo, hi, qk_scale,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -85,7 +86,7 @@ def _attn_tiles(
                 kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         acc, l_i, m_i = softmax_tile(acc, l_i, m_i, q, kt, v, cols, row_limit, qk_scale,
-                                     MASKED, DOT_PRECISION, INTERP_BF16)
+                                     MASKED, DOT_PRECISION, INTERP_BF16, PRECISE)
     return acc, l_i, m_i
 
 
@@ -104,6 +105,7 @@ def _git_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISE: tl.constexpr,              # fp32: IEEE division and a < 1 ulp exp2
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -142,13 +144,15 @@ def _git_attention_kernel(
 
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                 offs_m, offs_n, offs_d, row_limit, 0, full_end, qk_scale,
-                                False, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION, INTERP_BF16)
+                                False, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION, INTERP_BF16,
+                                PRECISE)
     acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
                                 offs_m, offs_n, offs_d, row_limit, full_end, hi, qk_scale,
-                                True, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION, INTERP_BF16)
+                                True, EVEN_D, HEAD_DIM, BLOCK_N, DOT_PRECISION, INTERP_BF16,
+                                PRECISE)
 
     # epilogue: every valid row saw key 0, so l_i > 0
-    out = acc / l_i[:, None]
+    out = div(acc, l_i[:, None], PRECISE)
     o_ptrs = (Out + (seq_start + offs_m).to(tl.int64)[:, None] * stride_ot
               + h.to(tl.int64) * stride_oh + offs_d[None, :])
     tl.store(o_ptrs, cast(out, Out.dtype.element_ty, INTERP_BF16),
@@ -248,7 +252,8 @@ def git_attention(
     )
     meta = dict(N_IMG_PER_SEQ=n_img_t is not None, HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
                 DOT_PRECISION=dot_precision(q.dtype),
-                INTERP_BF16=interpreting() and q.dtype == torch.bfloat16)
+                INTERP_BF16=interpreting() and q.dtype == torch.bfloat16,
+                PRECISE=q.dtype == torch.float32)
     with launch_device(q.device):
         if interpreting():
             grid = (batch * num_heads, triton.cdiv(max_seqlen, _INTERPRET_CONFIG["BLOCK_M"]))

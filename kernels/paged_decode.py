@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast
+from ._triton_utils import cast, div, exp2
 from ._common import (LOG2E, check_device, check_dtype, check_head_dim, check_paged_cache,
                       index_tensor, interpreting, launch_device, next_pow2)
 
@@ -63,6 +63,7 @@ def _paged_decode_kernel(
     num_splits,                          # programs per (sequence, head) along grid axis 1
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISE: tl.constexpr,               # fp32: IEEE division and a < 1 ulp exp2
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -101,15 +102,15 @@ def _paged_decode_kernel(
         s = tl.where(tok_ok, s, float("-inf"))
         # -- online softmax --
         m_new = tl.maximum(m_i, tl.max(s, 0))
-        p = tl.exp2(s - m_new)
-        alpha = tl.exp2(m_i - m_new)
+        p = exp2(s - m_new, PRECISE)
+        alpha = exp2(m_i - m_new, PRECISE)
         l_i = l_i * alpha + tl.sum(p, 0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m_i = m_new
 
     if num_splits == 1:
         # epilogue: an empty context (l_i = 0) gives zeros rather than 0/0
-        out = acc / tl.where(l_i > 0, l_i, 1.0)
+        out = div(acc, tl.where(l_i > 0, l_i, 1.0), PRECISE)
         tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_d,
                  cast(out, Out.dtype.element_ty, INTERP_BF16), mask=d_ok)
     else:
@@ -128,7 +129,7 @@ def _paged_decode_merge_kernel(
     num_heads,
     num_splits,                          # 2 .. BLOCK_S
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr, INTERP_BF16: tl.constexpr,
+    BLOCK_S: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // num_heads
@@ -144,9 +145,9 @@ def _paged_decode_merge_kernel(
     # -- log-sum-exp merge: rescale every split to the global max --
     m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)   # all splits empty: weights become 0
-    w = tl.exp2(m - m_max)
+    w = exp2(m - m_max, PRECISE)
     l_sum = tl.sum(l * w, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(l_sum > 0, l_sum, 1.0)
+    out = div(tl.sum(acc * w[:, None], 0), tl.where(l_sum > 0, l_sum, 1.0), PRECISE)
     tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_d,
              cast(out, Out.dtype.element_ty, INTERP_BF16), mask=offs_d < HEAD_DIM)
 
@@ -228,6 +229,7 @@ def paged_decode_attention(
         part_acc = part_ml = torch.empty(1, dtype=torch.float32, device=q.device)
     num_warps = 4 if block_d <= 64 else 8
     interp_bf16 = interpreting() and q.dtype == torch.bfloat16
+    precise = q.dtype == torch.float32
     with launch_device(q.device):
         _paged_decode_kernel[(bh, num_splits)](
             q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
@@ -238,13 +240,14 @@ def paged_decode_attention(
             block_tables.stride(0), out.stride(0), out.stride(1),
             num_heads, num_splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-            INTERP_BF16=interp_bf16, num_warps=num_warps,
+            INTERP_BF16=interp_bf16, PRECISE=precise, num_warps=num_warps,
         )
         if num_splits > 1:
             # BLOCK_S fixed at the largest split count: one compiled merge serves every count
             _paged_decode_merge_kernel[(bh,)](
                 part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads, num_splits,
                 HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MAX_SPLITS, INTERP_BF16=interp_bf16,
+                PRECISE=precise,
                 num_warps=1 if block_d <= 64 else 2,
             )
     return out

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import cast, image_tokens, softmax_tile
+from ._triton_utils import cast, div, image_tokens, softmax_tile
 from ._common import (
     LOG2E,
     check_device,
@@ -59,6 +59,7 @@ def _paged_tiles(
     offs_n, offs_d, row_limit, lo, hi, qk_scale,
     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
@@ -77,7 +78,7 @@ def _paged_tiles(
         kt = tl.load(k_ptrs, mask=tok_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=tok_ok[:, None] & d_ok[None, :], other=0.0)
         acc, l_i, m_i = softmax_tile(acc, l_i, m_i, q, kt, v, tok, row_limit, qk_scale,
-                                     MASKED, DOT_PRECISION, INTERP_BF16)
+                                     MASKED, DOT_PRECISION, INTERP_BF16, PRECISE)
     return acc, l_i, m_i
 
 
@@ -100,6 +101,7 @@ def _paged_prefill_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISE: tl.constexpr,              # fp32: IEEE division and a < 1 ulp exp2
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -139,14 +141,16 @@ def _paged_prefill_kernel(
     acc, l_i, m_i = _paged_tiles(acc, l_i, m_i, q, k_head, v_head, table,
                                  stride_kcb, stride_kcs, stride_vcb, stride_vcs,
                                  offs_n, offs_d, row_limit, 0, full_end, qk_scale,
-                                 False, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, INTERP_BF16)
+                                 False, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, INTERP_BF16,
+                                PRECISE)
     acc, l_i, m_i = _paged_tiles(acc, l_i, m_i, q, k_head, v_head, table,
                                  stride_kcb, stride_kcs, stride_vcb, stride_vcs,
                                  offs_n, offs_d, row_limit, full_end, hi, qk_scale,
-                                 True, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, INTERP_BF16)
+                                 True, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, INTERP_BF16,
+                                PRECISE)
 
     # epilogue: every valid row saw key 0 (context holds at least the new tokens), so l_i > 0
-    out = acc / l_i[:, None]
+    out = div(acc, l_i[:, None], PRECISE)
     o_ptrs = (Out + (q_start + offs_m).to(tl.int64)[:, None] * stride_ot
               + h.to(tl.int64) * stride_oh + offs_d[None, :])
     tl.store(o_ptrs, cast(out, Out.dtype.element_ty, INTERP_BF16),
@@ -227,6 +231,7 @@ def paged_prefill_attention(
             BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
             DOT_PRECISION=dot_precision(q.dtype),
             INTERP_BF16=interpreting() and q.dtype == torch.bfloat16,
+            PRECISE=q.dtype == torch.float32,
             num_warps=num_warps, num_stages=num_stages,
         )
     return out

@@ -36,6 +36,10 @@ FULL_MATRIX = (("float16", 64, 12), ("bfloat16", 64, 12), ("float32", 64, 12),
                ("float32", 80, 16), ("float32", 96, 8), ("float32", 128, 8))
 MATRIX = {90: FULL_MATRIX, 80: FULL_MATRIX}  # about 1 min on two free cores, one process per target
 
+# approximate PTX math: hardware 2^x (2 ulp, ex2.approx[.ftz]), and fp32 division / reciprocal
+# rounded to 2 ulp (div.full, div.approx, rcp.approx); the fp32 kernels must use none of them
+APPROX_PTX = re.compile(r"\b(?:ex2\.approx|div\.approx|div\.full|rcp\.approx)[\w.]*")
+
 IMAGE_TOKENS = 197        # ViT-B/16 at 224 px: 14 * 14 patches + CLS
 PROMPT = 20               # text tokens of a typical prompt
 BLOCK_SIZE = 16           # the engine's default KV block size
@@ -220,6 +224,7 @@ def _compile_all(arch):
                     if compiled.hash not in usage:  # a repeat (vision == prefill) is a cache hit
                         usage[compiled.hash] = _ptxas_usage(log.getvalue())
                     row["regs"], row["spill_st"], row["spill_ld"] = usage[compiled.hash]
+                    row["approx"] = sorted(set(APPROX_PTX.findall(compiled.asm["ptx"])))
                     row["shared"] = compiled.metadata.shared
                 except Exception as exc:  # noqa: BLE001 - every failure is reported, not just the first
                     row["error"] = f"{type(exc).__name__}: {exc}"
@@ -416,6 +421,17 @@ def test_paged_decode_compiles_once_per_config(tmp_path):
         for config, launch_keys in keys[name].items():
             assert len(launch_keys) > 10, (name, config)
             assert len(set(launch_keys)) == 1, f"{name} {config}: {len(set(launch_keys))} compiles"
+
+
+def test_fp32_kernels_use_no_approximate_math(compiled):
+    """fp32 is the exact path (outputs meant to match an fp32 reference), so its kernels take IEEE
+    division and the software exp2 (PRECISE); half precision keeps the hardware approximations."""
+    ok = [r for r in compiled if "error" not in r]
+    approx = [f"sm_{r['arch']} {r['kernel']} hd{r['head_dim']} {r['case']}: {r['approx']}"
+              for r in ok if r["dtype"] == "float32" and r["approx"]]
+    assert not approx, "\n".join(approx)
+    # the check sees what it should: the half-precision attention kernels do use ex2.approx
+    assert any(r["approx"] for r in ok if r["dtype"] == "float16" and r["kernel"] == "git_attention")
 
 
 if __name__ == "__main__":
