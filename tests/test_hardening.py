@@ -267,3 +267,26 @@ def test_hard_linked_images_are_read_and_symlinked_ones_are_error_records(tmp_pa
     assert sorted(recs) == ["a", "b", "c", "d", "e"]
     assert recs["b"]["caption"] == recs["a"]["caption"] is not None and recs["e"]["caption"] is not None
     assert "is a symbolic link to 'a.jpg'" in recs["c"]["error"] and "symbolic link" in recs["d"]["error"]
+
+
+# --- 6. a processor that does not belong to the model ------------------------------------------------
+def test_a_checkpoint_without_its_tokenizer_or_with_another_image_size_is_refused(tmp_path, capsys):
+    import shutil
+
+    from gitfast import Captioner
+    from gitfast.defaults import EMBEDDED_MODEL
+    from gitfast.loading import CheckpointError
+
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "generation_config.json"):
+        shutil.copy(EMBEDDED_MODEL / name, bare)
+    with pytest.raises(CheckpointError, match="its tokenizer has 5 tokens, the model's vocabulary 31"):
+        Captioner(str(bare), device="cpu")
+    other = tmp_path / "other-size"
+    shutil.copytree(EMBEDDED_MODEL, other)
+    pre = json.loads((other / "preprocessor_config.json").read_text())
+    pre["crop_size"] = {"height": 64, "width": 64}
+    (other / "preprocessor_config.json").write_text(json.dumps(pre))
+    with pytest.raises(CheckpointError, match="makes 64x64 pictures, the vision encoder takes 80x80"):
+        Captioner(str(other), device="cpu")
