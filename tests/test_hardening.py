@@ -290,3 +290,21 @@ def test_a_checkpoint_without_its_tokenizer_or_with_another_image_size_is_refuse
     (other / "preprocessor_config.json").write_text(json.dumps(pre))
     with pytest.raises(CheckpointError, match="makes 64x64 pictures, the vision encoder takes 80x80"):
         Captioner(str(other), device="cpu")
+
+
+# --- 5. memory follows the input, not --batch-size ----------------------------------------------------
+def test_the_engine_is_sized_by_what_is_queued_not_the_batch_size(photos, tmp_path, monkeypatch):
+    from gitfast.serving import engine as engine_module
+
+    asked = []
+    real = engine_module.Engine
+
+    def spy(model, *, max_batch_size, **kw):
+        asked.append(max_batch_size)
+        return real(model, max_batch_size=min(max_batch_size, 8), **kw)  # never the huge one, fix or not
+
+    monkeypatch.setattr(engine_module, "Engine", spy)
+    one = sorted(photos.iterdir())[0]
+    assert caption(one, "--out", tmp_path / "a.jsonl", "--batch-size", "1000000000") == 0
+    assert caption(photos, "--out", tmp_path / "b.jsonl", "--batch-size", "10000") == 0
+    assert asked == [1, 3]

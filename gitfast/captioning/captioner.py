@@ -150,11 +150,17 @@ class Captioner:
             return self._results_engine(pairs, settings)
         return self._results_batched(pairs, settings)
 
-    def _engine(self):
+    def _engine(self, rows: Optional[int] = None):
+        """The engine kept between calls, for `rows` sequences at once (default max_batch_size); rebuilt
+        only when a call needs more. Its per-row state and KV cache follow `rows`, so a huge
+        max_batch_size over a few inputs costs what those inputs need."""
         from ..serving.engine import Engine
 
-        if getattr(self, "_engine_obj", None) is None:
-            self._engine_obj = Engine(self.model, max_batch_size=self.max_batch_size)
+        rows = self.max_batch_size if rows is None else rows
+        engine = getattr(self, "_engine_obj", None)
+        if engine is None or engine.max_batch_size < rows:
+            self._engine_obj = None  # the old pools go before new ones are allocated
+            self._engine_obj = Engine(self.model, max_batch_size=rows)
         return self._engine_obj
 
     def _results_engine(self, pairs, settings) -> Iterator[CaptionResult]:
@@ -167,11 +173,14 @@ class Captioner:
         finished: Dict[int, CaptionResult] = {}   # reorder buffer
         by_request: Dict[int, Prepared] = {}      # engine request index -> prepared input, until it finishes
         issued = itertools.count()                # the engine numbers requests in the order it takes them
+        # the engine is sized by what is queued: at most max_batch_size, at most the inputs there are
+        head = list(itertools.islice(pairs, self.max_batch_size))
+        rows, pairs = max(1, len(head)), itertools.chain(head, pairs)
 
         def requests():
             prepared = self._prepared(pairs, settings)
             if self.device.type == "cuda":
-                prepared = _to_device_ahead(prepared, self.device, self.max_batch_size)
+                prepared = _to_device_ahead(prepared, self.device, rows)
             for p in prepared:
                 if p.error is not None:
                     finished[p.index] = CaptionResult(p.source, None, (), p.error, p.prompt)
@@ -181,7 +190,7 @@ class Captioner:
                 yield Request(pixels, p.prompt_ids, max_new_tokens=settings["max_new_tokens"])
 
         next_index = 0
-        for out in self._engine().run(requests(), s, seed=settings.get("seed", 0)):
+        for out in self._engine(rows).run(requests(), s, seed=settings.get("seed", 0)):
             p = by_request.pop(out.index)
             ids = _until_eos(out.token_ids, eos)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
