@@ -1,8 +1,8 @@
 """Finding, reading and validating GIT checkpoints, and mapping Hugging Face names to gitfast's layout.
 
-A checkpoint is a local folder or a hub id already in the local Hugging Face cache (never a
-download). Weights come from `model.safetensors` (or its sharded index) first; `pytorch_model.bin`
-only through `torch.load(weights_only=True)`. Every tensor must be accounted for: missing,
+A checkpoint is a local folder or a hub id (downloaded into the Hugging Face cache on first use, as
+transformers does: `hub.py`). Weights come from `model.safetensors` (or its sharded index) first;
+`pytorch_model.bin` only through `torch.load(weights_only=True)`. Every tensor must be accounted for: missing,
 unexpected or wrongly shaped tensors are errors that name them.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
-SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
-BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+from .hub import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE  # noqa: F401 (loading.SAFE_SINGLE etc. are used elsewhere)
+
 # Non-persistent buffers that some older checkpoints still carry; they hold nothing we need.
 IGNORED_SUFFIXES = ("embeddings.position_ids",)
 
@@ -25,24 +25,23 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as GIT, with the reason."""
 
 
-def resolve(name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None) -> Path:
-    """A local folder, or the snapshot folder of a hub id in the local cache (no network is used)."""
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None, *,
+            token: str | bool | None = None, local_files_only: bool = False) -> Path:
+    """A local folder, or the snapshot folder of a hub id: downloaded into the Hugging Face cache on
+    first use (only the files gitfast reads; `gitfast.hub`), from the cache when offline
+    (`local_files_only=True` or `HF_HUB_OFFLINE=1`)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{str(name_or_path)!r} is a file; expected a checkpoint folder or a hub id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from . import hub
 
     try:
-        return Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError) as exc:
-        raise CheckpointError(
-            f"{str(name_or_path)!r} is neither a local folder nor a model in the local Hugging Face cache. "
-            f"gitfast never downloads: fetch it first on a machine with network (e.g. "
-            f"`hf download {name_or_path}`) or pass the checkpoint's folder."
-        ) from exc
+        return hub.resolve_hub_id(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
+                                  local_files_only=local_files_only)
+    except hub.HubError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def load_config(folder: Path):
@@ -225,9 +224,11 @@ def generation_config_of(folder: Path, config):
     return GenerationConfig.from_model_config(config)
 
 
-def load_checkpoint(name_or_path, *, dtype=None, device=None, revision=None, cache_dir=None) -> Checkpoint:
-    """Resolves, reads and places a checkpoint once."""
-    folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir)
+def load_checkpoint(name_or_path, *, dtype=None, device=None, revision=None, cache_dir=None, token=None,
+                    local_files_only=False) -> Checkpoint:
+    """Resolves (downloading a hub id if needed), reads and places a checkpoint once."""
+    folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                     local_files_only=local_files_only)
     config = load_config(folder)
     model = build_model(config, read_weights(folder), dtype, device)
     return Checkpoint(folder, config, model, generation_config_of(folder, config))

@@ -1,0 +1,146 @@
+"""Hub ids resolved with `huggingface_hub`, as transformers resolves them: downloaded on first use into
+the Hugging Face cache (only the files gitfast reads), then served from it.
+
+Online: one model-info call lists the revision's files; gitfast picks its own (config, generation
+config, processor and tokenizer files, and one set of weights: `model.safetensors`, else the
+safetensors index and its shards, else the `.bin` equivalents) and fetches each with
+`hf_hub_download` (the hub's progress bars, ETag checks and cache layout; a cached file is not fetched
+again). Offline (`local_files_only=True`, or `HF_HUB_OFFLINE=1` when huggingface_hub was imported or
+now) or with the hub unreachable: the cached snapshot of the revision, else a `HubError` that
+says how to get it. `HF_ENDPOINT` set after import is honoured too.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+
+class HubError(ValueError):
+    """A hub id that cannot be resolved, with the reason (`loading.resolve` raises it as CheckpointError)."""
+
+# Weight file names (loading.py imports them from here).
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# What gitfast (GitConfig, GenerationConfig, AutoProcessor for GIT) reads besides the weights.
+SIDE_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+              "added_tokens.json")
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def offline(local_files_only: bool = False) -> bool:
+    from huggingface_hub import constants
+
+    return bool(local_files_only or constants.HF_HUB_OFFLINE or _truthy(os.environ.get("HF_HUB_OFFLINE")))
+
+
+def _endpoint() -> Optional[str]:
+    return (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
+
+
+def files_to_fetch(repo_files: Iterable[str]) -> List[str]:
+    """The side files present, plus one set of weights (index files; their shards come after)."""
+    present = set(repo_files)
+    wanted = [f for f in SIDE_FILES if f in present]
+    for weights in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX):
+        if weights in present:
+            return wanted + [weights]
+    return wanted
+
+
+def resolve_hub_id(repo_id: str, *, revision: Optional[str] = None, cache_dir=None, token=None,
+                   local_files_only: bool = False) -> Path:
+    """The snapshot folder of `repo_id` at `revision`, downloading what gitfast needs when allowed."""
+    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise HubError(f"{repo_id!r} is neither a local folder nor a model id on the Hugging Face hub "
+                              f"(namespace/name): {exc}") from exc
+    cache_dir = None if cache_dir is None else str(cache_dir)
+    if offline(local_files_only):
+        why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE=1"
+        return _cached(repo_id, revision, cache_dir, f"downloading is off ({why})")
+    try:
+        return _download(repo_id, revision, cache_dir, token)
+    except _Unreachable as exc:
+        return _cached(repo_id, revision, cache_dir, f"the hub could not be reached ({exc})")
+
+
+class _Unreachable(Exception):
+    """No answer from the hub (connection, timeout, server error): the cache may still serve."""
+
+
+def _download(repo_id: str, revision: Optional[str], cache_dir, token) -> Path:
+    try:
+        import httpx2 as httpx  # huggingface_hub 2.x
+    except ImportError:
+        import httpx  # huggingface_hub 1.x
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    endpoint, rev = _endpoint(), revision or "main"
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(repo_id, filename, revision=rev, cache_dir=cache_dir, token=token,
+                                    endpoint=endpoint))
+
+    try:
+        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=rev, token=token)
+        names = files_to_fetch(s.rfilename for s in info.siblings or [])
+        if "config.json" not in names:
+            raise HubError(f"hub model {repo_id!r} (revision {rev}) has no config.json: not a transformers checkpoint")
+        if not any(n in names for n in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)):
+            raise HubError(f"hub model {repo_id!r} (revision {rev}) has no weights: expected "
+                                  f"{SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+        folder = None
+        for name in names:
+            path = fetch(name)
+            folder = path.parent
+            if name in (SAFE_INDEX, BIN_INDEX):
+                for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+                    fetch(shard)
+        return folder
+    except RevisionNotFoundError as exc:
+        raise HubError(f"hub model {repo_id!r} has no revision {rev!r}") from exc
+    except GatedRepoError as exc:
+        raise HubError(f"hub model {repo_id!r} is gated: accept its terms on the hub, then pass "
+                              f"token= (or log in with `hf auth login`)") from exc
+    except RepositoryNotFoundError as exc:
+        raise HubError(f"{repo_id!r} is neither a local folder nor a model on the Hugging Face hub "
+                              f"(or it is private: pass token=, or log in with `hf auth login`)") from exc
+    except (httpx.ConnectError, httpx.TimeoutException, OfflineModeIsEnabled) as exc:
+        raise _Unreachable(f"{type(exc).__name__}: {exc}") from exc
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise HubError(f"hub model {repo_id!r} refused access (HTTP {status}): pass token= "
+                                  "(or log in with `hf auth login`)") from exc
+        if status is not None and status >= 500:
+            raise _Unreachable(f"HTTP {status}") from exc
+        raise HubError(f"cannot download {repo_id!r} (revision {rev}): {exc}") from exc
+
+
+def _cached(repo_id: str, revision: Optional[str], cache_dir, why: str) -> Path:
+    """The cached snapshot folder (found through its config.json), else the clear error."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache_dir,
+                                    local_files_only=True)).parent
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
+        rev = f" at revision {revision!r}" if revision else ""
+        raise HubError(
+            f"{repo_id!r} is neither a local folder nor a model in the local Hugging Face cache{rev}, and "
+            f"{why}: run once with network access (gitfast downloads it), or fetch it with "
+            f"`hf download {repo_id}`, or pass the checkpoint's folder."
+        ) from exc
