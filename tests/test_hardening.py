@@ -19,7 +19,7 @@ from image_factory import small_images, write_files
 def caption(*argv):
     parser = cli._Parser(prog="gitfast caption")
     caption_cli.configure(parser)
-    extra = ["--max-new-tokens", "4", "--batch-size", "4", "--device", "cpu", "--quiet"]
+    extra = ["--max-new-tokens", "4", "--batch-size", "4", "--quiet"] + ([] if "--device" in argv else ["--device", "cpu"])
     return caption_cli.run(parser.parse_args([str(a) for a in argv] + extra))
 
 
@@ -308,3 +308,61 @@ def test_the_engine_is_sized_by_what_is_queued_not_the_batch_size(photos, tmp_pa
     assert caption(one, "--out", tmp_path / "a.jsonl", "--batch-size", "1000000000") == 0
     assert caption(photos, "--out", tmp_path / "b.jsonl", "--batch-size", "10000") == 0
     assert asked == [1, 3]
+
+
+# --- 11. the minor ones ------------------------------------------------------------------------------------
+def test_urls_are_not_fetched_and_kept_verbatim(photos, tmp_path, capsys):
+    good = sorted(str(p) for p in photos.iterdir())[0]
+    table = tmp_path / "t.csv"
+    table.write_text(f"path\nhttp://example.com/a.jpg\ns3://bucket/b.png\n{good}\n")
+    listing = tmp_path / "l.txt"
+    listing.write_text("https://example.com/c.jpg\n")
+    out = tmp_path / "o.jsonl"
+    assert caption(table, "--files-from", listing, "--out", out) == 1
+    recs = jsonl(out)
+    assert [r["source"] for r in recs] == ["http://example.com/a.jpg", "s3://bucket/b.png", good,
+                                           "https://example.com/c.jpg"]
+    assert all("URLs are not fetched; download first" in recs[i]["error"] for i in (0, 1, 3))
+    assert caption("http://example.com/a.jpg", "--out", tmp_path / "p.jsonl") == 2
+    assert "URLs are not fetched" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["mps", "meta"])
+def test_unsupported_devices_are_usage_errors(photos, tmp_path, capsys, device):
+    assert caption(photos, "--out", tmp_path / "o.jsonl", "--device", device) == 2
+    assert f"device {device!r} is not supported" in capsys.readouterr().err
+
+
+def test_a_file_named_like_a_shard_sample_is_refused(tmp_path, capsys):
+    data = list(small_images(2).values())
+    _tar(str(tmp_path / "s.tar"), [("k.png", data[0])])
+    (tmp_path / "s.tar::k").write_bytes(data[1])
+    assert caption(tmp_path / "s.tar", tmp_path / "s.tar::k", "--out", tmp_path / "o.jsonl") == 2
+    assert "names both a file and a sample of the shard" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_model_loads_exits_130(photos, tmp_path, monkeypatch, capsys):
+    from gitfast.captioning import captioner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(captioner.Captioner, "__init__", interrupted)
+    assert caption(photos, "--out", tmp_path / "o.jsonl") == 130
+    assert "interrupted while loading the model" in capsys.readouterr().err
+
+
+def test_a_prompt_too_long_for_the_model_is_refused_once(photos, tmp_path, capsys):
+    assert caption(photos, "--out", tmp_path / "o.jsonl", "--prompt", "red " * 200) == 2
+    err = capsys.readouterr().err
+    assert err.count("exceeds the model's 128 text positions") == 1
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_symlinked_folder_is_followed_once(photos, tmp_path):
+    (photos / "again").symlink_to(photos)  # a loop
+    (tmp_path / "top").mkdir()
+    (tmp_path / "top" / "linked").symlink_to(photos)
+    out = tmp_path / "o.jsonl"
+    assert caption(tmp_path / "top", "--out", out) == 0
+    assert len(jsonl(out)) == 3

@@ -139,6 +139,7 @@ class Captioner:
         settings = dict(generate_kwargs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample)
         self._check_settings(settings)
         if prompts is None or isinstance(prompts, str):
+            self._check_prompt(prompts, max_new_tokens)
             pairs = ((image, prompts) for image in _as_iter(images))
         else:
             pairs = zip(_as_iter(images), prompts, strict=True)
@@ -265,6 +266,13 @@ class Captioner:
                              f"got {n}")
         if settings["num_beams"] < 1:
             raise ValueError(f"num_beams must be at least 1, got {settings['num_beams']}")
+
+    def _check_prompt(self, prompt: Optional[str], max_new_tokens: int) -> None:
+        """One prompt for every input: too long for the model is one error now, not one per input."""
+        used = len(self.preparer.prompt_ids(prompt)) + max_new_tokens
+        if used > self.config.max_position_embeddings:
+            raise ValueError(f"the prompt ({used - max_new_tokens} tokens) plus max_new_tokens={max_new_tokens} "
+                             f"exceeds the model's {self.config.max_position_embeddings} text positions")
 
 
 def check_processor(processor, config, folder) -> None:

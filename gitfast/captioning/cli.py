@@ -217,6 +217,11 @@ def _caption(args, devices, all_sources, output, lock_settings) -> int:
             if pool is not None:
                 pool.close()
             return _usage_error(str(exc))
+        except KeyboardInterrupt:
+            if pool is not None:
+                pool.close()
+            sys.stderr.write("gitfast caption: interrupted while loading the model; nothing was written\n")
+            return 130
 
     done = failed = 0
     start = time.perf_counter()

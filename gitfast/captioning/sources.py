@@ -13,7 +13,11 @@ Rules for `expand(paths)`:
   skipping hidden entries (names starting with "."), e.g. macOS "._photo.jpg" resource forks;
 - a glob (`*`, `?`, `[...]`, `**` recursive) takes its matches in sorted order: files with an image
   extension, and folders walked as above; a glob matching nothing is an error;
-- a source reached twice (a file inside a folder also named) is produced once, at its first place.
+- a source reached twice (a file inside a folder also named) is produced once, at its first place;
+  a file whose path equals a shard sample's id (`s.tar::k`) is a SourceError (ids are unambiguous);
+- a folder reached through a symbolic link is walked once (link loops end);
+- a URL (`http://...`, `s3://...`) is not fetched: named directly it is a SourceError, in a list or
+  table an error record keeping the text as its `source`.
 A path that exists is taken literally even if its name contains glob characters.
 
 Other kinds of input:
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 from .records import Source, SourceError, failing_source, file_source, is_image_name
@@ -56,6 +61,8 @@ def expand(paths: Sequence[Union[str, os.PathLike]], *, files_from: Optional[str
             if not matches:
                 raise SourceError(f"{path!r} matches nothing")
             plan.append(("glob", matches))
+        elif is_url(path):
+            raise SourceError(f"{path!r}: {URL_MESSAGE}")
         else:
             raise SourceError(f"no such file or folder: {path!r}")
     if files_from is not None:
@@ -64,7 +71,7 @@ def expand(paths: Sequence[Union[str, os.PathLike]], *, files_from: Optional[str
 
 
 def _stream(plan) -> Iterator[Source]:
-    seen = set()
+    seen: dict = {}  # id -> the shard it came from (None for a file)
     for kind, what in plan:
         if kind == "file":
             candidates = [what]
@@ -79,14 +86,26 @@ def _stream(plan) -> Iterator[Source]:
         for item in candidates:
             if isinstance(item, Source):
                 stream = [item]
+            elif is_url(item):
+                stream = [failing_source(item, URL_MESSAGE)]
             elif is_shard_name(item) and not os.path.isdir(item):
                 stream = shard_sources(item)
             else:
                 stream = [file_source(item)]
             for source in stream:
                 if source.id not in seen:
-                    seen.add(source.id)
+                    seen[source.id] = source.group
                     yield source
+                elif seen[source.id] != source.group:  # `s.tar::k`: a file so named, and sample k of s.tar
+                    raise SourceError(f"{source.id!r} names both a file and a sample of the shard "
+                                      f"{seen[source.id] or source.group!r}; rename the file")
+
+
+URL_MESSAGE = "URLs are not fetched; download first (e.g. with img2dataset) and caption the files"
+
+
+def is_url(path) -> bool:
+    return isinstance(path, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
 
 
 def _read_list(files_from: str) -> list:
@@ -142,6 +161,8 @@ def _table_reader(path: str, column: str) -> Callable[[], Iterator]:
         for n, cell in enumerate(cells(), 1):
             if cell is None or not str(cell).strip():
                 yield failing_source(f"{table}::row {n}", f"row {n} of {table} has an empty {column!r}")
+            elif is_url(str(cell)):
+                yield failing_source(str(cell), URL_MESSAGE)  # the cell as it is, not joined to the folder
             else:
                 yield os.path.join(folder, str(cell))  # an absolute cell stays absolute
     return entries
@@ -149,8 +170,14 @@ def _table_reader(path: str, column: str) -> Callable[[], Iterator]:
 
 def walk(folder: str) -> Iterator[str]:
     """Image files and tar shards under `folder`, recursively: each folder's files (sorted), then its
-    subfolders."""
-    for root, dirs, files in os.walk(folder):
+    subfolders. Symbolically linked folders are followed, each real folder walked once."""
+    seen = set()  # real paths walked: a linked folder is followed once, a link loop ends
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith(".") and _is_input_name(name):
