@@ -38,6 +38,7 @@ class CaptionResult:
     token_ids: Tuple[int, ...]      # generated ids after the prompt, without the final EOS or padding
     error: Optional[str] = None     # None, or why this input failed
     prompt: Optional[str] = None
+    maps: Optional[torch.Tensor] = None  # with return_maps=True: [len(token_ids), grid_h, grid_w] (gitfast.maps)
 
     @property
     def ok(self) -> bool:
@@ -120,7 +121,8 @@ class Captioner:
 
     # --- public API ------------------------------------------------------------------------------
     def caption(self, images: Union[ImageInput, Iterable[ImageInput]], prompts=None, *, max_new_tokens: int = 20,
-                num_beams: int = 1, do_sample: bool = False, **generate_kwargs) -> List[CaptionResult]:
+                num_beams: int = 1, do_sample: bool = False, return_maps: bool = False,
+                **generate_kwargs) -> List[CaptionResult]:
         """One result per input, in input order. `prompts`: None, one string for all, or one per image
         (None entries allowed) — each answered as transformers' GIT VQA examples do. With
         `do_sample=True`, pass `seed=N`: each input's sample depends only on N and its position, not
@@ -131,11 +133,13 @@ class Captioner:
             if len(prompts) != len(items):
                 raise ValueError(f"{len(prompts)} prompts for {len(items)} images; pass one per image or one for all")
         return list(self.caption_iter(items, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                      do_sample=do_sample, **generate_kwargs))
+                                      do_sample=do_sample, return_maps=return_maps, **generate_kwargs))
 
     def caption_iter(self, images: Iterable[ImageInput], prompts=None, *, max_new_tokens: int = 20,
-                     num_beams: int = 1, do_sample: bool = False, **generate_kwargs) -> Iterator[CaptionResult]:
-        """Streaming `caption`: reads lazily, yields results in input order a batch at a time."""
+                     num_beams: int = 1, do_sample: bool = False, return_maps: bool = False,
+                     **generate_kwargs) -> Iterator[CaptionResult]:
+        """Streaming `caption`: reads lazily, yields results in input order a batch at a time.
+        `return_maps=True`: each result's `.maps` says where each generated token looked (`with_maps.py`)."""
         settings = dict(generate_kwargs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample)
         self._check_settings(settings)
         if prompts is None or isinstance(prompts, str):
@@ -143,6 +147,12 @@ class Captioner:
             pairs = ((image, prompts) for image in _as_iter(images))
         else:
             pairs = zip(_as_iter(images), prompts, strict=True)
+        if return_maps:
+            from .with_maps import remembered, with_maps
+
+            seen: deque = deque()
+            return with_maps(self, self._results(remembered(pairs, seen), settings), seen, max_new_tokens,
+                             self.max_batch_size)
         return self._results(pairs, settings)
 
     # --- pipeline --------------------------------------------------------------------------------

@@ -64,6 +64,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with --resume: continue even though the settings that shape captions (model, "
                              "max-new-tokens, num-beams, prompt, dtype) differ from the output's")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.add_argument("--maps", default=None, metavar="DIR",
+                        help="also write DIR/<input>.png per image: the picture with each word's map over it "
+                             "(where the word looked; one device only)")
 
 
 def _positive(text: str) -> int:
@@ -197,6 +200,8 @@ def _caption(args, devices, all_sources, output, lock_settings) -> int:
 
         generate = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
         try:
+            if devices is not None and len(devices) > 1 and args.maps is not None:
+                raise ValueError("--maps runs on one device; drop --devices or --maps")
             if devices is not None and len(devices) > 1:
                 from .. import loading
 
@@ -212,7 +217,12 @@ def _caption(args, devices, all_sources, output, lock_settings) -> int:
             else:
                 captioner = Captioner(args.model, **captioner_options(args, devices[0] if devices else args.device))
                 # one result per input, in input order
-                results = ((s, r.text, r.error) for s, r in zip(todo, captioner.caption_iter(todo, args.prompt, **generate)))
+                stream = captioner.caption_iter(todo, args.prompt, return_maps=args.maps is not None, **generate)
+                if args.maps is not None:
+                    from .maps_png import written
+
+                    stream = written(args.maps, zip(todo, stream), captioner.tokenizer)
+                results = ((s, r.text, r.error) for s, r in zip(todo, stream))
         except (CheckpointError, DeviceError, ValueError) as exc:
             if pool is not None:
                 pool.close()
