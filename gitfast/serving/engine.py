@@ -20,6 +20,7 @@ of batching, but it is not transformers' global-RNG stream.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 from collections import deque
@@ -69,10 +70,21 @@ class _Readback:
 
     def __init__(self, device: torch.device, capacity: int):
         self.cuda = device.type == "cuda"
+        self.capacity = 0
         if self.cuda:
-            self.buffers = [torch.empty(capacity, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self.buffers = []
             self.events = [torch.cuda.Event() for _ in range(2)]
             self.turn = 0
+        self.reserve(capacity)
+
+    def reserve(self, rows: int) -> None:
+        """Room for `rows` tokens a step. A replaced buffer still being copied into stays alive
+        through the pending step's view of it."""
+        if rows <= self.capacity:
+            return
+        self.capacity = max(rows, 2 * self.capacity)
+        if self.cuda:
+            self.buffers = [torch.empty(self.capacity, dtype=torch.long, pin_memory=True) for _ in range(2)]
 
     def start(self, chosen: torch.Tensor):
         if not self.cuda:
@@ -91,14 +103,34 @@ class _Readback:
         return buf.tolist()
 
 
+class _Slots:
+    """Slot numbers for running sequences: freed ones first (lowest first), then new ones, so the
+    per-slot state grows with the sequences really running, never to max_batch_size up front."""
+
+    def __init__(self):
+        self.free: List[int] = []
+        self.high = 0  # slots 0..high-1 have been handed out
+
+    def take(self) -> int:
+        if self.free:
+            return heapq.heappop(self.free)
+        self.high += 1
+        return self.high - 1
+
+    def give(self, slot: int) -> None:
+        heapq.heappush(self.free, slot)
+
+
 class Engine:
     """Continuous batching over a paged KV cache.
 
     `kv_cache_bytes` fixes the cache size. Without it the cache is sized at the first run from that
-    run's settings: the whole batch at `max_length` text tokens plus one sequence at the position
-    table's end, capped at `gpu_memory_fraction` of the free device memory (of the available RAM on
-    the CPU); a later run that needs more grows it. Sizing for the work at hand, not for the longest
-    possible text, keeps peak memory near what the batch really holds.
+    run's settings and the requests it has queued: min(max_batch_size, queued requests) rows at
+    `max_length` text tokens plus one sequence at the position table's end, capped at
+    `gpu_memory_fraction` of the free device memory (of the available RAM on the CPU); a later run
+    that needs more grows it. Per-slot decode state grows with the sequences running. So memory
+    follows the work at hand, not `max_batch_size` (a bound, which may be huge) or the longest
+    possible text.
     """
 
     def __init__(self, model, *, max_batch_size: int = 256, kv_cache_bytes: Optional[int] = None,
@@ -127,16 +159,20 @@ class Engine:
         if self.cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
 
-            self.runner.graphs = DecodeGraphs(self.runner, self.max_batch_size, self.table_width)
+            # every running sequence holds a private block, so no step has more rows than blocks
+            rows = min(self.max_batch_size, self.cache.allocator.num_blocks)
+            self.runner.graphs = DecodeGraphs(self.runner, rows, self.table_width)
 
-    def budget_for(self, settings: Settings) -> int:
-        """Bytes of KV cache a run with these settings can use (before the memory cap)."""
+    def budget_for(self, settings: Settings, rows: Optional[int] = None) -> int:
+        """Bytes of KV cache a run with these settings over `rows` concurrent sequences (at most,
+        and by default, max_batch_size) can use, before the memory cap."""
+        rows = self.max_batch_size if rows is None else max(1, min(rows, self.max_batch_size))
         n_img, limit = self.model.num_image_tokens, self.model.config.max_position_embeddings
         blocks = lambda tokens: -(-tokens // self.block_size)  # noqa: E731
         text = min(max(settings.max_length, 1) + 1, limit)
         per_row = blocks(n_img + text) + 1            # + the prefix's partial block while it is shared
         one_long = blocks(n_img + limit) + blocks(n_img)  # any single request fits
-        return self.bytes_per_block * max(self.max_batch_size * per_row, one_long)
+        return self.bytes_per_block * max(rows * per_row, one_long)
 
     def held_bytes(self) -> int:
         """Bytes of KV cache the engine holds now."""
@@ -152,13 +188,16 @@ class Engine:
         except (ValueError, OSError, AttributeError):  # not Linux: no cap known
             return None
 
-    def _size_for(self, settings: Settings) -> None:
+    def _size_for(self, settings: Settings, rows: int) -> None:
         if self.fixed_size:
             return
-        want = self.budget_for(settings)
+        want = self.budget_for(settings, rows)
         available = self._available_bytes()
         if available is not None:
             want = min(want, int(available * self.memory_fraction))
+        if want < self.bytes_per_block:
+            raise RuntimeError(f"no KV cache fits: one {self.bytes_per_block}-byte block is more than "
+                               f"{self.memory_fraction:.0%} of the {available} bytes available")
         if want > self.held_bytes():
             self._allocate(want)
 
@@ -175,16 +214,13 @@ class Engine:
         if settings.num_beams > 1:
             raise ValueError("the engine's continuous batching runs greedy and sampling; beam search runs "
                              "through GitForCausalLM.generate")
-        self._size_for(settings)
         source = iter(enumerate(requests))
         waiting: Deque[Tuple[int, Request]] = deque()
         exhausted = False
         prefixes: Dict[Hashable, Prefix] = {}
         running: List[_Running] = []
-        free_slots = list(range(self.max_batch_size - 1, -1, -1))
-        selector = Selector(settings, self.max_batch_size, self.model.config.vocab_size, self.device)
-        state = SlotState(self.cache, self.max_batch_size, self.table_width)
-        readback = _Readback(self.device, self.max_batch_size)
+        free_slots = _Slots()
+        selector = state = readback = None  # made once the cache exists, grown as slots are handed out
         eos = set(settings.eos)
         text_only: Optional[bool] = None  # fixed by the first request: image prefixes or none
 
@@ -200,7 +236,17 @@ class Engine:
                     waiting.append(nxt)
             if text_only is None and waiting:
                 text_only = waiting[0][1].pixel_values is None
+            if selector is None:  # the first window says how many rows this run can have at once
+                self._size_for(settings, len(waiting))
+                if self.cache is None:  # nothing queued and no cache yet
+                    return
+                selector = Selector(settings, 0, self.model.config.vocab_size, self.device)
+                state = SlotState(self.cache, 0, self.table_width)
+                readback = _Readback(self.device, 0)
             admitted = self._admit(waiting, running, free_slots, prefixes, settings, text_only)
+            if admitted:
+                for part in (selector, state, readback):
+                    part.reserve(free_slots.high)
             if not running and not admitted:
                 if waiting:  # nothing running, yet the head of the queue does not fit an empty cache
                     idx, req = waiting[0]
@@ -247,14 +293,14 @@ class Engine:
             pending = launched
             running = [r for r in running if not r.done]
 
-    def _finished(self, r: _Running, eos, free_slots: List[int]) -> Optional[Output]:
+    def _finished(self, r: _Running, eos, free_slots: _Slots) -> Optional[Output]:
         """Retires `r` (frees its blocks and slot) if its last token ended it."""
         done_eos = r.tokens[-1] in eos
         if not (done_eos or len(r.tokens) >= r.max_new):
             return None
         r.done = True
         self.cache.release(r.seq)
-        free_slots.append(r.slot)
+        free_slots.give(r.slot)
         return Output(r.index, list(r.tokens), "eos" if done_eos else "length")
 
     # --- scheduling steps -------------------------------------------------------------------------
@@ -268,7 +314,7 @@ class Engine:
         free = self.cache.allocator.num_free
         n_img = self.model.num_image_tokens
         limit = self.model.config.max_position_embeddings
-        while waiting and free_slots and len(running) + len(admitted) < self.max_batch_size:
+        while waiting and len(running) + len(admitted) < self.max_batch_size:
             idx, req = waiting[0]
             if (req.pixel_values is None) != text_only:
                 raise ValueError("one engine run takes either image requests or text-only requests, not both")
@@ -285,7 +331,7 @@ class Engine:
             free -= need
             new_keys.add(key)
             waiting.popleft()
-            admitted.append((idx, req, max_new, total, free_slots.pop()))
+            admitted.append((idx, req, max_new, total, free_slots.take()))
         return admitted
 
     def _prefill(self, admitted, prefixes, waiting, selector: Selector, state: SlotState, seed: int,

@@ -98,11 +98,25 @@ class SlotState:
     def __init__(self, cache: PagedKVCache, capacity: int, width: int):
         dev = cache.k[0].device
         self.cache, self.width, self.device = cache, width, dev
-        self.tables = torch.zeros(capacity, width, dtype=torch.int32, device=dev)
-        self.lengths = torch.zeros(capacity, dtype=torch.int32, device=dev)    # tokens in the cache
-        self.positions = torch.zeros(capacity, dtype=torch.long, device=dev)   # text position of the next input
-        self.tokens = torch.zeros(capacity, dtype=torch.long, device=dev)      # the next input token
+        self.capacity = 0
+        self.tables = torch.zeros(0, width, dtype=torch.int32, device=dev)
+        self.lengths = torch.zeros(0, dtype=torch.int32, device=dev)    # tokens in the cache
+        self.positions = torch.zeros(0, dtype=torch.long, device=dev)   # text position of the next input
+        self.tokens = torch.zeros(0, dtype=torch.long, device=dev)      # the next input token
         self._key, self._rows = None, None
+        self.reserve(capacity)
+
+    def reserve(self, slots: int) -> None:
+        """Room for slots 0..slots-1, grown geometrically as the engine hands slots out."""
+        if slots <= self.capacity:
+            return
+        n = max(slots, 2 * self.capacity)
+        for name in ("tables", "lengths", "positions", "tokens"):
+            old = getattr(self, name)
+            new = torch.zeros((n, *old.shape[1:]), dtype=old.dtype, device=old.device)
+            new[:old.shape[0]] = old
+            setattr(self, name, new)
+        self.capacity = n
 
     def start(self, rows: torch.Tensor, seqs: List[SeqBlocks], positions: List[int], tokens: torch.Tensor) -> None:
         """Sequences just prefilled into slots `rows` (a device index): their tables, lengths, next

@@ -45,6 +45,13 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
     return (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))         # strictly inside (0, 1)
 
 
+def _grown(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` with its first dimension extended to `rows` (new rows zero)."""
+    out = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    out[:t.shape[0]] = t
+    return out
+
+
 class Selector:
     """Per-slot generation state and the choice of each next token."""
 
@@ -53,10 +60,23 @@ class Selector:
         self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
         if s.eos:
             self.eos_mask[torch.tensor(s.eos, device=device)] = True
-        self.generated = torch.zeros(capacity, dtype=torch.int64, device=device)
-        self.seeds = torch.zeros(capacity, dtype=torch.int64, device=device)
-        self.seen = (torch.zeros(capacity, vocab + 1, dtype=torch.bool, device=device)
+        self.capacity = 0
+        self.generated = torch.zeros(0, dtype=torch.int64, device=device)
+        self.seeds = torch.zeros(0, dtype=torch.int64, device=device)
+        self.seen = (torch.zeros(0, vocab + 1, dtype=torch.bool, device=device)
                      if s.repetition_penalty != 1.0 else None)
+        self.reserve(capacity)
+
+    def reserve(self, slots: int) -> None:
+        """Room for slots 0..slots-1 (the engine asks as it hands slots out, so a huge
+        max_batch_size costs nothing until that many sequences run). Grows geometrically."""
+        if slots <= self.capacity:
+            return
+        n = max(slots, 2 * self.capacity)
+        self.generated, self.seeds = _grown(self.generated, n), _grown(self.seeds, n)
+        if self.seen is not None:
+            self.seen = _grown(self.seen, n)
+        self.capacity = n
 
     def start(self, slot: int, prompt: List[int], seed: int) -> None:
         self.generated[slot] = 0
