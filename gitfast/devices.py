@@ -43,6 +43,21 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as PyTorch's own checks say."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+
+
+def default_dtype(device) -> torch.dtype:
+    """The dtype gitfast picks for `dtype="auto"` on `device`: bfloat16 on a CPU with native bf16
+    (faster than fp32 there, captions agreeing with fp32's as often as transformers' bf16 ones do;
+    measured in bench/RESULTS.md, "CPU: fp32 / bf16 / INT8"); float32 on other CPUs (emulated bf16 is
+    slower than fp32) and on CUDA (the bit-exact choice; pass float16 / bfloat16 to trade)."""
+    dev = torch.device(device)
+    return torch.bfloat16 if dev.type == "cpu" and cpu_has_native_bf16() else torch.float32
+
+
 def placement(module: torch.nn.Module) -> Tuple[torch.device, torch.dtype]:
     """Where a model's weights live and in which dtype (its first parameter's)."""
     p = next(module.parameters())

@@ -2,9 +2,10 @@
 
 Weights use gitfast's fused layout (one QKV projection per layer; see `loading.py` for the mapping
 from Hugging Face names). Every block has exactly one attention call site (`attention.py`), one MLP
-call site and add+LayerNorm call sites (`ops.py`), so faster backends plug in without touching this
-file. Caching is the caller's: the `attend` callback of `decode` (the serving wing passes one that
-reads and writes the paged KV cache as an `attention.AttentionMetadata` says).
+call site, add+LayerNorm call sites and `ops.Linear` layers (`ops.py`; gitfast.quantization swaps
+them for INT8 ones), so faster backends plug in without touching this file. Caching is the caller's:
+the `attend` callback of `decode` (the serving wing passes one that reads and writes the paged KV
+cache as an `attention.AttentionMetadata` says).
 """
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ class VisionLayer(nn.Module):
         w = v.hidden_size
         self.num_heads, self.eps, self.act = v.num_attention_heads, v.layer_norm_eps, v.hidden_act
         self.ln1, self.ln2 = nn.LayerNorm(w, eps=v.layer_norm_eps), nn.LayerNorm(w, eps=v.layer_norm_eps)
-        self.qkv, self.out = nn.Linear(w, 3 * w), nn.Linear(w, w)
-        self.fc1, self.fc2 = nn.Linear(w, v.intermediate_size), nn.Linear(v.intermediate_size, w)
+        self.qkv, self.out = ops.Linear(w, 3 * w), ops.Linear(w, w)
+        self.fc1, self.fc2 = ops.Linear(w, v.intermediate_size), ops.Linear(v.intermediate_size, w)
 
     def forward(self, delta, residual):
         # the first block has no previous output to add: it normalises the residual stream itself
@@ -75,7 +76,7 @@ class VisionLayer(nn.Module):
         q, k, v = _split_qkv(self.qkv(x), self.num_heads)
         a = self.out(attention.bidirectional(q, k, v).flatten(-2))
         x, residual = ops.add_layer_norm(a, residual, self.ln2.weight, self.ln2.bias, self.eps)
-        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act), residual
+        return ops.feed_forward(x, self.fc1, self.fc2, self.act), residual
 
 
 class VisionEncoder(nn.Module):
@@ -102,15 +103,15 @@ class DecoderLayer(nn.Module):
         super().__init__()
         w = config.hidden_size
         self.index, self.num_heads, self.eps, self.act = index, config.num_attention_heads, config.layer_norm_eps, config.hidden_act
-        self.qkv, self.attn_out = nn.Linear(w, 3 * w), nn.Linear(w, w)
+        self.qkv, self.attn_out = ops.Linear(w, 3 * w), ops.Linear(w, w)
         self.attn_ln, self.out_ln = nn.LayerNorm(w, eps=self.eps), nn.LayerNorm(w, eps=self.eps)
-        self.fc1, self.fc2 = nn.Linear(w, config.intermediate_size), nn.Linear(config.intermediate_size, w)
+        self.fc1, self.fc2 = ops.Linear(w, config.intermediate_size), ops.Linear(config.intermediate_size, w)
 
     def forward(self, h, attend):
         q, k, v = _split_qkv(self.qkv(h), self.num_heads)
         a = self.attn_out(attend(self.index, q, k, v).flatten(-2))
         h, _ = ops.add_layer_norm(a, h, self.attn_ln.weight, self.attn_ln.bias, self.eps)
-        m = ops.mlp(h, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.act)
+        m = ops.feed_forward(h, self.fc1, self.fc2, self.act)
         return ops.add_layer_norm(m, h, self.out_ln.weight, self.out_ln.bias, self.eps)[0]
 
 
@@ -126,13 +127,13 @@ class GitModel(nn.Module):
         self.vision = VisionEncoder(v)
         frames = config.num_image_with_embedding
         self.temporal_embedding = nn.Parameter(torch.empty(frames, v.hidden_size)) if frames else None
-        self.proj = nn.Linear(v.hidden_size, config.hidden_size)
+        self.proj = ops.Linear(v.hidden_size, config.hidden_size)
         self.proj_ln = nn.LayerNorm(config.hidden_size, eps=v.layer_norm_eps)
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = ops.Linear(config.hidden_size, config.vocab_size)
 
     def encode_images(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """[B, 3, H, W] images or [B, frames, 3, H, W] videos -> projected image tokens [B, I, hidden]."""

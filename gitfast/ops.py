@@ -19,6 +19,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 OPS = ("add_layer_norm", "bias_act", "mlp")
@@ -163,6 +164,71 @@ def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation):
             c(fc2_weight), None if fc2_bias is None else c(fc2_bias), activation,
         )
     return mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
+
+
+# -- linear layers ---------------------------------------------------------------------------------
+
+
+_packs_bf16: bool | None = None  # decided at the first bf16 CPU linear
+
+
+def _cpu_packs_bf16() -> bool:
+    """Whether bf16 GEMMs on this CPU read a oneDNN pre-packed weight: only with native bf16
+    (AVX512-BF16 or AMX); where oneDNN emulates bf16 the packing buys nothing."""
+    global _packs_bf16
+    if _packs_bf16 is None:
+        from .devices import cpu_has_native_bf16
+
+        mkldnn = torch.ops.mkldnn
+        _packs_bf16 = bool(torch.backends.mkldnn.is_available() and cpu_has_native_bf16()
+                           and hasattr(mkldnn, "_reorder_linear_weight") and hasattr(mkldnn, "_linear_pointwise"))
+    return _packs_bf16
+
+
+def linear_backend(device, dtype) -> str:
+    """What serves `Linear` for `dtype` weights on `device` ("onednn packed" or "torch")."""
+    packed = torch.device(device).type == "cpu" and dtype == torch.bfloat16 and _cpu_packs_bf16()
+    return "onednn packed" if packed else "torch"
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` with an optional fused activation, `act(x W^T + b)`, whose CPU bf16 inference GEMM
+    reads a oneDNN pre-packed copy of the weight, made once and remade only when the weight changes.
+
+    Plain `F.linear` on a bf16 CPU tensor hands oneDNN the weight in nn.Linear's layout, and oneDNN
+    re-lays it out on every call: 1.3-1.9x slower per GEMM at git-base's shapes (M = 8 decode rows
+    and M = 1576 vision rows, AMX; bench/bench_cpu.py). The packed copy costs the weight's memory
+    again (bf16 only). fp32, CUDA, autograd and tracing take `F.linear` unchanged.
+    """
+
+    _packed = None  # (weight identity, packed mkldnn tensor); a class default, so meta init stays free
+
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        w = self.weight
+        if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu" \
+                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
+                and not torch.compiler.is_compiling() and _cpu_packs_bf16():
+            y = torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
+        else:
+            y = F.linear(x, w, self.bias)
+        return y if activation is None else bias_act(y, None, activation)
+
+    def _packed_weight(self) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.shape)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8))
+        return self._packed[1]
+
+
+def feed_forward(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: str) -> torch.Tensor:
+    """`fc2(act(fc1(x)))` over linear layers: the fused `mlp` op when both are plain `Linear`s whose
+    weights it serves best (fp32, fp16, CUDA), else each layer's own forward with the activation
+    fused into the first (packed bf16, INT8 layers from gitfast.quantization)."""
+    if type(fc1) is Linear and type(fc2) is Linear and not (x.dtype == torch.bfloat16 and x.device.type == "cpu"
+                                                           and _cpu_packs_bf16()):
+        return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation)
+    return fc2(fc1(x, activation))
 
 
 # Load now rather than on the first call: that call may be inside torch.compile's tracing, which

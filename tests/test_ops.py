@@ -438,3 +438,47 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+# -- Linear and feed_forward ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_matches_f_linear_and_repacks_when_the_weight_changes(dtype, activation):
+    torch.manual_seed(0)
+    lin = ops.Linear(96, 80).to(dtype)
+    x = _randn(3, 5, 96, dtype=dtype)
+    with torch.inference_mode():
+        for _ in range(2):  # the second call reads the cached packed weight (bf16 on native-bf16 CPUs)
+            ref = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+            ref = ref if activation is None else ops.activation_reference(ref, activation)
+            out = lin(x, activation)
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            _assert_close(out.float(), ref, rtol=tol, atol=tol)
+            with torch.no_grad():
+                lin.weight.mul_(-1)  # a new weight: the packed copy must not be reused
+
+
+def test_linear_keeps_autograd():
+    lin = ops.Linear(8, 4)
+    x = torch.randn(2, 8, requires_grad=True)
+    lin(x, "quick_gelu").sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feed_forward_over_linears_is_the_mlp(dtype):
+    x, w1, b1, w2, b2 = _mlp_inputs((2, 3), 80, 96, dtype)
+    fc1, fc2 = ops.Linear(80, 96).to(dtype), ops.Linear(96, 80).to(dtype)
+    with torch.no_grad():
+        for m, w, b in ((fc1, w1, b1), (fc2, w2, b2)):
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+    with torch.inference_mode():
+        out = ops.feed_forward(x, fc1, fc2, "quick_gelu")
+    ref = ops.mlp_reference(*_f32(x, w1, b1, w2, b2), "quick_gelu")
+    if dtype == torch.float32:  # fp32 stays the fused op, bit for bit
+        assert torch.equal(out, ops.mlp(x, w1, b1, w2, b2, "quick_gelu"))
+    else:
+        assert _err(out, ref) <= 2 * _err(ops.mlp_reference(x, w1, b1, w2, b2, "quick_gelu"), ref) + 1e-2
