@@ -148,11 +148,8 @@ class Captioner:
         else:
             pairs = zip(_as_iter(images), prompts, strict=True)
         if return_maps:
-            from .with_maps import remembered, with_maps
-
-            seen: deque = deque()
-            return with_maps(self, self._results(remembered(pairs, seen), settings), seen, max_new_tokens,
-                             self.max_batch_size)
+            from .with_maps import captioned_with_maps
+            return captioned_with_maps(self, pairs, settings)
         return self._results(pairs, settings)
 
     # --- pipeline --------------------------------------------------------------------------------

@@ -14,6 +14,13 @@ from typing import Deque, Iterable, Iterator
 import torch
 
 
+def captioned_with_maps(captioner, pairs: Iterable, settings: dict) -> Iterator:
+    """The Captioner's results for `pairs` (image, prompt), each with `.maps`."""
+    seen: Deque = deque()
+    results = captioner._results(remembered(pairs, seen), settings)
+    return with_maps(captioner, results, seen, settings["max_new_tokens"], captioner.max_batch_size)
+
+
 def remembered(pairs: Iterable, seen: Deque) -> Iterator:
     """`pairs` (image, prompt) as they are, each also appended to `seen`."""
     for pair in pairs:
