@@ -175,6 +175,56 @@ at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at
 }
 
 // ---------------------------------------------------------------------------------------------
+// Dynamic INT8's row passes (CPU kernels only)
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  check_input("quantize_rows", x);
+  TORCH_CHECK(x.is_cpu(), "gitfast.quantize_rows: CPU kernels only; x is on ", x.device());
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  std::vector<int64_t> rows(x.sizes().begin(), x.sizes().end() - 1);
+  at::Tensor scale = at::empty(rows, x.options().dtype(at::kFloat));
+  if (x.numel() > 0) cpu_kernels::quantize_rows(x, q, scale);
+  return {q, scale};
+}
+
+at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, const std::optional<at::Tensor>& col_scale,
+                           const std::optional<at::Tensor>& bias, std::optional<c10::string_view> activation,
+                           at::ScalarType dtype) {
+  const char* op = "dequantize_rows";
+  TORCH_CHECK(acc.is_cpu() && acc.dim() == 2 && acc.is_contiguous() &&
+                  (acc.scalar_type() == at::kInt || acc.scalar_type() == at::kFloat),
+              "gitfast.", op, ": acc must be a contiguous 2-D int32 or float32 CPU tensor, got ", acc.scalar_type(),
+              " ", acc.sizes(), " on ", acc.device());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "gitfast.", op, ": dtype ", dtype,
+              " is not float32, float16 or bfloat16");
+  const int64_t m = acc.size(0), n = acc.size(1);
+  TORCH_CHECK(row_scale.scalar_type() == at::kFloat && row_scale.is_contiguous() && row_scale.numel() == m &&
+                  row_scale.is_cpu(),
+              "gitfast.", op, ": row_scale must be a contiguous float32 CPU tensor of ", m, " entries, got ",
+              row_scale.scalar_type(), " ", row_scale.sizes());
+  if (col_scale) {
+    TORCH_CHECK(col_scale->scalar_type() == at::kFloat && col_scale->is_contiguous() && col_scale->numel() == n &&
+                    col_scale->is_cpu(),
+                "gitfast.", op, ": col_scale must be a contiguous float32 CPU tensor of ", n, " entries, got ",
+                col_scale->scalar_type(), " ", col_scale->sizes());
+  }
+  if (bias) {
+    const auto t = bias->scalar_type();
+    TORCH_CHECK((t == at::kFloat || t == at::kHalf || t == at::kBFloat16) && bias->is_contiguous() &&
+                    bias->numel() == n && bias->is_cpu(),
+                "gitfast.", op, ": bias must be a contiguous float CPU tensor of ", n, " entries, got ", t, " ",
+                bias->sizes());
+  }
+  const int act = activation ? static_cast<int>(parse_activation(*activation)) : -1;
+  at::Tensor y = at::empty({m, n}, acc.options().dtype(dtype));
+  if (acc.numel() > 0) {
+    cpu_kernels::dequantize_rows(acc, row_scale, col_scale ? &*col_scale : nullptr, bias ? &*bias : nullptr, act, y);
+  }
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Attention (CPU kernels only): checks, index tensors made contiguous int32, then the kernel
 // ---------------------------------------------------------------------------------------------
 
@@ -355,6 +405,10 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
         "Tensor cu_seqlens_q, Tensor context_lens, Tensor? num_image_tokens_per_seq, int num_image_tokens, "
         "float? sm_scale) -> Tensor",
         tags);
+  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)", tags);
+  m.def("dequantize_rows(Tensor acc, Tensor row_scale, Tensor? col_scale, Tensor? bias, str? activation, "
+        "ScalarType dtype) -> Tensor",
+        tags);
   m.def("cpu_isa() -> str", &gitfast::cpu_isa);  // no tensors: one kernel for every dispatch key
 }
 
@@ -370,6 +424,8 @@ TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
   m.impl("git_attention", &gitfast::git_attention);
   m.impl("paged_decode_attention", &gitfast::paged_decode_attention);
   m.impl("paged_prefill_attention", &gitfast::paged_prefill_attention);
+  m.impl("quantize_rows", &gitfast::quantize_rows);
+  m.impl("dequantize_rows", &gitfast::dequantize_rows);
 }
 #if GITFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(gitfast, CUDA, m) { GITFAST_IMPL_ALL(m); }

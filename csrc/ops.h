@@ -7,6 +7,8 @@
 //   add_layer_norm(x, residual, w, b, eps)   -> (LayerNorm(x + residual), x + residual)
 //   bias_act(x, bias?, activation)           -> act(x + bias), act in {quick_gelu, gelu}
 //   mlp(x, w1, b1?, w2, b2?, activation)     -> act(x @ w1^T + b1) @ w2^T + b2
+// dynamic INT8's per-row (per-token) quantize / dequantize passes around an int8 GEMM (CPU only):
+//   quantize_rows, dequantize_rows
 // and GIT attention on the CPU (cpu/attention.cpp; contracts of kernels/__init__.py):
 //   git_attention, paged_decode_attention, paged_prefill_attention, cpu_isa
 // Kernels get inputs the bindings have checked (dtype, shapes, contiguity, one device) and write
@@ -30,6 +32,21 @@ namespace cpu_kernels {
 void layer_norm(const char* op, const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
                 const at::Tensor& bias, double eps, at::Tensor& y, at::Tensor* summed);
 void bias_act(const at::Tensor& x, const std::optional<at::Tensor>& bias, Activation act, at::Tensor& y);
+
+// fp32 row helpers of norm_act.cpp, shared with quant.cpp: dtype conversions (float32 / float16 /
+// bfloat16 rows, rounding to nearest even) and y = act(x + bias) on one fp32 row (bias may be null).
+void row_to_f32(at::ScalarType t, const void* src, float* dst, int64_t n);
+void row_from_f32(at::ScalarType t, const float* src, void* dst, int64_t n);
+void bias_act_row(const float* x, const float* bias, float* y, int64_t n, Activation act);
+
+// Dynamic INT8 (CPU only, quant.cpp).
+//   quantize_rows:   q[m, :] = round(x[m, :] * 127 / max|x[m, :]|) as int8, scale[m] = max|x[m, :]| / 127
+//                    (0 for an all-zero row, whose q is 0)
+//   dequantize_rows: y[m, n] = act(acc[m, n] * row_scale[m] * col_scale[n] + bias[n]), acc int32 or
+//                    fp32, col_scale / bias optional, act < 0 for none; y in its own dtype
+void quantize_rows(const at::Tensor& x, at::Tensor& q, at::Tensor& scale);
+void dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor* col_scale,
+                     const at::Tensor* bias, int act, at::Tensor& y);
 
 // Attention (CPU only). q/k/v/caches: last dim contiguous, any leading strides; index tensors
 // contiguous int32 (image_counts [B], one per sequence); out: q's shape and dtype.

@@ -64,7 +64,16 @@ def collect() -> dict:
         # the cuda column is what a CUDA tensor would get, also on a machine without a GPU
         "ops": {op: {kind: ops.backend(op, kind) for kind in ("cpu", "cuda")} for op in ops.OPS},
         "attention": _attention_backends(),
+        "linear": _linear_backends(),
     }
+
+
+def _linear_backends() -> dict:
+    """The GEMMs behind the model's Linear layers: bf16 (pre-packed or not) and dynamic INT8's."""
+    from . import ops, quantization
+
+    return {"linear_bf16": {"cpu": ops.linear_backend("cpu", torch.bfloat16), "cuda": "torch"},
+            "linear_int8": {"cpu": quantization.backend(), "cuda": "refused (CPU only)"}}
 
 
 def _build_note():
@@ -132,7 +141,7 @@ def _text(info: dict) -> str:
         lines.append(f"  CPU attention ISA: {ext['cpu_isa']}")
     lines.append("ops (backend per device):")
     lines.append(f"  {'op':<16} {'cpu':<10} cuda")
-    for op, by_device in {**info["ops"], **info["attention"]}.items():
+    for op, by_device in {**info["ops"], **info["attention"], **info.get("linear", {})}.items():
         lines.append(f"  {op:<16} {by_device['cpu']:<10} {by_device['cuda']}")
     return "\n".join(lines) + "\n"
 

@@ -379,6 +379,28 @@ void layer_norm(const char* /*op*/, const at::Tensor& x, const at::Tensor* resid
   });
 }
 
+void row_to_f32(at::ScalarType t, const void* src, float* dst, int64_t n) {
+  switch (t) {
+    case at::kFloat: std::memcpy(dst, src, n * sizeof(float)); break;
+    case at::kHalf: f16_to_f32(static_cast<const uint16_t*>(src), dst, n); break;
+    case at::kBFloat16: bf16_to_f32(static_cast<const uint16_t*>(src), dst, n); break;
+    default: TORCH_CHECK(false, "gitfast: unsupported dtype ", t);
+  }
+}
+
+void row_from_f32(at::ScalarType t, const float* src, void* dst, int64_t n) {
+  switch (t) {
+    case at::kFloat: std::memcpy(dst, src, n * sizeof(float)); break;
+    case at::kHalf: f32_to_f16(src, static_cast<uint16_t*>(dst), n); break;
+    case at::kBFloat16: f32_to_bf16(src, static_cast<uint16_t*>(dst), n); break;
+    default: TORCH_CHECK(false, "gitfast: unsupported dtype ", t);
+  }
+}
+
+void bias_act_row(const float* x, const float* bias, float* y, int64_t n, Activation act) {
+  bias_act_f32(x, bias, y, n, act);
+}
+
 void bias_act(const at::Tensor& x, const std::optional<at::Tensor>& bias, Activation act, at::Tensor& y) {
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;

@@ -1,0 +1,121 @@
+// gitfast._C, CPU kernels of dynamic INT8's two passes around the int8 GEMM (gitfast/quantization.py):
+// quantize_rows (activations -> int8 with one scale per row, i.e. per token) and dequantize_rows
+// (the GEMM's int32 / fp32 accumulators -> act(acc * row scale * column scale + bias) in the output
+// dtype). One pass over the data each, rows split over threads; fp32 arithmetic. Checks live in
+// ../bindings.cpp.
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+
+#include "ops.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define GITFAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GITFAST_CLONES
+#endif
+
+namespace gitfast {
+namespace {
+
+// Rows per task: about 32k elements, as norm_act.cpp (a decode step's few rows run inline).
+int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 32768 / width); }
+
+GITFAST_CLONES float max_abs(const float* v, int64_t n) {
+  float m = 0.0f;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(v[i]));
+  return m;
+}
+
+// q = round-half-even(v * inv): adding and removing 1.5 * 2^23 rounds |v * inv| <= 127 exactly as
+// nearbyint does, without a libm call, so the loop vectorises.
+GITFAST_CLONES void quantize_row(const float* v, float inv, int8_t* q, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int32_t>((v[i] * inv + 12582912.0f) - 12582912.0f));
+}
+
+GITFAST_CLONES void scale_row(const int32_t* acc, float s, const float* col, float* y, int64_t n) {
+  if (col != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<float>(acc[i]) * s * col[i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<float>(acc[i]) * s;
+  }
+}
+
+GITFAST_CLONES void scale_row(const float* acc, float s, const float* col, float* y, int64_t n) {
+  if (col != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = acc[i] * s * col[i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = acc[i] * s;
+  }
+}
+
+}  // namespace
+
+namespace cpu_kernels {
+
+void quantize_rows(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  const at::ScalarType t = x.scalar_type();
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  const int64_t row_bytes = n * static_cast<int64_t>(x.element_size());
+  int8_t* qp = q.mutable_data_ptr<int8_t>();
+  float* sp = scale.mutable_data_ptr<float>();
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> buf(t == at::kFloat ? nullptr : new float[n]);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* v = reinterpret_cast<const float*>(xp + r * row_bytes);
+      if (t != at::kFloat) {
+        row_to_f32(t, xp + r * row_bytes, buf.get(), n);
+        v = buf.get();
+      }
+      const float m = max_abs(v, n);
+      sp[r] = m / 127.0f;
+      quantize_row(v, m > 0.0f ? 127.0f / m : 0.0f, qp + r * n, n);
+    }
+  });
+}
+
+void dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor* col_scale,
+                     const at::Tensor* bias, int act, at::Tensor& y) {
+  const int64_t n = acc.size(-1), rows = acc.numel() / n;
+  const bool ints = acc.scalar_type() == at::kInt;
+  const float* rs = row_scale.const_data_ptr<float>();
+  const float* cs = col_scale ? col_scale->const_data_ptr<float>() : nullptr;
+  const at::ScalarType yt = y.scalar_type();
+  char* yp = static_cast<char*>(y.mutable_data_ptr());
+  const int64_t y_row_bytes = n * static_cast<int64_t>(y.element_size());
+  std::unique_ptr<float[]> bias_f32(bias ? new float[n] : nullptr);
+  if (bias) row_to_f32(bias->scalar_type(), bias->const_data_ptr(), bias_f32.get(), n);
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> buf(new float[n]);
+    float* v = buf.get();
+    for (int64_t r = begin; r < end; ++r) {
+      if (ints) {
+        scale_row(acc.const_data_ptr<int32_t>() + r * n, rs[r], cs, v, n);
+      } else {
+        scale_row(acc.const_data_ptr<float>() + r * n, rs[r], cs, v, n);
+      }
+      if (act >= 0) {
+        bias_act_row(v, bias_f32.get(), v, n, static_cast<Activation>(act));
+      } else if (bias) {
+        const float* b = bias_f32.get();
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) v[i] += b[i];
+      }
+      row_from_f32(yt, v, yp + r * y_row_bytes, n);
+    }
+  });
+}
+
+}  // namespace cpu_kernels
+}  // namespace gitfast

@@ -1,0 +1,116 @@
+"""gitfast.quantization: dynamic INT8 (per-channel int8 weights, per-token int8 activations).
+
+The row passes (gitfast._C) against their plain-torch references, each GEMM backend against the
+reference integers, whole layers against `DynamicInt8Linear.reference`, and a quantized GIT model
+whose greedy captions agree with its fp32 self.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gitfast import ops, quantization as Q
+
+from git_factory import make_hf_model
+
+needs_ext = pytest.mark.skipif(not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "quantize_rows")),
+                               reason="gitfast._C is not built")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 7), (5, 768), (33, 1030)])
+def test_quantize_rows_matches_the_reference(dtype, shape):
+    g = torch.Generator().manual_seed(shape[1])
+    x = (torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[0])[:, None]).to(dtype)
+    x[0, :3] = 0
+    if shape[0] > 2:
+        x[2] = 0  # an all-zero row: scale 0, q 0
+    q, s = torch.ops.gitfast.quantize_rows(x)
+    qr, sr = Q.quantize_rows_reference(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert (q.int() - qr.int()).abs().max() <= 1  # x * (127 / max) may round a tie the other way
+    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("acc_dtype", [torch.int32, torch.float32])
+@pytest.mark.parametrize("activation", [None, "gelu", "quick_gelu"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_rows_matches_the_reference(acc_dtype, activation, out_dtype):
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randint(-30000, 30000, (9, 131), generator=g).to(acc_dtype)
+    rs, cs = torch.rand(9, generator=g) * 1e-3, torch.rand(131, generator=g) * 1e-2
+    bias = torch.randn(131, generator=g).to(out_dtype)
+    for col, b in ((cs, bias), (None, None)):
+        out = torch.ops.gitfast.dequantize_rows(acc, rs, col, b, activation, out_dtype)
+        ref = Q.dequantize_rows_reference(acc, rs, col, b, activation, out_dtype)
+        tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", Q.BACKENDS[:-1])
+def test_each_available_backend_gives_the_reference_integers(name):
+    if not Q._probe(name):
+        pytest.skip(f"{name} does not run here")
+    assert Q.backend() in Q.BACKENDS
+
+
+@pytest.mark.parametrize("backend", Q.BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_matches_its_reference_and_the_float_layer(monkeypatch, backend, dtype):
+    if backend != "reference" and not Q._probe(backend):
+        pytest.skip(f"{backend} does not run here")
+    torch.manual_seed(0)
+    lin = ops.Linear(200, 72)
+    layer = Q.DynamicInt8Linear.from_linear(lin)
+    layer.backend = backend
+    layer._packed = Q._onednn_pack(layer.weight_int8) if backend == "onednn" else None
+    x = torch.randn(2, 9, 200).to(dtype)
+    for act in (None, "gelu"):
+        out = layer(x, act)
+        assert out.dtype == dtype and out.shape == (2, 9, 72)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.float(), layer.reference(x, act).float(), rtol=tol, atol=tol)
+        exact = lin(x.float(), act)
+        assert (out.float() - exact).norm() / exact.norm() < 0.02  # int8's own error, not a bug's
+
+
+def test_quantize_swaps_the_linears_but_keeps_the_lm_head():
+    import gitfast
+
+    hf = make_hf_model("hd64_odd_tokens")
+    fm = gitfast.GitForCausalLM.from_transformers(hf)
+    Q.quantize(fm.model, "dynamic")
+    kinds = {name: type(m) for name, m in fm.model.named_modules()}
+    assert kinds["lm_head"] is ops.Linear
+    assert kinds["vision.layers.0.fc1"] is Q.DynamicInt8Linear and kinds["layers.1.qkv"] is Q.DynamicInt8Linear
+    assert kinds["proj"] is Q.DynamicInt8Linear
+    assert Q.describe(fm.model).startswith("dynamic INT8")
+    assert not any(type(m) is ops.Linear for n, m in fm.model.named_modules() if n != "lm_head")
+
+
+def test_quantized_greedy_captions_agree_with_fp32():
+    import gitfast
+
+    hf = make_hf_model("hd64_odd_tokens")
+    px = torch.randn(6, 3, 36, 36, generator=torch.Generator().manual_seed(1))
+    ref = gitfast.GitForCausalLM.from_transformers(hf)
+    q = gitfast.GitForCausalLM.from_transformers(hf)
+    Q.quantize(q.model, "dynamic")
+    a = ref.generate(pixel_values=px, max_new_tokens=8)
+    b = q.generate(pixel_values=px, max_new_tokens=8)
+    assert (a == b).all(dim=1).float().mean() >= 5 / 6
+
+
+def test_config_names_are_checked():
+    assert Q.method_of(None) is None and Q.method_of("dynamic") == "dynamic"
+    assert Q.method_of({"method": "dynamic"}) == "dynamic"
+    with pytest.raises(ValueError, match="unsupported quantization_config 'int4'"):
+        Q.method_of("int4")
+
+
+def test_a_model_off_the_cpu_is_refused():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(ops.Linear(4, 4))
+    with pytest.raises(ValueError, match="runs on the CPU only.*float16"):
+        Q.quantize(model, "dynamic")
