@@ -7,7 +7,11 @@ Providers:
 - `transformers`: `transformers.GitForCausalLM.generate`, eager attention everywhere (its default);
 - `transformers_sdpa`: the same with SDPA in the vision encoder (the decoder only has eager).
 Every call decodes exactly `new_tokens` tokens (`min_new_tokens` = `max_new_tokens`), so all
-providers do the same work. Weights are random (speed does not depend on them). `images` in each
+providers do the same work, except the `EOS` rows (`lengths: "natural"`): there captions end at EOS
+after varied numbers of tokens, as real ones do, so sequences retire and new ones are admitted on most
+decode steps (what the forced rows never exercise: the engine's per-admission host work). With random
+weights EOS would never win, so the EOS ids are tokens of a free run, picked greedily (rarest
+first) while they make the caption lengths more varied; `mean_tokens` in the row says how long the captions were. Weights are random (speed does not depend on them). `images` in each
 row is the number of images one call captions; the runner adds `images_per_s` (images / median
 seconds) and, on CUDA, `peak_mem_gb`: the most memory one call allocates above what is already resident
 (the weights), measured with a fresh gitfast engine so that its KV cache and CUDA graphs count. The VQA
@@ -106,6 +110,45 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
             yield case("transformers_sdpa", lambda: hf_sdpa.generate(pixel_values=px, **forced))
         if batch == max(b for z, b in (QUICK if quick else FULL) if z == size):
             yield from _vqa_cases(size, hf, fm, px, forced, dt, device)
+        if batch > 1:
+            yield from _natural_cases(size, hf, fm, px, new_tokens, dt, engine, reqs)
+
+
+def _varied_eos(runs, new_tokens: int):
+    """EOS ids that end the free-run captions `runs` after as many different lengths as they can."""
+    def lengths(ids):
+        return [next((i + 1 for i, t in enumerate(r) if t in ids), new_tokens) for r in runs]
+
+    rows_with = {}
+    for r in runs:
+        for t in set(r[1:]):  # never the first token: every caption keeps at least two
+            rows_with[t] = rows_with.get(t, 0) + 1
+    chosen = set()
+    for t in sorted(rows_with, key=lambda t: (rows_with[t], t)):
+        if len(set(lengths(chosen | {t}))) > len(set(lengths(chosen))):
+            chosen.add(t)
+    return sorted(chosen)
+
+
+def _natural_cases(size, hf, fm, px, new_tokens, dt, engine, reqs):
+    """Captions ending at EOS after varied lengths (see the module docstring)."""
+    from gitfast.serving.generation import resolve_settings
+
+    batch = px.shape[0]
+    free = resolve_settings(fm.generation_config, 1, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    runs = [o.token_ids for o in engine.generate(reqs, free)]
+    eos = _varied_eos(runs, new_tokens) + [fm.config.eos_token_id]
+    s = resolve_settings(fm.generation_config, 1, max_new_tokens=new_tokens, eos_token_id=eos)
+    lengths = [len(o.token_ids) for o in engine.generate(reqs, s)]
+    shape = {"model": size, "batch": batch, "new_tokens": new_tokens, "lengths": "natural",
+             "image_tokens": fm.num_image_tokens}
+    extra = {"images": batch, "mean_tokens": round(sum(lengths) / batch, 2), "max_tokens": max(lengths)}
+
+    def case(provider, fn):
+        return Case(SUITE, shape, provider, dt, fn, label=f"{size} B{batch} EOS", extra=extra)
+
+    yield case("gitfast", lambda: engine.generate(reqs, s))
+    yield case("transformers", lambda: hf.generate(pixel_values=px, max_new_tokens=new_tokens, eos_token_id=eos))
 
 
 def _vqa_cases(size, hf, fm, px, forced, dt, device, questions: int = 8):

@@ -10,7 +10,10 @@ the request's index; `generate` returns them in input order.
 
 The host stays one step behind the device: a decode step's inputs come from device-side state
 (`paged.SlotState`), so step t+1 is queued before step t's tokens are read back (a non-blocking copy
-waited for by event). The device never idles while Python does the bookkeeping; the price is one
+waited for by event); a new sequence's first token, chosen by prefill, joins that readback and the
+sequence decodes at once. Index tensors built on the host (slots, positions, block tables) reach the
+device from pinned memory without a wait (`staging.HostStaging`), so admitting requests while others
+decode never stalls the host either. The device never idles while Python does the bookkeeping; the price is one
 discarded token for a sequence that ended with EOS at step t. Steps never run past a sequence's
 `max_new_tokens`, so its reserved blocks always suffice.
 
@@ -240,13 +243,14 @@ class Engine:
                 self._size_for(settings, len(waiting))
                 if self.cache is None:  # nothing queued and no cache yet
                     return
-                selector = Selector(settings, 0, self.model.config.vocab_size, self.device)
+                selector = Selector(settings, 0, self.model.config.vocab_size, self.device, self.cache.staging)
                 state = SlotState(self.cache, 0, self.table_width)
                 readback = _Readback(self.device, 0)
             admitted = self._admit(waiting, running, free_slots, prefixes, settings, text_only)
             if admitted:
-                for part in (selector, state, readback):
+                for part in (selector, state):
                     part.reserve(free_slots.high)
+                readback.reserve(2 * free_slots.high)  # new sequences' first tokens + a step's
             if not running and not admitted:
                 if waiting:  # nothing running, yet the head of the queue does not fit an empty cache
                     idx, req = waiting[0]
@@ -254,20 +258,20 @@ class Engine:
                                        f"({self.cache.allocator.num_blocks} blocks of {self.cache.block_size}); "
                                        "raise kv_cache_bytes or lower max_new_tokens")
                 return
-            # -- prefill the admitted, choose their first tokens (read back at once) --
+            # -- prefill the admitted and choose their first tokens, left on the device: they are
+            #    read back with this iteration's step, never waited for here --
             new: List[_Running] = []
+            first = None
             if admitted:
-                new = self._prefill(admitted, prefixes, waiting, selector, state, seed, text_only)
+                new, first = self._prefill(admitted, prefixes, waiting, selector, state, seed, text_only)
                 running.extend(new)
-                for r in new:
-                    out = self._finished(r, eos, free_slots)
-                    if out is not None:
-                        yield out
-            # -- launch one decode step for every sequence that has a token to feed. Its inputs
-            #    are gathered and advanced on the device (SlotState), so launching needs no tokens
-            #    from the host: the step runs while the host reads back the previous one's --
-            stepping = [r for r in running if not r.done and r not in new and r.launched < r.max_new]
+            # -- launch one decode step for every sequence that has a token to feed (the new ones
+            #    too: their first token is already in SlotState). Its inputs are gathered and
+            #    advanced on the device, so launching needs no tokens from the host: the step runs
+            #    while the host reads back the previous one's --
+            stepping = [r for r in running if not r.done and r.launched < r.max_new]
             launched = None
+            chosen = None
             if stepping:
                 rows = state.rows(tuple(r.slot for r in stepping))
                 tokens, positions, meta = state.inputs(rows, max(r.seq.length for r in stepping) + 1)
@@ -277,7 +281,9 @@ class Engine:
                 for r in stepping:
                     r.seq.length += 1
                     r.launched += 1
-                launched = (stepping, readback.start(chosen))
+            if new or stepping:  # one readback: the new sequences' first tokens, then the step's
+                both = chosen if first is None else first if chosen is None else torch.cat([first, chosen])
+                launched = (new + stepping, readback.start(both))
             # -- read back the previous step's tokens; retire finished sequences. A sequence that
             #    finished there also ran in the step just launched: that token is discarded, and
             #    its blocks are reused only by work queued after it on the same stream --
@@ -335,7 +341,7 @@ class Engine:
         return admitted
 
     def _prefill(self, admitted, prefixes, waiting, selector: Selector, state: SlotState, seed: int,
-                 text_only: bool) -> List[_Running]:
+                 text_only: bool) -> Tuple[List[_Running], torch.Tensor]:
         # images seen for the first time: one vision batch, one decoder pass over their tokens
         todo: Dict[Hashable, torch.Tensor] = {}
         for idx, req, *_ in admitted:
@@ -355,14 +361,12 @@ class Engine:
             new.append(_Running(idx, seq, slot, max_new))
         n_img = 0 if text_only else self.model.num_image_tokens
         logits = self.runner.prefill([r.seq for r in new], [req.prompt for _, req, *_ in admitted], n_img)
-        rows = torch.tensor([r.slot for r in new], dtype=torch.long, device=self.device)
+        rows = self.cache.staging.tensor([r.slot for r in new])
         chosen = selector.select(logits, rows)
         state.start(rows, [r.seq for r in new], [len(req.prompt) for _, req, *_ in admitted], chosen)
-        for r, t in zip(new, chosen.tolist()):
-            r.tokens.append(t)
         # A started sequence holds its own references to the shared blocks, so a prefix is released
         # as soon as no waiting request (in the look-ahead window) uses the same image.
         waiting_keys = {self._key(i, q) for i, q in waiting}
         for key in {self._key(idx, req) for idx, req, *_ in admitted} - waiting_keys:
             self.cache.release_prefix(prefixes.pop(key))
-        return new
+        return new, chosen

@@ -18,6 +18,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .staging import HostStaging
+
 
 class OutOfBlocks(RuntimeError):
     """Not enough free blocks right now (the scheduler waits for running sequences to finish)."""
@@ -86,6 +88,7 @@ class PagedKVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
+        self.staging = HostStaging(device)  # index tensors to the device without a host sync
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, heads, head_dim, dtype) -> int:
@@ -144,9 +147,8 @@ class PagedKVCache:
         """
         if not seqs:
             return
-        dev = self.k[0].device
-        src = torch.tensor([b for s in sources for b in seqs[s].table[seqs[s].shared:]], device=dev)
-        dst = torch.tensor([b for q in seqs for b in q.table[q.shared:]], device=dev)
+        src = self.staging.tensor([b for s in sources for b in seqs[s].table[seqs[s].shared:]])
+        dst = self.staging.tensor([b for q in seqs for b in q.table[q.shared:]])
         for pool in self.k + self.v:
             pool[dst] = pool[src]
 
@@ -158,7 +160,9 @@ class PagedKVCache:
     def block_table_tensor(self, seqs: List[SeqBlocks], width: Optional[int] = None, device=None) -> torch.Tensor:
         width = width or max(len(s.table) for s in seqs)
         rows = [s.table + [0] * (width - len(s.table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32, device=device or self.k[0].device)
+        if device is not None and torch.device(device) != self.k[0].device:
+            return torch.tensor(rows, dtype=torch.int32, device=device)
+        return self.staging.tensor(rows, torch.int32)
 
     def usage(self) -> Dict[str, int]:
         a = self.allocator

@@ -27,7 +27,7 @@ class PagedRunner:
         self.graphs = graphs  # a cuda_graphs.DecodeGraphs, or None for eager decode steps
 
     def _tensor(self, values, dtype=torch.long):
-        return torch.tensor(values, dtype=dtype, device=self.device)
+        return self.cache.staging.tensor(values, dtype)
 
     def _decode(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The decoder over `h` with every layer attending through the paged cache as `meta` says."""
@@ -124,15 +124,18 @@ class SlotState:
         longest = max(len(s.table) for s in seqs)
         if longest > self.width:
             raise ValueError(f"a sequence holds {longest} blocks; the decode state has room for {self.width}")
-        self.tables[rows] = self.cache.block_table_tensor(seqs, self.width, self.device)
-        self.lengths[rows] = torch.tensor([s.length for s in seqs], dtype=torch.int32, device=self.device)
-        self.positions[rows] = torch.tensor(positions, dtype=torch.long, device=self.device)
+        staging = self.cache.staging
+        if not isinstance(rows, torch.Tensor):
+            rows = staging.tensor(rows)
+        self.tables[rows] = self.cache.block_table_tensor(seqs, self.width)
+        self.lengths[rows] = staging.tensor([s.length for s in seqs], torch.int32)
+        self.positions[rows] = staging.tensor(positions)
         self.tokens[rows] = tokens
 
     def rows(self, slots: Tuple[int, ...]) -> torch.Tensor:
         """The slots of this step's sequences as a device index (rebuilt only when they change)."""
         if slots != self._key:
-            self._key, self._rows = slots, torch.tensor(slots, dtype=torch.long, device=self.device)
+            self._key, self._rows = slots, self.cache.staging.tensor(slots)
         return self._rows
 
     def inputs(self, rows: torch.Tensor, max_context: int):

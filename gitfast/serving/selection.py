@@ -55,11 +55,14 @@ def _grown(t: torch.Tensor, rows: int) -> torch.Tensor:
 class Selector:
     """Per-slot generation state and the choice of each next token."""
 
-    def __init__(self, s: Settings, capacity: int, vocab: int, device):
+    def __init__(self, s: Settings, capacity: int, vocab: int, device, staging=None):
         self.s, self.vocab, self.device = s, vocab, device
+        # host lists to the device: a staging.HostStaging (no host sync), else plain torch.tensor
+        self._tensor = staging.tensor if staging is not None else (
+            lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=device))
         self.eos_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
         if s.eos:
-            self.eos_mask[torch.tensor(s.eos, device=device)] = True
+            self.eos_mask[self._tensor(s.eos)] = True
         self.capacity = 0
         self.generated = torch.zeros(0, dtype=torch.int64, device=device)
         self.seeds = torch.zeros(0, dtype=torch.int64, device=device)
@@ -83,7 +86,7 @@ class Selector:
         self.seeds[slot] = seed
         if self.seen is not None:
             self.seen[slot] = False
-            self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+            self.seen[slot, self._tensor(prompt)] = True
 
     def select(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Next token for each row of `logits` [B, vocab], row i belonging to slot slots[i]."""
