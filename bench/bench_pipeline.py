@@ -26,7 +26,8 @@ on its PIL backend: no torchvision), torch threads 1 — numbers in the issue #7
 
 `cases()` gives the same to `gitfast bench`: benchmark `pipeline_stages` (one provider per stage) and
 `pipeline` (end to end, `gitfast_workers0/1`); one call = the whole set of images, `images` in each
-row's extra. `--quick` uses 8 images and the tiny
+row's extra. Rows run in the row's dtype; on CUDA with a git-base-shaped random checkpoint (made once
+in the temp folder), on the CPU with the tiny one. `--quick` uses 8 images and the tiny
 model, and skips the worker-pool case (its start-up, seconds, is not worth it in the CI smoke run).
 """
 from __future__ import annotations
@@ -129,11 +130,12 @@ def _make_random_checkpoint(name: str, folder: str) -> None:
 class Stages:
     """Every stage of the pipeline as a callable over the same files (one call = all of them)."""
 
-    def __init__(self, model: str, paths: List[str], new_tokens: int, batch: int, device: str = "cpu"):
+    def __init__(self, model: str, paths: List[str], new_tokens: int, batch: int, device: str = "cpu",
+                 dtype: Optional[torch.dtype] = None):
         from gitfast import Captioner
 
         self.paths, self.new_tokens = paths, new_tokens
-        self.captioner = Captioner(checkpoint(model), device=device, max_batch_size=batch)
+        self.captioner = Captioner(checkpoint(model), device=device, dtype=dtype, max_batch_size=batch)
         self.processor = self.captioner.processor
         from gitfast.captioning.workers import draft_size
 
@@ -162,7 +164,7 @@ class Stages:
         return torch.cat([self.processor(images=im, return_tensors="pt").pixel_values for im in self.rgb])
 
     def encoder(self):
-        model = self.captioner.model.model
+        model = self.captioner.model  # the Captioner holds the GitModel itself
         dtype = next(model.parameters()).dtype
         with torch.inference_mode():
             for chunk in self.pixels.split(self.captioner.max_batch_size):
@@ -176,7 +178,7 @@ class Stages:
         from gitfast.serving.generation import resolve_settings
 
         c = self.captioner
-        s = resolve_settings(c.model.generation_config, 1, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens)
+        s = resolve_settings(c.generation_config, 1, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens)
         return c._engine().generate([Request(px, [c._bos]) for px in self.pixels], s)
 
     def write(self, path: Optional[str] = None):
@@ -214,10 +216,13 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
 
     if dtype != torch.float32 and device == "cpu":
         return
-    n, model, new_tokens, batch = (8, "tiny", 4, 8) if quick else (64, "tiny", 20, 32)
+    # on a GPU the rows measure the GPU: a git-base-shaped (random) model in the row's dtype; the
+    # tiny model there would time the host's decoding and Python, not the device
+    full_model = "git-base" if device == "cuda" else "tiny"
+    n, model, new_tokens, batch = (8, "tiny", 4, 8) if quick else (64, full_model, 20, 32)
     dt = str(dtype).replace("torch.", "")
     paths = photo_folder(n)
-    stages = Stages(model, paths, new_tokens, batch, device)
+    stages = Stages(model, paths, new_tokens, batch, device, dtype)
     shape = {"model": model, "images": n, "photo": f"{PHOTO[0]}x{PHOTO[1]}", "new_tokens": new_tokens, "batch": batch}
     label = f"{model} {n}x{PHOTO[0]}x{PHOTO[1]}"
 
@@ -231,7 +236,7 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
     if quick:
         yield case("gitfast_workers1", None, reason="--quick: no worker pool start-up in the CPU smoke run")
         return
-    pooled = Captioner(checkpoint(model), device=device, max_batch_size=batch, num_workers=1)
+    pooled = Captioner(checkpoint(model), device=device, dtype=dtype, max_batch_size=batch, num_workers=1)
     end_to_end(pooled, paths[:2], 1)  # start the pool
     yield case("gitfast_workers1", functools.partial(end_to_end, pooled, paths, new_tokens))
 

@@ -5,12 +5,19 @@ Suites are the modules ``gitfast.bench.bench_<name>``; each exposes
 the device ceilings first, then times every case with ``gitfast.bench.timing.measure`` and writes one
 row per case. A suite that fails to import or raises while yielding cases becomes an ``error`` row
 and the run goes on; the exit status is 1 when any row is an error.
+
+Rows are kept as they end: ``--jsonl FILE`` appends each row as one JSON line (flushed), and the
+``--out`` JSON is rewritten after every row, so a run cut short still leaves what it measured.
+``torch.compile`` baselines (Inductor, FlexAttention) compile once per shape: the runner raises
+Dynamo's recompile limit for the run, and a case during which Dynamo still hit a limit (and so ran
+eagerly under a compiled label) is relabelled ``<provider> (eager fallback)`` with the reason.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import logging
 import os
 import pkgutil
 import shlex
@@ -24,6 +31,7 @@ import torch
 
 from gitfast.bench import ceilings as ceilings_mod
 from gitfast.bench import environment, timing
+from gitfast.bench.compile_guard import DynamoLimitWatch, mark_fallback, watch_dynamo
 from gitfast.bench.common import Case
 
 FORMAT = "gitfast-bench/1"
@@ -171,7 +179,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="run only these suites (e.g. attention or bench_attention) or benchmarks")
     parser.add_argument("--out", default="bench-results.json", metavar="FILE",
-                        help="JSON results file (default: %(default)s)")
+                        help="JSON results file (default: %(default)s), rewritten after every row")
+    parser.add_argument("--jsonl", metavar="FILE",
+                        help="also append every row to FILE as one JSON line the moment it ends")
+    parser.add_argument("--skip-provider", nargs="+", metavar="NAME", default=[],
+                        help="do not run these providers (e.g. flex torch.compile); their rows say skipped")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
@@ -237,17 +249,27 @@ def run(args: argparse.Namespace) -> int:
         "rows": [],
     }
     out = Path(args.out)
+    jsonl = open(args.jsonl, "a") if args.jsonl else None
+    watch = watch_dynamo()
     matched: set[str] = set()
     for suite in suites:
         for dtype in dtypes:
-            for row in _run_suite(suite, args.only, args.quick, device, dtype, budget, ceilings, matched):
+            for row in _run_suite(suite, args.only, args.quick, device, dtype, budget, ceilings, matched,
+                                  set(args.skip_provider), watch):
                 results["rows"].append(row)
                 _log(_progress(row))
-        _write_json(out, results)
+                _write_json(out, results)
+                if jsonl is not None:
+                    jsonl.write(json.dumps(row, default=str) + "\n")
+                    jsonl.flush()
         if device == "cuda":
             torch.cuda.empty_cache()
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
     _write_json(out, results)
+    if jsonl is not None:
+        jsonl.close()
+    if watch is not None:
+        logging.getLogger("torch._dynamo").removeHandler(watch)
 
     rows = results["rows"]
     if args.only:
@@ -269,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_suite(suite: Suite, only, quick: bool, device: str, dtype: str, budget: dict,
-               ceilings, matched: set) -> Iterable[dict]:
+               ceilings, matched: set, skip: frozenset = frozenset(),
+               watch: Optional[DynamoLimitWatch] = None) -> Iterable[dict]:
     whole = matching(only, suite.name)
     for item in iter_cases(suite, quick, device, dtype):
         if isinstance(item, dict):           # the suite itself failed
@@ -283,7 +306,15 @@ def _run_suite(suite: Suite, only, quick: bool, device: str, dtype: str, budget:
         if only and not names:
             continue
         matched.update(names)
-        yield time_case(item, suite.name, device, budget, ceilings)
+        if item.provider in skip:
+            row = case_row(item, suite.name, device)
+            row.update(status="skipped", reason="--skip-provider")
+            yield row
+            continue
+        if watch is not None:
+            watch.hits.clear()
+        row = time_case(item, suite.name, device, budget, ceilings)
+        yield mark_fallback(row, watch.hits if watch is not None else [])
 
 
 def _command(args: argparse.Namespace, device: str, dtypes: list[str]) -> str:
@@ -291,6 +322,10 @@ def _command(args: argparse.Namespace, device: str, dtypes: list[str]) -> str:
     if args.only:
         parts += ["--only", *args.only]
     parts += ["--device", device, "--dtype", *dtypes, "--out", args.out]
+    if args.jsonl:
+        parts += ["--jsonl", args.jsonl]
+    if args.skip_provider:
+        parts += ["--skip-provider", *args.skip_provider]
     if args.rep_ms is not None:
         parts += ["--rep-ms", f"{args.rep_ms:g}"]
     if args.threads is not None:

@@ -1,5 +1,6 @@
 """`gitfast bench` end to end on the CPU with stand-in suites (independent of the real suites)."""
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -235,3 +236,95 @@ def test_markdown_ratio():
     ]
     text = report.table(rows)
     assert "| s | 1.00 | 3.00 | 2.00 | 2.00× vs sdpa | 50% memory |" in text
+
+
+# -- rows kept as they end, --skip-provider, torch.compile fallbacks (issue #18) ----------------------
+
+def test_rows_are_written_as_each_ends_so_a_cut_run_keeps_them(suites, tmp_path, monkeypatch):
+    real, timed = runner.time_case, []
+
+    def cut_after_three(*args, **kwargs):
+        if len(timed) == 3:
+            raise KeyboardInterrupt  # the GPU script's `timeout` cutting the stage
+        timed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "time_case", cut_after_three)
+    out, lines = tmp_path / "out.json", tmp_path / "rows.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["bench", "--quick", "--device", "cpu", "--rep-ms", "5", "--only", "toy", "--out", str(out),
+                  "--jsonl", str(lines)])
+    rows = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert len(rows) >= 3 and [r["provider"] for r in rows[:2]] == ["gitfast", "torch"]
+    assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_skip_provider_leaves_a_provider_out(suites, tmp_path):
+    code, res = _bench(tmp_path, "--only", "toy_matmul", "--skip-provider", "torch", "flex")
+    by = {}
+    for r in res["rows"]:
+        by.setdefault(r["provider"], set()).add((r["status"], r["reason"]))
+    assert by["torch"] == {("skipped", "--skip-provider")} and by["flex"] == {("skipped", "--skip-provider")}
+    assert {s for s, _ in by["gitfast"]} == {"ok"} and code == 0
+    assert "--skip-provider torch flex" in res["command"]
+
+
+def test_a_compiled_provider_that_ran_eagerly_is_labelled_so(suites, tmp_path, monkeypatch):
+    real = runner.time_case
+
+    def dynamo_gives_up(case, *args, **kwargs):
+        if case.provider == "torch":  # what Dynamo logs when a function passes its recompile limit
+            logging.getLogger("torch._dynamo.convert_frame").warning(
+                "torch._dynamo hit config.recompile_limit (8)\n   function: 'f'")
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "time_case", dynamo_gives_up)
+    _, res = _bench(tmp_path, "--only", "toy_matmul")
+    providers = {r["provider"] for r in res["rows"]}
+    assert "torch (eager fallback)" in providers and "torch" not in providers and "gitfast" in providers
+    row = next(r for r in res["rows"] if r["provider"] == "torch (eager fallback)")
+    assert "hit config.recompile_limit" in row["reason"]
+
+
+def test_dynamo_limits_are_raised_and_a_real_limit_hit_is_seen(monkeypatch):
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+
+    from gitfast.bench import compile_guard
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
+    watch = compile_guard.watch_dynamo()
+    try:
+        assert dynamo_config.recompile_limit >= compile_guard.RECOMPILE_LIMIT
+        dynamo_config.recompile_limit = 1  # now make Dynamo give up, as 20 cold compiles did at 8
+        torch._dynamo.reset()
+        f = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+        for n in (3, 4, 5):
+            f(torch.ones(n))
+        assert watch.hits and "recompile_limit" in watch.hits[0]
+        row = compile_guard.mark_fallback({"provider": "torch.compile", "status": "ok", "reason": None}, watch.hits)
+        assert row["provider"] == "torch.compile (eager fallback)"
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(watch)
+        torch._dynamo.reset()
+
+
+def test_pipeline_rows_run_in_their_dtype_on_a_git_base_shape_on_gpus(monkeypatch):
+    from gitfast.bench import bench_pipeline
+
+    made = []
+
+    class Stop(Exception):
+        pass
+
+    def stages(model, paths, new_tokens, batch, device, dtype=None):
+        made.append((model, device, dtype))
+        raise Stop
+
+    monkeypatch.setattr(bench_pipeline, "Stages", stages)
+    monkeypatch.setattr(bench_pipeline, "photo_folder", lambda n: [f"{i}.jpg" for i in range(n)])
+    for device, dtype in (("cuda", torch.float16), ("cuda", torch.bfloat16), ("cpu", torch.float32)):
+        with pytest.raises(Stop):
+            list(bench_pipeline.cases(False, device, dtype))
+    assert made == [("git-base", "cuda", torch.float16), ("git-base", "cuda", torch.bfloat16),
+                    ("tiny", "cpu", torch.float32)]
