@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "ops.h"
 
@@ -134,12 +135,22 @@ __global__ void add_layer_norm_kernel(const T* __restrict__ x, const T* __restri
 }
 
 // -- bias + activation ---------------------------------------------------------------------------
-// v * sigmoid(z), z = 1.702 v, from e = exp(-|z|) <= 1: no overflow, one division.
+// quick-GELU, v * sigmoid(1.702 v).
+// fp32 follows transformers' `x * torch.sigmoid(1.702 * x)` step for step, with torch's CUDA sigmoid
+// (1 / (1 + expf(-z)), precise expf): fp32 captions must equal transformers' token for token, and
+// __expf's few-ulp error flips near-ties. exp(-z) overflowing to inf gives 1/inf = 0, as in torch.
+// Half precision keeps the fast form (e = __expf(-|z|) <= 1: no overflow, one division): its
+// rounding to T dwarfs __expf's error.
+template <typename T>
 __device__ __forceinline__ float quick_gelu(float v) {
   const float z = 1.702f * v;
-  const float e = __expf(-fabsf(z));
-  const float q = 1.0f / (1.0f + e);
-  return v * (z < 0.0f ? e * q : q);
+  if constexpr (std::is_same_v<T, float>) {
+    return v * (1.0f / (1.0f + expf(-z)));
+  } else {
+    const float e = __expf(-fabsf(z));
+    const float q = 1.0f / (1.0f + e);
+    return v * (z < 0.0f ? e * q : q);
+  }
 }
 
 __device__ __forceinline__ float gelu(float v) {
@@ -162,7 +173,7 @@ __global__ void bias_act_kernel(const T* x, const T* __restrict__ bias, T* y, in
     for (int k = 0; k < VEC; ++k) {
       float v = static_cast<float>(xv.v[k]);
       if (HAS_BIAS) v += static_cast<float>(bv.v[k]);
-      out.v[k] = static_cast<T>(A == Activation::QuickGelu ? quick_gelu(v) : gelu(v));
+      out.v[k] = static_cast<T>(A == Activation::QuickGelu ? quick_gelu<T>(v) : gelu(v));
     }
     store_pack<T, VEC>(y, p, out);
   }
