@@ -23,6 +23,15 @@ def num_image_tokens(config) -> int:
     return per_frame * (config.num_image_with_embedding or 1)
 
 
+def run_layer(owner: nn.Module, layer: nn.Module, *args):
+    """`layer(*args)`, recomputed during backward instead of kept when `owner` trains with gradient
+    checkpointing (transformers' `gradient_checkpointing_enable` sets `owner.gradient_checkpointing` and
+    `owner._gradient_checkpointing_func`)."""
+    if owner.gradient_checkpointing and owner.training and torch.is_grad_enabled():
+        return owner._gradient_checkpointing_func(layer.__call__, *args)
+    return layer(*args)
+
+
 def _split_qkv(x: torch.Tensor, num_heads: int):
     """Fused projection output [..., 3W] laid out [q | k | v] -> three [..., heads, head_dim] views."""
     return x.unflatten(-1, (3, num_heads, -1)).unbind(-3)
@@ -80,6 +89,8 @@ class VisionLayer(nn.Module):
 
 
 class VisionEncoder(nn.Module):
+    gradient_checkpointing = False
+
     def __init__(self, v):
         super().__init__()
         self.eps = v.layer_norm_eps
@@ -92,7 +103,7 @@ class VisionEncoder(nn.Module):
         residual, _ = ops.add_layer_norm(h, None, self.pre_ln.weight, self.pre_ln.bias, self.eps)
         delta = None
         for layer in self.layers:
-            delta, residual = layer(delta, residual)
+            delta, residual = run_layer(self, layer, delta, residual)
         return ops.add_layer_norm(delta, residual, self.post_ln.weight, self.post_ln.bias, self.eps)[0]
 
 
@@ -118,6 +129,7 @@ class DecoderLayer(nn.Module):
 class GitModel(nn.Module):
     """The whole network. `encode_images` and `embed_text` produce token features; `decode` runs the
     decoder over them with an attention callback that owns masking and caching."""
+    gradient_checkpointing = False
 
     def __init__(self, config):
         super().__init__()
@@ -129,7 +141,8 @@ class GitModel(nn.Module):
         self.temporal_embedding = nn.Parameter(torch.empty(frames, v.hidden_size)) if frames else None
         self.proj = ops.Linear(v.hidden_size, config.hidden_size)
         self.proj_ln = nn.LayerNorm(config.hidden_size, eps=v.layer_norm_eps)
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        # padding_idx as transformers: the pad token's embedding gets no gradient
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -159,7 +172,7 @@ class GitModel(nn.Module):
     def decode(self, h: torch.Tensor, attend) -> torch.Tensor:
         """Decoder layers over token features `h` [..., hidden]; `attend(layer, q, k, v)` -> [..., heads, head_dim]."""
         for layer in self.layers:
-            h = layer(h, attend)
+            h = run_layer(self, layer, h, attend)
         return h
 
     @property

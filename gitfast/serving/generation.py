@@ -25,6 +25,15 @@ SUPPORTED = {
     "bos_token_id", "num_return_sequences", "use_cache", "return_dict_in_generate", "output_scores",
     "decoder_start_token_id", "output_attentions", "output_hidden_states", "output_logits",
 }
+# GenerationConfig fields served by transformers' own logits processors (its `LogitsProcessorList`,
+# built by the drop-in from the generation config) applied to gitfast's logits in the same loops;
+# setting any of them takes the whole list instead of gitfast's fast steps (`logits.py`).
+PROCESSOR_FIELDS = {
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "encoder_repetition_penalty", "bad_words_ids",
+    "sequence_bias", "remove_invalid_values", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+    "forced_eos_token_id", "exponential_decay_length_penalty", "renormalize_logits", "epsilon_cutoff",
+    "eta_cutoff", "typical_p", "min_p", "top_h",
+}
 
 
 @dataclass
@@ -45,6 +54,8 @@ class Settings:
     num_return_sequences: int
     return_dict: bool
     output_scores: bool
+    output_logits: bool = False
+    hf_processors: bool = False  # a PROCESSOR_FIELDS field is set: transformers' processor list applies
 
 
 def resolve_settings(base_config, prompt_len: int, generation_config=None, **kwargs) -> Settings:
@@ -56,9 +67,9 @@ def resolve_settings(base_config, prompt_len: int, generation_config=None, **kwa
     if unused:
         raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unused))}")
     default = GenerationConfig()
-    unsupported = [k for k, v in gc.to_diff_dict().items()
-                   if k not in SUPPORTED and not k.startswith("_") and k != "transformers_version"
-                   and getattr(default, k, None) != v]
+    changed = [k for k, v in gc.to_diff_dict().items()
+               if not k.startswith("_") and k != "transformers_version" and getattr(default, k, None) != v]
+    unsupported = [k for k in changed if k not in SUPPORTED and k not in PROCESSOR_FIELDS]
     if unsupported:
         raise NotImplementedError(f"gitfast's generate does not implement: {', '.join(sorted(unsupported))}")
     if gc.max_new_tokens is not None:
@@ -69,6 +80,8 @@ def resolve_settings(base_config, prompt_len: int, generation_config=None, **kwa
     eos = gc.eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
+    if gc.num_beams is not None and gc.num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {gc.num_beams}")
     num_beams = gc.num_beams or 1
     nrs = gc.num_return_sequences or 1
     if nrs > num_beams and num_beams > 1:
@@ -88,6 +101,7 @@ def resolve_settings(base_config, prompt_len: int, generation_config=None, **kwa
         early_stopping=gc.early_stopping if gc.early_stopping is not None else False,
         eos=eos, pad=pad, num_return_sequences=nrs,
         return_dict=bool(gc.return_dict_in_generate), output_scores=bool(gc.output_scores),
+        output_logits=bool(gc.output_logits), hf_processors=any(k in PROCESSOR_FIELDS for k in changed),
     )
 
 
@@ -188,7 +202,8 @@ def beam_search(stepper, logits, ids, s: Settings, proc: Processor):
         total = (logp.view(b, k, vocab) + running_scores[:, :, None]).view(b, k * vocab)
         if s.do_sample:
             cand = torch.multinomial(F.softmax(total, dim=-1), num_samples=keep)
-            cand_scores = torch.gather(total, 1, cand)
+            cand_scores, order = torch.gather(total, 1, cand).sort(dim=-1, descending=True)
+            cand = cand.gather(1, order)  # best first, as transformers (the first k may finish a beam)
         else:
             cand_scores, cand = torch.topk(total, keep)
         cand_beam, cand_tok = cand // vocab, cand % vocab

@@ -1,0 +1,205 @@
+"""`gitfast.GitForCausalLM`: a drop-in for `transformers.GitForCausalLM`, computed by gitfast.
+
+It subclasses transformers' `PreTrainedModel` and `GenerationMixin` for the plumbing users, trainers
+and pipelines rely on (config, generation config, weight tying, resizing embeddings, gradient
+checkpointing, `.to()`); every tensor operation is gitfast's (`model.py`), and `generate` runs gitfast's
+own loops (`generate.py`). The base model, gitfast's `GitModel`, sits at `.model`; state-dict names are
+gitfast's (`model.layers.0.qkv.weight`), checkpoints are read and written with transformers' names.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import GenerationConfig, GitConfig, PreTrainedModel
+from transformers.generation import GenerationMixin
+
+from .. import loading
+from ..devices import placement
+from ..model import GitModel, num_image_tokens
+from ..serving import paged_generate
+from ..serving.engine import Engine
+from .forward import run as forward_run
+from .generate import run as generate_run
+from .init import initial_hf_weights
+from .pretrained import load as load_pretrained
+
+_FORWARD_EXTRAS = {"shift_labels", "num_items_in_batch", "past_key_values"}
+
+
+class GitForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = GitConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _tied_weights_keys = {"model.lm_head.weight": "model.word_embeddings.weight"}
+    # generate() runs plain greedy through the engine (continuous batching); False runs it, like
+    # sampling and beam search always are, under transformers' own loops with rows in lockstep
+    use_paged_cache = True
+
+    def __init__(self, config: GitConfig):
+        super().__init__(config)
+        # built without drawing random numbers (post_init draws them as transformers' class does);
+        # inside `with torch.device("meta")` the model stays empty, as transformers' does
+        target = torch.get_default_device()
+        with torch.device("meta"):
+            model = GitModel(config)
+        self.model = model if target.type == "meta" else model.to_empty(device=target)
+        self._engine: Optional[Engine] = None
+        self.post_init()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """Draws the initial weights exactly as `transformers.GitForCausalLM(config)` does for the same
+        seed (`init.py`; gitfast's fused QKV rows come from the q, k and v draws in transformers' order)."""
+        dev, dt = placement(self.model)
+        hf = initial_hf_weights(self.config, device=dev, dtype=dt)
+        shapes = {k: v.shape for k, v in self.model.state_dict().items()}
+        for name, value in loading.from_hf_state_dict(hf, self.config, shapes).items():
+            self.model.get_parameter(name).copy_(value)
+
+    def _init_weights(self, module):
+        """One module's init (for modules transformers re-creates, e.g. when resizing embeddings):
+        N(0, initializer_range) weights, zero biases, LayerNorms 1/0, as transformers' `_init_weights`."""
+        super()._init_weights(module)
+        v = getattr(module, "class_embedding", None)
+        if v is not None:  # the vision embeddings' own parameters
+            std = self.config.vision_config.initializer_range
+            for p in (module.class_embedding, module.patch_embedding, module.position_embedding):
+                torch.nn.init.normal_(p, std=std)
+
+    # --- embeddings ------------------------------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.model.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.word_embeddings = value
+        self.free_kv_cache()
+
+    def get_output_embeddings(self):
+        return self.model.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.model.lm_head = new_embeddings
+        self.free_kv_cache()
+
+    # --- loading and saving ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, state_dict=None,
+                        output_loading_info=False, dtype=None, torch_dtype=None, device_map=None, device=None,
+                        revision: Optional[str] = None, cache_dir: Optional[str] = None, attn_implementation=None,
+                        ignore_mismatched_sizes=False, token=None, local_files_only=False, **kwargs):
+        """Loads a GIT checkpoint (a folder or a hub id) with transformers' arguments.
+
+        `pretrained_model_name_or_path=None` takes `config=` and `state_dict=` (transformers' or
+        gitfast's own names). `output_loading_info=True` returns `(model, info)` and loads leniently,
+        as transformers does (missing tensors keep their initial values and are listed). `attn_implementation`
+        is accepted for compatibility: "eager", "sdpa" and None all mean gitfast's attention (fused
+        kernels; plain torch when probabilities are asked for); others are refused. Inside a
+        `torch.device("meta")` context this raises, as transformers does.
+        """
+        harmless = {"low_cpu_mem_usage", "use_safetensors", "trust_remote_code", "force_download", "proxies",
+                    "subfolder", "_from_auto", "_from_pipeline"}
+        unknown = set(kwargs) - harmless
+        if model_args or unknown:
+            raise TypeError(f"from_pretrained() got unsupported arguments: {', '.join(sorted(unknown)) or model_args}")
+        if attn_implementation not in (None, "eager", "sdpa"):
+            raise ValueError(f"attn_implementation={attn_implementation!r}: gitfast runs its own attention; "
+                             "use None, 'eager' or 'sdpa'")
+        hub = {k: v for k, v in (("token", token), ("local_files_only", local_files_only)) if v}
+        return load_pretrained(cls, pretrained_model_name_or_path, config=config, state_dict=state_dict,
+                               output_loading_info=output_loading_info,
+                               dtype=dtype if dtype is not None else torch_dtype,
+                               device=device if device is not None else device_map, revision=revision,
+                               cache_dir=cache_dir, ignore_mismatched_sizes=ignore_mismatched_sizes, hub_kwargs=hub)
+
+    @classmethod
+    def from_transformers(cls, hf_model, dtype=None, device=None):
+        """Converts an in-memory `transformers.GitForCausalLM` into gitfast's layout.
+
+        Tensors whose layout is unchanged are shared with `hf_model`, not copied (no second copy in
+        memory); the fused QKV weights are new. Don't modify one model's weights expecting the other
+        to stay as it was.
+        """
+        if getattr(hf_model.config, "model_type", None) != "git":
+            raise loading.CheckpointError(f"expected a GIT model, got model_type {hf_model.config.model_type!r}")
+        dev, dt = placement(hf_model)
+        model = cls._from_weights(copy.deepcopy(hf_model.config), hf_model.state_dict(), dtype or dt, device or dev)
+        model.generation_config = GenerationConfig.from_dict(hf_model.generation_config.to_dict())
+        return model
+
+    @classmethod
+    def _from_weights(cls, config, hf_weights, dtype, device):
+        return cls._wrap(config, loading.build_model(config, hf_weights, dtype, device))
+
+    @classmethod
+    def _wrap(cls, config, model: GitModel) -> "GitForCausalLM":
+        with torch.device("meta"):  # the placeholder GitModel costs nothing; the loaded one replaces it
+            wrapper = cls(config)
+        wrapper.model = model
+        wrapper.tie_weights()
+        return wrapper.eval()
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Writes a transformers-compatible checkpoint: config.json, generation_config.json, model.safetensors."""
+        from safetensors.torch import save_file
+
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(str(out))
+        self.generation_config.save_pretrained(str(out))
+        save_file(loading.to_hf_state_dict(self.model.state_dict(), self.config), str(out / loading.SAFE_SINGLE),
+                  metadata={"format": "pt"})
+
+    # --- forward and generate --------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, pixel_values=None, inputs_embeds=None,
+                labels=None, cache=None, use_cache=None, interpolate_pos_encoding=False, logits_to_keep=0,
+                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        """transformers' GIT forward: logits over `[image | text]` positions, the next-token loss on the
+        text when `labels` (or pre-shifted `shift_labels`) are given, the keys and values as a
+        `DynamicCache` when `use_cache` (default `config.use_cache`), attention probabilities and hidden
+        states when asked. Continues from `cache` (or `past_key_values`): positions then count from the
+        cache's length, image tokens included, as transformers'; pass `position_ids` for text positions."""
+        unknown = set(kwargs) - _FORWARD_EXTRAS
+        if unknown:
+            raise TypeError(f"forward() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_values", None)
+        return forward_run(self, input_ids, attention_mask, position_ids, pixel_values, inputs_embeds, labels,
+                                cache, use_cache, interpolate_pos_encoding, logits_to_keep, output_attentions,
+                                output_hidden_states, return_dict, **kwargs)
+
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
+                 prefix_allowed_tokens_fn=None, **kwargs):
+        """transformers-compatible `generate`: same arguments, same outputs (see `generate.py` for
+        which path serves which call)."""
+        return generate_run(self, inputs, generation_config, logits_processor, stopping_criteria,
+                             prefix_allowed_tokens_fn, **kwargs)
+
+    # --- the engine generate keeps ---------------------------------------------------------------
+    def _engine_for(self, rows: int, images: int, prompt_len: int, s) -> Engine:
+        """The engine kept between generate calls, rebuilt only when this call needs more."""
+        budget = paged_generate.engine_budget(self.model, rows, images, prompt_len, s)
+        if not paged_generate.engine_serves(self._engine, self.model, rows, budget):
+            self._engine = None  # let the old pools go before allocating new ones
+            self._engine = Engine(self.model, max_batch_size=rows, kv_cache_bytes=budget,
+                                  block_size=paged_generate.BLOCK_SIZE)
+        return self._engine
+
+    @property
+    def gitfast_engine(self) -> Optional[Engine]:
+        """The engine `generate` keeps between calls (None before the first greedy call, or after
+        `free_kv_cache()`)."""
+        return self._engine
+
+    def free_kv_cache(self) -> None:
+        """Releases the engine (its KV-cache pools and CUDA graphs) that generate keeps between calls."""
+        self._engine = None
+
+    @property
+    def num_image_tokens(self) -> int:
+        return num_image_tokens(self.config)

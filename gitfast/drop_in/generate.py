@@ -1,0 +1,151 @@
+"""The drop-in's `generate`: which path serves a call.
+
+- engine: plain greedy (no per-step outputs, no processor beyond gitfast's own) runs through the
+  continuous-batching engine;
+- lockstep: sampling, beam search, per-step `scores`/`logits`, and any logits processor: transformers'
+  own loops over gitfast's paged cache (`paged_generate.lockstep`); the processors are gitfast's fast set
+  (`logits.py`) when nothing else is asked, else the `LogitsProcessorList` transformers builds from the
+  generation config (`_get_logits_processor`), applied to gitfast's logits;
+- plain: what needs the model's per-step tensors or transformers' own machinery (`output_attentions`,
+  `output_hidden_states`, `inputs_embeds`, custom `position_ids`, beam search with
+  `return_dict_in_generate`, user `logits_processor`/`stopping_criteria`/`prefix_allowed_tokens_fn`/
+  `streamer`, generation modes gitfast has no loop for): transformers' `GenerationMixin.generate`
+  driving gitfast's `forward` over a `DynamicCache`.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers.generation import GenerationMixin, LogitsProcessorList
+
+from ..devices import placement
+from ..serving import generation, paged_generate
+from .forward import image_tokens
+
+MODEL_KWARGS = {"pixel_values", "input_ids", "attention_mask", "interpolate_pos_encoding", "inputs_embeds",
+                "position_ids", "logits_to_keep", "token_type_ids", "use_cache"}
+# arguments only transformers' own generate serves (the plain path)
+MIXIN_ARGS = {"synced_gpus", "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
+              "custom_generate", "tokenizer", "assistant_tokenizer", "use_model_defaults"}
+
+
+class _RecordLogits:
+    """Wraps a processor to keep the raw fp32 logits it is handed (transformers' `output_logits`)."""
+
+    def __init__(self, proc):
+        self.proc, self.logits = proc, []
+
+    def __call__(self, ids, scores):
+        self.logits.append(scores.clone())
+        return self.proc(ids, scores)
+
+
+def _needs_plain(gc, kwargs, extras) -> bool:
+    if any(kwargs.get(k) is not None for k in ("inputs_embeds", "position_ids")):
+        return True
+    if any(v is not None and not (isinstance(v, list) and not v) for v in extras.values()):
+        return True
+    if gc.output_attentions or gc.output_hidden_states:
+        return True
+    return bool(gc.return_dict_in_generate and (gc.num_beams or 1) > 1)
+
+
+def hf_processors(lm, gc, s, input_ids):
+    """transformers' `LogitsProcessorList` for this generation config (its order, its state)."""
+    gc = copy.deepcopy(gc)
+    gc.max_length, gc.min_length = s.max_length, s.min_length
+    lm._prepare_special_tokens(gc, True, device=input_ids.device)
+    return lm._get_logits_processor(generation_config=gc, input_ids_seq_length=input_ids.shape[1],
+                                    encoder_input_ids=input_ids, logits_processor=LogitsProcessorList(),
+                                    device=input_ids.device, model_kwargs={})
+
+
+def run(lm, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
+        prefix_allowed_tokens_fn=None, **kwargs):
+    extras = {"logits_processor": logits_processor, "stopping_criteria": stopping_criteria,
+              "prefix_allowed_tokens_fn": prefix_allowed_tokens_fn}
+    extras.update({k: kwargs.pop(k) for k in list(kwargs) if k in MIXIN_ARGS})
+    model_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in MODEL_KWARGS}
+    gc = copy.deepcopy(generation_config if generation_config is not None else lm.generation_config)
+    unused = gc.update(**kwargs)
+    if unused:
+        raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unused))}")
+    if gc.num_beams is not None and gc.num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {gc.num_beams}")
+    input_ids = model_kw.pop("input_ids", None) if inputs is None else inputs
+    try:
+        plain = _needs_plain(gc, model_kw, extras)
+        if not plain:
+            s = generation.resolve_settings(gc, 1 if input_ids is None else input_ids.shape[1])
+    except NotImplementedError:  # a generation mode gitfast has no loop for
+        plain = True
+    if plain:
+        with torch.no_grad():
+            return GenerationMixin.generate(lm, input_ids, generation_config=gc, **extras, **model_kw)
+    with torch.inference_mode():
+        return _gitfast(lm, gc, input_ids, **model_kw)
+
+
+def _gitfast(lm, gc, input_ids=None, pixel_values=None, attention_mask=None, interpolate_pos_encoding=False,
+             logits_to_keep=None, token_type_ids=None, use_cache=None, **_):
+    # logits_to_keep: gitfast keeps only the last position's logits anyway; token_type_ids: GIT has
+    # none; use_cache: gitfast always decodes from its paged cache (the tokens are the same)
+    dev, dtype = placement(lm.model)
+    if input_ids is None:  # as transformers: start from BOS, one row per image (or one row)
+        bos = gc.bos_token_id if gc.bos_token_id is not None else lm.config.bos_token_id
+        if bos is None:
+            raise ValueError("generate() without input_ids needs a bos_token_id")
+        rows = pixel_values.shape[0] if pixel_values is not None else 1
+        input_ids = torch.full((rows, 1), bos, dtype=torch.long, device=dev)
+    input_ids = input_ids.to(dev)
+    b, t = input_ids.shape
+    s = generation.resolve_settings(gc, t)
+    if attention_mask is None:
+        # as transformers: padding is inferred from pad tokens unless pad == EOS
+        if s.pad is not None and s.pad not in s.eos and bool((input_ids == s.pad).any()):
+            attention_mask = (input_ids != s.pad).long()
+        else:
+            attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(dev)
+    if s.max_length <= t:
+        raise ValueError(f"max_length ({s.max_length}) leaves no room after the {t}-token prompt; set max_new_tokens")
+
+    expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
+    continuous = (lm.use_paged_cache and not s.do_sample and not s.output_scores and not s.output_logits
+                  and not s.hf_processors and s.min_length == 0 and not interpolate_pos_encoding
+                  and s.num_beams == 1 and expand == 1)
+    scores = seq_scores = recorder = None
+    if continuous:
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(dev, dtype)
+            if b % pixel_values.shape[0]:
+                raise ValueError(f"{b} text rows cannot share {pixel_values.shape[0]} images")
+            image_of_row = [i % pixel_values.shape[0] for i in range(b)]  # tiled, as transformers
+        else:
+            image_of_row = None
+        engine = lm._engine_for(b, 0 if pixel_values is None else pixel_values.shape[0], t, s)
+        seqs = paged_generate.greedy(engine, pixel_values, input_ids, attention_mask, s, image_of_row)
+    else:  # transformers' own loops, rows in lockstep (its exact RNG use when sampling)
+        image = image_tokens(lm, pixel_values, b, interpolate_pos_encoding)
+
+        def processor(pads, vocab):
+            nonlocal recorder
+            proc = (hf_processors(lm, gc, s, input_ids) if s.hf_processors
+                    else generation.Processor(s, t, pads, vocab, dev))
+            if s.output_logits:
+                proc = recorder = _RecordLogits(proc)
+            return proc
+
+        seqs, loop_scores = paged_generate.lockstep(lm.model, image, input_ids, attention_mask, s, expand, processor)
+        if s.num_beams > 1:
+            seq_scores = loop_scores
+        else:
+            scores = loop_scores
+    if not s.return_dict:
+        return seqs
+    from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+    if s.num_beams > 1:
+        return GenerateBeamDecoderOnlyOutput(sequences=seqs, sequences_scores=seq_scores)
+    return GenerateDecoderOnlyOutput(sequences=seqs, scores=tuple(scores) if s.output_scores else None,
+                                     logits=tuple(recorder.logits) if recorder is not None else None)
