@@ -11,6 +11,7 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 
 from gitfast import Captioner, cli
@@ -99,6 +100,14 @@ def _children(pid):
     return ranks
 
 
+def _comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _lines(path):
     try:
         data = open(path, "rb").read()
@@ -132,10 +141,13 @@ def test_two_ranks_equal_one_device_after_a_dead_rank_and_a_killed_run(checkpoin
     """Three runs over one --out-dir: a rank is killed (the other finishes; the parent says what is
     missing); the next run is killed whole (its ranks die with it); the last completes it.
 
-    The first input is a named pipe nobody writes to: the rank that gets it (rank 0: inputs are dealt
-    round-robin) blocks reading it, so each kill lands while a rank is busy, however fast the machine."""
+    Rank 0's first input is a 48-megapixel JPEG: when the first record (rank 1's) is written, rank 0
+    is still decoding it, and is stopped there (SIGSTOP; found by its process name, gitfast-rank0)."""
+    from PIL import Image
+
     late = tmp_path / "late.jpg"
-    os.mkfifo(late)
+    ramp = np.add.outer(np.arange(6000) % 256, np.arange(8000) % 256).astype(np.uint8)
+    Image.fromarray(ramp).convert("RGB").save(late, quality=95)
     paths = [late, inputs / "files", inputs / "00000.tar"]
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "gitfast.cli", "caption", *paths, "--out-dir", out, "--devices", "cpu,cpu",
@@ -147,6 +159,11 @@ def test_two_ranks_equal_one_device_after_a_dead_rank_and_a_killed_run(checkpoin
     def start(*extra):
         return subprocess.Popen(argv + list(extra), stderr=subprocess.PIPE, text=True)
 
+    def stop_rank0(proc):
+        rank0 = [r for r in _children(proc.pid) if _comm(r) == "gitfast-rank0"]
+        assert len(rank0) == 1
+        os.kill(rank0[0], signal.SIGSTOP)
+
     def wait_for_records(proc, n, ok_only=False):
         deadline = time.monotonic() + 120
         while len([r for r in _records(out) if r["error"] is None or not ok_only]) < n:
@@ -154,9 +171,11 @@ def test_two_ranks_equal_one_device_after_a_dead_rank_and_a_killed_run(checkpoin
             assert time.monotonic() < deadline
             time.sleep(0.01)
 
-    # 1. rank 1 finishes its half; rank 0, stuck on the pipe, is killed (an OOM kill, say): the
+    # 1. rank 1 finishes its half; rank 0, stopped, is killed (an OOM kill, say): the
     #    parent says what is missing and exits 1
     run = start()
+    wait_for_records(run, 1)  # both ranks are ready: rank 0 is decoding its big picture
+    stop_rank0(run)
     wait_for_records(run, len(rank1))
     deadline = time.monotonic() + 60
     while len(alive := [r for r in _children(run.pid) if _alive(r)]) != 1:  # rank 1 exits when done
@@ -183,8 +202,7 @@ def test_two_ranks_equal_one_device_after_a_dead_rank_and_a_killed_run(checkpoin
         assert time.monotonic() < deadline, "a rank outlived its killed parent"
         time.sleep(0.05)
 
-    # 3. the pipe becomes a picture; resumed to the end: each source once, with one device's captions
-    os.remove(late)
+    # 3. the big picture becomes a small one; resumed to the end: each source once, with one device's captions
     shutil.copyfile(inputs / "files" / "img000.jpg", late)
     assert caption(checkpoint, *paths, "--out-dir", out, "--devices", "cpu,cpu", "--resume") == 1
     assert sorted(os.listdir(out)) == ["00000.parquet", "captions.parquet", "gitfast-settings.json"]

@@ -3,8 +3,9 @@
 `--out FILE` locks `.FILE.gitfast-lock` in FILE's folder, `--out-dir DIR` locks `DIR/.gitfast-lock`;
 a second run on the same output fails at once with `OutputLocked` (a usage error, exit 2) before it
 reads or writes anything. The lock dies with its process, so a killed run never blocks the next one.
-gitfast deletes the lock file on release only if it created it; a run that finds the path's file
-replaced under it (a finishing run deleted it) locks the new one instead.
+gitfast deletes the lock file on release only if a gitfast run created it (it starts with a marker
+line; a killed run's file is cleaned up by the next); a run that finds the path's file replaced under
+it (a finishing run deleted it) locks the new one instead.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import os
 from typing import Optional
 
 from .formats import OutputError
+
+
+_MARK = b"gitfast caption lock\n"  # what tells a lock file gitfast made from someone else's
 
 
 class OutputLocked(OutputError):
@@ -45,7 +49,10 @@ class OutputLock:
             except FileNotFoundError:
                 same = False
             if same:
-                self._fd, self._created = fd, created
+                if created:
+                    os.write(fd, _MARK)
+                # one a killed run left is gitfast's too, and is cleaned up like ours
+                self._fd, self._created = fd, created or os.pread(fd, len(_MARK), 0) == _MARK
                 return self
             os.close(fd)  # we locked a file a finishing run had just deleted: try the one at the path now
 

@@ -10,7 +10,8 @@ that could itself be killed. Records are written as ranks finish them, so a sing
 in input order (per-shard outputs are sorted when each shard is finished).
 
 A rank dies with its parent (Linux: PR_SET_PDEATHSIG; elsewhere a watcher thread), so a killed run
-leaves no process behind still captioning while a resumed run starts. CPU ranks ("cpu,cpu", for
+leaves no process behind still captioning while a resumed run starts. On Linux rank r is named
+`gitfast-rank<r>` (ps, top, /proc/PID/comm). CPU ranks ("cpu,cpu", for
 testing the split without GPUs) share the machine's cores between them.
 """
 from __future__ import annotations
@@ -186,6 +187,7 @@ class DevicePool:
 # --- inside a rank -------------------------------------------------------------------------------
 def _rank_main(rank, sources, model, captioner_kwargs, prompt, caption_kwargs, threads, parent_pid, q):
     _die_with_parent(parent_pid)
+    _name_process(f"gitfast-rank{rank}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     try:
         import torch
@@ -206,6 +208,17 @@ def _rank_main(rank, sources, model, captioner_kwargs, prompt, caption_kwargs, t
         q.put(("crash", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         return
     q.put(("done", rank))
+
+
+def _name_process(name: str) -> None:
+    """Shows the rank in `ps`, `top` and /proc/PID/comm (Linux), where every rank is otherwise `python`."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        except (OSError, AttributeError):
+            pass
 
 
 def _die_with_parent(parent_pid: int) -> None:

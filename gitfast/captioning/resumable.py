@@ -10,12 +10,14 @@ Parquet cannot be appended to, nor read back without its footer, so a Parquet ou
 JSONL journal next to it (`<out>.partial.jsonl`), flushed per record like the JSONL writer. When the
 run ends normally the journal is converted into a temporary file, renamed to `<out>`, and the
 journal deleted. Temporary files get unique names (`.<out>.XXXXXXXX.tmp`, created exclusively) and
-are removed when writing them fails, so gitfast never replaces or deletes a file it did not make. Until then a previous `<out>` stays untouched; `--resume` reads the previous `<out>`
+are removed when writing them fails (those a killed run left, when the output is next opened), so
+gitfast never replaces or deletes a file it did not make. Until then a previous `<out>` stays untouched; `--resume` reads the previous `<out>`
 and any journal a killed run left, and the final file holds both (the "append" is a rewrite).
 """
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -103,6 +105,7 @@ class Output:
             return CsvWriter(stream, header=True, sync=False) if self.fmt == "csv" else JsonlWriter(stream, sync=False)
         target = self.journal or self.path
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        remove_stale_temps(self.path)
         if self.fmt == "csv":
             replace_with(target, lambda f: CsvWriter(f, header=True, owns=False).write_all(self._kept))
             writer: Writer = CsvWriter(open(target, "a", newline="", encoding="utf-8"), header=False)
@@ -184,6 +187,23 @@ def replace_with(path: str, fill, binary: bool = False) -> None:
         except OSError:
             pass
         raise
+
+
+def remove_stale_temps(path: str) -> None:
+    """Removes the temporary files of `path` that a killed run left: only names `replace_with` makes
+    (`.<name>.` + mkstemp's 8 characters + `.tmp`). Called under the output's lock."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for entry in names:
+        if pattern.fullmatch(entry):
+            try:
+                os.remove(os.path.join(folder, entry))
+            except OSError:
+                pass
 
 
 def _mode_for(path: str) -> int:

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence
 
 from .formats import OutputError, Writer
 from .records import Record, Source
-from .resumable import Output, check_writable_folder
+from .resumable import Output, check_writable_folder, remove_stale_temps
 
 SHARDED_FORMATS = ("parquet", "jsonl")
 PLAIN_GROUP_NAME = "captions"
@@ -78,6 +78,7 @@ class _ShardedWriter(Writer):
         self.writers: Dict[Optional[str], Writer] = {}
         # a journal left by a killed run whose shard has nothing left to do: finish it now
         for group, output in out.outputs.items():
+            remove_stale_temps(output.path)
             if not self.pending.get(group) and output.has_journal:
                 output.open_rows().close(complete=True)
 
