@@ -14,12 +14,15 @@ MIN_TRANSFORMERS = "5.18"
 
 
 def transformers_problem(version: Optional[str] = None) -> Optional[str]:
-    """Why `version` (default: the installed transformers) cannot serve gitfast; None when it can."""
+    """Why `version` (default: the installed transformers) cannot serve gitfast; None when it can,
+    or when none is installed (whatever imports it then fails by itself)."""
     from packaging.version import Version
 
     if version is None:
-        import transformers
-
+        try:
+            import transformers
+        except ImportError:
+            return None
         version = transformers.__version__
     if Version(version) >= Version(MIN_TRANSFORMERS):  # a 5.18 pre-release may predate the fix: refused
         return None
