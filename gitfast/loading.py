@@ -246,4 +246,28 @@ def load_processor(folder: Path, config=None):
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise CheckpointError(f"{folder} holds a {type(processor).__name__}, not a GitProcessor "
                               "(image processor + tokenizer)")
+    if config is not None:
+        check_processor(processor, config, folder)
     return processor
+
+
+def check_processor(processor, config, folder) -> None:
+    """Refuses a processor that does not belong to the model: transformers quietly builds a 5-token
+    tokenizer for a checkpoint without tokenizer files (every caption then decodes to ""), and an
+    image processor of another size feeds the vision encoder pictures it was not made for."""
+    tok, problems = processor.tokenizer, []
+    if len(tok) != config.vocab_size:
+        problems.append(f"its tokenizer has {len(tok)} tokens, the model's vocabulary {config.vocab_size}")
+    for role, ours, model in (("[CLS] (bos)", tok.cls_token_id, config.bos_token_id),
+                              ("[SEP] (eos)", tok.sep_token_id, config.eos_token_id)):
+        if ours is not None and model is not None and ours != model:
+            problems.append(f"its tokenizer's {role} id is {ours}, the model's {model}")
+    image = processor.image_processor
+    crop = getattr(image, "crop_size", None) if getattr(image, "do_center_crop", False) else getattr(image, "size", None)
+    side = config.vision_config.image_size
+    if hasattr(crop, "get") and (crop.get("height"), crop.get("width")) != (side, side):
+        problems.append(f"its image processor makes {crop.get('height')}x{crop.get('width')} pictures, "
+                        f"the vision encoder takes {side}x{side}")
+    if problems:
+        raise CheckpointError(f"{folder}: the processor files do not match the model: {'; '.join(problems)}. "
+                                      "Are tokenizer or preprocessor files missing, or from another checkpoint?")

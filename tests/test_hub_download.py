@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import gitfast
@@ -239,3 +240,12 @@ def test_cli_downloads_with_the_environments_hub(hub, tmp_path):
     assert json.loads(out.read_text())["caption"] == "two small white triangles at the top"
     assert (tmp_path / "cli-home" / "hub" / "models--org--git-shapes" / "snapshots" / MAIN_SHA / "vocab.txt").exists()
     assert hub.fetched("org/git-shapes") == NEEDED
+
+
+def test_captioner_passes_token_and_local_files_only(hub):
+    """The Captioner resolves hub ids with the same options as from_pretrained."""
+    with pytest.raises(CheckpointError, match="local_files_only=True"):
+        gitfast.Captioner("org/git-shapes", cache_dir=hub.cache, local_files_only=True)
+    assert hub.requests == []
+    cap = gitfast.Captioner("org/private", cache_dir=hub.cache, token=TOKEN, device="cpu")
+    assert cap.caption(Image.new("RGB", (64, 64), "white"))[0].ok

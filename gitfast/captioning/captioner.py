@@ -48,8 +48,9 @@ class CaptionResult:
 class Captioner:
     """Captions images with a GIT checkpoint.
 
-    model: None for gitfast's embedded default model, a checkpoint folder, or a hub id already in
-        the local Hugging Face cache (gitfast never downloads); not found → `CheckpointError`.
+    model: None for gitfast's embedded default model, a checkpoint folder, or a hub id (downloaded on
+        first use, only the files gitfast reads; `token`, `revision`, `cache_dir` and
+        `local_files_only` as in transformers); not found → `CheckpointError`.
     device: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available, else the CPU.
     dtype: None/"float32" (tokens identical to transformers), "float16", "bfloat16" or "auto".
     max_batch_size: images per model call.
@@ -67,7 +68,8 @@ class Captioner:
 
     def __init__(self, model: Union[str, os.PathLike, None] = None, *, device=None, dtype=None,
                  max_batch_size: int = 32, revision: Optional[str] = None, cache_dir: Optional[str] = None,
-                 num_workers: int = 0, jpeg_draft: bool = False, prefetch_batches: int = 2):
+                 token=None, local_files_only: bool = False, num_workers: int = 0, jpeg_draft: bool = False,
+                 prefetch_batches: int = 2):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if num_workers < 0 or prefetch_batches < 1:
@@ -78,13 +80,13 @@ class Captioner:
             raise loading.CheckpointError(f"the embedded default model is missing from this install ({EMBEDDED_MODEL}); "
                                           "pass a checkpoint folder or hub id")
         # load_checkpoint's steps, so that a video checkpoint is refused before its weights are read
-        folder = loading.resolve(EMBEDDED_MODEL if model is None else model, revision=revision, cache_dir=cache_dir)
+        folder = loading.resolve(EMBEDDED_MODEL if model is None else model, revision=revision, cache_dir=cache_dir,
+                                 token=token, local_files_only=local_files_only)
         self.folder, self.config = folder, loading.load_config(folder)
         if (self.config.num_image_with_embedding or 1) > 1:
             raise loading.CheckpointError(f"{folder} is a video checkpoint (several frames per input); Captioner "
                                           "takes single images — use gitfast.GitForCausalLM.generate with 5-D pixel_values")
         self.processor = loading.load_processor(folder, self.config)
-        check_processor(self.processor, self.config, folder)
         self.model = loading.build_model(self.config, loading.read_weights(folder), dtype, self.device)  # a GitModel
         self.generation_config = loading.generation_config_of(folder, self.config)
         self.tokenizer = self.processor.tokenizer
@@ -280,28 +282,6 @@ class Captioner:
         if used > self.config.max_position_embeddings:
             raise ValueError(f"the prompt ({used - max_new_tokens} tokens) plus max_new_tokens={max_new_tokens} "
                              f"exceeds the model's {self.config.max_position_embeddings} text positions")
-
-
-def check_processor(processor, config, folder) -> None:
-    """Refuses a processor that does not belong to the model: transformers quietly builds a 5-token
-    tokenizer for a checkpoint without tokenizer files (every caption then decodes to ""), and an
-    image processor of another size feeds the vision encoder pictures it was not made for."""
-    tok, problems = processor.tokenizer, []
-    if len(tok) != config.vocab_size:
-        problems.append(f"its tokenizer has {len(tok)} tokens, the model's vocabulary {config.vocab_size}")
-    for role, ours, model in (("[CLS] (bos)", tok.cls_token_id, config.bos_token_id),
-                              ("[SEP] (eos)", tok.sep_token_id, config.eos_token_id)):
-        if ours is not None and model is not None and ours != model:
-            problems.append(f"its tokenizer's {role} id is {ours}, the model's {model}")
-    image = processor.image_processor
-    crop = getattr(image, "crop_size", None) if getattr(image, "do_center_crop", False) else getattr(image, "size", None)
-    side = config.vision_config.image_size
-    if hasattr(crop, "get") and (crop.get("height"), crop.get("width")) != (side, side):
-        problems.append(f"its image processor makes {crop.get('height')}x{crop.get('width')} pictures, "
-                        f"the vision encoder takes {side}x{side}")
-    if problems:
-        raise loading.CheckpointError(f"{folder}: the processor files do not match the model: {'; '.join(problems)}. "
-                                      "Are tokenizer or preprocessor files missing, or from another checkpoint?")
 
 
 def _until_eos(ids: Sequence[int], eos: set) -> List[int]:
