@@ -89,3 +89,14 @@ def test_plain_greedy_keeps_the_engine(pair):
     fm.free_kv_cache()
     fm.generate(pixel_values=pixels("hd32", 2), max_new_tokens=5, no_repeat_ngram_size=2)
     assert fm.gitfast_engine is None
+
+
+def test_continuing_from_a_cache_in_generate(pair):
+    hf, fm = pair
+    ids = torch.tensor([[101, 5, 6]])
+    outs = []
+    for model in (hf, fm):
+        first = model.generate(input_ids=ids, max_new_tokens=3, return_dict_in_generate=True, num_beams=1)
+        cache = model(input_ids=first.sequences[:, :-1], use_cache=True).past_key_values
+        outs.append(model.generate(input_ids=first.sequences, past_key_values=cache, max_new_tokens=3))
+    assert torch.equal(outs[0], outs[1])

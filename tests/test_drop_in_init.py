@@ -94,3 +94,11 @@ def test_resize_keeps_the_head_tied():
     m.resize_token_embeddings(170)
     assert m.model.lm_head.weight is m.model.word_embeddings.weight
     assert m.model.lm_head.weight.shape[0] == 170
+
+
+def test_post_init_after_resize_redraws_nothing():
+    m = gitfast.GitForCausalLM(make_config("hd32"))
+    m.resize_token_embeddings(160)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.post_init()
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())

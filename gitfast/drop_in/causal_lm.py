@@ -59,7 +59,11 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         hf = initial_hf_weights(self.config, device=dev, dtype=dt)
         shapes = {k: v.shape for k, v in self.model.state_dict().items()}
         for name, value in loading.from_hf_state_dict(hf, self.config, shapes).items():
-            self.model.get_parameter(name).copy_(value)
+            owner = self.model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.model
+            if not getattr(owner, "_is_hf_initialized", False):  # as transformers: set once, never redrawn
+                self.model.get_parameter(name).copy_(value)
+        for module in self.model.modules():
+            module._is_hf_initialized = True
 
     def _init_weights(self, module):
         """One module's init (for modules transformers re-creates, e.g. when resizing embeddings):

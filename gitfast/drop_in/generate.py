@@ -7,7 +7,7 @@
   (`logits.py`) when nothing else is asked, else the `LogitsProcessorList` transformers builds from the
   generation config (`_get_logits_processor`), applied to gitfast's logits;
 - plain: what needs the model's per-step tensors or transformers' own machinery (`output_attentions`,
-  `output_hidden_states`, `inputs_embeds`, custom `position_ids`, beam search with
+  `output_hidden_states`, `inputs_embeds`, custom `position_ids`, a cache to continue, beam search with
   `return_dict_in_generate`, user `logits_processor`/`stopping_criteria`/`prefix_allowed_tokens_fn`/
   `streamer`, generation modes gitfast has no loop for): transformers' `GenerationMixin.generate`
   driving gitfast's `forward` over a `DynamicCache`.
@@ -24,7 +24,7 @@ from ..serving import generation, paged_generate
 from .forward import image_tokens
 
 MODEL_KWARGS = {"pixel_values", "input_ids", "attention_mask", "interpolate_pos_encoding", "inputs_embeds",
-                "position_ids", "logits_to_keep", "token_type_ids", "use_cache"}
+                "position_ids", "logits_to_keep", "token_type_ids", "use_cache", "past_key_values", "cache"}
 # arguments only transformers' own generate serves (the plain path)
 MIXIN_ARGS = {"synced_gpus", "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
               "custom_generate", "tokenizer", "assistant_tokenizer", "use_model_defaults"}
@@ -42,7 +42,7 @@ class _RecordLogits:
 
 
 def _needs_plain(gc, kwargs, extras) -> bool:
-    if any(kwargs.get(k) is not None for k in ("inputs_embeds", "position_ids")):
+    if any(kwargs.get(k) is not None for k in ("inputs_embeds", "position_ids", "past_key_values", "cache")):
         return True
     if any(v is not None and not (isinstance(v, list) and not v) for v in extras.values()):
         return True
@@ -84,7 +84,13 @@ def run(lm, inputs=None, generation_config=None, logits_processor=None, stopping
         with torch.no_grad():
             return GenerationMixin.generate(lm, input_ids, generation_config=gc, **extras, **model_kw)
     with torch.inference_mode():
-        return _gitfast(lm, gc, input_ids, **model_kw)
+        out = _gitfast(lm, gc, input_ids, **model_kw)
+    # as transformers' (made under no_grad): tensors a caller may feed to a forward that records autograd
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    for key, value in out.items():
+        out[key] = value.clone() if isinstance(value, torch.Tensor) else tuple(v.clone() for v in value)
+    return out
 
 
 def _gitfast(lm, gc, input_ids=None, pixel_values=None, attention_mask=None, interpolate_pos_encoding=False,
