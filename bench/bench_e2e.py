@@ -20,6 +20,7 @@ case asks 8 questions per image, where gitfast computes each image's prefix once
 from __future__ import annotations
 
 import functools
+import os
 from typing import Iterable
 
 import torch
@@ -37,6 +38,16 @@ SIZES = {
 }
 FULL = [(size, batch) for size in ("git-base", "git-large") for batch in (1, 32, 256)]
 QUICK = [("tiny", 1), ("tiny", 4)]
+
+
+def _full_shapes():
+    """FULL, or the `model:batch` pairs of GITFAST_BENCH_E2E (e.g. "git-base:32,git-base:256": a GPU
+    session's time box holds a few shapes, not all six)."""
+    chosen = os.environ.get("GITFAST_BENCH_E2E", "").strip()
+    if not chosen:
+        return FULL
+    pairs = [item.split(":") for item in chosen.split(",") if item.strip()]
+    return [(size.strip(), int(batch)) for size, batch in pairs]
 
 
 def _config(size: str):
@@ -79,7 +90,8 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
     new_tokens = 8 if quick else NEW_TOKENS
     if device == "cpu" and dtype != torch.float32:
         return  # half precision generate on CPU is not what anyone runs
-    for size, batch in QUICK if quick else FULL:
+    shapes = QUICK if quick else _full_shapes()
+    for size, batch in shapes:
         hf, hf_sdpa, fm = _models(size, device, dtype)
         image = SIZES[size][5]
         g = torch.Generator().manual_seed(1)
@@ -108,7 +120,7 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
             yield case("transformers_sdpa", None, reason="this transformers has no SDPA for GIT's vision encoder: " + str(hf_sdpa).split(".")[0])
         else:
             yield case("transformers_sdpa", lambda: hf_sdpa.generate(pixel_values=px, **forced))
-        if batch == max(b for z, b in (QUICK if quick else FULL) if z == size):
+        if batch == max(b for z, b in shapes if z == size):
             yield from _vqa_cases(size, hf, fm, px, forced, dt, device)
         if batch > 1:
             yield from _natural_cases(size, hf, fm, px, new_tokens, dt, engine, reqs)

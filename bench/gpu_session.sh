@@ -1,48 +1,183 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should check, in few calls (each well under 10 minutes):
-#   bash bench/gpu_session.sh test     build gitfast._C with its CUDA kernels, `gitfast info`, the cuda tests
-#   bash bench/gpu_session.sh kernels  attention, paged decode, KV write and fused-op benchmarks (fp16, bf16)
-#   bash bench/gpu_session.sh e2e      end-to-end captioning vs transformers, and the JPEG->Parquet pipeline
-# Results go to $OUT (default ./gpu-results): logs, results-*.json/.md and plots-*.tar (one file per
-# stage, so few files come back). The last thing each stage prints is a short table. Nothing is downloaded.
+# What a GPU machine should check, in ONE call of at most 8 minutes, the build included:
+#   bash bench/gpu_session.sh all       install -> build -> CUDA extension -> gitfast info -> pytest -m cuda
+#                                       -> host-sync check -> fidelity -> end to end -> kernel benchmarks
+#   bash bench/gpu_session.sh test|kernels|e2e    one part alone (as before)
+# The device tool's call (carry .whl: the transformers 5.18 wheel; nothing can be downloaded there):
+#   bash bench/fetch_wheels.sh    # here, once: .whl/transformers-5.18.0-py3-none-any.whl (git-ignored)
+#   run(command="bash bench/gpu_session.sh all", carry=[".whl"], timeout_s=540)
+#
+# Every stage runs under `timeout` with its own time box (GITFAST_BOX_<stage> overrides one), capped by
+# what is left of the session's (GITFAST_SESSION_S, default 470 s): a stage that overruns is cut,
+# reported, and the next one runs.
+# Results reach $OUT as each row ends, in at most 8 files, so a cut run still returns what it had:
+#   session.log  everything printed      build.log  the extension's build   tests.log  pytest -m cuda
+#   junit.xml    pytest's per-test report    rows.jsonl  every JSON row (stages, sync, fidelity, benchmarks)
+#   summary.txt  the pass/fail table, also printed last
+# fp16 by default (GITFAST_DTYPE). GITFAST_DRY_RUN=1 runs each stage's CPU equivalent and skips the
+# GPU asserts: the plumbing ($OUT files, time boxes, table) proven on a machine without a GPU.
 set -uo pipefail
-stage=${1:-test}
+cd "$(dirname "$0")/.."
+mode=${1:-all}
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-py=python3
+py=${PYTHON:-python3}
+dry=${GITFAST_DRY_RUN:-0}
+dtype=${GITFAST_DTYPE:-float16}
+session_s=${GITFAST_SESSION_S:-470}
+rows=$OUT/rows.jsonl
+summary=$OUT/summary.txt
+t0=$(date +%s)
+if [ "$dry" = 1 ]; then dev=cpu; bench_dtype=float32; quick=--quick; else dev=cuda; bench_dtype=$dtype; quick=; fi
+exec > >(tee -a "$OUT/session.log") 2>&1
+: > "$summary"
+
+note_row() {  # note_row STAGE STATUS SECONDS DETAIL: one JSON row and one table line
+    "$py" -c 'import json,sys; print(json.dumps({"stage": sys.argv[1], "status": sys.argv[2], "seconds": int(sys.argv[3]), "detail": sys.argv[4]}))' \
+        "$1" "$2" "$3" "$4" >> "$rows"
+    printf '%-12s %-8s %5ss  %s\n' "$1" "$2" "$3" "$4" >> "$summary"
+}
+
+stage() {  # stage NAME SECONDS COMMAND...: run under its time box, never past the session's
+    local name=$1 box=$2; shift 2
+    local override="GITFAST_BOX_${name}"
+    box=${!override:-$box}  # e.g. GITFAST_BOX_e2e=120
+    local left=$(( session_s - ($(date +%s) - t0) - 5 ))
+    if (( left < 10 )); then
+        echo "== $name: skipped, the session's ${session_s} s are spent"
+        note_row "$name" skipped 0 "no time left"
+        return 0
+    fi
+    (( box > left )) && box=$left
+    echo "== $name (time box ${box} s)"
+    local start=$(date +%s) rc=0
+    timeout -k 5 "$box" bash -c '"$@"' stage "$@" || rc=$?  # functions are exported (below)
+    local took=$(( $(date +%s) - start )) status=pass
+    if (( rc == 124 || rc == 137 )); then status=timeout; elif (( rc != 0 )); then status=fail; fi
+    echo "== $name: $status (rc $rc, ${took} s)"
+    note_row "$name" "$status" "$took" "rc $rc"
+    return 0
+}
+
+# -- stages ---------------------------------------------------------------------------------------
+install() {  # the carried transformers wheel: 5.0-5.17 generate wrong GIT tokens with a KV cache
+    local wheel
+    wheel=$(ls .whl/transformers-5.18*.whl 2>/dev/null | head -1)
+    if [ -n "$wheel" ]; then
+        if [ "$dry" = 1 ]; then
+            "$py" -m pip install --dry-run --no-deps --no-index "$wheel" || return 1
+        else
+            "$py" -m pip install -q --no-deps --no-index "$wheel" || return 1
+        fi
+    else
+        echo "no .whl/transformers-5.18*.whl (bash bench/fetch_wheels.sh here, then carry .whl)"
+    fi
+    "$py" -c "import transformers; print('transformers', transformers.__version__)
+from gitfast.compat import check_transformers; check_transformers()"
+}
+
+cuda_arch() {  # the device's own architecture only: 9.0 on an H100/H200
+    local cap
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
+    [ -z "$cap" ] && cap=$("$py" -c "import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print(f'{c[0]}.{c[1]}' if c else '')" 2>/dev/null)
+    echo "${cap:-9.0}"
+}
 
 build() {
-    if ! $py -c "import torch, gitfast._C" 2>/dev/null; then  # the extension needs libtorch loaded first
-        $py -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1 \
-            || { tail -40 "$OUT/build.log"; exit 1; }
+    export TORCH_CUDA_ARCH_LIST=$(cuda_arch) MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+    if [ "$dry" = 1 ]; then  # the checkout's CPU build stays; show what the GPU machine runs
+        echo "would run: GITFAST_REQUIRE_CUDA=1 pip install --no-deps --no-build-isolation --no-index -e ."
+        "$py" -c "import torch, gitfast._C" > "$OUT/build.log" 2>&1
+        return
     fi
-    $py -c "from gitfast.cli import main; main(['info'])" | tee "$OUT/info.txt"
+    # no network and no Ray there: no build isolation, no dependencies, no .[dev]
+    GITFAST_REQUIRE_CUDA=1 "$py" -m pip install --no-deps --no-build-isolation --no-index -e . \
+        > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; return 1; }
+    tail -3 "$OUT/build.log"
 }
 
-bench() {  # bench NAME SUITES...
-    local name=$1; shift
-    $py -m gitfast.bench.runner --device cuda --dtype float16 bfloat16 --only "$@" \
-        --out "$OUT/results-$name.json" --markdown "$OUT/results-$name.md" --plots "$OUT/plots-$name" \
-        2> "$OUT/bench-$name.log"
-    tar -cf "$OUT/plots-$name.tar" -C "$OUT" "plots-$name" && rm -rf "$OUT/plots-$name"
+cuda_extension() {
+    "$py" -c "
+import torch, gitfast._C as C
+print('with_cuda', C.with_cuda, '-', C.cuda_build_note)
+assert C.with_cuda or $dry, 'gitfast._C was built without CUDA kernels'"
 }
 
-case $stage in
+cuda_tests() {
+    local per_test=()
+    "$py" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 60)
+    local select=(-m cuda tests/)
+    # the dry run: the cuda tests collect and skip; their CPU twin runs
+    [ "$dry" = 1 ] && select=(tests/test_cuda_engine.py tests/test_cuda_ops.py tests/test_cuda_captioner.py)
+    "$py" -m pytest -q -p no:cacheprovider "${per_test[@]}" --junitxml="$OUT/junit.xml" "${select[@]}" \
+        > "$OUT/tests.log" 2>&1
+    local rc=$?
+    tail -15 "$OUT/tests.log"
+    return $rc
+}
+
+bench_suites() {  # bench_suites SUITES... (rows appended to rows.jsonl as each ends)
+    local skip=${GITFAST_SKIP_PROVIDERS:-flex torch.compile}  # cold compiles do not fit the time box
+    "$py" -m gitfast.bench.runner --device "$dev" --dtype "$bench_dtype" $quick --only "$@" \
+        --skip-provider $skip --out "/tmp/gitfast-bench-$1.json" --jsonl "$rows" 2>&1 | tail -25
+}
+
+export py dry dtype dev bench_dtype quick rows OUT
+export -f install cuda_arch build cuda_extension cuda_tests bench_suites
+
+table() {
+    echo
+    echo "== JSON rows ($rows; benchmark rows shortened here, whole in the file)"
+    "$py" - "$rows" <<'PY'
+import json, sys
+keep = ("benchmark", "label", "provider", "dtype", "status", "median_ms", "images_per_s", "pct_of_peak", "reason")
+for line in open(sys.argv[1]):
+    row = json.loads(line)
+    if "benchmark" in row:
+        row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k in keep and v is not None}
+    print(json.dumps(row))
+PY
+    echo
+    echo "== gpu_session $mode$([ "$dry" = 1 ] && echo ' (DRY RUN: CPU equivalents)'): $(( $(date +%s) - t0 )) s"
+    printf '%-12s %-8s %6s  %s\n' stage status time detail
+    cat "$summary"
+}
+
+case $mode in
+    all)
+        stage install 30 install
+        stage build 200 build
+        stage cuda_ext 20 cuda_extension
+        stage info 20 "$py" -c "from gitfast.cli import main; main(['info'])"
+        stage cuda_tests 110 cuda_tests
+        stage sync 40 "$py" -m gitfast.bench.sync_check --device "$dev" --out "$rows"
+        stage fidelity 45 "$py" -m gitfast.bench.fidelity_check --device "$dev" --out "$rows" \
+            $([ "$dry" = 1 ] && echo "--images 4 --new-tokens 8")
+        export GITFAST_BENCH_E2E=${GITFAST_BENCH_E2E:-git-base:32,git-base:256}
+        stage e2e 70 bench_suites e2e
+        stage kernels 60 bench_suites attention paged_decode kv_write ops
+        table
+        ;;
     test)
-        build
-        $py -m pytest -q -m cuda -p no:cacheprovider tests/ 2>&1 | tee "$OUT/cuda-tests.log" | tail -25
+        stage install 30 install
+        stage build 300 build
+        stage cuda_ext 20 cuda_extension
+        stage info 20 "$py" -c "from gitfast.cli import main; main(['info'])"
+        stage cuda_tests 240 cuda_tests
+        table
         ;;
     kernels)
-        build > /dev/null
-        bench kernels attention paged_decode kv_write ops
+        stage kernels 500 bench_suites attention paged_decode kv_write ops
+        table
         ;;
     e2e)
-        build > /dev/null
-        bench e2e e2e pipeline
+        stage e2e 500 bench_suites e2e pipeline
+        table
         ;;
     *)
-        echo "usage: bash bench/gpu_session.sh test|kernels|e2e" >&2
+        echo "usage: bash bench/gpu_session.sh all|test|kernels|e2e" >&2
         exit 2
         ;;
 esac

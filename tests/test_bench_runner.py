@@ -328,3 +328,20 @@ def test_pipeline_rows_run_in_their_dtype_on_a_git_base_shape_on_gpus(monkeypatc
             list(bench_pipeline.cases(False, device, dtype))
     assert made == [("git-base", "cuda", torch.float16), ("git-base", "cuda", torch.bfloat16),
                     ("tiny", "cpu", torch.float32)]
+
+
+def test_gpu_session_script_reports_every_stage_even_with_no_time_left(tmp_path):
+    """The plumbing of bench/gpu_session.sh all (its full dry run takes minutes: GITFAST_DRY_RUN=1):
+    with the session's time spent, every stage is reported skipped, in $OUT's few files and the table."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path), GITFAST_DRY_RUN="1", GITFAST_SESSION_S="5", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_session.sh"), "all"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stages = ["install", "build", "cuda_ext", "info", "cuda_tests", "sync", "fidelity", "e2e", "kernels"]
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == stages and {r["status"] for r in rows} == {"skipped"}
+    table = proc.stdout[proc.stdout.index("== gpu_session all"):]
+    assert all(f"{s} " in table for s in stages)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= 8 and "summary.txt" in files and "session.log" in files
