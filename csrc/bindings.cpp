@@ -380,6 +380,35 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cach
   return out;
 }
 
+void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping) {
+  const char* op = "write_kv_cache";
+  check_attention_q(op, k);
+  check_same_kind(op, "v", v, k);
+  check_same_kind(op, "k_cache", k_cache, k);
+  check_same_kind(op, "v_cache", v_cache, k);
+  TORCH_CHECK(v.sizes() == k.sizes(), "gitfast.", op, ": k and v must have one shape, got ", k.sizes(), " and ",
+              v.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2) &&
+                  v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "gitfast.", op, ": caches must be contiguous [num_blocks, block_size, ", k.size(1), ", ", k.size(2),
+              "], got ", k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
+              "gitfast.", op, ": each token's [heads, head_dim] of k and v must be dense");
+  TORCH_CHECK(slot_mapping.is_cpu() && slot_mapping.dim() == 1 && slot_mapping.numel() == k.size(0) &&
+                  !at::isFloatingType(slot_mapping.scalar_type()) && slot_mapping.scalar_type() != at::kBool,
+              "gitfast.", op, ": slot_mapping must be an integer CPU tensor of ", k.size(0), " slots, got ",
+              slot_mapping.scalar_type(), " ", slot_mapping.sizes());
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  const int64_t capacity = k_cache.size(0) * k_cache.size(1);
+  const int64_t* sp = slots.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.numel(); ++i) {
+    TORCH_CHECK(sp[i] < capacity, "gitfast.", op, ": slot_mapping[", i, "] = ", sp[i], " is past the cache's ",
+                capacity, " slots");
+  }
+  cpu_kernels::write_kv_cache(k, v, k_cache, v_cache, slots);
+}
+
 std::string cpu_isa() { return cpu_kernels::cpu_isa(); }
 
 }  // namespace
@@ -412,6 +441,8 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
   m.def("dequantize_rows(Tensor acc, Tensor row_scale, Tensor? col_scale, Tensor? bias, str? activation, "
         "ScalarType dtype) -> Tensor",
         tags);
+  m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
+        tags);
   m.def("cpu_isa() -> str", &gitfast::cpu_isa);  // no tensors: one kernel for every dispatch key
 }
 
@@ -427,6 +458,7 @@ TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
   m.impl("git_attention", &gitfast::git_attention);
   m.impl("paged_decode_attention", &gitfast::paged_decode_attention);
   m.impl("paged_prefill_attention", &gitfast::paged_prefill_attention);
+  m.impl("write_kv_cache", &gitfast::write_kv_cache);
   m.impl("quantize_rows", &gitfast::quantize_rows);
   m.impl("dequantize_rows", &gitfast::dequantize_rows);
 }

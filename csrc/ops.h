@@ -59,6 +59,10 @@ void git_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens,
                      const at::Tensor& image_counts, double sm_scale, at::Tensor& out);
+//   write_kv_cache: rows k[i], v[i] ([N, H, D], rows dense) into cache slot slot_mapping[i] (int64,
+//                   block * block_size + offset; negative: skipped) of contiguous caches
+void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping);
 // The vector ISA the attention kernels run ("avx512", "avx2" or "generic"), chosen once.
 const char* cpu_isa();
 }  // namespace cpu_kernels

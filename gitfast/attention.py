@@ -159,8 +159,8 @@ def _gather_padded(pool, block_tables, length: int):
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
     """Stores new K/V `[N, H, D]` at `slot_mapping` (block * block_size + offset; negative = skip)."""
-    kern = _triton() if k.is_cuda else None  # on the CPU an indexed copy is the write
-    if kern is not None:
+    kern = _triton() if k.is_cuda else _cpu() if k.device.type == "cpu" and k_cache.is_contiguous() else None
+    if kern is not None and not (k.requires_grad or v.requires_grad):
         return kern.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     bs = k_cache.shape[1]
     keep = slot_mapping >= 0

@@ -5,6 +5,8 @@ the Triton kernels' API in `gitfast.kernels`, for CPU tensors.
 - ``paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_scale=None)``
 - ``paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
   num_image_tokens, sm_scale=None)``
+- ``write_kv_cache(k, v, k_cache, v_cache, slot_mapping)``: new K/V rows into their cache slots
+  (negative slots skipped), in place; a decode step's few rows are copied without waking a thread.
 - ``available()``: whether the built extension has these ops; ``isa()``: the vector ISA serving
   them ("avx512", "avx2" or "generic"; GITFAST_CPU_ISA caps it, read once per process).
 
@@ -20,6 +22,7 @@ import importlib
 import torch
 
 _OPS = ("git_attention", "paged_decode_attention", "paged_prefill_attention")
+_ALL_OPS = (*_OPS, "write_kv_cache")
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,7 +32,7 @@ def available() -> bool:
         importlib.import_module("gitfast._C")
     except ImportError:
         return False
-    if not all(torch._C._dispatch_has_kernel_for_dispatch_key(f"gitfast::{op}", "CPU") for op in _OPS):
+    if not all(torch._C._dispatch_has_kernel_for_dispatch_key(f"gitfast::{op}", "CPU") for op in _ALL_OPS):
         return False
     _register_fakes()
     return True
@@ -44,6 +47,7 @@ def _register_fakes() -> None:
     """Shape-only implementations, so torch.compile traces the ops."""
     for op in _OPS:
         torch.library.register_fake(f"gitfast::{op}")(lambda q, *args: q.new_empty(q.shape))
+    torch.library.register_fake("gitfast::write_kv_cache")(lambda k, v, k_cache, v_cache, slot_mapping: None)
 
 
 def _image_counts(num_image_tokens):
@@ -72,6 +76,12 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
     counts, n = _image_counts(num_image_tokens)
     return torch.ops.gitfast.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q,
                                                      context_lens, counts, n, sm_scale)
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
+    """Stores `k`, `v` [N, H, D] at `slot_mapping` [N] (block * block_size + offset; negative =
+    skipped) of the contiguous caches [num_blocks, block_size, H, D], in place."""
+    torch.ops.gitfast.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
 # Load now rather than on the first call: that call may be inside torch.compile's tracing, which

@@ -101,7 +101,7 @@ def _attention_backends() -> dict:
     cpu = "cpu ext" if _cpu_isa() else "torch sdpa"
     return {"git_attention": {"cpu": cpu, "cuda": cuda}, "vision_attention": {"cpu": "torch sdpa", "cuda": cuda},
             "paged_decode": {"cpu": cpu, "cuda": cuda}, "paged_prefill": {"cpu": cpu, "cuda": cuda},
-            "write_kv_cache": {"cpu": "torch index", "cuda": cuda}}
+            "write_kv_cache": {"cpu": cpu if cpu == "cpu ext" else "torch index", "cuda": cuda}}
 
 
 def problems(info: dict) -> list:

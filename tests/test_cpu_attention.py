@@ -278,3 +278,45 @@ def test_model_attention_on_the_cpu_runs_these_kernels(monkeypatch):
     want = attention.paged_decode(q, kc, vc, tables, _i32(lens), max(lens))
     assert calls == ["paged_decode_attention"]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# -- write_kv_cache -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3, 700])  # a decode step's rows inline; a prefix's split over threads
+def test_write_kv_cache_writes_exactly_the_slots(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    qkv = torch.randn(n, 3, 2, 32, generator=g).to(dtype)
+    k, v = qkv[:, 1], qkv[:, 2]  # strided views of a fused projection, as the model hands them
+    kc = torch.full((60, 16, 2, 32), float("nan"), dtype=dtype)
+    vc = kc.clone()
+    slots = torch.randperm(60 * 16, generator=g)[:n]
+    slots[::4] = -1  # skipped
+    want_k, want_v = kc.clone(), vc.clone()
+    keep = slots >= 0
+    want_k.view(-1, 2, 32)[slots[keep]] = k[keep]
+    want_v.view(-1, 2, 32)[slots[keep]] = v[keep]
+    ca.write_kv_cache(k, v, kc, vc, slots)
+    assert torch.equal(kc.nan_to_num(7.0), want_k.nan_to_num(7.0))
+    assert torch.equal(vc.nan_to_num(7.0), want_v.nan_to_num(7.0))
+
+
+def test_write_kv_cache_refuses_a_slot_past_the_cache():
+    k = torch.randn(2, 2, 32)
+    kc = torch.zeros(4, 4, 2, 32)
+    with pytest.raises(RuntimeError, match=r"slot_mapping\[1\] = 16 is past the cache's 16 slots"):
+        ca.write_kv_cache(k, k, kc, kc.clone(), torch.tensor([0, 16]))
+    torch.library.opcheck(torch.ops.gitfast.write_kv_cache, (k, k.clone(), kc, kc.clone(), torch.tensor([3, -1])))
+
+
+def test_model_kv_writes_on_the_cpu_take_the_extension(monkeypatch):
+    from gitfast import attention
+
+    calls = []
+    real = ca.write_kv_cache
+    monkeypatch.setattr(ca, "write_kv_cache", lambda *a: calls.append(1) or real(*a))
+    k = torch.randn(3, 2, 32)
+    kc = torch.zeros(4, 4, 2, 32)
+    attention.write_kv(k, k, kc, kc.clone(), torch.tensor([5, -1, 0]))
+    assert calls == [1] and torch.equal(kc[1, 1], k[0]) and torch.equal(kc[0, 0], k[2])

@@ -8,7 +8,10 @@
 // keys transposed (Kt [Dp][Lp]) and its values (V [Lp][Dp]) into fp32 scratch, which does the
 // block-table gather, the bf16/fp16 -> fp32 conversion and the zero padding once; then blocks of
 // query rows run attention_block.h: scores by FMA over the head dim into key tiles of 32, online
-// softmax in base 2, o += p V. fp32 throughout, one rounding to the output dtype.
+// softmax in base 2, o += p V. A decode item (one query that sees every key) packs K row-major
+// instead (sequential writes, no transpose) and runs attend_single: a dot product per key, one
+// softmax pass, o = sum p V; a block of one row computes one row, not kRows. fp32 throughout, one
+// rounding to the output dtype. write_kv_cache stores new K/V rows into their cache slots.
 //
 // The block kernel is compiled for AVX-512, AVX2+FMA and portable C++; the CPU (or
 // GITFAST_CPU_ISA=avx512|avx2|generic, read once at the first call) picks one at run time.
@@ -232,10 +235,12 @@ namespace {
 // ---- ISA choice ------------------------------------------------------------------------------
 
 using BlockFn = void (*)(const float*, const float*, const float*, const int*, int, int64_t, int, float*);
+using SingleFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, int, float*, float*);
 
 struct Isa {
   const char* name;
   BlockFn block;
+  SingleFn single;
   int width;  // floats per vector
   int rows;   // query rows per block
 };
@@ -243,10 +248,10 @@ struct Isa {
 // The best ISA the CPU has, capped by GITFAST_CPU_ISA (avx512 | avx2 | generic); decided once.
 const Isa& chosen_isa() {
   static const Isa isa = [] {
-    const Isa portable{"generic", &generic::attend_block, generic::Vec::W, generic::kRows};
+    const Isa portable{"generic", &generic::attend_block, &generic::attend_single, generic::Vec::W, generic::kRows};
 #if GITFAST_X86
-    const Isa v4{"avx512", &avx512::attend_block, avx512::Vec::W, avx512::kRows};
-    const Isa v3{"avx2", &avx2::attend_block, avx2::Vec::W, avx2::kRows};
+    const Isa v4{"avx512", &avx512::attend_block, &avx512::attend_single, avx512::Vec::W, avx512::kRows};
+    const Isa v3{"avx2", &avx2::attend_block, &avx2::attend_single, avx2::Vec::W, avx2::kRows};
     const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -283,10 +288,10 @@ struct Rows {
 };
 
 struct Scratch {
-  std::vector<float> kt, v, q, o;
+  std::vector<float> kt, v, q, o, s;
   std::vector<int> lim;
   Scratch(int64_t max_lp, int64_t dp)
-      : kt(max_lp * dp), v(max_lp * dp), q(kMaxRows * dp), o(kMaxRows * dp), lim(kMaxRows) {}
+      : kt(max_lp * dp), v(max_lp * dp), q(kMaxRows * dp), o(kMaxRows * dp), s(max_lp), lim(kMaxRows) {}
 };
 
 // One item: nq queries at positions pos0.. attend to L keys with P image tokens; out rows in T.
@@ -302,6 +307,24 @@ void attend_item(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Rows<T>
   const int64_t Lp = (L + kTile - 1) / kTile * kTile;
   float* kt = sc.kt.data();
   float* vp = sc.v.data();
+  constexpr float kLog2e = 1.44269504088896f;  // scores in base 2: exp(x) = 2^(x log2 e)
+  const float qscale = scale * kLog2e;
+  const int nv = static_cast<int>(Dp / isa.width);
+  if (nq == 1 && pos0 + 1 >= L) {  // decode: the one query sees every key; K packed row-major
+    for (int64_t j = 0; j < L; ++j) {
+      const T* kr = keys.row(j);
+      const T* vr = values.row(j);
+      for (int64_t d = 0; d < D; ++d) kt[j * Dp + d] = to_f32(kr[d]);
+      for (int64_t d = 0; d < D; ++d) vp[j * Dp + d] = to_f32(vr[d]);
+      std::fill(kt + j * Dp + D, kt + (j + 1) * Dp, 0.0f);
+      std::fill(vp + j * Dp + D, vp + (j + 1) * Dp, 0.0f);
+    }
+    std::fill(sc.q.begin(), sc.q.begin() + Dp, 0.0f);
+    for (int64_t d = 0; d < D; ++d) sc.q[d] = to_f32(q[d]) * qscale;
+    isa.single(kt, vp, sc.q.data(), L, Lp, nv, sc.s.data(), sc.o.data());
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(sc.o[d]);
+    return;
+  }
   // -- pack: Kt [Dp][Lp] and V [Lp][Dp] in fp32, zero-padded --
   for (int64_t j = 0; j < L; ++j) {
     const T* kr = keys.row(j);
@@ -313,9 +336,6 @@ void attend_item(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Rows<T>
   for (int64_t d = 0; d < Dp; ++d) std::fill(kt + d * Lp + (d < D ? L : 0), kt + (d + 1) * Lp, 0.0f);
   std::fill(vp + L * Dp, vp + Lp * Dp, 0.0f);
   // -- query blocks --
-  constexpr float kLog2e = 1.44269504088896f;  // scores in base 2: exp(x) = 2^(x log2 e)
-  const float qscale = scale * kLog2e;
-  const int nv = static_cast<int>(Dp / isa.width);
   for (int64_t i0 = 0; i0 < nq; i0 += isa.rows) {
     const int nr = static_cast<int>(std::min<int64_t>(isa.rows, nq - i0));
     std::fill(sc.q.begin(), sc.q.end(), 0.0f);
@@ -414,6 +434,29 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                        static_cast<float>(sm_scale));
       }
     });
+  });
+}
+
+void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping) {
+  // A decode step writes a few rows: copying them inline beats waking a thread (and under a loaded
+  // CPU, waiting for one); prompts and image prefixes split by about 64k elements per task.
+  const int64_t n = k.size(0), row = k.size(1) * k.size(2), bs = k_cache.size(1);
+  const int64_t bytes = row * static_cast<int64_t>(k.element_size());
+  const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
+  const char* kp = static_cast<const char*>(k.const_data_ptr());
+  const char* vp = static_cast<const char*>(v.const_data_ptr());
+  char* kc = static_cast<char*>(k_cache.mutable_data_ptr());
+  char* vc = static_cast<char*>(v_cache.mutable_data_ptr());
+  const int64_t esz = k.element_size();
+  at::parallel_for(0, n, std::max<int64_t>(1, 65536 / row), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t slot = slots[i];
+      if (slot < 0) continue;
+      const int64_t dst = (slot / bs) * k_cache.stride(0) + (slot % bs) * k_cache.stride(1);
+      std::memcpy(kc + dst * esz, kp + i * k.stride(0) * esz, bytes);
+      std::memcpy(vc + dst * esz, vp + i * v.stride(0) * esz, bytes);
+    }
   });
 }
 

@@ -15,17 +15,19 @@ constexpr int kRows = Vec::kRegs >= 32 ? 4 : 2;
 constexpr int kTV = kTile / Vec::W;  // vectors per key tile
 
 // NV: vectors per head row (Dp / W) when known at compile time, 0 for a runtime count `nv`.
-template <int NV>
+// R: rows computed (kRows, or 1 for a decode step's single query, which would otherwise pay for
+// kRows rows of FMAs).
+template <int NV, int R>
 GITFAST_BLOCK_INLINE void attend_block_nv(const float* Kt, const float* V, const float* Q, const int* lim, int nr,
                                           int64_t Lp, int nv_runtime, float* O) {
   constexpr int kMaxNV = NV > 0 ? NV : kMaxHeadDim / Vec::W;
   const int nv = NV > 0 ? NV : nv_runtime;
   const int64_t Dp = static_cast<int64_t>(nv) * Vec::W;
-  Vec o[kRows][kMaxNV];
-  float m[kRows], l[kRows];
-  alignas(64) float p[kRows][kTile];
+  Vec o[R][kMaxNV];
+  float m[R], l[R];
+  alignas(64) float p[R][kTile];
   int max_lim = 0;
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < R; ++r) {
     m[r] = -std::numeric_limits<float>::infinity();
     l[r] = 0.0f;
     for (int v = 0; v < nv; ++v) o[r][v] = Vec::zero();
@@ -33,20 +35,20 @@ GITFAST_BLOCK_INLINE void attend_block_nv(const float* Kt, const float* V, const
   }
   for (int64_t j0 = 0; j0 < max_lim; j0 += kTile) {
     // -- scores: s[r] = Q[r] . Kt[:, j0 : j0 + kTile], FMA over the head dim --
-    Vec s[kRows][kTV];
-    for (int r = 0; r < kRows; ++r)
+    Vec s[R][kTV];
+    for (int r = 0; r < R; ++r)
       for (int t = 0; t < kTV; ++t) s[r][t] = Vec::zero();
     const float* kcol = Kt + j0;
     for (int64_t d = 0; d < Dp; ++d, kcol += Lp) {
       Vec k[kTV];
       for (int t = 0; t < kTV; ++t) k[t] = Vec::load(kcol + t * Vec::W);
-      for (int r = 0; r < kRows; ++r) {
+      for (int r = 0; r < R; ++r) {
         const Vec q = Vec::broadcast(Q[r * Dp + d]);
         for (int t = 0; t < kTV; ++t) s[r][t] = Vec::fma(q, k[t], s[r][t]);
       }
     }
     // -- online softmax: mask keys past each row's limit, rescale the running sums --
-    for (int r = 0; r < kRows; ++r) {
+    for (int r = 0; r < R; ++r) {
       const int valid = r < nr ? static_cast<int>(std::min<int64_t>(lim[r] - j0, kTile)) : 0;
       if (valid <= 0) {  // nothing visible to this row in the tile (or a padding row)
         for (int t = 0; t < kTV; ++t) Vec::zero().store(p[r] + t * Vec::W);
@@ -79,7 +81,7 @@ GITFAST_BLOCK_INLINE void attend_block_nv(const float* Kt, const float* V, const
     for (int64_t t = 0; t < keys; ++t, vrow += Dp) {
       for (int v = 0; v < nv; ++v) {
         const Vec vv = Vec::load(vrow + v * Vec::W);
-        for (int r = 0; r < kRows; ++r) o[r][v] = Vec::fma(Vec::broadcast(p[r][t]), vv, o[r][v]);
+        for (int r = 0; r < R; ++r) o[r][v] = Vec::fma(Vec::broadcast(p[r][t]), vv, o[r][v]);
       }
     }
   }
@@ -90,15 +92,74 @@ GITFAST_BLOCK_INLINE void attend_block_nv(const float* Kt, const float* V, const
   }
 }
 
-// Dispatches to a compile-time vector count for the common head dims (registers), else runtime.
+// Dispatches to a compile-time vector count for the common head dims (registers), else runtime, and
+// to one row when the block holds one query.
+template <int R>
+void attend_block_rows(const float* Kt, const float* V, const float* Q, const int* lim, int nr, int64_t Lp, int nv,
+                       float* O) {
+  switch (nv) {
+    case 1: return attend_block_nv<1, R>(Kt, V, Q, lim, nr, Lp, nv, O);
+    case 2: return attend_block_nv<2, R>(Kt, V, Q, lim, nr, Lp, nv, O);
+    case 4: return attend_block_nv<4, R>(Kt, V, Q, lim, nr, Lp, nv, O);
+    case 5: return attend_block_nv<5, R>(Kt, V, Q, lim, nr, Lp, nv, O);
+    case 8: return attend_block_nv<8, R>(Kt, V, Q, lim, nr, Lp, nv, O);
+    default: return attend_block_nv<0, R>(Kt, V, Q, lim, nr, Lp, nv, O);
+  }
+}
+
 void attend_block(const float* Kt, const float* V, const float* Q, const int* lim, int nr, int64_t Lp, int nv,
                   float* O) {
+  if (nr == 1) return attend_block_rows<1>(Kt, V, Q, lim, nr, Lp, nv, O);
+  attend_block_rows<kRows>(Kt, V, Q, lim, nr, Lp, nv, O);
+}
+
+// One query over L keys (a decode step), operands packed row-major instead: K [Lp][Dp] (key j is a
+// row, written sequentially by the packing rather than scattered into Kt's columns), V [Lp][Dp],
+// q [Dp] pre-scaled as above, S [Lp] scratch for the scores. Scores are one dot product per key, the
+// softmax a pass over S, then o = sum_j p_j V[j]: no score tile or row block to fill for one row.
+template <int NV>
+GITFAST_BLOCK_INLINE void attend_single_nv(const float* K, const float* V, const float* q, int64_t L, int64_t Lp,
+                                           int nv_runtime, float* S, float* O) {
+  constexpr int kMaxNV = NV > 0 ? NV : kMaxHeadDim / Vec::W;
+  const int nv = NV > 0 ? NV : nv_runtime;
+  const int64_t Dp = static_cast<int64_t>(nv) * Vec::W;
+  Vec qv[kMaxNV];
+  for (int v = 0; v < nv; ++v) qv[v] = Vec::load(q + v * Vec::W);
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < L; ++j) {
+    const float* k = K + j * Dp;
+    Vec acc = Vec::mul(qv[0], Vec::load(k));
+    for (int v = 1; v < nv; ++v) acc = Vec::fma(qv[v], Vec::load(k + v * Vec::W), acc);
+    S[j] = acc.hsum();
+    m = std::max(m, S[j]);
+  }
+  for (int64_t j = L; j < Lp; ++j) S[j] = -std::numeric_limits<float>::infinity();  // exp2 -> 0
+  const Vec mv = Vec::broadcast(m);
+  Vec sum = Vec::zero();
+  for (int64_t j = 0; j < Lp; j += Vec::W) {
+    const Vec e = Vec::exp2(Vec::sub(Vec::load(S + j), mv));
+    sum = Vec::add(sum, e);
+    e.store(S + j);
+  }
+  Vec o[kMaxNV];
+  for (int v = 0; v < nv; ++v) o[v] = Vec::zero();
+  for (int64_t j = 0; j < L; ++j) {
+    const Vec p = Vec::broadcast(S[j]);
+    const float* vr = V + j * Dp;
+    for (int v = 0; v < nv; ++v) o[v] = Vec::fma(p, Vec::load(vr + v * Vec::W), o[v]);
+  }
+  const Vec inv = Vec::broadcast(1.0f / sum.hsum());  // key 0 is always visible: sum >= 1
+  for (int v = 0; v < nv; ++v) Vec::mul(o[v], inv).store(O + v * Vec::W);
+}
+
+void attend_single(const float* K, const float* V, const float* q, int64_t L, int64_t Lp, int nv, float* S,
+                   float* O) {
   switch (nv) {
-    case 1: return attend_block_nv<1>(Kt, V, Q, lim, nr, Lp, nv, O);
-    case 2: return attend_block_nv<2>(Kt, V, Q, lim, nr, Lp, nv, O);
-    case 4: return attend_block_nv<4>(Kt, V, Q, lim, nr, Lp, nv, O);
-    case 5: return attend_block_nv<5>(Kt, V, Q, lim, nr, Lp, nv, O);
-    case 8: return attend_block_nv<8>(Kt, V, Q, lim, nr, Lp, nv, O);
-    default: return attend_block_nv<0>(Kt, V, Q, lim, nr, Lp, nv, O);
+    case 1: return attend_single_nv<1>(K, V, q, L, Lp, nv, S, O);
+    case 2: return attend_single_nv<2>(K, V, q, L, Lp, nv, S, O);
+    case 4: return attend_single_nv<4>(K, V, q, L, Lp, nv, S, O);
+    case 5: return attend_single_nv<5>(K, V, q, L, Lp, nv, S, O);
+    case 8: return attend_single_nv<8>(K, V, q, L, Lp, nv, S, O);
+    default: return attend_single_nv<0>(K, V, q, L, Lp, nv, S, O);
   }
 }
