@@ -23,7 +23,6 @@ of batching, but it is not transformers' global-RNG stream.
 """
 from __future__ import annotations
 
-import heapq
 import logging
 import os
 from collections import deque
@@ -37,6 +36,7 @@ from .paged_cache import PagedKVCache, Prefix, SeqBlocks
 from .generation import Settings
 from .paged_runner import PagedRunner, SlotState
 from .selection import Selector, request_seed
+from .slots import Readback, Slots
 
 log = logging.getLogger(__name__)
 
@@ -65,63 +65,6 @@ class _Running:
     tokens: List[int] = field(default_factory=list)  # read back so far
     launched: int = 1      # tokens chosen or being chosen on the device (the first by prefill)
     done: bool = False     # retired: blocks and slot released
-
-
-class _Readback:
-    """Chosen tokens to the host without stalling the device: on CUDA a non-blocking copy into one
-    of two pinned buffers plus an event, waited for only after the next step has been queued."""
-
-    def __init__(self, device: torch.device, capacity: int):
-        self.cuda = device.type == "cuda"
-        self.capacity = 0
-        if self.cuda:
-            self.buffers = []
-            self.events = [torch.cuda.Event() for _ in range(2)]
-            self.turn = 0
-        self.reserve(capacity)
-
-    def reserve(self, rows: int) -> None:
-        """Room for `rows` tokens a step. A replaced buffer still being copied into stays alive
-        through the pending step's view of it."""
-        if rows <= self.capacity:
-            return
-        self.capacity = max(rows, 2 * self.capacity)
-        if self.cuda:
-            self.buffers = [torch.empty(self.capacity, dtype=torch.long, pin_memory=True) for _ in range(2)]
-
-    def start(self, chosen: torch.Tensor):
-        if not self.cuda:
-            return chosen
-        buf, event = self.buffers[self.turn][:chosen.shape[0]], self.events[self.turn]
-        self.turn ^= 1  # the other buffer may still be read: its step's tokens are read after this launch
-        buf.copy_(chosen, non_blocking=True)
-        event.record()
-        return buf, event
-
-    def finish(self, handle) -> List[int]:
-        if not self.cuda:
-            return handle.tolist()
-        buf, event = handle
-        event.synchronize()
-        return buf.tolist()
-
-
-class _Slots:
-    """Slot numbers for running sequences: freed ones first (lowest first), then new ones, so the
-    per-slot state grows with the sequences really running, never to max_batch_size up front."""
-
-    def __init__(self):
-        self.free: List[int] = []
-        self.high = 0  # slots 0..high-1 have been handed out
-
-    def take(self) -> int:
-        if self.free:
-            return heapq.heappop(self.free)
-        self.high += 1
-        return self.high - 1
-
-    def give(self, slot: int) -> None:
-        heapq.heappush(self.free, slot)
 
 
 class Engine:
@@ -222,7 +165,7 @@ class Engine:
         exhausted = False
         prefixes: Dict[Hashable, Prefix] = {}
         running: List[_Running] = []
-        free_slots = _Slots()
+        free_slots = Slots()
         selector = state = readback = None  # made once the cache exists, grown as slots are handed out
         eos = set(settings.eos)
         text_only: Optional[bool] = None  # fixed by the first request: image prefixes or none
@@ -245,7 +188,7 @@ class Engine:
                     return
                 selector = Selector(settings, 0, self.model.config.vocab_size, self.device, self.cache.staging)
                 state = SlotState(self.cache, 0, self.table_width)
-                readback = _Readback(self.device, 0)
+                readback = Readback(self.device, 0)
             admitted = self._admit(waiting, running, free_slots, prefixes, settings, text_only)
             if admitted:
                 for part in (selector, state):
@@ -299,7 +242,7 @@ class Engine:
             pending = launched
             running = [r for r in running if not r.done]
 
-    def _finished(self, r: _Running, eos, free_slots: _Slots) -> Optional[Output]:
+    def _finished(self, r: _Running, eos, free_slots: Slots) -> Optional[Output]:
         """Retires `r` (frees its blocks and slot) if its last token ended it."""
         done_eos = r.tokens[-1] in eos
         if not (done_eos or len(r.tokens) >= r.max_new):
