@@ -114,3 +114,18 @@ def test_a_model_off_the_cpu_is_refused():
         model = torch.nn.Sequential(ops.Linear(4, 4))
     with pytest.raises(ValueError, match="runs on the CPU only.*float16"):
         Q.quantize(model, "dynamic")
+
+
+def test_the_drop_in_takes_quantization_config(tmp_path):
+    import gitfast
+
+    hf = make_hf_model("hd64_odd_tokens")
+    fm = gitfast.GitForCausalLM.from_transformers(hf, quantization_config="dynamic")
+    assert isinstance(fm.model.layers[0].fc1, Q.DynamicInt8Linear)
+    hf.save_pretrained(tmp_path)
+    loaded = gitfast.GitForCausalLM.from_pretrained(tmp_path, quantization_config="dynamic")
+    assert isinstance(loaded.model.vision.layers[0].qkv, Q.DynamicInt8Linear)
+    px = torch.randn(2, 3, 36, 36, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fm.generate(pixel_values=px, max_new_tokens=5), loaded.generate(pixel_values=px, max_new_tokens=5))
+    with pytest.raises(ValueError, match="unsupported quantization_config"):
+        gitfast.GitForCausalLM.from_pretrained(tmp_path, quantization_config="int4")

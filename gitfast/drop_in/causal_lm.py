@@ -16,7 +16,7 @@ import torch
 from transformers import GenerationConfig, GitConfig, PreTrainedModel
 from transformers.generation import GenerationMixin
 
-from .. import loading
+from .. import loading, quantization
 from ..devices import placement
 from ..model import GitModel, num_image_tokens
 from ..serving import paged_generate
@@ -95,7 +95,8 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, state_dict=None,
                         output_loading_info=False, dtype=None, torch_dtype=None, device_map=None, device=None,
                         revision: Optional[str] = None, cache_dir: Optional[str] = None, attn_implementation=None,
-                        ignore_mismatched_sizes=False, token=None, local_files_only=False, **kwargs):
+                        ignore_mismatched_sizes=False, token=None, local_files_only=False, quantization_config=None,
+                        **kwargs):
         """Loads a GIT checkpoint (a folder or a hub id) with transformers' arguments.
 
         `pretrained_model_name_or_path=None` takes `config=` and `state_dict=` (transformers' or
@@ -103,8 +104,10 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         as transformers does (missing tensors keep their initial values and are listed). `attn_implementation`
         is accepted for compatibility: "eager", "sdpa" and None all mean gitfast's attention (fused
         kernels; plain torch when probabilities are asked for); others are refused. Inside a
-        `torch.device("meta")` context this raises, as transformers does.
+        `torch.device("meta")` context this raises, as transformers does. `quantization_config="dynamic"`
+        makes the Linear layers dynamic INT8 (CPU only; gitfast.quantization).
         """
+        quantization.method_of(quantization_config)  # an unknown method fails before any loading
         harmless = {"low_cpu_mem_usage", "use_safetensors", "trust_remote_code", "force_download", "proxies",
                     "subfolder", "_from_auto", "_from_pipeline"}
         unknown = set(kwargs) - harmless
@@ -114,14 +117,16 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"attn_implementation={attn_implementation!r}: gitfast runs its own attention; "
                              "use None, 'eager' or 'sdpa'")
         hub = {k: v for k, v in (("token", token), ("local_files_only", local_files_only)) if v}
-        return load_pretrained(cls, pretrained_model_name_or_path, config=config, state_dict=state_dict,
+        loaded = load_pretrained(cls, pretrained_model_name_or_path, config=config, state_dict=state_dict,
                                output_loading_info=output_loading_info,
                                dtype=dtype if dtype is not None else torch_dtype,
                                device=device if device is not None else device_map, revision=revision,
                                cache_dir=cache_dir, ignore_mismatched_sizes=ignore_mismatched_sizes, hub_kwargs=hub)
+        quantization.quantize((loaded[0] if output_loading_info else loaded).model, quantization_config)
+        return loaded
 
     @classmethod
-    def from_transformers(cls, hf_model, dtype=None, device=None):
+    def from_transformers(cls, hf_model, dtype=None, device=None, quantization_config=None):
         """Converts an in-memory `transformers.GitForCausalLM` into gitfast's layout.
 
         Tensors whose layout is unchanged are shared with `hf_model`, not copied (no second copy in
@@ -133,6 +138,7 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         dev, dt = placement(hf_model)
         model = cls._from_weights(copy.deepcopy(hf_model.config), hf_model.state_dict(), dtype or dt, device or dev)
         model.generation_config = GenerationConfig.from_dict(hf_model.generation_config.to_dict())
+        quantization.quantize(model.model, quantization_config)
         return model
 
     @classmethod
