@@ -5,7 +5,7 @@ A git-base-shaped random model (both implementations, same weights) captions `--
 - each half dtype: how often gitfast's captions equal the fp32 reference against how often
   transformers' do in the same dtype (gitfast must agree at least as often), and
   `gitfast.fidelity.compare_greedy`'s near-tie check of every divergence from transformers.
-transformers' own generate is the reference, so it must be 5.18 or newer (gitfast/compat.py).
+transformers' own generate is the reference, so it must be 5.18 or newer (gitfast/compat.py: 5.24).
 
     python -m gitfast.bench.fidelity_check --device cuda --out rows.jsonl
 """

@@ -3,8 +3,8 @@
 #   bash bench/gpu_session.sh all       install -> build -> CUDA extension -> gitfast info -> pytest -m cuda
 #                                       -> host-sync check -> fidelity -> end to end -> kernel benchmarks
 #   bash bench/gpu_session.sh test|kernels|e2e    one part alone (as before)
-# The device tool's call (carry .whl: the transformers 5.18 wheel; nothing can be downloaded there):
-#   bash bench/fetch_wheels.sh    # here, once: .whl/transformers-5.18.0-py3-none-any.whl (git-ignored)
+# The device tool's call (carry .whl: the transformers 5.24 wheel; nothing can be downloaded there):
+#   bash bench/fetch_wheels.sh    # here, once: .whl/transformers-5.24.0-py3-none-any.whl (git-ignored)
 #   run(command="bash bench/gpu_session.sh all", carry=[".whl"], timeout_s=540)
 #
 # Every stage runs under `timeout` with its own time box (GITFAST_BOX_<stage> overrides one), capped by
@@ -61,9 +61,9 @@ stage() {  # stage NAME SECONDS COMMAND...: run under its time box, never past t
 }
 
 # -- stages ---------------------------------------------------------------------------------------
-install() {  # the carried transformers wheel: 5.0-5.17 generate wrong GIT tokens with a KV cache
+install() {  # the carried transformers wheel: 5.0-5.17 generate wrong GIT tokens with a KV cache; floor 5.24
     local wheel
-    wheel=$(ls .whl/transformers-5.18*.whl 2>/dev/null | head -1)
+    wheel=$(ls -v .whl/transformers-*.whl 2>/dev/null | tail -1)  # the newest carried
     if [ -n "$wheel" ]; then
         if [ "$dry" = 1 ]; then
             "$py" -m pip install --dry-run --no-deps --no-index "$wheel" || return 1
@@ -71,7 +71,7 @@ install() {  # the carried transformers wheel: 5.0-5.17 generate wrong GIT token
             "$py" -m pip install -q --no-deps --no-index "$wheel" || return 1
         fi
     else
-        echo "no .whl/transformers-5.18*.whl (bash bench/fetch_wheels.sh here, then carry .whl)"
+        echo "no .whl/transformers-*.whl (bash bench/fetch_wheels.sh here, then carry .whl)"
     fi
     "$py" -c "import transformers; print('transformers', transformers.__version__)
 from gitfast.compat import check_transformers; check_transformers()"
