@@ -5,7 +5,8 @@ captions end at EOS after varied lengths (bench_e2e's natural rows), so sequence
 are admitted on most steps: where host work used to wait for the device. Every warning the sync
 debug mode raises is counted, per decode step, and grouped by the line that raised it. One JSON line
 goes to --out (appended) and a short summary to stdout. The engine's only intended wait is the lagged
-readback (an event, which the debug mode does not flag); anything counted is a regression to look at.
+readback's event (slots.Readback.finish; if the debug mode counts it, `where` names that line, about
+one per step); anything else counted is a host sync to remove.
 On the CPU (the GPU script's dry run) the same pass runs and nothing is counted.
 
     python -m gitfast.bench.sync_check --device cuda --dtype float16 --out results.jsonl
