@@ -1,6 +1,7 @@
 """The house's shape: every module imports on its own, no import cycle (function-local imports
 included), and no module grows past the size a newcomer can read in one sitting."""
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,21 +75,44 @@ def test_a_cycle_is_detected(tmp_path, monkeypatch):
         test_no_import_cycle()
 
 
+_IMPORT_EACH = r"""
+import importlib, os, sys
+import numpy, PIL.Image, torch, transformers  # third-party only: no gitfast module is loaded here
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:  # a child with nothing of gitfast imported yet
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:
+            sys.stderr.write(f"{name}: {type(exc).__name__}: {exc}\n")
+            os._exit(1)
+        os._exit(0)
+    if os.waitpid(pid, 0)[1]:
+        failed.append(name)
+sys.exit(1 if failed else 0)
+"""
+
+
 def test_every_module_imports_alone():
-    """Each module in a fresh interpreter of its own (8 at a time), so none depends on another having
-    been imported first."""
+    """Each module imported first, in a process of its own (forked from an interpreter that has loaded
+    torch and transformers but nothing of gitfast), so none depends on another having been imported."""
     names = [m for m, _ in _modules()]
-    procs = []
-    failures = []
-    for i in range(0, len(names), 8):
-        batch = [subprocess.Popen([sys.executable, "-c", f"import {m}"], stderr=subprocess.PIPE, text=True)
-                 for m in names[i:i + 8]]
-        procs.extend(zip(names[i:i + 8], batch))
-        for m, p in zip(names[i:i + 8], batch):
-            err = p.communicate(timeout=300)[1]
-            if p.returncode:
-                failures.append(f"{m}: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")
-    assert not failures, failures
+    done = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *names], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_import_check_catches_a_module_that_needs_another_first(tmp_path):
+    pkg = tmp_path / "needy"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import sys\nsys.modules['needy.b'].x\n")  # works only after needy.b
+    (pkg / "b.py").write_text("x = 1\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    ok = subprocess.run([sys.executable, "-c", _IMPORT_EACH, "needy.b"], env=env, capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-c", _IMPORT_EACH, "needy.b", "needy.a"], env=env, capture_output=True,
+                         text=True)
+    assert ok.returncode == 0 and bad.returncode == 1 and "needy.a" in bad.stderr
 
 
 def test_modules_stay_small():
