@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gitfast
-from gitfast.serving.engine import Engine, Request
+from gitfast.serving.engine import Engine, KVCacheTooSmall, Request
 from gitfast.serving.generation import resolve_settings
 from git_factory import make_hf_model, pixels
 
@@ -67,5 +67,7 @@ def test_a_request_no_memory_can_hold_is_a_clear_error(models):
     _, fm = models
     engine = Engine(fm.model, max_batch_size=4, block_size=16, gpu_memory_fraction=1e-12)
     s = resolve_settings(fm.generation_config, 1, max_new_tokens=6)
-    with pytest.raises(RuntimeError, match="no KV cache fits"):
+    with pytest.raises(KVCacheTooSmall, match="one request needs .* bytes of KV cache"):
+        engine.check_fits(s)  # before anything runs
+    with pytest.raises(KVCacheTooSmall, match="one request needs"):
         engine.generate([Request(pixels("hd64_odd_tokens", 1)[0], [101])], s)

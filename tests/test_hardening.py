@@ -366,3 +366,16 @@ def test_a_symlinked_folder_is_followed_once(photos, tmp_path):
     out = tmp_path / "o.jsonl"
     assert caption(tmp_path / "top", "--out", out) == 0
     assert len(jsonl(out)) == 3
+
+
+def test_an_impossible_request_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    """#15.5: when not even one image's KV cache fits the memory the engine may use, the run stops
+    with a usage error before any output exists (it used to fail mid-run, or be killed for memory)."""
+    from gitfast.serving.engine import Engine
+
+    write_files(str(tmp_path / "in"), small_images(2))
+    monkeypatch.setattr(Engine, "_available_bytes", lambda self: 1000)
+    assert caption(tmp_path / "in", "--out", tmp_path / "out.jsonl") == 2
+    err = capsys.readouterr().err
+    assert "one request needs" in err and "KV cache" in err
+    assert not (tmp_path / "out.jsonl").exists()

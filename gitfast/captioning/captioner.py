@@ -144,6 +144,8 @@ class Captioner:
         `return_maps=True`: each result's `.maps` says where each generated token looked (`with_maps.py`)."""
         settings = dict(generate_kwargs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample)
         self._check_settings(settings)
+        # an impossible request is refused here, not after the output was opened (KVCacheTooSmall)
+        self._engine(1).check_fits(resolve_settings(self.generation_config, 1, max_new_tokens=max_new_tokens))
         if prompts is None or isinstance(prompts, str):
             self._check_prompt(prompts, max_new_tokens)
             pairs = ((image, prompts) for image in _as_iter(images))

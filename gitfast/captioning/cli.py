@@ -196,6 +196,7 @@ def _caption(args, devices, all_sources, output, lock_settings) -> int:
     if todo:
         from ..loading import CheckpointError
         from .captioner import Captioner
+        from ..serving.engine import KVCacheTooSmall
         from .multi_device import DeviceError, DevicePool
 
         generate = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
@@ -223,7 +224,7 @@ def _caption(args, devices, all_sources, output, lock_settings) -> int:
 
                     stream = written(args.maps, zip(todo, stream), captioner.tokenizer)
                 results = ((s, r.text, r.error) for s, r in zip(todo, stream))
-        except (CheckpointError, DeviceError, ValueError) as exc:
+        except (CheckpointError, DeviceError, ValueError, KVCacheTooSmall) as exc:
             if pool is not None:
                 pool.close()
             return _usage_error(str(exc))

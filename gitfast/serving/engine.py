@@ -41,6 +41,10 @@ from .slots import Readback, Slots
 log = logging.getLogger(__name__)
 
 
+class KVCacheTooSmall(RuntimeError):
+    """Not even one request fits the KV cache the engine may have: no waiting would help."""
+
+
 @dataclass
 class Request:
     pixel_values: Optional[torch.Tensor]   # [3, H, W] or [frames, 3, H, W], preprocessed; None = text only
@@ -134,16 +138,32 @@ class Engine:
         except (ValueError, OSError, AttributeError):  # not Linux: no cap known
             return None
 
+    def check_fits(self, settings: Settings) -> None:
+        """Raises `KVCacheTooSmall` before anything runs when not even one request with these settings
+        fits the KV cache this engine may have (its fixed size, or its share of free memory)."""
+        n_img, limit = self.model.num_image_tokens, self.model.config.max_position_embeddings
+        blocks = lambda tokens: -(-tokens // self.block_size)  # noqa: E731
+        one = self.bytes_per_block * (blocks(n_img + min(max(settings.max_length, 1) + 1, limit)) + 1 + blocks(n_img))
+        if self.fixed_size:
+            cap, what = self.held_bytes(), "the fixed kv_cache_bytes"
+        else:
+            available = self._available_bytes()
+            if available is None:
+                return
+            cap, what = int(available * self.memory_fraction), (f"{self.memory_fraction:.0%} of the {available} "
+                                                                "bytes of memory available")
+        if one > cap:
+            raise KVCacheTooSmall(f"one request needs {one} bytes of KV cache, more than {what}; "
+                                  "lower max_new_tokens or free memory")
+
     def _size_for(self, settings: Settings, rows: int) -> None:
         if self.fixed_size:
             return
+        self.check_fits(settings)
         want = self.budget_for(settings, rows)
         available = self._available_bytes()
         if available is not None:
             want = min(want, int(available * self.memory_fraction))
-        if want < self.bytes_per_block:
-            raise RuntimeError(f"no KV cache fits: one {self.bytes_per_block}-byte block is more than "
-                               f"{self.memory_fraction:.0%} of the {available} bytes available")
         if want > self.held_bytes():
             self._allocate(want)
 
@@ -197,7 +217,7 @@ class Engine:
             if not running and not admitted:
                 if waiting:  # nothing running, yet the head of the queue does not fit an empty cache
                     idx, req = waiting[0]
-                    raise RuntimeError(f"request {idx} needs more KV cache than the engine has "
+                    raise KVCacheTooSmall(f"request {idx} needs more KV cache than the engine has "
                                        f"({self.cache.allocator.num_blocks} blocks of {self.cache.block_size}); "
                                        "raise kv_cache_bytes or lower max_new_tokens")
                 return
