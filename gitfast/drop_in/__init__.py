@@ -3,7 +3,7 @@ forward (forward.py), generate routing (generate.py), from_pretrained (pretraine
 transformers-equal initial weights (init.py)."""
 from ..compat import check_transformers
 
-check_transformers()  # transformers<5.18: an ImportError naming the fix, not wrong tokens
+check_transformers()  # an older transformers than gitfast needs: an ImportError naming the fix, not wrong tokens
 
 from .causal_lm import GitForCausalLM  # noqa: E402
 
