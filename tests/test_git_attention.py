@@ -4,7 +4,6 @@ On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_IN
 CPU shapes are tiny but odd: lengths that are not tile multiples, one-token sequences, sequences of
 only image or only text tokens. The `cuda` tests use GIT's real sizes.
 """
-import contextlib
 import math
 
 import pytest
@@ -186,25 +185,12 @@ def test_launches_on_the_tensors_device(monkeypatch):
     device), which makes that GPU and its stream current (tested in test_paged_attention.py)."""
     from gitfast.kernels import attention
 
-    devices, launched = [], []
+    from launch_spy import spy_launches
 
-    @contextlib.contextmanager
-    def spy(device):
-        devices.append(device)
-        launched.append("enter")
-        yield
-        launched.append("exit")
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append("launch")
-
-    monkeypatch.setattr(attention, "launch_device", spy)
-    monkeypatch.setattr(attention, "_git_attention_kernel", Recorder())
-    monkeypatch.setattr(attention, "_git_attention_tuned", Recorder())
+    devices, launches = spy_launches(monkeypatch, attention, ["_git_attention_kernel", "_git_attention_tuned"])
     q, k, v = _qkv(sum(LENS), 2, 64, torch.float32)
     git_attention(q, k, v, _cu(LENS), 3)
-    assert devices == [q.device] and launched == ["enter", "launch", "exit"]
+    assert devices == [q.device] and len(launches) == 1 and launches[0][1]
 
 
 def _dense_git_mask(length, n_img, device):

@@ -1,5 +1,4 @@
 """write_kv_cache (Triton) vs the plain-torch reference: exact copies, skipped slots, no stray writes."""
-import contextlib
 
 import pytest
 import torch
@@ -92,24 +91,12 @@ def test_launches_on_the_tensors_device(monkeypatch):
     current (tested in test_paged_attention.py)."""
     from gitfast.kernels import kv_write
 
-    devices, launched = [], []
+    from launch_spy import spy_launches
 
-    @contextlib.contextmanager
-    def spy(device):
-        devices.append(device)
-        launched.append("enter")
-        yield
-        launched.append("exit")
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append("launch")
-
-    monkeypatch.setattr(kv_write, "launch_device", spy)
-    monkeypatch.setattr(kv_write, "_write_kv_kernel", Recorder())
+    devices, launches = spy_launches(monkeypatch, kv_write, ["_write_kv_kernel"])
     k, v, kc, vc, slots = _setup(4, 2, 64, 2, 4, torch.float32)
     write_kv_cache(k, v, kc, vc, slots)
-    assert devices == [k.device] and launched == ["enter", "launch", "exit"]
+    assert devices == [k.device] and launches == [("_write_kv_kernel", True)]
 
 
 @pytest.mark.cuda

@@ -194,34 +194,8 @@ def test_launch_device_makes_the_tensors_gpu_current(monkeypatch):
     assert entered == [torch.device("cuda", 1)]             # CPU tensors, interpreter: no CUDA call
 
 
-def spy_launches(monkeypatch, module, kernel_names):
-    """Replaces `module.launch_device` by a spy and the named kernels by recorders; returns
-    (devices the spy was entered with, [(kernel, launched inside the spy's context)])."""
-    devices, launches, depth = [], [], []
-
-    @contextlib.contextmanager
-    def spy(device):
-        devices.append(device)
-        depth.append(1)
-        try:
-            yield
-        finally:
-            depth.pop()
-
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.name, bool(depth)))
-
-    monkeypatch.setattr(module, "launch_device", spy)
-    for name in kernel_names:
-        monkeypatch.setattr(module, name, Recorder(name))
-    return devices, launches
-
-
 def test_paged_kernels_launch_on_the_tensors_device(monkeypatch):
+    from launch_spy import spy_launches
     from gitfast.kernels import paged_decode, paged_prefill
 
     devices, launches = spy_launches(monkeypatch, paged_decode,
