@@ -379,3 +379,14 @@ def test_an_impossible_request_is_refused_up_front(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "one request needs" in err and "KV cache" in err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_prompt_too_long_is_refused_once_with_several_devices(photos, tmp_path, capsys):
+    """The same up-front refusal when ranks would start (each rank used to fail on its own, exit 1)."""
+    parser = cli._Parser(prog="gitfast caption")
+    caption_cli.configure(parser)
+    argv = [str(photos), "--out", str(tmp_path / "o.jsonl"), "--prompt", "red " * 200, "--devices", "cpu,cpu",
+            "--max-new-tokens", "4", "--quiet"]
+    assert caption_cli.run(parser.parse_args(argv)) == 2
+    assert capsys.readouterr().err.count("exceeds the model's 128 text positions") == 1
+    assert not (tmp_path / "o.jsonl").exists()

@@ -279,11 +279,14 @@ class Captioner:
             raise ValueError(f"num_beams must be at least 1, got {settings['num_beams']}")
 
     def _check_prompt(self, prompt: Optional[str], max_new_tokens: int) -> None:
-        """One prompt for every input: too long for the model is one error now, not one per input."""
-        used = len(self.preparer.prompt_ids(prompt)) + max_new_tokens
-        if used > self.config.max_position_embeddings:
-            raise ValueError(f"the prompt ({used - max_new_tokens} tokens) plus max_new_tokens={max_new_tokens} "
-                             f"exceeds the model's {self.config.max_position_embeddings} text positions")
+        check_prompt_length(len(self.preparer.prompt_ids(prompt)), max_new_tokens, self.config)
+
+
+def check_prompt_length(prompt_tokens: int, max_new_tokens: int, config) -> None:
+    """One prompt for every input: too long for the model is one error up front, not one per input."""
+    if prompt_tokens + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"the prompt ({prompt_tokens} tokens) plus max_new_tokens={max_new_tokens} "
+                         f"exceeds the model's {config.max_position_embeddings} text positions")
 
 
 def _until_eos(ids: Sequence[int], eos: set) -> List[int]:

@@ -208,9 +208,17 @@ def _caption(args, devices, all_sources, output, lock_settings) -> int:
 
                 # a wrong --model is found here in a second, not after every rank has started
                 model = None if args.model is None else loading.resolve(args.model)
-                if model is not None:
-                    loading.load_config(model)
-                    model = str(model)
+                from ..defaults import EMBEDDED_MODEL
+
+                folder = model if model is not None else loading.resolve(EMBEDDED_MODEL)
+                config = loading.load_config(folder)
+                if args.prompt:  # refused once here, not by every rank
+                    from .captioner import check_prompt_length
+
+                    tokenizer = loading.load_processor(folder).tokenizer
+                    check_prompt_length(1 + len(tokenizer(args.prompt, add_special_tokens=False).input_ids),
+                                        args.max_new_tokens, config)
+                model = None if model is None else str(model)
                 pool = DevicePool(devices, todo, model=model, prompt=args.prompt, caption_kwargs=generate,
                                   captioner_kwargs=[captioner_options(args, d, len(devices)) for d in devices])
                 pool.wait_ready()
