@@ -146,7 +146,7 @@ class GitModel(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.lm_head = ops.Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = ops.Logits(config.hidden_size, config.vocab_size)
 
     def encode_images(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """[B, 3, H, W] images or [B, frames, 3, H, W] videos -> projected image tokens [B, I, hidden]."""

@@ -189,7 +189,7 @@ def quantize(model: nn.Module, quantization_config="dynamic", keep=KEEP) -> nn.M
     if p.device.type != "cpu":
         raise ValueError(f"quantization_config={quantization_config!r} (dynamic INT8) runs on the CPU only, but the "
                          f"model is on {p.device}; on a GPU use dtype=torch.float16 or torch.bfloat16 instead")
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is ops.Linear and name not in keep]
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, ops.Linear) and name not in keep]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, DynamicInt8Linear.from_linear(linear))

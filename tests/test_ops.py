@@ -482,3 +482,14 @@ def test_feed_forward_over_linears_is_the_mlp(dtype):
         assert torch.equal(out, ops.mlp(x, w1, b1, w2, b2, "quick_gelu"))
     else:
         assert _err(out, ref) <= 2 * _err(ops.mlp_reference(x, w1, b1, w2, b2, "quick_gelu"), ref) + 1e-2
+
+
+def test_bf16_logits_on_the_cpu_are_fp32():
+    torch.manual_seed(0)
+    head = ops.Logits(64, 300).to(torch.bfloat16)
+    x = _randn(3, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out = head(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.linear(x.float(), head.weight.float(), head.bias.float()))
+    assert ops.Logits(8, 4)(torch.randn(2, 8)).dtype == torch.float32  # fp32 unchanged

@@ -82,11 +82,11 @@ def test_quantize_swaps_the_linears_but_keeps_the_lm_head():
     fm = gitfast.GitForCausalLM.from_transformers(hf)
     Q.quantize(fm.model, "dynamic")
     kinds = {name: type(m) for name, m in fm.model.named_modules()}
-    assert kinds["lm_head"] is ops.Linear
+    assert kinds["lm_head"] is ops.Logits
     assert kinds["vision.layers.0.fc1"] is Q.DynamicInt8Linear and kinds["layers.1.qkv"] is Q.DynamicInt8Linear
     assert kinds["proj"] is Q.DynamicInt8Linear
     assert Q.describe(fm.model).startswith("dynamic INT8")
-    assert not any(type(m) is ops.Linear for n, m in fm.model.named_modules() if n != "lm_head")
+    assert not any(isinstance(m, ops.Linear) for n, m in fm.model.named_modules() if n != "lm_head")
 
 
 def test_quantized_greedy_captions_agree_with_fp32():
