@@ -9,7 +9,8 @@
 - plain: what needs the model's per-step tensors or transformers' own machinery (`output_attentions`,
   `output_hidden_states`, `inputs_embeds`, custom `position_ids`, a cache to continue, beam search with
   `return_dict_in_generate`, user `logits_processor`/`stopping_criteria`/`prefix_allowed_tokens_fn`/
-  `streamer`, generation modes gitfast has no loop for): transformers' `GenerationMixin.generate`
+  `streamer`, generation modes gitfast has no loop for, a prompt whose last token is padding):
+  transformers' `GenerationMixin.generate`
   driving gitfast's `forward` over a `DynamicCache`.
 """
 from __future__ import annotations
@@ -78,6 +79,7 @@ def run(lm, inputs=None, generation_config=None, logits_processor=None, stopping
         plain = _needs_plain(gc, model_kw, extras)
         if not plain:
             s = generation.resolve_settings(gc, 1 if input_ids is None else input_ids.shape[1])
+            plain = input_ids is not None and _last_token_padded(input_ids, model_kw.get("attention_mask"), s)
     except NotImplementedError:  # a generation mode gitfast has no loop for
         plain = True
     if plain:
@@ -91,6 +93,26 @@ def run(lm, inputs=None, generation_config=None, logits_processor=None, stopping
     for key, value in out.items():
         out[key] = value.clone() if isinstance(value, torch.Tensor) else tuple(v.clone() for v in value)
     return out
+
+
+def prompt_mask(input_ids, attention_mask, s):
+    """The prompt's padding mask: the one given, else (as transformers) inferred from pad tokens
+    unless pad == EOS."""
+    if attention_mask is not None:
+        return attention_mask
+    if s.pad is not None and s.pad not in s.eos and bool((input_ids == s.pad).any()):
+        return (input_ids != s.pad).long()
+    return torch.ones_like(input_ids)
+
+
+def _last_token_padded(input_ids, attention_mask, s) -> bool:
+    """Whether a row's last prompt token is padding (right padding). gitfast's loops drop padded
+    tokens and predict from each row's last real token; transformers predicts the first new token
+    from the last column, a padding query (position 0, its own key masked) that attends to the image
+    and the real tokens, so its first scores (and tokens) differ. Such prompts go to transformers'
+    loop over gitfast's forward, which computes exactly that."""
+    mask = prompt_mask(input_ids, attention_mask, s)
+    return mask.ndim == 2 and mask.shape[1] > 0 and not bool(mask[:, -1].bool().all())
 
 
 def _gitfast(lm, gc, input_ids=None, pixel_values=None, attention_mask=None, interpolate_pos_encoding=False,
@@ -107,13 +129,7 @@ def _gitfast(lm, gc, input_ids=None, pixel_values=None, attention_mask=None, int
     input_ids = input_ids.to(dev)
     b, t = input_ids.shape
     s = generation.resolve_settings(gc, t)
-    if attention_mask is None:
-        # as transformers: padding is inferred from pad tokens unless pad == EOS
-        if s.pad is not None and s.pad not in s.eos and bool((input_ids == s.pad).any()):
-            attention_mask = (input_ids != s.pad).long()
-        else:
-            attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(dev)
+    attention_mask = prompt_mask(input_ids, attention_mask, s).to(dev)
     if s.max_length <= t:
         raise ValueError(f"max_length ({s.max_length}) leaves no room after the {t}-token prompt; set max_new_tokens")
 
