@@ -134,6 +134,21 @@ def run(dtypes, rounds, iters):
     return rows
 
 
+def cases(quick: bool, device: str, dtype: torch.dtype):
+    """For `gitfast bench --only cpu_attention`: every provider of every case (the runner times
+    each on its own; `main` interleaves them for ratios)."""
+    from gitfast.bench.common import Case
+
+    if device != "cpu" or not cpu_attention.available():
+        return
+    dt = str(dtype).replace("torch.", "")
+    for label, build in (("prefill 197+20", prefill_case), ("decode ctx 217", decode_case),
+                         ("vision 197x197", vision_case)):
+        shape = {"batch": BATCH, "heads": HEADS, "head_dim": HEAD_DIM, "image": IMAGE, "text": TEXT}
+        for provider, fn in build(dtype).items():
+            yield Case("cpu_attention", shape, provider, dt, fn, label=label)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
