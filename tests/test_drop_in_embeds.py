@@ -83,3 +83,18 @@ def test_an_inferred_mask_ending_in_padding_is_served_as_transformers(pairs):
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(ref.scores, out.scores):
         close(a, b)
+
+
+def test_no_pad_and_no_eos_id_infers_no_padding():
+    """With neither pad_token_id nor eos_token_id, transformers infers no attention mask: token 0 in a
+    prompt is a token like any other (gitfast's stand-in pad of 0 used to mask it)."""
+    from transformers import GenerationConfig
+
+    hf = make_hf_model("hd32")
+    fm = gitfast.GitForCausalLM.from_transformers(hf)
+    gc = GenerationConfig(max_new_tokens=4, pad_token_id=None, eos_token_id=None, bos_token_id=101)
+    ids = torch.tensor([[101, 0, 7, 0, 9]])
+    px = pixels("hd32", 1)
+    got = fm.generate(pixel_values=px, input_ids=ids, generation_config=gc)
+    want = fm.generate(pixel_values=px, input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+    assert torch.equal(got, want)

@@ -97,10 +97,10 @@ def run(lm, inputs=None, generation_config=None, logits_processor=None, stopping
 
 def prompt_mask(input_ids, attention_mask, s):
     """The prompt's padding mask: the one given, else (as transformers) inferred from pad tokens
-    unless pad == EOS."""
+    unless pad == EOS, and never without a pad (or EOS) id: 0 is then no pad token."""
     if attention_mask is not None:
         return attention_mask
-    if s.pad is not None and s.pad not in s.eos and bool((input_ids == s.pad).any()):
+    if s.pad_given and s.pad not in s.eos and bool((input_ids == s.pad).any()):
         return (input_ids != s.pad).long()
     return torch.ones_like(input_ids)
 

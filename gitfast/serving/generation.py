@@ -56,6 +56,7 @@ class Settings:
     output_scores: bool
     output_logits: bool = False
     hf_processors: bool = False  # a PROCESSOR_FIELDS field is set: transformers' processor list applies
+    pad_given: bool = True       # pad_token_id or eos_token_id set (else `pad` is a stand-in 0 that marks no padding)
 
 
 def resolve_settings(base_config, prompt_len: int, generation_config=None, **kwargs) -> Settings:
@@ -99,7 +100,7 @@ def resolve_settings(base_config, prompt_len: int, generation_config=None, **kwa
         repetition_penalty=1.0 if gc.repetition_penalty is None else float(gc.repetition_penalty),
         length_penalty=1.0 if gc.length_penalty is None else float(gc.length_penalty),
         early_stopping=gc.early_stopping if gc.early_stopping is not None else False,
-        eos=eos, pad=pad, num_return_sequences=nrs,
+        eos=eos, pad=pad, pad_given=gc.pad_token_id is not None or bool(eos), num_return_sequences=nrs,
         return_dict=bool(gc.return_dict_in_generate), output_scores=bool(gc.output_scores),
         output_logits=bool(gc.output_logits), hf_processors=any(k in PROCESSOR_FIELDS for k in changed),
     )
