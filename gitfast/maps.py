@@ -4,7 +4,9 @@ The caption is decoded again in one plain pass over `[image | prompt + generated
 attention probabilities computed here from the `attend(layer, q, k, v)` callback's q and k and GIT's
 mask (`attention.git_mask`); nothing of the fast path changes, and this runs only when maps are asked.
 A token's map is then read from those probabilities over the image's patch tokens (the class token of
-each frame is dropped), clipped at zero and normalised to sum to 1.
+each frame is dropped), clipped at zero and normalised to sum to 1. "mean" and "raw" need only the
+text rows against the image columns: `text_relevance` computes just those (attention outputs from the
+fused kernel), equal to the full probabilities' rows up to float rounding (~1e-6).
 
 Methods (`METHODS`), each read at the token's own input position (`"own"`) or at the position whose
 output predicted it (`"predicting"`):
@@ -23,6 +25,7 @@ Which one ships (`DEFAULT`) was chosen by a pointing game on drawn pictures
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -60,6 +63,42 @@ def decoder_probs(model, image: torch.Tensor, input_ids: torch.Tensor, text_mask
     positions = torch.arange(t, device=input_ids.device).expand_as(input_ids)
     h = model.decode(torch.cat([image, model.embed_text(input_ids, positions)], dim=1), attend)
     return h, probs
+
+
+def text_relevance(model, image: torch.Tensor, input_ids: torch.Tensor, text_mask: Optional[torch.Tensor],
+                   method: str) -> torch.Tensor:
+    """`relevance(method, decoder_probs(...)[1])[:, I:, :I]` for `method` "mean" or "raw", without the
+    full probabilities: each layer's attention output comes from the fused `scaled_dot_product_attention`
+    under the same mask; probabilities are computed only for the text queries (softmax over all their
+    keys, as `attention_probs.attend` does), and of those only the image columns are kept, head-averaged.
+    The last layer is run only as far as its queries and keys (its output is not needed).
+    Returns [B, T, I] float32: T text positions (query n_img + t) x I image tokens."""
+    from .model import _split_qkv, run_layer
+
+    n_img, t = image.shape[1], input_ids.shape[1]
+    mask = attention_probs.git_mask(n_img, n_img + t, n_img + t, text_mask, image.device)
+    text_rows = mask[..., n_img:, :]
+    layers: List[torch.Tensor] = []
+
+    def keep(q, k):  # q, k [B, H, N, D] float32 -> the text rows' probabilities on the image, mean over heads
+        scores = torch.matmul(q[:, :, n_img:], k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~text_rows, torch.finfo(scores.dtype).min)
+        layers.append(torch.softmax(scores, dim=-1)[..., :n_img].mean(1))        # [B, T, I]
+
+    def attend(layer, q, k, v):
+        q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))                    # [B, H, N, D]
+        if method == "mean":
+            keep(q, k)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).to(image.dtype)
+
+    positions = torch.arange(t, device=input_ids.device).expand_as(input_ids)
+    h = torch.cat([image, model.embed_text(input_ids, positions)], dim=1)
+    for layer in model.layers[:-1]:
+        h = run_layer(model, layer, h, attend)
+    last = model.layers[-1]
+    keep(*(x.transpose(1, 2).float() for x in _split_qkv(last.qkv(h), last.num_heads)[:2]))
+    return layers[-1] if method == "raw" else torch.stack(layers).mean(0)
 
 
 def vision_probs(model, pixel_values: torch.Tensor):
@@ -151,7 +190,8 @@ def word_maps(model, pixel_values: torch.Tensor, prompt_ids: Sequence[Sequence[i
               image: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
     """One map tensor per sample: row i for `token_ids[b][i]`, shaped [len, gh, gw] (videos
     [len, frames, gh, gw]), float32 on the CPU. `prompt_ids[b]` starts with [CLS]; `token_ids[b]` are
-    the generated ids after it (no EOS). `image`: the projected image tokens if already computed."""
+    the generated ids after it (no EOS). `image`: the projected image tokens if already computed (then
+    `pixel_values` is read only by "rollout_vit" and "input_grad" and may be None otherwise)."""
     if position not in POSITIONS:
         raise ValueError(f"unknown map position {position!r}; choose from {', '.join(POSITIONS)}")
     if method in GRADIENT and position != "predicting":
@@ -189,6 +229,9 @@ def word_maps(model, pixel_values: torch.Tensor, prompt_ids: Sequence[Sequence[i
             rel = relevance("rollout", probs)[:, :, :n_img]
             rel = _through_vision(rel, vision, grid[0])
             return [_to_maps(rel[s, rows[s]], n_img, grid) for s in range(b)]
+        if method in ("mean", "raw"):  # only the text rows against the image columns are needed
+            rel = text_relevance(model, image, ids, text_mask, method)          # [B, T, n_img]
+            return [_to_maps(rel[s, torch.tensor(rows[s], dtype=torch.long) - n_img], n_img, grid) for s in range(b)]
         if method != "grad":
             _, probs = decoder_probs(model, image, ids, text_mask)
             rel = relevance(method, probs)

@@ -47,6 +47,66 @@ def test_maps_contract_one_row_per_token(captioner):
         _check_contract(r)
 
 
+def _maps_the_plain_way(captioner, inputs, results):
+    """Maps as with_maps made them before reuse: each input prepared again, its image encoded again, and the
+    decoder run with every layer's full probabilities (`maps.decoder_probs`), mean over layers and heads
+    read at the predicting position."""
+    out = []
+    for i, (image, r) in enumerate(zip(inputs, results)):
+        if not r.ok:
+            out.append(None)
+            continue
+        p = captioner.preparer(i, image, None, 20)
+        ids = torch.tensor([list(p.prompt_ids) + list(r.token_ids)])
+        with torch.inference_mode():
+            image_tokens = captioner.model.encode_images(p.pixel_values)
+            _, probs = maps.decoder_probs(captioner.model, image_tokens, ids)
+            rel = maps.relevance("mean", probs)[0]
+        n_img = image_tokens.shape[1]
+        rows = [n_img + len(p.prompt_ids) + k - 1 for k in range(len(r.token_ids))]
+        out.append(maps._to_maps(rel[rows], n_img, maps.grid_of(captioner.model.config)))
+    return out
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_maps_reuse_the_captioning_pass_and_equal_the_plain_way(captioner, num_beams):
+    """with_maps reuses the captioning pass's pixels and image tokens, and word_maps computes only the
+    text rows of the probabilities; the maps equal those of the full plain pass over freshly prepared
+    inputs. Each image goes through the vision encoder once (no second encoding for the maps)."""
+    pictures = [p[0] for p in pointing.held_out(19)]
+    inputs = pictures[:7] + [b"not a picture"] + pictures[7:]  # 20 inputs, a failure among them, 3 batches of 8
+    encoded = []
+    hook = captioner.model.vision.register_forward_hook(lambda m, i, o: encoded.append(o.shape[0]))
+    try:
+        results = captioner.caption(inputs, return_maps=True, num_beams=num_beams, max_new_tokens=20)
+    finally:
+        hook.remove()
+    assert sum(encoded) == 19 and results[7].maps is None and results[7].error
+    assert not captioner.model.proj._forward_hooks  # with_maps' hook is gone after the run
+    for r, expected in zip(results, _maps_the_plain_way(captioner, inputs, results)):
+        if expected is not None:
+            torch.testing.assert_close(r.maps, expected, atol=2e-6, rtol=0)
+
+
+def test_maps_read_each_input_once(captioner):
+    from gitfast.captioning.records import Source
+
+    reads = {}
+
+    def source(name):
+        data = (EXAMPLES / name).read_bytes()
+
+        def open_bytes():
+            reads[name] = reads.get(name, 0) + 1
+            return data
+        return Source(name, open_bytes)
+
+    names = sorted(p.name for p in EXAMPLES.glob("*.png"))[:10]
+    results = captioner.caption([source(n) for n in names], return_maps=True)
+    assert all(r.maps is not None for r in results)
+    assert reads == {n: 1 for n in names}
+
+
 @pytest.mark.parametrize("method", maps.METHODS)
 def test_every_method_on_a_video_checkpoint(method):
     """Videos: [tokens, frames, grid_h, grid_w]; each frame's class token is dropped."""
@@ -60,6 +120,26 @@ def test_every_method_on_a_video_checkpoint(method):
     for m in out:
         assert bool((m >= 0).all())
         torch.testing.assert_close(m.flatten(1).sum(1), torch.ones(m.shape[0]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["hd32", "video"])
+@pytest.mark.parametrize("method", ["mean", "raw"])
+def test_text_relevance_is_the_text_rows_of_the_full_probabilities(name, method):
+    """word_maps' fast path (only the text rows' probabilities, the last layer cut after its keys) reads
+    what the full per-layer probabilities give, padded rows included."""
+    from git_factory import make_hf_model, pixels
+    import gitfast
+
+    model = gitfast.GitForCausalLM.from_transformers(make_hf_model(name, layers=3) if name == "hd32"
+                                                     else make_hf_model(name)).model
+    ids = torch.tensor([[101, 5, 6, 9, 11], [101, 7, 4, 0, 0]])
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.inference_mode():
+        image = model.encode_images(pixels(name, 2))
+        n_img = image.shape[1]
+        fast = maps.text_relevance(model, image, ids, text_mask, method)
+        full = maps.relevance(method, maps.decoder_probs(model, image, ids, text_mask)[1])[:, n_img:, :n_img]
+    torch.testing.assert_close(fast, full, atol=2e-6, rtol=0)
 
 
 def test_vision_probs_rebuilds_encode_images(captioner):

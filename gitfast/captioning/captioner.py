@@ -157,10 +157,11 @@ class Captioner:
         return self._results(pairs, settings)
 
     # --- pipeline --------------------------------------------------------------------------------
-    def _results(self, pairs, settings) -> Iterator[CaptionResult]:
+    def _results(self, pairs, settings, tap=None) -> Iterator[CaptionResult]:
+        """`tap(prepared)`, if given, sees each `Prepared` before the model takes it (`with_maps.py`)."""
         if settings.get("num_beams", 1) == 1:
-            return self._results_engine(pairs, settings)
-        return self._results_batched(pairs, settings)
+            return self._results_engine(pairs, settings, tap)
+        return self._results_batched(pairs, settings, tap)
 
     def _engine(self, rows: Optional[int] = None):
         """The engine kept between calls, for `rows` sequences at once (default max_batch_size); rebuilt
@@ -175,7 +176,7 @@ class Captioner:
             self._engine_obj = Engine(self.model, max_batch_size=rows)
         return self._engine_obj
 
-    def _results_engine(self, pairs, settings) -> Iterator[CaptionResult]:
+    def _results_engine(self, pairs, settings, tap=None) -> Iterator[CaptionResult]:
         """Continuous batching over the whole input; results leave in input order (a reorder buffer)."""
         from ..serving.engine import Request
 
@@ -190,7 +191,7 @@ class Captioner:
         rows, pairs = max(1, len(head)), itertools.chain(head, pairs)
 
         def requests():
-            prepared = self._prepared(pairs, settings)
+            prepared = self._prepared(pairs, settings, tap)
             if self.device.type == "cuda":
                 prepared = _to_device_ahead(prepared, self.device, rows)
             for p in prepared:
@@ -214,8 +215,8 @@ class Captioner:
             yield finished.pop(next_index)
             next_index += 1
 
-    def _results_batched(self, pairs, settings) -> Iterator[CaptionResult]:
-        stream = self._prepared(pairs, settings)
+    def _results_batched(self, pairs, settings, tap=None) -> Iterator[CaptionResult]:
+        stream = self._prepared(pairs, settings, tap)
         while True:
             prepared = list(itertools.islice(stream, self.max_batch_size))
             if not prepared:
@@ -230,13 +231,15 @@ class Captioner:
                     text = self.tokenizer.decode(ids, skip_special_tokens=True)
                     yield CaptionResult(p.source, text, tuple(ids), None, p.prompt)
 
-    def _prepared(self, pairs, settings) -> Iterator[Prepared]:
+    def _prepared(self, pairs, settings, tap=None) -> Iterator[Prepared]:
         """Every input read, decoded and preprocessed (`workers.Preparer`), in order: lazily here, or
         by the worker pool running ahead."""
         numbered = ((i, image, prompt) for i, (image, prompt) in enumerate(pairs))
         if self.pool is None:
-            return (self.preparer(*item, settings["max_new_tokens"]) for item in numbered)
-        return self.pool.map(numbered, settings["max_new_tokens"], self.preparer)
+            stream = (self.preparer(*item, settings["max_new_tokens"]) for item in numbered)
+        else:
+            stream = self.pool.map(numbered, settings["max_new_tokens"], self.preparer)
+        return stream if tap is None else map(tap, stream)
 
     @torch.inference_mode()
     def _run_batch(self, batch: Sequence[Prepared], settings) -> List[List[int]]:
