@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import loading
+from .. import loading, quantization
 from ..defaults import EMBEDDED_MODEL
-from ..devices import resolve_device
+from ..devices import default_dtype, resolve_device
 from ..serving.generation import resolve_settings
 from .records import Source
 from .workers import Prepared, PreparePool, Preparer, PrepareSpec
@@ -52,7 +52,9 @@ class Captioner:
         first use, only the files gitfast reads; `token`, `revision`, `cache_dir` and
         `local_files_only` as in transformers); not found → `CheckpointError`.
     device: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available, else the CPU.
-    dtype: None/"float32" (tokens identical to transformers), "float16", "bfloat16" or "auto".
+    dtype: None/"float32" (tokens identical to transformers), "float16", "bfloat16" or "auto" (on the
+        CPU: bfloat16 where the CPU has native bf16, else float32; devices.default_dtype).
+    quantization_config: None, or "dynamic" for INT8 Linear layers on the CPU (gitfast.quantization).
     max_batch_size: images per model call.
     num_workers: 0 reads, decodes and preprocesses in this process, between model steps; N > 0 does
         it in N spawned worker processes (each loads the processor once) running up to
@@ -69,7 +71,7 @@ class Captioner:
     def __init__(self, model: Union[str, os.PathLike, None] = None, *, device=None, dtype=None,
                  max_batch_size: int = 32, revision: Optional[str] = None, cache_dir: Optional[str] = None,
                  token=None, local_files_only: bool = False, num_workers: int = 0, jpeg_draft: bool = False,
-                 prefetch_batches: int = 2):
+                 prefetch_batches: int = 2, quantization_config=None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if num_workers < 0 or prefetch_batches < 1:
@@ -87,7 +89,10 @@ class Captioner:
             raise loading.CheckpointError(f"{folder} is a video checkpoint (several frames per input); Captioner "
                                           "takes single images — use gitfast.GitForCausalLM.generate with 5-D pixel_values")
         self.processor = loading.load_processor(folder, self.config)
+        if dtype == "auto" and self.device.type == "cpu":
+            dtype = default_dtype(self.device)  # bf16 on CPUs with native bf16, else fp32
         self.model = loading.build_model(self.config, loading.read_weights(folder), dtype, self.device)  # a GitModel
+        quantization.quantize(self.model, quantization_config)  # "dynamic": INT8 Linears (CPU only)
         self.generation_config = loading.generation_config_of(folder, self.config)
         self.tokenizer = self.processor.tokenizer
         cfg = self.config

@@ -50,6 +50,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                          "all (every visible GPU), or cpu,cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "auto"), default=None,
                         help="weights' dtype (default float32: tokens identical to transformers)")
+    parser.add_argument("--quantize", choices=("dynamic",), default=None,
+                        help="dynamic: INT8 weights and per-token INT8 activations in the Linear layers (CPU only)")
     parser.add_argument("--workers", type=_non_negative, default=None, metavar="N",
                         help="decode and preprocess images in N worker processes per device (default: "
                              "min(8, CPU cores - 1) on a GPU, 0 on the CPU)")
@@ -125,7 +127,7 @@ def captioner_options(args: argparse.Namespace, device, ranks: int = 1) -> dict:
     """The Captioner's keyword arguments for one device of this run."""
     workers = default_workers(device, ranks) if args.workers is None else args.workers
     return dict(device=device, dtype=args.dtype, max_batch_size=args.batch_size, num_workers=workers,
-                jpeg_draft=args.jpeg_draft)
+                jpeg_draft=args.jpeg_draft, quantization_config=args.quantize)
 
 
 def run(args: argparse.Namespace) -> int:
