@@ -149,8 +149,6 @@ class Captioner:
         `return_maps=True`: each result's `.maps` says where each generated token looked (`with_maps.py`)."""
         settings = dict(generate_kwargs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample)
         self._check_settings(settings)
-        # an impossible request is refused here, not after the output was opened (KVCacheTooSmall)
-        self._engine(1).check_fits(resolve_settings(self.generation_config, 1, max_new_tokens=max_new_tokens))
         if prompts is None or isinstance(prompts, str):
             self._check_prompt(prompts, max_new_tokens)
             pairs = ((image, prompts) for image in _as_iter(images))
@@ -182,18 +180,25 @@ class Captioner:
         return self._engine_obj
 
     def _results_engine(self, pairs, settings, tap=None) -> Iterator[CaptionResult]:
-        """Continuous batching over the whole input; results leave in input order (a reorder buffer)."""
-        from ..serving.engine import Request
-
+        """Continuous batching over the whole input; results leave in input order (a reorder buffer).
+        Sizing the engine and refusing an impossible request (`KVCacheTooSmall`) happen here, at the
+        call, before any result is asked for (so before an output is opened)."""
         kwargs = {k: v for k, v in settings.items() if k not in ("num_beams", "seed")}
         s = resolve_settings(self.generation_config, 1, **kwargs)
+        # the engine is sized by what is queued: at most max_batch_size, at most the inputs there are
+        head = list(itertools.islice(pairs, self.max_batch_size))
+        rows, pairs = max(1, len(head)), itertools.chain(head, pairs)
+        engine = self._engine(rows)
+        engine.check_fits(s)
+        return self._engine_results(engine, pairs, settings, s, rows, tap)
+
+    def _engine_results(self, engine, pairs, settings, s, rows, tap) -> Iterator[CaptionResult]:
+        from ..serving.engine import Request
+
         eos = self._eos_ids(settings)
         finished: Dict[int, CaptionResult] = {}   # reorder buffer
         by_request: Dict[int, Prepared] = {}      # engine request index -> prepared input, until it finishes
         issued = itertools.count()                # the engine numbers requests in the order it takes them
-        # the engine is sized by what is queued: at most max_batch_size, at most the inputs there are
-        head = list(itertools.islice(pairs, self.max_batch_size))
-        rows, pairs = max(1, len(head)), itertools.chain(head, pairs)
 
         def requests():
             prepared = self._prepared(pairs, settings, tap)
@@ -208,7 +213,7 @@ class Captioner:
                 yield Request(pixels, p.prompt_ids, max_new_tokens=settings["max_new_tokens"])
 
         next_index = 0
-        for out in self._engine(rows).run(requests(), s, seed=settings.get("seed", 0)):
+        for out in engine.run(requests(), s, seed=settings.get("seed", 0)):
             p = by_request.pop(out.index)
             ids = _until_eos(out.token_ids, eos)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
