@@ -186,6 +186,8 @@ def test_resume_refuses_changed_settings_by_name(photos, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "other settings" in err and "num_beams 2 (was 1)" in err and "prompt 'a photo of' (was None)" in err
     assert caption(photos, "--out", out, "--resume", "--dtype", "float32") == 0  # the default, spelt out
+    assert caption(photos, "--out", out, "--resume", "--quantize", "dynamic") == 2
+    assert "quantize 'dynamic' (was None)" in capsys.readouterr().err
     assert caption(photos, "--out", out, "--resume", "--prompt", "a photo of", "--force") == 0
 
 

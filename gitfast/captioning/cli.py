@@ -180,7 +180,7 @@ def _caption_settings(args: argparse.Namespace) -> dict:
 
     model = loading.resolve(EMBEDDED_MODEL if args.model is None else args.model)
     return {"model": os.path.realpath(model), "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
-            "prompt": args.prompt, "dtype": args.dtype or "float32"}
+            "prompt": args.prompt, "dtype": args.dtype or "float32", "quantize": args.quantize}
 
 
 def _caption(args, devices, all_sources, output, lock_settings) -> int:

@@ -157,6 +157,13 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         """Writes a transformers-compatible checkpoint: config.json, generation_config.json, model.safetensors."""
         from safetensors.torch import save_file
 
+        from ..quantization import describe
+
+        if describe(self.model) is not None:
+            raise NotImplementedError("a dynamically quantized model cannot be saved as a transformers checkpoint "
+                                      "(its Linear layers hold INT8 weights); save the model before quantizing, and "
+                                      "load it with quantization_config='dynamic'")
+
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(str(out))
