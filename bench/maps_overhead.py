@@ -8,7 +8,7 @@ commit's `gitfast` (copied out with `git archive`, plus this tree's compiled `_C
 trees taking turns (order alternating per round), for an A/B on a shared CPU whose speed drifts:
 per round, the ratio new/base of the with-maps time, then the median over rounds::
 
-    python bench/bench_maps.py --n 100 --rounds 6 --base 6bc0e03
+    python bench/maps_overhead.py --n 100 --rounds 6 --base 6bc0e03
 """
 from __future__ import annotations
 
