@@ -29,19 +29,9 @@
 #include <string>
 #include <vector>
 
+#include "cpu/simd.h"
 #include "ops.h"
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define GITFAST_X86 1
-#include <immintrin.h>
-#else
-#define GITFAST_X86 0
-#endif
-#if defined(__GNUC__)
-#define GITFAST_BLOCK_INLINE inline __attribute__((always_inline))
-#else
-#define GITFAST_BLOCK_INLINE inline
-#endif
 
 namespace gitfast {
 namespace {
@@ -269,9 +259,9 @@ const Isa& chosen_isa() {
 
 // ---- packing ---------------------------------------------------------------------------------
 
-GITFAST_BLOCK_INLINE float to_f32(float v) { return v; }
-GITFAST_BLOCK_INLINE float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
-GITFAST_BLOCK_INLINE float to_f32(c10::Half v) { return static_cast<float>(v); }
+GITFAST_INLINE float to_f32(float v) { return v; }
+GITFAST_INLINE float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
+GITFAST_INLINE float to_f32(c10::Half v) { return static_cast<float>(v); }
 
 // Where token j of one (sequence, head) lives: contiguous rows, or through a block table.
 template <typename T>

@@ -18,7 +18,7 @@ constexpr int kTV = kTile / Vec::W;  // vectors per key tile
 // R: rows computed (kRows, or 1 for a decode step's single query, which would otherwise pay for
 // kRows rows of FMAs).
 template <int NV, int R>
-GITFAST_BLOCK_INLINE void attend_block_nv(const float* Kt, const float* V, const float* Q, const int* lim, int nr,
+GITFAST_INLINE void attend_block_nv(const float* Kt, const float* V, const float* Q, const int* lim, int nr,
                                           int64_t Lp, int nv_runtime, float* O) {
   constexpr int kMaxNV = NV > 0 ? NV : kMaxHeadDim / Vec::W;
   const int nv = NV > 0 ? NV : nv_runtime;
@@ -118,7 +118,7 @@ void attend_block(const float* Kt, const float* V, const float* Q, const int* li
 // q [Dp] pre-scaled as above, S [Lp] scratch for the scores. Scores are one dot product per key, the
 // softmax a pass over S, then o = sum_j p_j V[j]: no score tile or row block to fill for one row.
 template <int NV>
-GITFAST_BLOCK_INLINE void attend_single_nv(const float* K, const float* V, const float* q, int64_t L, int64_t Lp,
+GITFAST_INLINE void attend_single_nv(const float* K, const float* V, const float* q, int64_t L, int64_t Lp,
                                            int nv_runtime, float* S, float* O) {
   constexpr int kMaxNV = NV > 0 ? NV : kMaxHeadDim / Vec::W;
   const int nv = NV > 0 ? NV : nv_runtime;

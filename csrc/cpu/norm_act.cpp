@@ -18,23 +18,13 @@
 #include <cstring>
 #include <memory>
 
+#include "cpu/simd.h"
 #include "ops.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define GITFAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define GITFAST_CLONES
-#endif
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define GITFAST_X86 1
-#include <immintrin.h>
-#else
-#define GITFAST_X86 0
-#endif
-#if defined(__GNUC__)
-#define GITFAST_INLINE inline __attribute__((always_inline))
-#else
-#define GITFAST_INLINE inline
 #endif
 
 namespace gitfast {
