@@ -11,13 +11,8 @@
 #include <cstdint>
 #include <memory>
 
+#include "cpu/simd.h"
 #include "ops.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define GITFAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GITFAST_CLONES
-#endif
 
 namespace gitfast {
 namespace {

@@ -14,3 +14,11 @@
 #else
 #define GITFAST_INLINE inline
 #endif
+
+// Plain loops compiled for x86-64-v4 (AVX-512), v3 (AVX2) and baseline, picked at load time by the
+// CPU (GCC on Linux): GCC vectorises each clone for its ISA.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define GITFAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GITFAST_CLONES
+#endif
