@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _LAZY = {
     "GitForCausalLM": ("gitfast.drop_in", "GitForCausalLM"),
+    "register_auto_classes": ("gitfast.drop_in", "register_auto_classes"),
     "Captioner": ("gitfast.captioning.captioner", "Captioner"),
     "CaptionResult": ("gitfast.captioning.captioner", "CaptionResult"),
     "CheckpointError": ("gitfast.loading", "CheckpointError"),

@@ -1,4 +1,5 @@
-"""Finding, reading and validating GIT checkpoints, and mapping Hugging Face names to gitfast's layout.
+"""Finding, reading and validating GIT checkpoints (the name map between Hugging Face's layout and
+gitfast's is `hf_format.py`).
 
 A checkpoint is a local folder or a hub id (downloaded into the Hugging Face cache on first use, as
 transformers does: `hub.py`). Weights come from `model.safetensors` (or its sharded index) first;
@@ -11,18 +12,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Dict
 
 import torch
 
+from .hf_format import CheckpointError, from_hf_state_dict  # noqa: F401 (loading.CheckpointError is public)
 from .hub import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE  # noqa: F401 (loading.SAFE_SINGLE etc. are used elsewhere)
-
-# Non-persistent buffers that some older checkpoints still carry; they hold nothing we need.
-IGNORED_SUFFIXES = ("embeddings.position_ids",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as GIT, with the reason."""
 
 
 def resolve(name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None, *,
@@ -87,111 +82,6 @@ def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
 
 
 # --- name mapping -------------------------------------------------------------------------------
-# Each entry: gitfast name -> (HF names, merge function, split function for saving back).
-Rule = Tuple[List[str], Callable, Callable]
-
-
-def _same(ts):
-    return ts[0]
-
-
-def _cat(ts):
-    return torch.cat(ts, dim=0)
-
-
-def _unsplit(n):
-    return lambda t: list(t.chunk(n, dim=0))
-
-
-def _temporal(ts):
-    return torch.cat([t.reshape(1, -1) for t in ts], dim=0)  # F x [1, 1, W] -> [F, W]
-
-
-def name_map(config) -> Dict[str, Rule]:
-    rules: Dict[str, Rule] = {}
-
-    def one(ours, theirs):
-        rules[ours] = ([theirs], _same, lambda t: [t])
-
-    def linear(ours, theirs):
-        for p in ("weight", "bias"):
-            one(f"{ours}.{p}", f"{theirs}.{p}")
-
-    vm = "git.image_encoder.vision_model"
-    one("vision.embeddings.class_embedding", f"{vm}.embeddings.class_embedding")
-    one("vision.embeddings.patch_embedding", f"{vm}.embeddings.patch_embedding.weight")
-    one("vision.embeddings.position_embedding", f"{vm}.embeddings.position_embedding.weight")
-    linear("vision.pre_ln", f"{vm}.pre_layrnorm")
-    linear("vision.post_ln", f"{vm}.post_layernorm")
-    for i in range(config.vision_config.num_hidden_layers):
-        src, dst = f"{vm}.encoder.layers.{i}", f"vision.layers.{i}"
-        for p in ("weight", "bias"):
-            rules[f"{dst}.qkv.{p}"] = ([f"{src}.self_attn.{x}_proj.{p}" for x in "qkv"], _cat, _unsplit(3))
-        linear(f"{dst}.out", f"{src}.self_attn.out_proj")
-        linear(f"{dst}.ln1", f"{src}.layer_norm1")
-        linear(f"{dst}.ln2", f"{src}.layer_norm2")
-        linear(f"{dst}.fc1", f"{src}.mlp.fc1")
-        linear(f"{dst}.fc2", f"{src}.mlp.fc2")
-    if config.num_image_with_embedding:
-        n = config.num_image_with_embedding
-        rules["temporal_embedding"] = ([f"git.img_temporal_embedding.{f}" for f in range(n)], _temporal,
-                                       lambda t: [r.reshape(1, 1, -1) for r in t])
-    linear("proj", "git.visual_projection.visual_projection.0")
-    linear("proj_ln", "git.visual_projection.visual_projection.1")
-    one("word_embeddings.weight", "git.embeddings.word_embeddings.weight")
-    one("position_embeddings.weight", "git.embeddings.position_embeddings.weight")
-    linear("embed_ln", "git.embeddings.LayerNorm")
-    for i in range(config.num_hidden_layers):
-        src, dst = f"git.encoder.layer.{i}", f"layers.{i}"
-        for p in ("weight", "bias"):
-            rules[f"{dst}.qkv.{p}"] = ([f"{src}.attention.self.{x}.{p}" for x in ("query", "key", "value")],
-                                       _cat, _unsplit(3))
-        linear(f"{dst}.attn_out", f"{src}.attention.output.dense")
-        linear(f"{dst}.attn_ln", f"{src}.attention.output.LayerNorm")
-        linear(f"{dst}.fc1", f"{src}.intermediate.dense")
-        linear(f"{dst}.fc2", f"{src}.output.dense")
-        linear(f"{dst}.out_ln", f"{src}.output.LayerNorm")
-    linear("lm_head", "output")
-    return rules
-
-
-def from_hf_state_dict(hf: Dict[str, torch.Tensor], config, expected_shapes: Dict[str, torch.Size]) -> Dict[str, torch.Tensor]:
-    """HF-named tensors -> gitfast-named tensors, refusing anything missing, unexpected or misshapen."""
-    hf = {k: v for k, v in hf.items() if not k.endswith(IGNORED_SUFFIXES)}
-    if "output.weight" not in hf and getattr(config, "tie_word_embeddings", False):
-        if "git.embeddings.word_embeddings.weight" in hf:
-            hf["output.weight"] = hf["git.embeddings.word_embeddings.weight"]
-    rules = name_map(config)
-    needed = [n for names, _, _ in rules.values() for n in names]
-    missing = [n for n in needed if n not in hf]
-    unexpected = sorted(set(hf) - set(needed))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
-    if problems:
-        raise CheckpointError("checkpoint does not match its GIT config: " + "; ".join(problems))
-    out = {}
-    for ours, (names, merge, _) in rules.items():
-        t = merge([hf[n] for n in names])
-        want = expected_shapes[ours]
-        if t.shape != want:
-            detail = ", ".join(f"{n} {tuple(hf[n].shape)}" for n in names)
-            raise CheckpointError(f"wrong shape for {detail}: the config needs {tuple(want)} for gitfast's {ours}")
-        out[ours] = t
-    return out
-
-
-def to_hf_state_dict(ours: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
-    """gitfast-named tensors -> HF names (for save_pretrained); contiguous copies, safe to serialise."""
-    out = {}
-    for name, (names, _, split) in name_map(config).items():
-        for n, t in zip(names, split(ours[name])):
-            out[n] = t.detach().contiguous().clone()
-    return out
-
-
 # --- the one loader -----------------------------------------------------------------------------
 
 @dataclass

@@ -73,7 +73,7 @@ def text_relevance(model, image: torch.Tensor, input_ids: torch.Tensor, text_mas
     keys, as `attention_probs.attend` does), and of those only the image columns are kept, head-averaged.
     The last layer is run only as far as its queries and keys (its output is not needed).
     Returns [B, T, I] float32: T text positions (query n_img + t) x I image tokens."""
-    from .model import _split_qkv, run_layer
+    from .model import _split_qkv
 
     n_img, t = image.shape[1], input_ids.shape[1]
     mask = attention_probs.git_mask(n_img, n_img + t, n_img + t, text_mask, image.device)
@@ -95,7 +95,7 @@ def text_relevance(model, image: torch.Tensor, input_ids: torch.Tensor, text_mas
     positions = torch.arange(t, device=input_ids.device).expand_as(input_ids)
     h = torch.cat([image, model.embed_text(input_ids, positions)], dim=1)
     for layer in model.layers[:-1]:
-        h = run_layer(model, layer, h, attend)
+        h = layer(h, attend)
     last = model.layers[-1]
     keep(*(x.transpose(1, 2).float() for x in _split_qkv(last.qkv(h), last.num_heads)[:2]))
     return layers[-1] if method == "raw" else torch.stack(layers).mean(0)

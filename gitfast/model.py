@@ -23,15 +23,6 @@ def num_image_tokens(config) -> int:
     return per_frame * (config.num_image_with_embedding or 1)
 
 
-def run_layer(owner: nn.Module, layer: nn.Module, *args):
-    """`layer(*args)`, recomputed during backward instead of kept when `owner` trains with gradient
-    checkpointing (transformers' `gradient_checkpointing_enable` sets `owner.gradient_checkpointing` and
-    `owner._gradient_checkpointing_func`)."""
-    if owner.gradient_checkpointing and owner.training and torch.is_grad_enabled():
-        return owner._gradient_checkpointing_func(layer.__call__, *args)
-    return layer(*args)
-
-
 def _split_qkv(x: torch.Tensor, num_heads: int):
     """Fused projection output [..., 3W] laid out [q | k | v] -> three [..., heads, head_dim] views."""
     return x.unflatten(-1, (3, num_heads, -1)).unbind(-3)
@@ -89,8 +80,6 @@ class VisionLayer(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    gradient_checkpointing = False
-
     def __init__(self, v):
         super().__init__()
         self.eps = v.layer_norm_eps
@@ -103,7 +92,7 @@ class VisionEncoder(nn.Module):
         residual, _ = ops.add_layer_norm(h, None, self.pre_ln.weight, self.pre_ln.bias, self.eps)
         delta = None
         for layer in self.layers:
-            delta, residual = run_layer(self, layer, delta, residual)
+            delta, residual = layer(delta, residual)
         return ops.add_layer_norm(delta, residual, self.post_ln.weight, self.post_ln.bias, self.eps)[0]
 
 
@@ -129,7 +118,6 @@ class DecoderLayer(nn.Module):
 class GitModel(nn.Module):
     """The whole network. `encode_images` and `embed_text` produce token features; `decode` runs the
     decoder over them with an attention callback that owns masking and caching."""
-    gradient_checkpointing = False
 
     def __init__(self, config):
         super().__init__()
@@ -172,8 +160,15 @@ class GitModel(nn.Module):
     def decode(self, h: torch.Tensor, attend) -> torch.Tensor:
         """Decoder layers over token features `h` [..., hidden]; `attend(layer, q, k, v)` -> [..., heads, head_dim]."""
         for layer in self.layers:
-            h = run_layer(self, layer, h, attend)
+            h = layer(h, attend)
         return h
+
+    def save_pretrained(self, save_directory) -> None:
+        """Writes this network as a transformers `GitForCausalLM` checkpoint (config.json, model.safetensors),
+        which gitfast and transformers both load."""
+        from .hf_format import save
+
+        save(self, self.config, save_directory)
 
     @property
     def head_dim(self) -> int:

@@ -84,6 +84,19 @@ def test_gitfast_save_loads_in_transformers(hf, saved, tmp_path):
         assert torch.equal(back.state_dict()[k], v), k
 
 
+
+def test_core_model_save_pretrained(hf, saved, tmp_path):
+    """gitfast's own `GitModel` (what the Captioner and the drop-in's `.model` / `base_model` hold) saves
+    the whole network as a transformers checkpoint; both libraries load it back unchanged."""
+    core = gitfast.loading.load_checkpoint(saved).model
+    core.save_pretrained(tmp_path)
+    back = transformers.GitForCausalLM.from_pretrained(tmp_path).eval()
+    for k, v in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    again, info = gitfast.GitForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    same_outputs(again, hf)
+
 def _copy(saved, dst):
     for f in saved.iterdir():
         (dst / f.name).write_bytes(f.read_bytes())
@@ -162,3 +175,39 @@ def test_pipeline_same_output_as_transformers(hf, tmp_path):
         pipe = pipeline(task, model=model, processor=proc)
         outs.append(pipe(images=img, text="w5", generate_kwargs={"max_new_tokens": 5}))
     assert outs[0] == outs[1]
+
+
+_AUTO = """
+import sys, torch, transformers, gitfast
+from PIL import Image
+path, proc = sys.argv[1], transformers.AutoProcessor.from_pretrained(sys.argv[1])
+img = Image.new("RGB", (64, 48), (200, 30, 90))
+def run():
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    pipe = transformers.pipeline("image-text-to-text", model=path, processor=proc)
+    return type(model).__module__, type(pipe.model).__module__, pipe(images=img, text="w5", generate_kwargs={"max_new_tokens": 5})
+before = run()
+gitfast.register_auto_classes()
+gitfast.register_auto_classes()
+after = run()
+print(before[:2], after[:2], before[2] == after[2])
+"""
+
+
+def test_register_auto_classes(hf, tmp_path):
+    """Opting in, `AutoModelForCausalLM` and a pipeline named by path build gitfast's class, with the same
+    output; importing gitfast alone changes nothing (a fresh process: the registration is process-wide)."""
+    from transformers import BertTokenizerFast, CLIPImageProcessor, GitProcessor
+
+    words = ["[PAD]"] + [f"w{i}" for i in range(1, 101)] + ["[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+    words += [f"x{i}" for i in range(150 - len(words))]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), model_input_names=["input_ids", "attention_mask"])
+    GitProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 40, "width": 40}),
+                 tokenizer=tok).save_pretrained(tmp_path)
+    hf.save_pretrained(tmp_path)
+    out = subprocess.run([sys.executable, "-c", _AUTO, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    theirs, ours = "transformers.models.git.modeling_git", "gitfast.drop_in.causal_lm"
+    assert last == f"('{theirs}', '{theirs}') ('{ours}', '{ours}') True", last

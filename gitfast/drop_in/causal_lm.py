@@ -9,18 +9,18 @@ gitfast's (`model.layers.0.qkv.weight`), checkpoints are read and written with t
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Optional
 
 import torch
 from transformers import GenerationConfig, GitConfig, PreTrainedModel
 from transformers.generation import GenerationMixin
 
-from .. import loading, quantization
+from .. import hf_format, loading, quantization
 from ..devices import placement
 from ..model import GitModel, num_image_tokens
 from ..serving import paged_generate
 from ..serving.engine import Engine
+from .checkpointing import make_checkpointable
 from .forward import run as forward_run
 from .generate import run as generate_run
 from .init import initial_hf_weights
@@ -47,7 +47,7 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         target = torch.get_default_device()
         with torch.device("meta"):
             model = GitModel(config)
-        self.model = model if target.type == "meta" else model.to_empty(device=target)
+        self.model = make_checkpointable(model if target.type == "meta" else model.to_empty(device=target))
         self._engine: Optional[Engine] = None
         self.post_init()
 
@@ -58,7 +58,7 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         dev, dt = placement(self.model)
         hf = initial_hf_weights(self.config, device=dev, dtype=dt)
         shapes = {k: v.shape for k, v in self.model.state_dict().items()}
-        for name, value in loading.from_hf_state_dict(hf, self.config, shapes).items():
+        for name, value in hf_format.from_hf_state_dict(hf, self.config, shapes).items():
             owner = self.model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.model
             if not getattr(owner, "_is_hf_initialized", False):  # as transformers: set once, never redrawn
                 self.model.get_parameter(name).copy_(value)
@@ -108,6 +108,11 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         makes the Linear layers dynamic INT8 (CPU only; gitfast.quantization).
         """
         quantization.method_of(quantization_config)  # an unknown method fails before any loading
+        # transformers' Auto classes always pass adapter_kwargs (hub arguments for a PEFT adapter search);
+        # they name an adapter only when the checkpoint is one
+        if (kwargs.pop("adapter_kwargs", None) or {}).get("_adapter_model_path"):
+            raise NotImplementedError(f"{pretrained_model_name_or_path} is a PEFT adapter; gitfast loads full GIT "
+                                      "checkpoints (merge the adapter into its base model and save that)")
         harmless = {"low_cpu_mem_usage", "use_safetensors", "trust_remote_code", "force_download", "proxies",
                     "subfolder", "_from_auto", "_from_pipeline"}
         unknown = set(kwargs) - harmless
@@ -149,27 +154,13 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
     def _wrap(cls, config, model: GitModel) -> "GitForCausalLM":
         with torch.device("meta"):  # the placeholder GitModel costs nothing; the loaded one replaces it
             wrapper = cls(config)
-        wrapper.model = model
+        wrapper.model = make_checkpointable(model)
         wrapper.tie_weights()
         return wrapper.eval()
 
     def save_pretrained(self, save_directory, **kwargs):
         """Writes a transformers-compatible checkpoint: config.json, generation_config.json, model.safetensors."""
-        from safetensors.torch import save_file
-
-        from ..quantization import describe
-
-        if describe(self.model) is not None:
-            raise NotImplementedError("a dynamically quantized model cannot be saved as a transformers checkpoint "
-                                      "(its Linear layers hold INT8 weights); save the model before quantizing, and "
-                                      "load it with quantization_config='dynamic'")
-
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.config.save_pretrained(str(out))
-        self.generation_config.save_pretrained(str(out))
-        save_file(loading.to_hf_state_dict(self.model.state_dict(), self.config), str(out / loading.SAFE_SINGLE),
-                  metadata={"format": "pt"})
+        hf_format.save(self.model, self.config, save_directory, self.generation_config)
 
     # --- forward and generate --------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, pixel_values=None, inputs_embeds=None,

@@ -8,15 +8,12 @@ from `config.use_cache`).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import attention, attention_probs, ops
 from ..devices import placement
-from ..model import num_image_tokens, run_layer
 
 # keywords transformers' forward takes through **kwargs that gitfast honours; anything else is refused
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
@@ -86,7 +83,7 @@ def run(lm, input_ids=None, attention_mask=None, position_ids=None, pixel_values
 
     states = [h] if output_hidden_states else None
     for layer in m.layers:
-        h = run_layer(m, layer, h, attend)
+        h = layer(h, attend)
         if states is not None:
             states.append(h)
     if isinstance(logits_to_keep, int):

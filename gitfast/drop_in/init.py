@@ -5,7 +5,7 @@ random numbers it later throws away), then `post_init` re-draws the weights, one
 (the vision model, then the text model, then the LM head). gitfast's layout differs (one fused QKV per
 layer), so instead of building the same modules we replay the same draws in the same order: the
 throw-away ones on scratch tensors, the kept ones into Hugging Face-named tensors, which
-`loading.from_hf_state_dict` maps into gitfast's layout as it does for a checkpoint.
+`hf_format.from_hf_state_dict` maps into gitfast's layout as it does for a checkpoint.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .. import loading
+from .. import hf_format
 
 # One draw: (what, hf name or None for a scratch tensor, shape, std). `what` is "uniform" (a default
 # init: only its RNG use matters), "normal", "zero_row" (the padding row of an embedding).
@@ -118,7 +118,7 @@ def _hf_tensors(config) -> Dict[str, Tuple[tuple, bool]]:
         model = GitModel(config)
     ours = model.state_dict()
     out = {}
-    for name, (names, _, split) in loading.name_map(config).items():
+    for name, (names, _, split) in hf_format.name_map(config).items():
         owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         norm = isinstance(owner, torch.nn.LayerNorm) and name.endswith("weight")
         for n, part in zip(names, split(ours[name])):

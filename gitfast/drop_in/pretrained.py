@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .. import loading
+from .. import hf_format, loading
 from ..devices import resolve_device, resolve_dtype
 
 _BASE_PREFIXES = ("embeddings.", "image_encoder.", "encoder.", "visual_projection.", "img_temporal_embedding.")
@@ -43,9 +43,9 @@ def lenient(cls, config, weights, ignore_mismatched_sizes: bool):
     ours = gitfast_named(weights, config)
     unexpected, mismatched, loaded = set(), [], {}
     if ours is None:
-        hf = {k: v for k, v in hf_named(weights).items() if not k.endswith(loading.IGNORED_SUFFIXES)}
+        hf = {k: v for k, v in hf_named(weights).items() if not k.endswith(hf_format.IGNORED_SUFFIXES)}
         used = set()
-        for name, (names, merge, _) in loading.name_map(config).items():
+        for name, (names, merge, _) in hf_format.name_map(config).items():
             if all(n in hf for n in names):
                 loaded[name] = merge([hf[n] for n in names])
                 used.update(names)
@@ -88,7 +88,7 @@ def load(cls, pretrained_model_name_or_path, config=None, state_dict=None, outpu
     else:
         ours = gitfast_named(weights, config)
         if ours is not None:
-            weights = loading.to_hf_state_dict(ours, config)
+            weights = hf_format.to_hf_state_dict(ours, config)
         model = cls._from_weights(config, hf_named(weights), dtype, device)
         info = None
     model.generation_config = (loading.generation_config_of(folder, config) if folder is not None
