@@ -163,6 +163,18 @@ class GitModel(nn.Module):
             h = layer(h, attend)
         return h
 
+    def decode_prefix(self, h: torch.Tensor, attend, store) -> None:
+        """The decoder over image tokens `h` for their keys and values only. Image tokens attend only to
+        each other and text reads them from the cache, so the last layer's attention and MLP over them
+        would be thrown away: it stops at the last layer's projection, `store(layer, k, v)`."""
+        if not len(self.layers):
+            return
+        for layer in self.layers[:-1]:
+            h = layer(h, attend)
+        last = self.layers[-1]
+        _, k, v = _split_qkv(last.qkv(h), last.num_heads)
+        store(last.index, k, v)
+
     def save_pretrained(self, save_directory) -> None:
         """Writes this network as a transformers `GitForCausalLM` checkpoint (config.json, model.safetensors),
         which gitfast and transformers both load."""

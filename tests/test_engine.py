@@ -83,6 +83,37 @@ def test_default_cache_is_sized_for_the_run_and_grows_when_needed(models):
         assert o.token_ids == row[:n] and all(t == 0 for t in row[n:])
 
 
+def test_image_prefix_stops_at_the_last_layers_keys_and_values(models):
+    """`encode_prefixes` caches the same K/V as a full decoder pass over the image tokens, without the
+    last layer's attention output and MLP (nothing reads them: text attends through the cache)."""
+    from gitfast import attention
+    from gitfast.serving.paged_cache import PagedKVCache
+    from gitfast.serving.paged_runner import PagedRunner
+
+    _, fm = models
+    m = fm.model
+    with torch.no_grad():
+        image = m.encode_images(pixels("hd64_odd_tokens", 2, seed=9))
+        n = image.shape[1]
+        shape = (m.config.num_hidden_layers, 32, 8, m.config.num_attention_heads, m.head_dim)
+        ours = PagedKVCache(*shape, dtype=image.dtype, device=image.device)
+        ran = []
+        hook = m.layers[-1].fc1.register_forward_hook(lambda *a: ran.append(1))
+        try:
+            prefixes = PagedRunner(m, ours).encode_prefixes(image)
+        finally:
+            hook.remove()
+        assert not ran, "the last layer's MLP ran over image tokens"
+        full = PagedKVCache(*shape, dtype=image.dtype, device=image.device)
+        slots = torch.tensor([p.blocks[t // 8] * 8 + t % 8 for p in prefixes for t in range(n)])
+        meta = attention.AttentionMetadata(attention.PREFIX, slots, num_image=n)
+        m.decode(image, lambda layer, q, k, v: attention.paged(q, k, v, full.k[layer], full.v[layer], meta))
+    used = torch.tensor([b for p in prefixes for b in p.blocks])
+    for layer in range(m.config.num_hidden_layers):
+        assert torch.equal(ours.k[layer][used], full.k[layer][used]), layer
+        assert torch.equal(ours.v[layer][used], full.v[layer][used]), layer
+
+
 def test_shared_image_prefix_is_encoded_once(models, monkeypatch):
     hf, fm = models
     px = pixels("hd64_odd_tokens", 2, seed=5)

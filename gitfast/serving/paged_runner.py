@@ -1,8 +1,9 @@
 """GIT's decoder over the paged KV cache: image prefixes, prompt prefill, and decode steps.
 
-Three phases, each one pass of `GitModel.decode` with its own attention callback:
+Three phases, each one decoder pass with its own attention callback:
 - `encode_prefixes`: the decoder over image tokens alone (they attend only to each other), writing
-  their K/V into prefix blocks that many sequences may then share;
+  their K/V into prefix blocks that many sequences may then share (`GitModel.decode_prefix`: the
+  last layer stops at its K/V projection);
 - `prefill`: the prompts of new sequences (packed, no padding), attending to their image prefix and
   causally to themselves;
 - `decode`: one token per running sequence.
@@ -42,7 +43,13 @@ class PagedRunner:
             return prefixes
         bs = self.cache.block_size
         slots = self._tensor([p.blocks[t // bs] * bs + t % bs for p in prefixes for t in range(length)])
-        self._decode(image_tokens, AttentionMetadata(attention.PREFIX, slots, num_image=length))
+        meta, cache = AttentionMetadata(attention.PREFIX, slots, num_image=length), self.cache
+
+        def store(layer, k, v):  # the last layer's keys and values: nothing reads its outputs
+            attention.write_kv(k.flatten(0, 1), v.flatten(0, 1), cache.k[layer], cache.v[layer], slots)
+
+        self.model.decode_prefix(
+            image_tokens, lambda layer, q, k, v: attention.paged(q, k, v, cache.k[layer], cache.v[layer], meta), store)
         return prefixes
 
     def prefill(self, seqs: List[SeqBlocks], prompts: Sequence[Sequence[int]], num_image: int) -> torch.Tensor:
