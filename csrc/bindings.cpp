@@ -411,6 +411,49 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
 
 std::string cpu_isa() { return cpu_kernels::cpu_isa(); }
 
+// ---------------------------------------------------------------------------------------------
+// The bf16 LM head with fp32 logits (CPU kernels only)
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor pack_bf16_cols(const at::Tensor& w) {
+  TORCH_CHECK(w.is_cpu() && w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kBFloat16,
+              "gitfast.pack_bf16_cols: w must be a contiguous 2-D bfloat16 CPU tensor, got ", w.scalar_type(), " ",
+              w.sizes(), " on ", w.device());
+  const int64_t tiles = (w.size(0) + 31) / 32 * 2, kp = (w.size(1) + 1) / 2;
+  at::Tensor packed = at::empty({tiles, kp, 16, 2}, w.options());
+  if (packed.numel() > 0) cpu_kernels::pack_bf16_cols(w, packed);
+  return packed;
+}
+
+at::Tensor linear_bf16_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
+  const char* op = "linear_bf16_f32";
+  TORCH_CHECK(x.is_cpu() && x.dim() >= 1 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "gitfast.", op,
+              ": x must be a contiguous bfloat16 CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  const int64_t k = x.size(-1);
+  TORCH_CHECK(packed.is_cpu() && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
+                  packed.size(2) == 16 && packed.size(3) == 2 && packed.size(0) % 2 == 0 && packed.size(1) == (k + 1) / 2,
+              "gitfast.", op, ": packed must come from pack_bf16_cols of a [N, ", k, "] weight, got ",
+              packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK(n >= 0 && n <= packed.size(0) * 16 && n > (packed.size(0) - 2) * 16, "gitfast.", op, ": n = ", n,
+              " does not match the packed weight's ", packed.size(0), " column tiles");
+  if (bias) {
+    TORCH_CHECK(bias->is_cpu() && bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == n,
+                "gitfast.", op, ": bias must be a contiguous float32 CPU tensor of ", n, " entries, got ",
+                bias->scalar_type(), " ", bias->sizes());
+  }
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = n;
+  at::Tensor y = at::empty(shape, x.options().dtype(at::kFloat));
+  const int64_t m = x.numel() / std::max<int64_t>(k, 1);
+  if (m > 0 && n > 0) {
+    at::Tensor y2 = y.view({m, n});
+    cpu_kernels::linear_bf16_f32(x.view({m, k}), packed, bias ? &*bias : nullptr, y2);
+  }
+  return y;
+}
+
+std::string logits_isa() { return cpu_kernels::logits_isa(); }
+
 }  // namespace
 }  // namespace gitfast
 
@@ -444,6 +487,9 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
         tags);
   m.def("cpu_isa() -> str", &gitfast::cpu_isa);  // no tensors: one kernel for every dispatch key
+  m.def("pack_bf16_cols(Tensor w) -> Tensor", tags);
+  m.def("linear_bf16_f32(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor", tags);
+  m.def("logits_isa() -> str", &gitfast::logits_isa);
 }
 
 // The same entries for every device: they pick the device's kernels themselves.
@@ -461,6 +507,8 @@ TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
   m.impl("write_kv_cache", &gitfast::write_kv_cache);
   m.impl("quantize_rows", &gitfast::quantize_rows);
   m.impl("dequantize_rows", &gitfast::dequantize_rows);
+  m.impl("pack_bf16_cols", &gitfast::pack_bf16_cols);
+  m.impl("linear_bf16_f32", &gitfast::linear_bf16_f32);
 }
 #if GITFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(gitfast, CUDA, m) { GITFAST_IMPL_ALL(m); }

@@ -82,6 +82,15 @@ def _register_fakes() -> None:
     def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation):
         return x.new_empty((*x.shape[:-1], fc2_weight.shape[0]))
 
+    if hasattr(torch.ops.gitfast, "linear_bf16_f32"):
+        @torch.library.register_fake("gitfast::pack_bf16_cols")
+        def _(w):
+            return w.new_empty(((w.shape[0] + 31) // 32 * 2, (w.shape[1] + 1) // 2, 16, 2))
+
+        @torch.library.register_fake("gitfast::linear_bf16_f32")
+        def _(x, packed, n, bias):
+            return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+
 
 def extension_loaded() -> bool:
     """Whether `gitfast._C` imported (once per process; a failure warns once and sticks)."""
@@ -222,13 +231,20 @@ class Linear(nn.Linear):
 
 
 class Logits(Linear):
-    """The LM head. On the CPU, bf16 weights give fp32 logits (x upcast, an fp32 copy of the weight
-    made once): bf16 logits keep 8 mantissa bits, steps of 0.06-0.125 at the logit sizes greedy
-    decoding compares, and their ties flip choices. git-base shapes, random weights, 32 images x 20
-    tokens: bf16 captions identical to fp32's 11/32 with bf16 logits, 16/32 with fp32 ones
-    (transformers' bf16: 14/32); the fp32 copy costs the head's weight again in memory."""
+    """The LM head. On the CPU, bf16 weights give fp32 logits: bf16 logits keep 8 mantissa bits, steps
+    of 0.06-0.125 at the logit sizes greedy decoding compares, and their ties flip choices. git-base
+    shapes, random weights, 32 images x 20 tokens: bf16 captions identical to fp32's 11/32 with bf16
+    logits, 16/32 with fp32 ones (transformers' bf16: 14/32).
 
-    _wide = None  # (weight identity, fp32 weight, fp32 bias)
+    Products of bf16 values are exact in fp32, so the fp32 logits come from the bf16 weight itself:
+    up to 16 rows (decode steps) through the extension's bf16 x bf16 -> fp32 kernel on a packed copy
+    of the weight (`linear_bf16_f32`, csrc/cpu/logits.cpp: half the bytes of an fp32 GEMM's weight;
+    0.4x its time at 8 rows, 0.5x at 1, git-base head, 2 cores); more rows through an fp32 GEMM on an
+    upcast copy (where MKL's fp32 GEMM catches up: 24+ rows). Each copy is made once, on first use."""
+
+    _wide = None    # (weight identity, fp32 weight, fp32 bias)
+    _narrow = None  # (weight identity, packed bf16 weight, fp32 bias)
+    KERNEL_ROWS = 16
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         w = self.weight
@@ -236,8 +252,15 @@ class Logits(Linear):
                 (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
             return super().forward(x, activation)
         key = (w.data_ptr(), w._version, None if self.bias is None else self.bias._version)
+        bias = None if self.bias is None else self.bias.detach().float()
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows <= self.KERNEL_ROWS and w.dtype == torch.bfloat16 and not torch.compiler.is_compiling() \
+                and extension_loaded() and hasattr(torch.ops.gitfast, "linear_bf16_f32"):
+            if self._narrow is None or self._narrow[0] != key:
+                self._narrow = (key, torch.ops.gitfast.pack_bf16_cols(w.detach().contiguous()), bias)
+            return torch.ops.gitfast.linear_bf16_f32(x.contiguous(), self._narrow[1], w.shape[0], self._narrow[2])
         if self._wide is None or self._wide[0] != key:
-            self._wide = (key, w.detach().float(), None if self.bias is None else self.bias.detach().float())
+            self._wide = (key, w.detach().float(), bias)
         return F.linear(x.float(), self._wide[1], self._wide[2])
 
 

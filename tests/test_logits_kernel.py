@@ -1,0 +1,115 @@
+"""The bf16 LM head's fp32 logits (gitfast._C linear_bf16_f32 on pack_bf16_cols weights, used by
+ops.Logits) vs an fp64 oracle on the same bf16 values.
+
+Odd shapes on purpose: an odd hidden size (a zero-padded k pair), vocabularies that are not a whole
+number of 16-column tiles (or of tile pairs), row counts across the kernel's 8-row chunks, 1-row
+decode and 3-D inputs. Products of bf16 values are exact in fp32, so the only error is fp32
+summation: held to 1e-5 of the oracle's scale. The portable path (CPUs without AVX512-BF16) runs in
+a subprocess with GITFAST_CPU_ISA capping the kernels.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gitfast import ops
+
+pytestmark = pytest.mark.skipif(not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "linear_bf16_f32")),
+                                reason="gitfast._C without the bf16 logits kernel")
+g = torch.ops.gitfast
+
+
+def _bf16(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+def _check(y, x, w, b):
+    gold = x.double() @ w.double().T + (0 if b is None else b.double())
+    assert y.dtype == torch.float32 and y.shape == gold.shape
+    scale = (x.double().abs() @ w.double().abs().T).max().item()
+    assert (y.double() - gold).abs().max().item() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("n,k", [(1, 2), (37, 17), (48, 64), (100, 768), (1000, 80)])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 21])
+def test_against_fp64(n, k, m):
+    w, x, b = _bf16(n, k, seed=1), _bf16(m, k, seed=2), torch.randn(n)
+    packed = g.pack_bf16_cols(w)
+    assert packed.shape == ((n + 31) // 32 * 2, (k + 1) // 2, 16, 2)
+    _check(g.linear_bf16_f32(x, packed, n, b), x, w, b)
+    _check(g.linear_bf16_f32(x, packed, n, None), x, w, None)
+
+
+def test_packing_poisoned_padding_never_read():
+    """Padding is zero-filled by the packer: NaN in the unused columns of a reused buffer cannot leak."""
+    w, x = _bf16(37, 17, seed=3), _bf16(5, 17, seed=4)
+    packed = g.pack_bf16_cols(w)
+    _check(g.linear_bf16_f32(x, packed, 37, None), x, w, None)
+    assert torch.isfinite(packed.float()).all()
+
+
+def test_leading_dims_and_empty():
+    w, x = _bf16(50, 32, seed=5), _bf16(2, 3, 32, seed=6)
+    y = g.linear_bf16_f32(x, g.pack_bf16_cols(w), 50, None)
+    assert y.shape == (2, 3, 50)
+    _check(y.reshape(6, 50), x.reshape(6, 32), w, None)
+    assert g.linear_bf16_f32(_bf16(0, 32), g.pack_bf16_cols(w), 50, None).shape == (0, 50)
+
+
+def test_bad_inputs_are_refused_by_name():
+    w = _bf16(40, 16)
+    packed = g.pack_bf16_cols(w)
+    with pytest.raises(RuntimeError, match="pack_bf16_cols: w must be"):
+        g.pack_bf16_cols(w.float())
+    with pytest.raises(RuntimeError, match="linear_bf16_f32: x must be"):
+        g.linear_bf16_f32(_bf16(2, 16).float(), packed, 40, None)
+    with pytest.raises(RuntimeError, match="packed must come from pack_bf16_cols"):
+        g.linear_bf16_f32(_bf16(2, 18), packed, 40, None)
+    with pytest.raises(RuntimeError, match="n = 70"):
+        g.linear_bf16_f32(_bf16(2, 16), packed, 70, None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        g.linear_bf16_f32(_bf16(2, 16), packed, 40, torch.zeros(39))
+
+
+def test_opcheck():
+    w, x = _bf16(40, 16), _bf16(3, 16)
+    packed = g.pack_bf16_cols(w)
+    torch.library.opcheck(g.pack_bf16_cols, (w,))
+    torch.library.opcheck(g.linear_bf16_f32, (x, packed, 40, torch.randn(40)))
+
+
+def test_logits_module_uses_the_kernel_up_to_16_rows(monkeypatch):
+    """ops.Logits on bf16: fp32 logits from the bf16 weight's values, through the kernel for decode-sized
+    inputs and an fp32 GEMM beyond; a changed weight is repacked."""
+    head = ops.Logits(32, 70).bfloat16()
+    calls = []
+    real = g.linear_bf16_f32
+    monkeypatch.setattr(torch.ops.gitfast, "linear_bf16_f32", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        for rows in (1, 16, 17, 40):
+            x = _bf16(rows, 32, seed=rows)
+            y = head(x)
+            _check(y, x, head.weight, head.bias)
+        assert len(calls) == 2
+        head.weight.mul_(2)
+        x = _bf16(4, 32, seed=9)
+        _check(head(x), x, head.weight, head.bias)
+
+
+def test_isa_reported():
+    isa = g.logits_isa()
+    assert isa in ("avx512bf16", "portable")
+    if os.environ.get("GITFAST_CPU_ISA") in ("avx2", "generic"):
+        assert isa == "portable"
+
+
+@pytest.mark.skipif(os.environ.get("GITFAST_CPU_ISA") is not None, reason="already a forced-ISA run")
+@pytest.mark.skipif(not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "logits_isa")
+                         and torch.ops.gitfast.logits_isa() == "avx512bf16"), reason="the portable path is this CPU's")
+def test_portable_path():
+    env = {**os.environ, "GITFAST_CPU_ISA": "avx2"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "fp64 or isa_reported"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
