@@ -163,3 +163,63 @@ void attend_single(const float* K, const float* V, const float* q, int64_t L, in
     default: return attend_single_nv<0>(K, V, q, L, Lp, nv, S, O);
   }
 }
+
+// A decode step straight from the cache: key j's and value j's rows at K[j] and V[j] (fp32, or bf16
+// bits widened exactly in registers), D = nv * W, q [D] pre-scaled as above, S [>= L rounded up to W]
+// scratch. The same arithmetic as attend_single, without packing the rows first: each is read once,
+// where it lies.
+template <int NV, typename T>
+GITFAST_INLINE void attend_rows_nv(const T* const* K, const T* const* V, const float* q, int64_t L, int nv_runtime,
+                                   float* S, float* O) {
+  constexpr int kMaxNV = NV > 0 ? NV : kMaxHeadDim / Vec::W;
+  const int nv = NV > 0 ? NV : nv_runtime;
+  Vec qv[kMaxNV];
+  for (int v = 0; v < nv; ++v) qv[v] = Vec::load(q + v * Vec::W);
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < L; ++j) {
+    const T* k = K[j];
+    Vec acc = Vec::mul(qv[0], Vec::load(k));
+    for (int v = 1; v < nv; ++v) acc = Vec::fma(qv[v], Vec::load(k + v * Vec::W), acc);
+    S[j] = acc.hsum();
+    m = std::max(m, S[j]);
+  }
+  const int64_t Lw = (L + Vec::W - 1) / Vec::W * Vec::W;
+  for (int64_t j = L; j < Lw; ++j) S[j] = -std::numeric_limits<float>::infinity();  // exp2 -> 0
+  const Vec mv = Vec::broadcast(m);
+  Vec sum = Vec::zero();
+  for (int64_t j = 0; j < Lw; j += Vec::W) {
+    const Vec e = Vec::exp2(Vec::sub(Vec::load(S + j), mv));
+    sum = Vec::add(sum, e);
+    e.store(S + j);
+  }
+  Vec o[kMaxNV];
+  for (int v = 0; v < nv; ++v) o[v] = Vec::zero();
+  for (int64_t j = 0; j < L; ++j) {
+    const Vec p = Vec::broadcast(S[j]);
+    const T* vr = V[j];
+    for (int v = 0; v < nv; ++v) o[v] = Vec::fma(p, Vec::load(vr + v * Vec::W), o[v]);
+  }
+  const Vec inv = Vec::broadcast(1.0f / sum.hsum());  // key 0 is always visible: sum >= 1
+  for (int v = 0; v < nv; ++v) Vec::mul(o[v], inv).store(O + v * Vec::W);
+}
+
+template <typename T>
+void attend_rows(const T* const* K, const T* const* V, const float* q, int64_t L, int nv, float* S, float* O) {
+  switch (nv) {
+    case 2: return attend_rows_nv<2>(K, V, q, L, nv, S, O);
+    case 4: return attend_rows_nv<4>(K, V, q, L, nv, S, O);
+    case 5: return attend_rows_nv<5>(K, V, q, L, nv, S, O);
+    case 8: return attend_rows_nv<8>(K, V, q, L, nv, S, O);
+    default: return attend_rows_nv<0>(K, V, q, L, nv, S, O);
+  }
+}
+
+void attend_rows_f32(const float* const* K, const float* const* V, const float* q, int64_t L, int nv, float* S,
+                     float* O) {
+  attend_rows<float>(K, V, q, L, nv, S, O);
+}
+
+void attend_rows_bf16(const uint16_t* const* K, const uint16_t* const* V, const float* q, int64_t L, int nv, float* S,
+                      float* O) {
+  attend_rows<uint16_t>(K, V, q, L, nv, S, O);
+}
