@@ -19,6 +19,7 @@ load average beside it::
 
     python -m gitfast.bench.bench_cpu --sizes git-base --batches 1 8 --rounds 3
     python -m gitfast.bench.bench_cpu --caption --rounds 3   # gitfast caption vs the transformers loop
+    python -m gitfast.bench.bench_cpu --agreement 32          # captions identical to fp32, 32 images
 """
 from __future__ import annotations
 
@@ -230,6 +231,19 @@ def caption_rows(rounds: int, root="/tmp/gitfast-bench-cpu") -> list:
                  load=f"{min(loads):.1f}-{max(loads):.1f}") for k, v in times.items()]
 
 
+def agreement(size: str, images: int) -> dict:
+    """Greedy captions identical to transformers' fp32 ones, per provider, over `images` images (batches
+    of 8, each with its own pixels): the coarse per-row `agree` column, measured wide enough to compare."""
+    ms, counts = models(size), {}
+    for i in range(0, images, 8):
+        px = torch.randn(min(8, images - i), 3, 224, 224, generator=torch.Generator().manual_seed(100 + i))
+        reference = generate(ms["fp32", "transformers"], px)
+        for (precision, who), model in ms.items():
+            same = (generate(model, px) == reference).all(dim=1).sum().item()
+            counts[f"{who} {precision}"] = counts.get(f"{who} {precision}", 0) + int(same)
+    return counts
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["git-base"], choices=list(SIZES))
@@ -238,9 +252,17 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--caption", action="store_true", help="only the captioning rows (whole processes)")
+    p.add_argument("--agreement", type=int, metavar="N", help="only agreement with fp32, over N images")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.agreement:
+        for size in args.sizes:
+            print(f"| {size}, {args.agreement} images | greedy captions identical to transformers fp32 |")
+            print("|---|---|")
+            for name, same in agreement(size, args.agreement).items():
+                print(f"| {name} | {same}/{args.agreement} |", flush=True)
+        return
     if args.caption:
         print("| 32 JPEGs, batch 8, 20 new tokens, whole process | seconds | speed vs transformers fp32 loop | load |")
         print("|---|---|---|---|")

@@ -245,23 +245,37 @@ class Logits(Linear):
     _wide = None    # (weight identity, fp32 weight, fp32 bias)
     _narrow = None  # (weight identity, packed bf16 weight, fp32 bias)
     KERNEL_ROWS = 16
+    # Set by gitfast.quantization on native-bf16 CPUs: fp32 inputs and weights also take the bf16
+    # kernel (both rounded to bf16 once, fp32 accumulation and logits)
+    reads_bf16 = False
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         w = self.weight
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or activation is not None or \
+        narrowed = self.reads_bf16 and x.dtype == torch.float32 and w.dtype == torch.float32
+        if not (x.dtype == torch.bfloat16 or narrowed) or x.device.type != "cpu" or activation is not None or \
                 (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
             return super().forward(x, activation)
         key = (w.data_ptr(), w._version, None if self.bias is None else self.bias._version)
         bias = None if self.bias is None else self.bias.detach().float()
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows <= self.KERNEL_ROWS and w.dtype == torch.bfloat16 and not torch.compiler.is_compiling() \
-                and extension_loaded() and hasattr(torch.ops.gitfast, "linear_bf16_f32"):
+        if rows <= self.KERNEL_ROWS and w.dtype in (torch.bfloat16, torch.float32) and \
+                not torch.compiler.is_compiling() and extension_loaded() and \
+                hasattr(torch.ops.gitfast, "linear_bf16_f32"):
             if self._narrow is None or self._narrow[0] != key:
-                self._narrow = (key, torch.ops.gitfast.pack_bf16_cols(w.detach().contiguous()), bias)
-            return torch.ops.gitfast.linear_bf16_f32(x.contiguous(), self._narrow[1], w.shape[0], self._narrow[2])
+                self._narrow = (key, torch.ops.gitfast.pack_bf16_cols(w.detach().bfloat16().contiguous()), bias)
+            return torch.ops.gitfast.linear_bf16_f32(x.bfloat16().contiguous(), self._narrow[1], w.shape[0],
+                                                     self._narrow[2])
+        if narrowed:
+            return super().forward(x, activation)
         if self._wide is None or self._wide[0] != key:
             self._wide = (key, w.detach().float(), bias)
         return F.linear(x.float(), self._wide[1], self._wide[2])
+
+
+def native_bf16_logits() -> bool:
+    """Whether the extension's bf16 x bf16 -> fp32 kernel runs on bf16 instructions here (AVX512-BF16)."""
+    return extension_loaded() and hasattr(torch.ops.gitfast, "logits_isa") and \
+        torch.ops.gitfast.logits_isa() == "avx512bf16"
 
 
 def feed_forward(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: str) -> torch.Tensor:

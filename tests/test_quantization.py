@@ -87,6 +87,18 @@ def test_quantize_swaps_the_linears_but_keeps_the_lm_head():
     assert kinds["proj"] is Q.DynamicInt8Linear
     assert Q.describe(fm.model).startswith("dynamic INT8")
     assert not any(isinstance(m, ops.Linear) for n, m in fm.model.named_modules() if n != "lm_head")
+    # on AVX512-BF16 CPUs the kept head reads a bf16 copy of its weight: fp32 logits within bf16's rounding
+    assert fm.model.lm_head.reads_bf16 == ops.native_bf16_logits()
+    x = torch.randn(3, fm.config.hidden_size)
+    with torch.no_grad():
+        got, exact = fm.model.lm_head(x), torch.nn.functional.linear(x, fm.model.lm_head.weight, fm.model.lm_head.bias)
+    assert got.dtype == torch.float32
+    if ops.native_bf16_logits():
+        rounded = torch.nn.functional.linear(x.bfloat16().float(), fm.model.lm_head.weight.bfloat16().float(),
+                                             fm.model.lm_head.bias)
+        assert torch.allclose(got, rounded, atol=1e-5, rtol=1e-5) and not torch.equal(got, exact)
+    else:
+        assert torch.equal(got, exact)
 
 
 def test_quantized_greedy_captions_agree_with_fp32():
