@@ -20,6 +20,7 @@ load average beside it::
     python -m gitfast.bench.bench_cpu --sizes git-base --batches 1 8 --rounds 3
     python -m gitfast.bench.bench_cpu --caption --rounds 3   # gitfast caption vs the transformers loop
     python -m gitfast.bench.bench_cpu --agreement 32          # captions identical to fp32, 32 images
+    python -m gitfast.bench.bench_cpu --repeat 8 --batches 8  # spread of repeated runs
 """
 from __future__ import annotations
 
@@ -244,6 +245,24 @@ def agreement(size: str, images: int) -> dict:
     return counts
 
 
+def repeated(size: str, batch: int, runs: int, precisions=PRECISIONS) -> list:
+    """gitfast's generate `runs` times in a row per precision after one warm-up call: the spread of
+    repeated runs (each time's deviation from their median), with the load average around them."""
+    ms, px, rows = models(size), pixels(size, batch), []
+    for precision in precisions:
+        model = ms[precision, "gitfast"]
+        generate(model, px)
+        load0, times = os.getloadavg()[0], []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            generate(model, px)
+            times.append(time.perf_counter() - t0)
+        mid = statistics.median(times)
+        rows.append(dict(size=size, batch=batch, precision=precision, times=times,
+                         spread=max(abs(t / mid - 1) for t in times), load=f"{load0:.1f}-{os.getloadavg()[0]:.1f}"))
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["git-base"], choices=list(SIZES))
@@ -253,9 +272,20 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--caption", action="store_true", help="only the captioning rows (whole processes)")
     p.add_argument("--agreement", type=int, metavar="N", help="only agreement with fp32, over N images")
+    p.add_argument("--repeat", type=int, metavar="N", help="only gitfast's spread over N runs in a row")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.repeat:
+        print("| model | batch | precision | seconds, run by run | largest deviation from the median | load |")
+        print("|---|---|---|---|---|---|")
+        for size in args.sizes:
+            for batch in args.batches:
+                for r in repeated(size, batch, args.repeat, args.precisions):
+                    runs = ", ".join(f"{t:.2f}" for t in r["times"])
+                    print(f"| {r['size']} | {r['batch']} | {r['precision']} | {runs} | {r['spread']:.0%} | {r['load']} |",
+                          flush=True)
+        return
     if args.agreement:
         for size in args.sizes:
             print(f"| {size}, {args.agreement} images | greedy captions identical to transformers fp32 |")
