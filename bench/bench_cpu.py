@@ -169,9 +169,9 @@ with torch.inference_mode():
 """
 
 
-def caption_checkpoint(root) -> tuple:
+def caption_checkpoint(root, images: int = 32) -> tuple:
     """A git-base-shaped random checkpoint at 224 px with the embedded model's tokenizer (its vocab),
-    and a folder of 32 JPEGs (320 x 240, the examples' shapes at varied crops)."""
+    and a folder of `images` JPEGs (320 x 240, the examples' shapes at varied crops)."""
     import json
     import shutil
     from pathlib import Path
@@ -182,7 +182,7 @@ def caption_checkpoint(root) -> tuple:
     from gitfast.defaults import EMBEDDED_MODEL, EXAMPLES
 
     root = Path(root)
-    folder, pictures = root / "git-base-224-random", root / "jpegs"
+    folder, pictures = root / "git-base-224-random", root / ("jpegs" if images == 32 else f"jpegs-{images}")
     if not folder.is_dir():
         torch.manual_seed(0)
         shapes = json.loads((EMBEDDED_MODEL / "config.json").read_text())
@@ -199,17 +199,18 @@ def caption_checkpoint(root) -> tuple:
     if not pictures.is_dir():
         pictures.mkdir(parents=True)
         examples = sorted(EXAMPLES.glob("*.png"))
-        for i in range(32):
-            im = Image.open(examples[i % len(examples)]).convert("RGB").resize((400 + 10 * i, 300 + 5 * i))
-            im.crop((i, i, i + 320, i + 240)).save(pictures / f"{i:03d}.jpg", quality=90)
+        for i in range(images):
+            j = i % 32  # crops repeat after 32; the files differ by name only
+            im = Image.open(examples[i % len(examples)]).convert("RGB").resize((400 + 10 * j, 300 + 5 * j))
+            im.crop((j, j, j + 320, j + 240)).save(pictures / f"{i:03d}.jpg", quality=90)
     return folder, pictures
 
 
-def caption_rows(rounds: int, root="/tmp/gitfast-bench-cpu") -> list:
+def caption_rows(rounds: int, root="/tmp/gitfast-bench-cpu", images: int = 32) -> list:
     import subprocess
     import sys
 
-    folder, pictures = caption_checkpoint(root)
+    folder, pictures = caption_checkpoint(root, images)
     out = f"{root}/captions.jsonl"
     runs = {
         "transformers fp32 loop": [sys.executable, "-c", _HF_LOOP, str(folder), str(pictures), "float32"],
@@ -228,8 +229,15 @@ def caption_rows(rounds: int, root="/tmp/gitfast-bench-cpu") -> list:
             times[name].append(time.perf_counter() - t0)
         loads.append(os.getloadavg()[0])
     base = times["transformers fp32 loop"]
+
+    def same_dtype(name):  # gitfast's row against the transformers loop in its dtype, pair by pair
+        if not name.startswith("gitfast"):
+            return None
+        theirs = times[f"transformers {'fp32' if name.endswith('float32') else 'bf16'} loop"]
+        return statistics.median(b / a for a, b in zip(times[name], theirs))
+
     return [dict(name=k, s=statistics.median(v), ratio=statistics.median(b / a for a, b in zip(v, base)),
-                 load=f"{min(loads):.1f}-{max(loads):.1f}") for k, v in times.items()]
+                 same=same_dtype(k), load=f"{min(loads):.1f}-{max(loads):.1f}") for k, v in times.items()]
 
 
 def agreement(size: str, images: int) -> dict:
@@ -271,6 +279,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--caption", action="store_true", help="only the captioning rows (whole processes)")
+    p.add_argument("--images", type=int, default=32, help="JPEGs in the --caption folder")
     p.add_argument("--agreement", type=int, metavar="N", help="only agreement with fp32, over N images")
     p.add_argument("--repeat", type=int, metavar="N", help="only gitfast's spread over N runs in a row")
     args = p.parse_args(argv)
@@ -294,10 +303,12 @@ def main(argv=None) -> None:
                 print(f"| {name} | {same}/{args.agreement} |", flush=True)
         return
     if args.caption:
-        print("| 32 JPEGs, batch 8, 20 new tokens, whole process | seconds | speed vs transformers fp32 loop | load |")
-        print("|---|---|---|---|")
-        for r in caption_rows(args.rounds):
-            print(f"| {r['name']} | {r['s']:.1f} | {r['ratio']:.2f}x | {r['load']} |", flush=True)
+        print(f"| {args.images} JPEGs, batch 8, 20 new tokens, whole process | seconds | speed vs transformers fp32 "
+              "loop | vs the transformers loop in the same dtype | load |")
+        print("|---|---|---|---|---|")
+        for r in caption_rows(args.rounds, images=args.images):
+            same = f"{r['same']:.2f}x" if r["same"] else "-"
+            print(f"| {r['name']} | {r['s']:.1f} | {r['ratio']:.2f}x | {same} | {r['load']} |", flush=True)
         return
     rows = []
     for size in args.sizes:
