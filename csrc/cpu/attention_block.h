@@ -113,71 +113,20 @@ void attend_block(const float* Kt, const float* V, const float* Q, const int* li
   attend_block_rows<kRows>(Kt, V, Q, lim, nr, Lp, nv, O);
 }
 
-// One query over L keys (a decode step), operands packed row-major instead: K [Lp][Dp] (key j is a
-// row, written sequentially by the packing rather than scattered into Kt's columns), V [Lp][Dp],
-// q [Dp] pre-scaled as above, S [Lp] scratch for the scores. Scores are one dot product per key, the
-// softmax a pass over S, then o = sum_j p_j V[j]: no score tile or row block to fill for one row.
-template <int NV>
-GITFAST_INLINE void attend_single_nv(const float* K, const float* V, const float* q, int64_t L, int64_t Lp,
-                                           int nv_runtime, float* S, float* O) {
-  constexpr int kMaxNV = NV > 0 ? NV : kMaxHeadDim / Vec::W;
-  const int nv = NV > 0 ? NV : nv_runtime;
-  const int64_t Dp = static_cast<int64_t>(nv) * Vec::W;
-  Vec qv[kMaxNV];
-  for (int v = 0; v < nv; ++v) qv[v] = Vec::load(q + v * Vec::W);
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < L; ++j) {
-    const float* k = K + j * Dp;
-    Vec acc = Vec::mul(qv[0], Vec::load(k));
-    for (int v = 1; v < nv; ++v) acc = Vec::fma(qv[v], Vec::load(k + v * Vec::W), acc);
-    S[j] = acc.hsum();
-    m = std::max(m, S[j]);
-  }
-  for (int64_t j = L; j < Lp; ++j) S[j] = -std::numeric_limits<float>::infinity();  // exp2 -> 0
-  const Vec mv = Vec::broadcast(m);
-  Vec sum = Vec::zero();
-  for (int64_t j = 0; j < Lp; j += Vec::W) {
-    const Vec e = Vec::exp2(Vec::sub(Vec::load(S + j), mv));
-    sum = Vec::add(sum, e);
-    e.store(S + j);
-  }
-  Vec o[kMaxNV];
-  for (int v = 0; v < nv; ++v) o[v] = Vec::zero();
-  for (int64_t j = 0; j < L; ++j) {
-    const Vec p = Vec::broadcast(S[j]);
-    const float* vr = V + j * Dp;
-    for (int v = 0; v < nv; ++v) o[v] = Vec::fma(p, Vec::load(vr + v * Vec::W), o[v]);
-  }
-  const Vec inv = Vec::broadcast(1.0f / sum.hsum());  // key 0 is always visible: sum >= 1
-  for (int v = 0; v < nv; ++v) Vec::mul(o[v], inv).store(O + v * Vec::W);
-}
-
-void attend_single(const float* K, const float* V, const float* q, int64_t L, int64_t Lp, int nv, float* S,
-                   float* O) {
-  switch (nv) {
-    case 1: return attend_single_nv<1>(K, V, q, L, Lp, nv, S, O);
-    case 2: return attend_single_nv<2>(K, V, q, L, Lp, nv, S, O);
-    case 4: return attend_single_nv<4>(K, V, q, L, Lp, nv, S, O);
-    case 5: return attend_single_nv<5>(K, V, q, L, Lp, nv, S, O);
-    case 8: return attend_single_nv<8>(K, V, q, L, Lp, nv, S, O);
-    default: return attend_single_nv<0>(K, V, q, L, Lp, nv, S, O);
-  }
-}
-
-// A decode step straight from the cache: key j's and value j's rows at K[j] and V[j] (fp32, or bf16
-// bits widened exactly in registers), D = nv * W, q [D] pre-scaled as above, S [>= L rounded up to W]
-// scratch. The same arithmetic as attend_single, without packing the rows first: each is read once,
-// where it lies.
-template <int NV, typename T>
-GITFAST_INLINE void attend_rows_nv(const T* const* K, const T* const* V, const float* q, int64_t L, int nv_runtime,
-                                   float* S, float* O) {
+// One query over L keys (a decode step): a dot product per key, the softmax a pass over S, then
+// o = sum_j p_j V[j]: no score tile or row block to fill for one row. `key(j)` and `value(j)` give
+// row j (fp32, or bf16 bits widened exactly in registers by Vec::load), D = nv * W; q [D] pre-scaled
+// as above; S [>= L rounded up to W] scratch for the scores.
+template <int NV, typename Key, typename Value>
+GITFAST_INLINE void attend_one_nv(Key key, Value value, const float* q, int64_t L, int nv_runtime, float* S,
+                                  float* O) {
   constexpr int kMaxNV = NV > 0 ? NV : kMaxHeadDim / Vec::W;
   const int nv = NV > 0 ? NV : nv_runtime;
   Vec qv[kMaxNV];
   for (int v = 0; v < nv; ++v) qv[v] = Vec::load(q + v * Vec::W);
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < L; ++j) {
-    const T* k = K[j];
+    const auto* k = key(j);
     Vec acc = Vec::mul(qv[0], Vec::load(k));
     for (int v = 1; v < nv; ++v) acc = Vec::fma(qv[v], Vec::load(k + v * Vec::W), acc);
     S[j] = acc.hsum();
@@ -196,11 +145,40 @@ GITFAST_INLINE void attend_rows_nv(const T* const* K, const T* const* V, const f
   for (int v = 0; v < nv; ++v) o[v] = Vec::zero();
   for (int64_t j = 0; j < L; ++j) {
     const Vec p = Vec::broadcast(S[j]);
-    const T* vr = V[j];
+    const auto* vr = value(j);
     for (int v = 0; v < nv; ++v) o[v] = Vec::fma(p, Vec::load(vr + v * Vec::W), o[v]);
   }
   const Vec inv = Vec::broadcast(1.0f / sum.hsum());  // key 0 is always visible: sum >= 1
   for (int v = 0; v < nv; ++v) Vec::mul(o[v], inv).store(O + v * Vec::W);
+}
+
+// Operands packed row-major (K, V [Lp][Dp], key j is a row, written sequentially by the packing
+// rather than scattered into Kt's columns).
+template <int NV>
+GITFAST_INLINE void attend_single_nv(const float* K, const float* V, const float* q, int64_t L, int64_t Lp,
+                                     int nv, float* S, float* O) {
+  const int64_t Dp = static_cast<int64_t>(nv) * Vec::W;
+  (void)Lp;
+  attend_one_nv<NV>([=](int64_t j) { return K + j * Dp; }, [=](int64_t j) { return V + j * Dp; }, q, L, nv, S, O);
+}
+
+void attend_single(const float* K, const float* V, const float* q, int64_t L, int64_t Lp, int nv, float* S,
+                   float* O) {
+  switch (nv) {
+    case 1: return attend_single_nv<1>(K, V, q, L, Lp, nv, S, O);
+    case 2: return attend_single_nv<2>(K, V, q, L, Lp, nv, S, O);
+    case 4: return attend_single_nv<4>(K, V, q, L, Lp, nv, S, O);
+    case 5: return attend_single_nv<5>(K, V, q, L, Lp, nv, S, O);
+    case 8: return attend_single_nv<8>(K, V, q, L, Lp, nv, S, O);
+    default: return attend_single_nv<0>(K, V, q, L, Lp, nv, S, O);
+  }
+}
+
+// A decode step straight from the cache: rows K[j] and V[j] where they lie, read once each.
+template <int NV, typename T>
+GITFAST_INLINE void attend_rows_nv(const T* const* K, const T* const* V, const float* q, int64_t L, int nv, float* S,
+                                   float* O) {
+  attend_one_nv<NV>([=](int64_t j) { return K[j]; }, [=](int64_t j) { return V[j]; }, q, L, nv, S, O);
 }
 
 template <typename T>
