@@ -239,14 +239,16 @@ class Logits(Linear):
     logits, 16/32 with fp32 ones (transformers' bf16: 14/32).
 
     Products of bf16 values are exact in fp32, so the fp32 logits come from the bf16 weight itself:
-    up to 16 rows (decode steps) through the extension's bf16 x bf16 -> fp32 kernel on a packed copy
-    of the weight (`linear_bf16_f32`, csrc/cpu/logits.cpp: half the bytes of an fp32 GEMM's weight;
-    0.4x its time at 8 rows, 0.5x at 1, git-base head, 2 cores); more rows through an fp32 GEMM on an
-    upcast copy (where MKL's fp32 GEMM catches up: 24+ rows). Each copy is made once, on first use."""
+    up to 32 rows (decode steps of up to 32 sequences: the Captioner's default batch) through the
+    extension's bf16 x bf16 -> fp32 kernel on a packed copy of the weight (`linear_bf16_f32`,
+    csrc/cpu/logits.cpp: half the bytes of an fp32 GEMM's weight; git-base head, 2 cores: 0.5x its time
+    at 1 row, 0.4x at 8, 0.8x at 24, level at 32); more rows (a forward over whole sequences) through
+    an fp32 GEMM on an upcast copy, where MKL's fp32 GEMM is the faster. Each copy is made once, on
+    first use."""
 
     _wide = None    # (weight identity, fp32 weight, fp32 bias)
     _narrow = None  # (weight identity, packed bf16 weight, fp32 bias)
-    KERNEL_ROWS = 16
+    KERNEL_ROWS = 32
     # Set by gitfast.quantization on native-bf16 CPUs: fp32 inputs and weights also take the bf16
     # kernel (both rounded to bf16 once, fp32 accumulation and logits)
     reads_bf16 = False

@@ -80,7 +80,7 @@ def test_opcheck():
     torch.library.opcheck(g.linear_bf16_f32, (x, packed, 40, torch.randn(40)))
 
 
-def test_logits_module_uses_the_kernel_up_to_16_rows(monkeypatch):
+def test_logits_module_uses_the_kernel_up_to_32_rows(monkeypatch):
     """ops.Logits on bf16: fp32 logits from the bf16 weight's values, through the kernel for decode-sized
     inputs and an fp32 GEMM beyond; a changed weight is repacked."""
     head = ops.Logits(32, 70).bfloat16()
@@ -88,11 +88,11 @@ def test_logits_module_uses_the_kernel_up_to_16_rows(monkeypatch):
     real = g.linear_bf16_f32
     monkeypatch.setattr(torch.ops.gitfast, "linear_bf16_f32", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
-        for rows in (1, 16, 17, 40):
+        for rows in (1, 16, 32, 33, 40):
             x = _bf16(rows, 32, seed=rows)
             y = head(x)
             _check(y, x, head.weight, head.bias)
-        assert len(calls) == 2
+        assert len(calls) == 3
         head.weight.mul_(2)
         x = _bf16(4, 32, seed=9)
         _check(head(x), x, head.weight, head.bias)
