@@ -81,7 +81,6 @@ def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
     return weights
 
 
-# --- name mapping -------------------------------------------------------------------------------
 # --- the one loader -----------------------------------------------------------------------------
 
 @dataclass
