@@ -425,8 +425,9 @@ at::Tensor pack_bf16_cols(const at::Tensor& w) {
   return packed;
 }
 
-at::Tensor linear_bf16_f32(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias) {
-  const char* op = "linear_bf16_f32";
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
+                       bool fp32_out) {
+  const char* op = "linear_bf16";
   TORCH_CHECK(x.is_cpu() && x.dim() >= 1 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "gitfast.", op,
               ": x must be a contiguous bfloat16 CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
   const int64_t k = x.size(-1);
@@ -443,11 +444,11 @@ at::Tensor linear_bf16_f32(const at::Tensor& x, const at::Tensor& packed, int64_
   }
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = n;
-  at::Tensor y = at::empty(shape, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty(shape, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
   const int64_t m = x.numel() / std::max<int64_t>(k, 1);
   if (m > 0 && n > 0) {
     at::Tensor y2 = y.view({m, n});
-    cpu_kernels::linear_bf16_f32(x.view({m, k}), packed, bias ? &*bias : nullptr, y2);
+    cpu_kernels::linear_bf16(x.view({m, k}), packed, bias ? &*bias : nullptr, y2);
   }
   return y;
 }
@@ -488,7 +489,7 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
         tags);
   m.def("cpu_isa() -> str", &gitfast::cpu_isa);  // no tensors: one kernel for every dispatch key
   m.def("pack_bf16_cols(Tensor w) -> Tensor", tags);
-  m.def("linear_bf16_f32(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor", tags);
+  m.def("linear_bf16(Tensor x, Tensor packed, int n, Tensor? bias, bool fp32_out=True) -> Tensor", tags);
   m.def("logits_isa() -> str", &gitfast::logits_isa);
 }
 
@@ -508,7 +509,7 @@ TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
   m.impl("quantize_rows", &gitfast::quantize_rows);
   m.impl("dequantize_rows", &gitfast::dequantize_rows);
   m.impl("pack_bf16_cols", &gitfast::pack_bf16_cols);
-  m.impl("linear_bf16_f32", &gitfast::linear_bf16_f32);
+  m.impl("linear_bf16", &gitfast::linear_bf16);
 }
 #if GITFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(gitfast, CUDA, m) { GITFAST_IMPL_ALL(m); }

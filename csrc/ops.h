@@ -11,7 +11,7 @@
 //   quantize_rows, dequantize_rows
 // and GIT attention on the CPU (cpu/attention.cpp; contracts of kernels/__init__.py):
 //   git_attention, paged_decode_attention, paged_prefill_attention, cpu_isa
-// and the bf16 LM head with fp32 logits (cpu/logits.cpp): pack_bf16_cols, linear_bf16_f32, logits_isa
+// and the bf16 LM head with fp32 logits (cpu/logits.cpp): pack_bf16_cols, linear_bf16, logits_isa
 // Kernels get inputs the bindings have checked (dtype, shapes, contiguity, one device) and write
 // into outputs the bindings allocated. This header stays light (no CUDA, no pybind) so both
 // compilers parse it quickly.
@@ -69,11 +69,12 @@ const char* cpu_isa();
 
 // bf16 x bf16 -> fp32 for the LM head of bf16 models (logits.cpp).
 //   pack_bf16_cols:  w [N, K] bf16 -> packed [T, ceil(K/2), 16, 2] bf16 (T: 16-column tiles, even;
-//                    zero padding), the layout linear_bf16_f32 reads
-//   linear_bf16_f32: y [M, N] fp32 = x [M, K] bf16 @ w^T + bias (fp32, optional), fp32 accumulation
+//                    zero padding), the layout linear_bf16 reads
+//   linear_bf16:     y [M, N] = x [M, K] bf16 @ w^T + bias (fp32, optional), fp32 accumulation; y fp32,
+//                    or bf16 (rounded to nearest even once, at the end)
 //   logits_isa:      "avx512bf16" or "portable", chosen once (capped by GITFAST_CPU_ISA as cpu_isa)
 void pack_bf16_cols(const at::Tensor& w, at::Tensor& packed);
-void linear_bf16_f32(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* bias, at::Tensor& y);
+void linear_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* bias, at::Tensor& y);
 const char* logits_isa();
 }  // namespace cpu_kernels
 

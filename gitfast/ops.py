@@ -82,14 +82,14 @@ def _register_fakes() -> None:
     def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation):
         return x.new_empty((*x.shape[:-1], fc2_weight.shape[0]))
 
-    if hasattr(torch.ops.gitfast, "linear_bf16_f32"):
+    if hasattr(torch.ops.gitfast, "linear_bf16"):
         @torch.library.register_fake("gitfast::pack_bf16_cols")
         def _(w):
             return w.new_empty(((w.shape[0] + 31) // 32 * 2, (w.shape[1] + 1) // 2, 16, 2))
 
-        @torch.library.register_fake("gitfast::linear_bf16_f32")
-        def _(x, packed, n, bias):
-            return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+        @torch.library.register_fake("gitfast::linear_bf16")
+        def _(x, packed, n, bias, fp32_out=True):
+            return x.new_empty((*x.shape[:-1], n), dtype=torch.float32 if fp32_out else torch.bfloat16)
 
 
 def extension_loaded() -> bool:
@@ -208,21 +208,41 @@ class Linear(nn.Linear):
     re-lays it out on every call: 1.3-1.9x slower per GEMM at git-base's shapes (M = 8 decode rows
     and M = 1576 vision rows, AMX; bench/bench_cpu.py). The packed copy costs the weight's memory
     again (bf16 only). fp32, CUDA, autograd and tracing take `F.linear` unchanged.
+
+    At one to four rows (decode steps of up to four sequences) the extension's bf16 kernel on its own
+    packed copy serves instead, where it runs on AVX512-BF16: oneDNN reads the weights slower there
+    (one decode step's 24 GEMMs, 85 MB, caches flushed: 6.3-8.3 ms oneDNN, 4.4-5.2 ms the kernel at one
+    row; 1.29x at two rows, 1.18x at four, oneDNN faster from eight). Layers that also run wider (the
+    decoder's, for prompts and image prefixes) then hold both packed copies.
     """
 
     _packed = None  # (weight identity, packed mkldnn tensor); a class default, so meta init stays free
+    _narrow = None  # (weight identity, packed bf16 weight for the extension's kernel, fp32 bias)
+    KERNEL_MAX_ROWS = 4
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         w = self.weight
         if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu" \
                 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
                 and not torch.compiler.is_compiling() and _cpu_packs_bf16():
+            if x.numel() <= self.KERNEL_MAX_ROWS * x.shape[-1] and type(self) is Linear and native_bf16_logits():
+                y = torch.ops.gitfast.linear_bf16(x.contiguous(), self._kernel_weight(), w.shape[0], self._narrow[2],
+                                                  False)
+                return y if activation is None else bias_act(y, None, activation)
             if activation == "gelu":  # oneDNN's erf GELU post-op: one pass less over the output
                 return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "gelu", [], "none")
             y = torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
         else:
             y = F.linear(x, w, self.bias)
         return y if activation is None else bias_act(y, None, activation)
+
+    def _kernel_weight(self) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, None if self.bias is None else self.bias._version)
+        if self._narrow is None or self._narrow[0] != key:
+            bias = None if self.bias is None else self.bias.detach().float()
+            self._narrow = (key, torch.ops.gitfast.pack_bf16_cols(w.detach().contiguous()), bias)
+        return self._narrow[1]
 
     def _packed_weight(self) -> torch.Tensor:
         w = self.weight
@@ -240,7 +260,7 @@ class Logits(Linear):
 
     Products of bf16 values are exact in fp32, so the fp32 logits come from the bf16 weight itself:
     up to 32 rows (decode steps of up to 32 sequences: the Captioner's default batch) through the
-    extension's bf16 x bf16 -> fp32 kernel on a packed copy of the weight (`linear_bf16_f32`,
+    extension's bf16 x bf16 -> fp32 kernel on a packed copy of the weight (`linear_bf16`,
     csrc/cpu/logits.cpp: half the bytes of an fp32 GEMM's weight; git-base head, 2 cores: 0.5x its time
     at 1 row, 0.4x at 8, 0.8x at 24, level at 32); more rows (a forward over whole sequences) through
     an fp32 GEMM on an upcast copy, where MKL's fp32 GEMM is the faster. Each copy is made once, on
@@ -264,10 +284,10 @@ class Logits(Linear):
         rows = x.numel() // max(x.shape[-1], 1)
         if rows <= self.KERNEL_ROWS and w.dtype in (torch.bfloat16, torch.float32) and \
                 not torch.compiler.is_compiling() and extension_loaded() and \
-                hasattr(torch.ops.gitfast, "linear_bf16_f32"):
+                hasattr(torch.ops.gitfast, "linear_bf16"):
             if self._narrow is None or self._narrow[0] != key:
                 self._narrow = (key, torch.ops.gitfast.pack_bf16_cols(w.detach().bfloat16().contiguous()), bias)
-            return torch.ops.gitfast.linear_bf16_f32(x.bfloat16().contiguous(), self._narrow[1], w.shape[0],
+            return torch.ops.gitfast.linear_bf16(x.bfloat16().contiguous(), self._narrow[1], w.shape[0],
                                                      self._narrow[2])
         if narrowed:
             return super().forward(x, activation)

@@ -1,5 +1,6 @@
-"""The bf16 LM head's fp32 logits (gitfast._C linear_bf16_f32 on pack_bf16_cols weights, used by
-ops.Logits) vs an fp64 oracle on the same bf16 values.
+"""gitfast._C's bf16 x bf16 kernel (linear_bf16 on pack_bf16_cols weights): the bf16 LM head's fp32
+logits (ops.Logits) and bf16 Linear layers at one to four rows (ops.Linear), vs an fp64 oracle on the
+same bf16 values.
 
 Odd shapes on purpose: an odd hidden size (a zero-padded k pair), vocabularies that are not a whole
 number of 16-column tiles (or of tile pairs), row counts across the kernel's 8-row chunks, 1-row
@@ -16,7 +17,7 @@ import torch
 
 from gitfast import ops
 
-pytestmark = pytest.mark.skipif(not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "linear_bf16_f32")),
+pytestmark = pytest.mark.skipif(not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "linear_bf16")),
                                 reason="gitfast._C without the bf16 logits kernel")
 g = torch.ops.gitfast
 
@@ -38,24 +39,24 @@ def test_against_fp64(n, k, m):
     w, x, b = _bf16(n, k, seed=1), _bf16(m, k, seed=2), torch.randn(n)
     packed = g.pack_bf16_cols(w)
     assert packed.shape == ((n + 31) // 32 * 2, (k + 1) // 2, 16, 2)
-    _check(g.linear_bf16_f32(x, packed, n, b), x, w, b)
-    _check(g.linear_bf16_f32(x, packed, n, None), x, w, None)
+    _check(g.linear_bf16(x, packed, n, b), x, w, b)
+    _check(g.linear_bf16(x, packed, n, None), x, w, None)
 
 
 def test_packing_poisoned_padding_never_read():
     """Padding is zero-filled by the packer: NaN in the unused columns of a reused buffer cannot leak."""
     w, x = _bf16(37, 17, seed=3), _bf16(5, 17, seed=4)
     packed = g.pack_bf16_cols(w)
-    _check(g.linear_bf16_f32(x, packed, 37, None), x, w, None)
+    _check(g.linear_bf16(x, packed, 37, None), x, w, None)
     assert torch.isfinite(packed.float()).all()
 
 
 def test_leading_dims_and_empty():
     w, x = _bf16(50, 32, seed=5), _bf16(2, 3, 32, seed=6)
-    y = g.linear_bf16_f32(x, g.pack_bf16_cols(w), 50, None)
+    y = g.linear_bf16(x, g.pack_bf16_cols(w), 50, None)
     assert y.shape == (2, 3, 50)
     _check(y.reshape(6, 50), x.reshape(6, 32), w, None)
-    assert g.linear_bf16_f32(_bf16(0, 32), g.pack_bf16_cols(w), 50, None).shape == (0, 50)
+    assert g.linear_bf16(_bf16(0, 32), g.pack_bf16_cols(w), 50, None).shape == (0, 50)
 
 
 def test_bad_inputs_are_refused_by_name():
@@ -63,21 +64,21 @@ def test_bad_inputs_are_refused_by_name():
     packed = g.pack_bf16_cols(w)
     with pytest.raises(RuntimeError, match="pack_bf16_cols: w must be"):
         g.pack_bf16_cols(w.float())
-    with pytest.raises(RuntimeError, match="linear_bf16_f32: x must be"):
-        g.linear_bf16_f32(_bf16(2, 16).float(), packed, 40, None)
+    with pytest.raises(RuntimeError, match="linear_bf16: x must be"):
+        g.linear_bf16(_bf16(2, 16).float(), packed, 40, None)
     with pytest.raises(RuntimeError, match="packed must come from pack_bf16_cols"):
-        g.linear_bf16_f32(_bf16(2, 18), packed, 40, None)
+        g.linear_bf16(_bf16(2, 18), packed, 40, None)
     with pytest.raises(RuntimeError, match="n = 70"):
-        g.linear_bf16_f32(_bf16(2, 16), packed, 70, None)
+        g.linear_bf16(_bf16(2, 16), packed, 70, None)
     with pytest.raises(RuntimeError, match="bias must be"):
-        g.linear_bf16_f32(_bf16(2, 16), packed, 40, torch.zeros(39))
+        g.linear_bf16(_bf16(2, 16), packed, 40, torch.zeros(39))
 
 
 def test_opcheck():
     w, x = _bf16(40, 16), _bf16(3, 16)
     packed = g.pack_bf16_cols(w)
     torch.library.opcheck(g.pack_bf16_cols, (w,))
-    torch.library.opcheck(g.linear_bf16_f32, (x, packed, 40, torch.randn(40)))
+    torch.library.opcheck(g.linear_bf16, (x, packed, 40, torch.randn(40)))
 
 
 def test_logits_module_uses_the_kernel_up_to_32_rows(monkeypatch):
@@ -85,8 +86,8 @@ def test_logits_module_uses_the_kernel_up_to_32_rows(monkeypatch):
     inputs and an fp32 GEMM beyond; a changed weight is repacked."""
     head = ops.Logits(32, 70).bfloat16()
     calls = []
-    real = g.linear_bf16_f32
-    monkeypatch.setattr(torch.ops.gitfast, "linear_bf16_f32", lambda *a: calls.append(1) or real(*a))
+    real = g.linear_bf16
+    monkeypatch.setattr(torch.ops.gitfast, "linear_bf16", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         for rows in (1, 16, 32, 33, 40):
             x = _bf16(rows, 32, seed=rows)
@@ -96,6 +97,38 @@ def test_logits_module_uses_the_kernel_up_to_32_rows(monkeypatch):
         head.weight.mul_(2)
         x = _bf16(4, 32, seed=9)
         _check(head(x), x, head.weight, head.bias)
+
+
+def test_bf16_output_rounds_once():
+    """fp32_out=False: the fp32 result rounded to bf16 (nearest even) once, at the end."""
+    w, x, b = _bf16(70, 48, seed=7), _bf16(3, 48, seed=8), torch.randn(70)
+    packed = g.pack_bf16_cols(w)
+    y = g.linear_bf16(x, packed, 70, b, False)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, g.linear_bf16(x, packed, 70, b).bfloat16())
+
+
+@pytest.mark.skipif(not ops.native_bf16_logits(), reason="the kernel serves Linear only on AVX512-BF16 CPUs")
+def test_bf16_linear_takes_the_kernel_at_up_to_4_rows(monkeypatch):
+    lin = ops.Linear(48, 70).bfloat16()
+    calls = []
+    real = g.linear_bf16
+    monkeypatch.setattr(torch.ops.gitfast, "linear_bf16", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.inference_mode():
+        for shape in ((1, 48), (2, 2, 48), (5, 48)):
+            x = _bf16(*shape, seed=len(shape))
+            for activation in (None, "gelu"):
+                y = lin(x, activation)
+                ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+                ref = ref if activation is None else ops.activation_reference(ref, activation)
+                assert y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 70)
+                torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+        with torch.no_grad():
+            lin.weight.mul_(-1)  # a changed weight is repacked
+        x = _bf16(1, 48, seed=11)
+        torch.testing.assert_close(lin(x).float(), torch.nn.functional.linear(x.float(), lin.weight.float(),
+                                                                             lin.bias.float()), rtol=2e-2, atol=2e-2)
+    assert [tuple(s) for s in calls] == [(1, 48), (1, 48), (2, 2, 48), (2, 2, 48), (1, 48)]
 
 
 def test_isa_reported():

@@ -1,4 +1,5 @@
-// gitfast._C, CPU: bf16 activations x bf16 weights -> fp32 outputs, for the LM head of bf16 models.
+// gitfast._C, CPU: bf16 activations x bf16 weights, fp32 accumulation: the LM head of bf16 models (fp32
+// logits) and, with bf16 outputs, a bf16 model's Linear layers at one to four rows (decode steps).
 //
 // A bf16 model's logits are kept in fp32 (gitfast/ops.py, Logits: bf16 logits round to steps of
 // 0.06-0.125 and their ties flip greedy choices). Products of two bf16 values are exact in fp32, so
@@ -157,13 +158,14 @@ void pack_bf16_cols(const at::Tensor& w, at::Tensor& packed) {
   });
 }
 
-void linear_bf16_f32(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* bias, at::Tensor& y) {
+void linear_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* bias, at::Tensor& y) {
   const int64_t m = x.size(0), k = x.size(1), n = y.size(1), kp = packed.size(1);
   const int64_t units = packed.size(0) / kTiles;
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<c10::BFloat16>());
   const uint32_t* wp = reinterpret_cast<const uint32_t*>(packed.const_data_ptr<c10::BFloat16>());
   const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
-  float* yp = y.mutable_data_ptr<float>();
+  float* yf = y.scalar_type() == at::kFloat ? y.mutable_data_ptr<float>() : nullptr;
+  c10::BFloat16* yb = yf == nullptr ? y.mutable_data_ptr<c10::BFloat16>() : nullptr;
   const bool fast = use_bf16_instructions();
   // x once in the kernels' form: bf16 pairs as words (zero-padded to an even K), or widened to fp32
   std::vector<uint32_t> xw(fast ? m * kp : 0);
@@ -197,12 +199,15 @@ void linear_bf16_f32(const at::Tensor& x, const at::Tensor& packed, const at::Te
         pair_portable(xf.data() + r0 * 2 * kp, rows, w, kp, out);
 #endif
         for (int64_t r = 0; r < rows; ++r) {
-          float* dst = yp + (r0 + r) * n + col0;
-          const float* src = out + r * kTiles * kCols;
+          float* src = out + r * kTiles * kCols;
           if (bp != nullptr) {
-            for (int64_t c = 0; c < cols; ++c) dst[c] = src[c] + bp[col0 + c];
+            for (int64_t c = 0; c < cols; ++c) src[c] += bp[col0 + c];
+          }
+          if (yf != nullptr) {
+            std::copy(src, src + cols, yf + (r0 + r) * n + col0);
           } else {
-            std::copy(src, src + cols, dst);
+            c10::BFloat16* dst = yb + (r0 + r) * n + col0;
+            for (int64_t c = 0; c < cols; ++c) dst[c] = c10::BFloat16(src[c]);  // round to nearest even
           }
         }
       }
