@@ -195,9 +195,12 @@ def _cpu_packs_bf16() -> bool:
 
 
 def linear_backend(device, dtype) -> str:
-    """What serves `Linear` for `dtype` weights on `device` ("onednn packed" or "torch")."""
+    """What serves `Linear` for `dtype` weights on `device`: "onednn packed" (with the extension's
+    kernel at up to `Linear.KERNEL_MAX_ROWS` rows where it runs on AVX512-BF16) or "torch"."""
     packed = torch.device(device).type == "cpu" and dtype == torch.bfloat16 and _cpu_packs_bf16()
-    return "onednn packed" if packed else "torch"
+    if not packed:
+        return "torch"
+    return f"onednn packed; cpu ext at <= {Linear.KERNEL_MAX_ROWS} rows" if native_bf16_logits() else "onednn packed"
 
 
 class Linear(nn.Linear):
