@@ -283,26 +283,36 @@ class Logits(Linear):
                 (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
             return super().forward(x, activation)
         key = (w.data_ptr(), w._version, None if self.bias is None else self.bias._version)
-        bias = None if self.bias is None else self.bias.detach().float()
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows <= self.KERNEL_ROWS and w.dtype in (torch.bfloat16, torch.float32) and \
-                not torch.compiler.is_compiling() and extension_loaded() and \
-                hasattr(torch.ops.gitfast, "linear_bf16"):
+        # on CPUs without AVX512-BF16 the kernel's portable path loses to MKL's fp32 GEMM beyond a row
+        # or two (2.3x slower at 32 rows): the fp32 GEMM serves there
+        if rows <= self.KERNEL_ROWS and not torch.compiler.is_compiling() and native_bf16_logits():
             if self._narrow is None or self._narrow[0] != key:
-                self._narrow = (key, torch.ops.gitfast.pack_bf16_cols(w.detach().bfloat16().contiguous()), bias)
+                self._narrow = (key, torch.ops.gitfast.pack_bf16_cols(w.detach().bfloat16().contiguous()),
+                                self._float_bias())
             return torch.ops.gitfast.linear_bf16(x.bfloat16().contiguous(), self._narrow[1], w.shape[0],
-                                                     self._narrow[2])
+                                                 self._narrow[2])
         if narrowed:
             return super().forward(x, activation)
         if self._wide is None or self._wide[0] != key:
-            self._wide = (key, w.detach().float(), bias)
+            self._wide = (key, w.detach().float(), self._float_bias())
         return F.linear(x.float(), self._wide[1], self._wide[2])
+
+    def _float_bias(self):
+        return None if self.bias is None else self.bias.detach().float()
 
 
 def native_bf16_logits() -> bool:
-    """Whether the extension's bf16 x bf16 -> fp32 kernel runs on bf16 instructions here (AVX512-BF16)."""
-    return extension_loaded() and hasattr(torch.ops.gitfast, "logits_isa") and \
-        torch.ops.gitfast.logits_isa() == "avx512bf16"
+    """Whether the extension's bf16 x bf16 kernel runs on bf16 instructions here (AVX512-BF16); decided
+    once per process, as the kernel's own choice is."""
+    global _native_bf16
+    if _native_bf16 is None:
+        _native_bf16 = bool(extension_loaded() and hasattr(torch.ops.gitfast, "logits_isa")
+                            and torch.ops.gitfast.logits_isa() == "avx512bf16")
+    return _native_bf16
+
+
+_native_bf16: bool | None = None
 
 
 def feed_forward(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: str) -> torch.Tensor:

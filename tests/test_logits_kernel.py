@@ -83,7 +83,7 @@ def test_opcheck():
 
 def test_logits_module_uses_the_kernel_up_to_32_rows(monkeypatch):
     """ops.Logits on bf16: fp32 logits from the bf16 weight's values, through the kernel for decode-sized
-    inputs and an fp32 GEMM beyond; a changed weight is repacked."""
+    inputs (on AVX512-BF16 CPUs) and an fp32 GEMM beyond; a changed weight is repacked."""
     head = ops.Logits(32, 70).bfloat16()
     calls = []
     real = g.linear_bf16
@@ -93,7 +93,7 @@ def test_logits_module_uses_the_kernel_up_to_32_rows(monkeypatch):
             x = _bf16(rows, 32, seed=rows)
             y = head(x)
             _check(y, x, head.weight, head.bias)
-        assert len(calls) == 3
+        assert len(calls) == (3 if ops.native_bf16_logits() else 0)  # else MKL's fp32 GEMM serves
         head.weight.mul_(2)
         x = _bf16(4, 32, seed=9)
         _check(head(x), x, head.weight, head.bias)
