@@ -180,7 +180,7 @@ void linear_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor
       }
     }
   }
-  // tile pairs per task: about 64 k-pairs x 32 columns of work, at least one pair
+  // tile pairs per task: about 2048 (k pair x row) steps of work, at least one pair
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, kp * std::min<int64_t>(m, kRowChunk)));
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
     float out[kRowChunk * kTiles * kCols];
