@@ -336,13 +336,14 @@ void attend_item(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Rows<T>
       sc.vrows[j] = values.row(j);
     }
     for (int64_t d = 0; d < D; ++d) sc.q[d] = to_f32(q[d]) * qscale;
+    const int nv_rows = static_cast<int>(D / isa.width);  // the rows' own width: Dp may pad past it
     if constexpr (std::is_same_v<T, float>) {
       isa.rows_f32(reinterpret_cast<const float* const*>(sc.krows.data()),
-                   reinterpret_cast<const float* const*>(sc.vrows.data()), sc.q.data(), L, nv, sc.s.data(),
+                   reinterpret_cast<const float* const*>(sc.vrows.data()), sc.q.data(), L, nv_rows, sc.s.data(),
                    sc.o.data());
     } else {
       isa.rows_bf16(reinterpret_cast<const uint16_t* const*>(sc.krows.data()),
-                    reinterpret_cast<const uint16_t* const*>(sc.vrows.data()), sc.q.data(), L, nv, sc.s.data(),
+                    reinterpret_cast<const uint16_t* const*>(sc.vrows.data()), sc.q.data(), L, nv_rows, sc.s.data(),
                     sc.o.data());
     }
     for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(sc.o[d]);
