@@ -8,12 +8,12 @@
 // keys transposed (Kt [Dp][Lp]) and its values (V [Lp][Dp]) into fp32 scratch, which does the
 // block-table gather, the bf16/fp16 -> fp32 conversion and the zero padding once; then blocks of
 // query rows run attention_block.h: scores by FMA over the head dim into key tiles of 32, online
-// softmax in base 2, o += p V. A decode item (one query that sees every key) runs attend_rows on
-// the cache rows where they lie, fp32 or bf16 widened in registers (no packing pass: 1.5-1.9x the
-// packed version at git-base's decode shapes); fp16, or a head dim off the vector width, packs K
-// row-major and runs attend_single, the same arithmetic: a dot product per key, one softmax pass,
-// o = sum p V. fp32 throughout, one rounding to the output dtype. write_kv_cache stores new K/V rows
-// into their cache slots.
+// softmax in base 2, o += p V. A decode item (one query that sees every key) runs attend_rows
+// instead: a dot product per key, one softmax pass, o = sum p V, over rows read where they lie in the
+// cache (fp32, or bf16 widened in registers: 1.5-1.9x packing them first, at git-base's decode shapes);
+// fp16 rows, or a head dim off the vector width, are converted into fp32 scratch rows first. fp32
+// throughout, one rounding to the output dtype. write_kv_cache stores new K/V rows into their cache
+// slots.
 //
 // The block kernel is compiled for AVX-512, AVX2+FMA and portable C++; the CPU (or
 // GITFAST_CPU_ISA=avx512|avx2|generic, read once at the first call) picks one at run time.
@@ -244,16 +244,14 @@ namespace {
 // ---- ISA choice ------------------------------------------------------------------------------
 
 using BlockFn = void (*)(const float*, const float*, const float*, const int*, int, int64_t, int, float*);
-using SingleFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, int, float*, float*);
 using RowsF32Fn = void (*)(const float* const*, const float* const*, const float*, int64_t, int, float*, float*);
 using RowsBf16Fn = void (*)(const uint16_t* const*, const uint16_t* const*, const float*, int64_t, int, float*, float*);
 
 struct Isa {
   const char* name;
   BlockFn block;
-  SingleFn single;
-  RowsF32Fn rows_f32;    // decode read straight from the cache rows (head dim a multiple of width)
-  RowsBf16Fn rows_bf16;
+  RowsF32Fn rows_f32;    // a decode item: fp32 rows, in the cache or packed
+  RowsBf16Fn rows_bf16;  // a decode item: bf16 rows, in the cache
   int width;  // floats per vector
   int rows;   // query rows per block
 };
@@ -261,12 +259,12 @@ struct Isa {
 // The best ISA the CPU has, capped by GITFAST_CPU_ISA (avx512 | avx2 | generic); decided once.
 const Isa& chosen_isa() {
   static const Isa isa = [] {
-    const Isa portable{"generic", &generic::attend_block, &generic::attend_single, &generic::attend_rows_f32,
+    const Isa portable{"generic", &generic::attend_block, &generic::attend_rows_f32,
                        &generic::attend_rows_bf16, generic::Vec::W, generic::kRows};
 #if GITFAST_X86
-    const Isa v4{"avx512", &avx512::attend_block, &avx512::attend_single, &avx512::attend_rows_f32,
+    const Isa v4{"avx512", &avx512::attend_block, &avx512::attend_rows_f32,
                  &avx512::attend_rows_bf16, avx512::Vec::W, avx512::kRows};
-    const Isa v3{"avx2", &avx2::attend_block, &avx2::attend_single, &avx2::attend_rows_f32, &avx2::attend_rows_bf16,
+    const Isa v3{"avx2", &avx2::attend_block, &avx2::attend_rows_f32, &avx2::attend_rows_bf16,
                  avx2::Vec::W, avx2::kRows};
     const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -306,10 +304,19 @@ struct Rows {
 struct Scratch {
   std::vector<float> kt, v, q, o, s;
   std::vector<int> lim;
-  std::vector<const void*> krows, vrows;  // a decode item's key and value rows, where they lie
+  std::vector<const void*> krows, vrows;  // a decode item's key and value rows
+  int64_t packed_size;
   Scratch(int64_t max_lp, int64_t dp)
-      : kt(max_lp * dp), v(max_lp * dp), q(kMaxRows * dp), o(kMaxRows * dp), s(max_lp), lim(kMaxRows),
-        krows(max_lp), vrows(max_lp) {}
+      : q(kMaxRows * dp), o(kMaxRows * dp), s(max_lp), lim(kMaxRows), krows(max_lp), vrows(max_lp),
+        packed_size(max_lp * dp) {}
+  // fp32 room for packed keys and values, made on first need: a decode step reading the cache rows in
+  // place needs none
+  void need_packing() {
+    if (kt.empty()) {
+      kt.resize(packed_size);
+      v.resize(packed_size);
+    }
+  }
 };
 
 // One item: nq queries at positions pos0.. attend to L keys with P image tokens; out rows in T.
@@ -323,47 +330,51 @@ void attend_item(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Rows<T>
     return;
   }
   const int64_t Lp = (L + kTile - 1) / kTile * kTile;
-  float* kt = sc.kt.data();
-  float* vp = sc.v.data();
   constexpr float kLog2e = 1.44269504088896f;  // scores in base 2: exp(x) = 2^(x log2 e)
   const float qscale = scale * kLog2e;
   const int nv = static_cast<int>(Dp / isa.width);
-  if (nq == 1 && pos0 + 1 >= L && D % isa.width == 0 &&
-      (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)) {
-    // decode, fp32 or bf16 rows a whole number of vectors wide: read in place, widened in registers
-    for (int64_t j = 0; j < L; ++j) {
-      sc.krows[j] = keys.row(j);
-      sc.vrows[j] = values.row(j);
-    }
-    for (int64_t d = 0; d < D; ++d) sc.q[d] = to_f32(q[d]) * qscale;
-    const int nv_rows = static_cast<int>(D / isa.width);  // the rows' own width: Dp may pad past it
-    if constexpr (std::is_same_v<T, float>) {
-      isa.rows_f32(reinterpret_cast<const float* const*>(sc.krows.data()),
-                   reinterpret_cast<const float* const*>(sc.vrows.data()), sc.q.data(), L, nv_rows, sc.s.data(),
-                   sc.o.data());
-    } else {
-      isa.rows_bf16(reinterpret_cast<const uint16_t* const*>(sc.krows.data()),
-                    reinterpret_cast<const uint16_t* const*>(sc.vrows.data()), sc.q.data(), L, nv_rows, sc.s.data(),
-                    sc.o.data());
-    }
-    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(sc.o[d]);
-    return;
-  }
-  if (nq == 1 && pos0 + 1 >= L) {  // decode (fp16, or a head dim off the vector width): K packed row-major
+  if (nq == 1 && pos0 + 1 >= L) {
+    // decode: the one query sees every key. fp32 or bf16 rows a whole number of vectors wide are read
+    // where they lie in the cache (bf16 widened in registers); others (fp16, a head dim off the vector
+    // width) are converted into fp32 scratch rows first, zero-padded to Dp
+    const bool in_place = (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) && D % isa.width == 0;
+    if (!in_place) sc.need_packing();
     for (int64_t j = 0; j < L; ++j) {
       const T* kr = keys.row(j);
       const T* vr = values.row(j);
-      for (int64_t d = 0; d < D; ++d) kt[j * Dp + d] = to_f32(kr[d]);
-      for (int64_t d = 0; d < D; ++d) vp[j * Dp + d] = to_f32(vr[d]);
-      std::fill(kt + j * Dp + D, kt + (j + 1) * Dp, 0.0f);
-      std::fill(vp + j * Dp + D, vp + (j + 1) * Dp, 0.0f);
+      if (in_place) {
+        sc.krows[j] = kr;
+        sc.vrows[j] = vr;
+        continue;
+      }
+      float* kd = sc.kt.data() + j * Dp;
+      float* vd = sc.v.data() + j * Dp;
+      for (int64_t d = 0; d < D; ++d) kd[d] = to_f32(kr[d]);
+      for (int64_t d = 0; d < D; ++d) vd[d] = to_f32(vr[d]);
+      std::fill(kd + D, kd + Dp, 0.0f);
+      std::fill(vd + D, vd + Dp, 0.0f);
+      sc.krows[j] = kd;
+      sc.vrows[j] = vd;
     }
     std::fill(sc.q.begin(), sc.q.begin() + Dp, 0.0f);
     for (int64_t d = 0; d < D; ++d) sc.q[d] = to_f32(q[d]) * qscale;
-    isa.single(kt, vp, sc.q.data(), L, Lp, nv, sc.s.data(), sc.o.data());
+    // the rows' own width: in place, D (Dp may pad past the row); packed, Dp
+    const int nv_rows = in_place ? static_cast<int>(D / isa.width) : nv;
+    if (in_place && std::is_same_v<T, c10::BFloat16>) {
+      isa.rows_bf16(reinterpret_cast<const uint16_t* const*>(sc.krows.data()),
+                    reinterpret_cast<const uint16_t* const*>(sc.vrows.data()), sc.q.data(), L, nv_rows, sc.s.data(),
+                    sc.o.data());
+    } else {
+      isa.rows_f32(reinterpret_cast<const float* const*>(sc.krows.data()),
+                   reinterpret_cast<const float* const*>(sc.vrows.data()), sc.q.data(), L, nv_rows, sc.s.data(),
+                   sc.o.data());
+    }
     for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(sc.o[d]);
     return;
   }
+  sc.need_packing();
+  float* kt = sc.kt.data();
+  float* vp = sc.v.data();
   // -- pack: Kt [Dp][Lp] and V [Lp][Dp] in fp32, zero-padded --
   for (int64_t j = 0; j < L; ++j) {
     const T* kr = keys.row(j);

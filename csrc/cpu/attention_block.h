@@ -114,19 +114,20 @@ void attend_block(const float* Kt, const float* V, const float* Q, const int* li
 }
 
 // One query over L keys (a decode step): a dot product per key, the softmax a pass over S, then
-// o = sum_j p_j V[j]: no score tile or row block to fill for one row. `key(j)` and `value(j)` give
-// row j (fp32, or bf16 bits widened exactly in registers by Vec::load), D = nv * W; q [D] pre-scaled
-// as above; S [>= L rounded up to W] scratch for the scores.
-template <int NV, typename Key, typename Value>
-GITFAST_INLINE void attend_one_nv(Key key, Value value, const float* q, int64_t L, int nv_runtime, float* S,
-                                  float* O) {
+// o = sum_j p_j V[j]: no score tile or row block to fill for one row. K[j] and V[j] point at row j
+// (fp32, or bf16 bits widened exactly in registers by Vec::load; where the rows lie in the cache, or
+// packed into scratch), nv * W values each; q [nv * W] pre-scaled as above; S [>= L rounded up to W]
+// scratch for the scores.
+template <int NV, typename T>
+GITFAST_INLINE void attend_rows_nv(const T* const* K, const T* const* V, const float* q, int64_t L, int nv_runtime,
+                                   float* S, float* O) {
   constexpr int kMaxNV = NV > 0 ? NV : kMaxHeadDim / Vec::W;
   const int nv = NV > 0 ? NV : nv_runtime;
   Vec qv[kMaxNV];
   for (int v = 0; v < nv; ++v) qv[v] = Vec::load(q + v * Vec::W);
   float m = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < L; ++j) {
-    const auto* k = key(j);
+    const T* k = K[j];
     Vec acc = Vec::mul(qv[0], Vec::load(k));
     for (int v = 1; v < nv; ++v) acc = Vec::fma(qv[v], Vec::load(k + v * Vec::W), acc);
     S[j] = acc.hsum();
@@ -145,45 +146,17 @@ GITFAST_INLINE void attend_one_nv(Key key, Value value, const float* q, int64_t 
   for (int v = 0; v < nv; ++v) o[v] = Vec::zero();
   for (int64_t j = 0; j < L; ++j) {
     const Vec p = Vec::broadcast(S[j]);
-    const auto* vr = value(j);
+    const T* vr = V[j];
     for (int v = 0; v < nv; ++v) o[v] = Vec::fma(p, Vec::load(vr + v * Vec::W), o[v]);
   }
   const Vec inv = Vec::broadcast(1.0f / sum.hsum());  // key 0 is always visible: sum >= 1
   for (int v = 0; v < nv; ++v) Vec::mul(o[v], inv).store(O + v * Vec::W);
 }
 
-// Operands packed row-major (K, V [Lp][Dp], key j is a row, written sequentially by the packing
-// rather than scattered into Kt's columns).
-template <int NV>
-GITFAST_INLINE void attend_single_nv(const float* K, const float* V, const float* q, int64_t L, int64_t Lp,
-                                     int nv, float* S, float* O) {
-  const int64_t Dp = static_cast<int64_t>(nv) * Vec::W;
-  (void)Lp;
-  attend_one_nv<NV>([=](int64_t j) { return K + j * Dp; }, [=](int64_t j) { return V + j * Dp; }, q, L, nv, S, O);
-}
-
-void attend_single(const float* K, const float* V, const float* q, int64_t L, int64_t Lp, int nv, float* S,
-                   float* O) {
-  switch (nv) {
-    case 1: return attend_single_nv<1>(K, V, q, L, Lp, nv, S, O);
-    case 2: return attend_single_nv<2>(K, V, q, L, Lp, nv, S, O);
-    case 4: return attend_single_nv<4>(K, V, q, L, Lp, nv, S, O);
-    case 5: return attend_single_nv<5>(K, V, q, L, Lp, nv, S, O);
-    case 8: return attend_single_nv<8>(K, V, q, L, Lp, nv, S, O);
-    default: return attend_single_nv<0>(K, V, q, L, Lp, nv, S, O);
-  }
-}
-
-// A decode step straight from the cache: rows K[j] and V[j] where they lie, read once each.
-template <int NV, typename T>
-GITFAST_INLINE void attend_rows_nv(const T* const* K, const T* const* V, const float* q, int64_t L, int nv, float* S,
-                                   float* O) {
-  attend_one_nv<NV>([=](int64_t j) { return K[j]; }, [=](int64_t j) { return V[j]; }, q, L, nv, S, O);
-}
-
 template <typename T>
 void attend_rows(const T* const* K, const T* const* V, const float* q, int64_t L, int nv, float* S, float* O) {
   switch (nv) {
+    case 1: return attend_rows_nv<1>(K, V, q, L, nv, S, O);
     case 2: return attend_rows_nv<2>(K, V, q, L, nv, S, O);
     case 4: return attend_rows_nv<4>(K, V, q, L, nv, S, O);
     case 5: return attend_rows_nv<5>(K, V, q, L, nv, S, O);
