@@ -36,13 +36,6 @@ constexpr int64_t kCols = 16;     // columns per tile
 constexpr int64_t kTiles = 2;     // tiles per task unit (32 columns): two accumulator chains per row
 constexpr int64_t kRowChunk = 8;  // rows of x per pass over a tile pair (16 accumulators)
 
-float bf16_to_f32(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 // out[r][c] for r < rows, c < 32 of one tile pair, from x rows already widened to fp32 (xf: rows x Kp).
 GITFAST_CLONES void pair_portable(const float* xf, int64_t rows, const uint32_t* w, int64_t kp, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -167,17 +160,14 @@ void linear_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor
   float* yf = y.scalar_type() == at::kFloat ? y.mutable_data_ptr<float>() : nullptr;
   c10::BFloat16* yb = yf == nullptr ? y.mutable_data_ptr<c10::BFloat16>() : nullptr;
   const bool fast = use_bf16_instructions();
-  // x once in the kernels' form: bf16 pairs as words (zero-padded to an even K), or widened to fp32
+  // x once in the kernels' form: bf16 pairs as words, or widened to fp32 rows; zero-padded to an even K
   std::vector<uint32_t> xw(fast ? m * kp : 0);
   std::vector<float> xf(fast ? 0 : m * 2 * kp);
   for (int64_t r = 0; r < m; ++r) {
-    for (int64_t kk = 0; kk < 2 * kp; ++kk) {
-      const uint16_t v = kk < k ? xp[r * k + kk] : uint16_t(0);
-      if (fast) {
-        xw[r * kp + kk / 2] |= static_cast<uint32_t>(v) << (16 * (kk % 2));
-      } else {
-        xf[r * 2 * kp + kk] = bf16_to_f32(v);
-      }
+    if (fast) {
+      std::memcpy(xw.data() + r * kp, xp + r * k, k * sizeof(uint16_t));  // little endian: k even low
+    } else {
+      cpu_kernels::row_to_f32(at::kBFloat16, xp + r * k, xf.data() + r * 2 * kp, k);
     }
   }
   // tile pairs per task: about 2048 (k pair x row) steps of work, at least one pair
@@ -206,8 +196,7 @@ void linear_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor
           if (yf != nullptr) {
             std::copy(src, src + cols, yf + (r0 + r) * n + col0);
           } else {
-            c10::BFloat16* dst = yb + (r0 + r) * n + col0;
-            for (int64_t c = 0; c < cols; ++c) dst[c] = c10::BFloat16(src[c]);  // round to nearest even
+            cpu_kernels::row_from_f32(at::kBFloat16, src, yb + (r0 + r) * n + col0, cols);  // nearest even
           }
         }
       }
