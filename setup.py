@@ -1,5 +1,9 @@
 """Build script: packages (with `kernels/` installed as `gitfast.kernels`) and the `gitfast._C` extension.
 
+`gitfast/kernels` is a link to the top-level `kernels/` folder, which has no `__init__.py` so that it
+never shadows Hugging Face's `kernels` package from the repository root (kernels/api.py says more);
+setuptools follows the link, so a wheel holds the files themselves.
+
 The extension is built from `csrc/` with torch's cpp_extension: the bindings (`csrc/*.cpp`) and the
 CPU kernels (`csrc/cpu/*.cpp`) always, the CUDA kernels (`csrc/cuda/*.cu`) too when torch is a CUDA
 build and a CUDA toolkit is found (csrc/build_support.py: torch's CUDA_HOME, $CUDA_HOME, $CUDA_PATH
@@ -101,7 +105,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=["gitfast", "gitfast.kernels", "gitfast.bench", "gitfast.assets", "gitfast.training"],
-    package_dir={"gitfast": "gitfast", "gitfast.kernels": "kernels", "gitfast.bench": "bench"},
+    package_dir={"gitfast": "gitfast", "gitfast.bench": "bench"},
     package_data={"gitfast.assets": ["**/*"]},
     include_package_data=True,
     ext_modules=ext_modules,

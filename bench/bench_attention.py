@@ -88,7 +88,7 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
         # gitfast
         skip = triton_skip_reason(device)
         if skip is None:
-            from gitfast.kernels import git_attention
+            from gitfast.kernels.api import git_attention
 
             def run_gitfast(cu=cu, image=image, length=length, inputs=inputs):
                 q, k, v = inputs.next()

@@ -48,7 +48,7 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
                         skip_reason=reason, label=label)
 
         if skip is None:
-            from gitfast.kernels import write_kv_cache
+            from gitfast.kernels.api import write_kv_cache
 
             def run(inputs=inputs, k_cache=k_cache, v_cache=v_cache):
                 k, v, slots = inputs.next()

@@ -56,7 +56,7 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
                         bytes=kv_bytes, skip_reason=reason, label=label)
 
         if skip is None:
-            from gitfast.kernels import paged_decode_attention
+            from gitfast.kernels.api import paged_decode_attention
 
             paged = rotating(lambda: _paged_inputs(batch, context, device, dtype), n_sets)
 

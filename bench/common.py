@@ -33,7 +33,7 @@ def triton_skip_reason(device: str):
     """Why gitfast's Triton kernels cannot run on `device` here, or None when they can."""
     import os
 
-    from gitfast.kernels import triton_available
+    from gitfast.kernels.api import triton_available
 
     if not triton_available():
         return "Triton kernels need triton plus a CUDA device, or TRITON_INTERPRET=1 on CPU"

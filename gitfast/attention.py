@@ -26,7 +26,7 @@ def _triton():
     if not torch.cuda.is_available():
         return None
     try:
-        from . import kernels
+        from .kernels import api as kernels
         if kernels.triton_available():
             return kernels
     except Exception as exc:  # a broken Triton install must not break the model: fall back, say why once

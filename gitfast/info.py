@@ -97,7 +97,7 @@ def _attention_backends() -> dict:
     """Attention: Triton kernels on CUDA when triton imports, the extension's C++ kernels on the CPU
     when built (the vision encoder's unmasked attention stays on SDPA there), PyTorch otherwise."""
     try:
-        from .kernels import _triton_importable
+        from .kernels.api import _triton_importable
         triton_ok = _triton_importable()
     except Exception:  # noqa: BLE001 - reporting only
         triton_ok = False

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gitfast.kernels import git_attention
+from gitfast.kernels.api import git_attention
 from gitfast.kernels._triton_utils import exp2
 from gitfast.kernels.reference import git_attention_reference
 

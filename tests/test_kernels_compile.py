@@ -81,7 +81,7 @@ def _split_qkv(tokens, heads, head_dim, dtype):
 def _launches(arch, dtype_name, head_dim, heads):
     """[(case, kernel name, JITFunction, args, kwargs)] for one dtype / head size, via the wrappers."""
     import torch
-    import gitfast.kernels as kernels
+    from gitfast.kernels import api as kernels
     from gitfast.kernels import attention, kv_write, paged_decode, paged_prefill
 
     dtype = getattr(torch, dtype_name)
@@ -238,7 +238,7 @@ def _decode_cache_keys(arch):
     lengths, batch sizes and both context bounds the engine passes (eager: the current longest
     context; CUDA graph: the block table's width), computed as JITFunction.run keys its cache."""
     import torch
-    import gitfast.kernels as kernels
+    from gitfast.kernels import api as kernels
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature

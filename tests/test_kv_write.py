@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gitfast.kernels import write_kv_cache
+from gitfast.kernels.api import write_kv_cache
 from gitfast.kernels.reference import write_kv_cache_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,4 +1,5 @@
 """Checkpoints: folders, hub cache, safetensors/sharded/.bin, round trips, and refusals that name the problem."""
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -149,12 +150,34 @@ def test_unknown_from_pretrained_argument(saved):
         gitfast.GitForCausalLM.from_pretrained(saved, bogus=True)
 
 
-def test_kernels_folder_never_breaks_transformers():
-    # From the repository root `kernels/` is importable as a top-level `kernels`, the name of a
-    # Hugging Face package that transformers probes: importing both must work.
-    code = "import kernels, transformers; from transformers import GitForCausalLM; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+_SHADOW_CHECK = """
+import importlib.util, os, sys
+spec = importlib.util.find_spec("kernels")
+origin = spec.origin if spec is not None else None
+# a namespace portion (no __init__.py) has no origin; an installed package lives outside the repo
+assert origin is None or not os.path.realpath(origin).startswith(sys.argv[1] + os.sep), origin
+import transformers, gitfast
+from transformers import GitForCausalLM
+gitfast.GitForCausalLM, gitfast.Captioner
+import gitfast.kernels.api
+print("ok", origin)
+"""
+
+
+@pytest.mark.parametrize("where", [".", "tests", "bench"])
+def test_kernels_folder_never_shadows_hf_kernels(where):
+    # `kernels` is also Hugging Face's package, which transformers >= 5.25 imports. From the
+    # repository root (or tests/, bench/: any folder Python puts first on sys.path) the top-level
+    # `kernels/` folder must never be what `import kernels` finds, nor break importing gitfast.
+    assert not (REPO / "kernels" / "__init__.py").exists() and not (REPO / "kernels.py").exists()
+    out = subprocess.run([sys.executable, "-c", _SHADOW_CHECK, str(REPO)], cwd=REPO / where,
+                         capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    try:
+        importlib.metadata.distribution("kernels")  # HF kernels, which transformers >= 5.25 installs
+    except importlib.metadata.PackageNotFoundError:
+        return  # nothing installed to outrank (transformers 5.24 without HF kernels)
+    assert "site-packages" in out.stdout or "dist-packages" in out.stdout, out.stdout  # found HF's
 
 
 def test_pipeline_same_output_as_transformers(hf, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gitfast.kernels import git_attention, paged_decode_attention, paged_prefill_attention
+from gitfast.kernels.api import git_attention, paged_decode_attention, paged_prefill_attention
 from gitfast.kernels.reference import (
     git_attention_reference,
     paged_decode_attention_reference,

@@ -1,8 +1,13 @@
-"""gitfast's Triton kernels, installed as ``gitfast.kernels``.
+"""The public entry points of gitfast's Triton kernels (``gitfast.kernels.api``).
 
-This folder is also importable as a top-level ``kernels`` from the repository root (the name of a
-Hugging Face package that transformers probes), so importing it must never raise: only relative
-imports here, and Triton itself is imported lazily by the kernel modules.
+The kernels live in the repository's top-level ``kernels/`` folder, which the package reaches as
+``gitfast.kernels`` through the link ``gitfast/kernels -> ../kernels`` (a wheel holds the files
+themselves). The folder has no ``__init__.py`` on purpose: ``kernels`` is also the name of a Hugging
+Face package that transformers imports, and a *regular* package named ``kernels`` in the repository
+root (on ``sys.path`` for ``python -m pytest``, ``python -c``, subprocesses and Ray workers started
+there) would shadow it; a folder without ``__init__.py`` is only a namespace portion, which any
+installed package of that name outranks. ``tests/test_loading.py`` fails if the shadowing returns.
+Triton itself is imported lazily by the kernel modules, so importing this module never needs it.
 
 Public API (signatures are the contract with the model code; see each module's docstring):
 
