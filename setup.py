@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Generated build info (gitfast_build_info.h), kept out of the source tree.
@@ -103,8 +103,13 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+# Every folder of gitfast/ is a package, found rather than listed, so that no subpackage can be left
+# out of a wheel (tests/test_packaging.py builds one and compares): namespace discovery, because
+# gitfast.kernels has no __init__.py. The assets' subfolders are data (package_data), not code.
+PACKAGES = find_namespace_packages(include=["gitfast", "gitfast.*"], exclude=["gitfast.assets.*"])
+
 setup(
-    packages=["gitfast", "gitfast.kernels", "gitfast.bench", "gitfast.assets", "gitfast.training"],
+    packages=PACKAGES + ["gitfast.bench"],
     package_dir={"gitfast": "gitfast", "gitfast.bench": "bench"},
     package_data={"gitfast.assets": ["**/*"]},
     include_package_data=True,
