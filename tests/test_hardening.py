@@ -111,6 +111,18 @@ def test_a_users_tmp_file_beside_the_output_is_never_touched(photos, tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp") and n != "o.jsonl.tmp"]
 
 
+def test_a_killed_runs_temporaries_are_removed_on_resume_also_the_journals(photos, tmp_path):
+    # kill -9 between mkstemp and the rename leaves `.<out>.XXXXXXXX.tmp`, and for a journaled output
+    # `.<out>.partial.jsonl.XXXXXXXX.tmp` (seen after a killed two-device run): resume removes both
+    out = tmp_path / "o.parquet"
+    assert caption(photos, "--out", out) == 0
+    left = [tmp_path / ".o.parquet.abcd1234.tmp", tmp_path / ".o.parquet.partial.jsonl.s1nze2j1.tmp"]
+    for path in left:
+        path.write_text("partial")
+    assert caption(photos, "--out", out, "--resume") == 0
+    assert not any(path.exists() for path in left), os.listdir(tmp_path)
+
+
 def test_out_dash_is_stdout(photos, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert caption(photos, "--out", "-") == 0

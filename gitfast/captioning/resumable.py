@@ -27,6 +27,8 @@ from .formats import (FORMATS, CsvWriter, JsonlWriter, OutputError, Writer, arro
                       read_parquet)
 from .records import Record, is_done
 
+JOURNAL_SUFFIX = ".partial.jsonl"  # the journal beside an output: `<out>.partial.jsonl`
+
 
 class Output:
     """An output destination, checked on construction (nothing is modified until `open()`).
@@ -62,7 +64,7 @@ class Output:
             path = os.path.realpath(path)  # a link is followed: its target is written, the link kept
         self.path, self.fmt, self.resume, self.overwrite, self.order = path, fmt, resume, overwrite, order
         journaled = self.stream is None and (fmt == "parquet" or (atomic and fmt == "jsonl"))
-        self.journal = f"{path}.partial.jsonl" if journaled else None
+        self.journal = f"{path}{JOURNAL_SUFFIX}" if journaled else None
         self._kept: List[dict] = []
         if path is not None and os.path.isdir(path):
             raise OutputError(f"--out {path!r} is a folder")
@@ -190,10 +192,10 @@ def replace_with(path: str, fill, binary: bool = False) -> None:
 
 
 def remove_stale_temps(path: str) -> None:
-    """Removes the temporary files of `path` that a killed run left: only names `replace_with` makes
-    (`.<name>.` + mkstemp's 8 characters + `.tmp`). Called under the output's lock."""
+    """Removes the temporary files of `path` and of its journal that a killed run left: only names
+    `replace_with` makes (`.<name>.` + mkstemp's 8 characters + `.tmp`). Called under the output's lock."""
     folder, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp")
+    pattern = re.compile(rf"\.{re.escape(name)}(?:{re.escape(JOURNAL_SUFFIX)})?\.[a-z0-9_]{{8}}\.tmp")
     try:
         names = os.listdir(folder)
     except OSError:
