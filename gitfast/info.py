@@ -77,7 +77,7 @@ def _linear_backends() -> dict:
     logits = f"cpu ext ({torch.ops.gitfast.logits_isa()})" if has_logits else "torch fp32"
     return {"linear_bf16": {"cpu": ops.linear_backend("cpu", torch.bfloat16), "cuda": "torch"},
             "logits_bf16": {"cpu": logits, "cuda": "torch"},
-            "linear_int8": {"cpu": quantization.backend(), "cuda": "refused (CPU only)"}}
+            "linear_int8": {"cpu": quantization.decision().summary(), "cuda": "refused (CPU only)"}}
 
 
 def _build_note():

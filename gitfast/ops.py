@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import bf16_backends
+
 ACTIVATIONS = ("quick_gelu", "gelu")
 OPS = ("add_layer_norm", "bias_act", "mlp")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -178,34 +180,19 @@ def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation):
 # -- linear layers ---------------------------------------------------------------------------------
 
 
-_packs_bf16: bool | None = None  # decided at the first bf16 CPU linear
-
-
-def _cpu_packs_bf16() -> bool:
-    """Whether bf16 GEMMs on this CPU read a oneDNN pre-packed weight: only with native bf16
-    (AVX512-BF16 or AMX); where oneDNN emulates bf16 the packing buys nothing."""
-    global _packs_bf16
-    if _packs_bf16 is None:
-        from .devices import cpu_has_native_bf16
-
-        mkldnn = torch.ops.mkldnn
-        _packs_bf16 = bool(torch.backends.mkldnn.is_available() and cpu_has_native_bf16()
-                           and hasattr(mkldnn, "_reorder_linear_weight") and hasattr(mkldnn, "_linear_pointwise"))
-    return _packs_bf16
-
-
 def linear_backend(device, dtype) -> str:
     """What serves `Linear` for `dtype` weights on `device`: "onednn packed" (with the extension's
-    kernel at up to `Linear.KERNEL_MAX_ROWS` rows where it runs on AVX512-BF16) or "torch"."""
-    packed = torch.device(device).type == "cpu" and dtype == torch.bfloat16 and _cpu_packs_bf16()
-    if not packed:
+    kernel at up to `Linear.KERNEL_MAX_ROWS` rows where it measured faster) or "torch"."""
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16 or not bf16_backends.packs_linear():
         return "torch"
-    return f"onednn packed; cpu ext at <= {Linear.KERNEL_MAX_ROWS} rows" if native_bf16_logits() else "onednn packed"
+    narrow = bf16_backends.kernel_serves_narrow_linear()
+    return f"onednn packed; cpu ext at <= {Linear.KERNEL_MAX_ROWS} rows" if narrow else "onednn packed"
 
 
 class Linear(nn.Linear):
     """`nn.Linear` with an optional fused activation, `act(x W^T + b)`, whose CPU bf16 inference GEMM
-    reads a oneDNN pre-packed copy of the weight, made once and remade only when the weight changes.
+    reads a oneDNN pre-packed copy of the weight, made once and remade only when the weight changes,
+    where that measured faster than F.linear (gitfast.bf16_backends, decided once per process).
 
     Plain `F.linear` on a bf16 CPU tensor hands oneDNN the weight in nn.Linear's layout, and oneDNN
     re-lays it out on every call: 1.3-1.9x slower per GEMM at git-base's shapes (M = 8 decode rows
@@ -213,7 +200,7 @@ class Linear(nn.Linear):
     again (bf16 only). fp32, CUDA, autograd and tracing take `F.linear` unchanged.
 
     At one to four rows (decode steps of up to four sequences) the extension's bf16 kernel on its own
-    packed copy serves instead, where it runs on AVX512-BF16: oneDNN reads the weights slower there
+    packed copy serves instead, where it measured faster (on AVX512-BF16): oneDNN reads the weights slower there
     (one decode step's 24 GEMMs, 85 MB, caches flushed: 6.3-8.3 ms oneDNN, 4.4-5.2 ms the kernel at one
     row; 1.29x at two rows, 1.18x at four, oneDNN faster from eight). Layers that also run wider (the
     decoder's, for prompts and image prefixes) then hold both packed copies.
@@ -227,8 +214,9 @@ class Linear(nn.Linear):
         w = self.weight
         if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu" \
                 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
-                and not torch.compiler.is_compiling() and _cpu_packs_bf16():
-            if x.numel() <= self.KERNEL_MAX_ROWS * x.shape[-1] and type(self) is Linear and native_bf16_logits():
+                and not torch.compiler.is_compiling() and bf16_backends.packs_linear():
+            if x.numel() <= self.KERNEL_MAX_ROWS * x.shape[-1] and type(self) is Linear \
+                    and bf16_backends.kernel_serves_narrow_linear():
                 y = torch.ops.gitfast.linear_bf16(x.contiguous(), self._kernel_weight(), w.shape[0], self._narrow[2],
                                                   False)
                 return y if activation is None else bias_act(y, None, activation)
@@ -284,9 +272,9 @@ class Logits(Linear):
             return super().forward(x, activation)
         key = (w.data_ptr(), w._version, None if self.bias is None else self.bias._version)
         rows = x.numel() // max(x.shape[-1], 1)
-        # on CPUs without AVX512-BF16 the kernel's portable path loses to MKL's fp32 GEMM beyond a row
-        # or two (2.3x slower at 32 rows): the fp32 GEMM serves there
-        if rows <= self.KERNEL_ROWS and not torch.compiler.is_compiling() and native_bf16_logits():
+        # measured: on CPUs without AVX512-BF16 the kernel's portable path lost to MKL's fp32 GEMM
+        # beyond a row or two (2.3x slower at 32 rows), and the fp32 GEMM serves there
+        if rows <= self.KERNEL_ROWS and not torch.compiler.is_compiling() and bf16_backends.kernel_serves_logits():
             if self._narrow is None or self._narrow[0] != key:
                 self._narrow = (key, torch.ops.gitfast.pack_bf16_cols(w.detach().bfloat16().contiguous()),
                                 self._float_bias())
@@ -302,25 +290,12 @@ class Logits(Linear):
         return None if self.bias is None else self.bias.detach().float()
 
 
-def native_bf16_logits() -> bool:
-    """Whether the extension's bf16 x bf16 kernel runs on bf16 instructions here (AVX512-BF16); decided
-    once per process, as the kernel's own choice is."""
-    global _native_bf16
-    if _native_bf16 is None:
-        _native_bf16 = bool(extension_loaded() and hasattr(torch.ops.gitfast, "logits_isa")
-                            and torch.ops.gitfast.logits_isa() == "avx512bf16")
-    return _native_bf16
-
-
-_native_bf16: bool | None = None
-
-
 def feed_forward(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: str) -> torch.Tensor:
     """`fc2(act(fc1(x)))` over linear layers: the fused `mlp` op when both are plain `Linear`s whose
     weights it serves best (fp32, fp16, CUDA), else each layer's own forward with the activation
     fused into the first (packed bf16, INT8 layers from gitfast.quantization)."""
-    if type(fc1) is Linear and type(fc2) is Linear and not (x.dtype == torch.bfloat16 and x.device.type == "cpu"
-                                                           and _cpu_packs_bf16()):
+    if type(fc1) is Linear and type(fc2) is Linear and not (
+            x.dtype == torch.bfloat16 and x.device.type == "cpu" and bf16_backends.packs_linear()):
         return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation)
     return fc2(fc1(x, activation))
 

@@ -9,11 +9,14 @@ place (the float weights are let go: a quarter of fp32's weight memory). One lay
     y    = act(acc * s[m] + bias)                 # dequantize_rows, in the activations' dtype
 
 with both row passes in gitfast._C (one pass over the data each; plain torch without the
-extension). Backends for the GEMM, the first that works here is used (`backend()` says which;
-`gitfast info` reports it):
+extension). The GEMM's backend is the fastest of these that gives the reference integers here,
+measured once per process on decoder- and vision-sized shapes (gitfast.backend_choice; `backend()`
+says which, `gitfast info` shows the times, GITFAST_INT8_BACKEND=<name> forces one):
 - "onednn": `torch.ops.onednn.qlinear_pointwise` on a weight pre-packed once by
   `qlinear_prepack` (VNNI / AMX-INT8 where the CPU has them); the activation scale is passed as 1 and
-  applied per row afterwards, which oneDNN's per-tensor activation scale cannot express;
+  applied per row afterwards, which oneDNN's per-tensor activation scale cannot express. Where oneDNN
+  has no INT8 kernel for the CPU it runs a reference path: right integers, 90.7 s for one
+  1576x768x3072 GEMM on an AMD Zen 5, which is why availability alone never decides;
 - "torch._int_mm": PyTorch's int8 x int8 -> int32 GEMM, weight scales applied in the row pass;
 - "reference": the same integers through an fp32 matmul (exact for |acc| < 2^24).
 
@@ -21,8 +24,9 @@ What stays in the model's own precision, and why (greedy captions vs fp32, bench
 - the patch embedding (a convolution; <1% of the FLOPs) and every LayerNorm / embedding;
 - attention itself (scores and softmax; its projections are INT8);
 - the LM head (`KEEP`): its logits pick each token, and quantizing it costs caption agreement
-  (bench/RESULTS.md). On CPUs with AVX512-BF16 it reads its weight rounded to bf16 once, through the
-  extension's bf16 x bf16 -> fp32 kernel (`ops.Logits.reads_bf16`): half the bytes of the fp32 weight
+  (bench/RESULTS.md). Where the extension's bf16 x bf16 -> fp32 kernel measured faster than an fp32 GEMM
+  (gitfast.bf16_backends: CPUs with AVX512-BF16) it reads its weight rounded to bf16 once, through that kernel
+  (`ops.Logits.reads_bf16`): half the bytes of the fp32 weight
   it reads every decode step, 26% of INT8's time at batch 8 before (profile). Measured: INT8 generate
   1.34x faster at batch 8, 1.16x at batch 1; greedy captions identical to fp32's 11/32 with the bf16
   head, 9/32 with the fp32 one, transformers + dynamic INT8 6/32 (32 images, git-base shapes).
@@ -37,7 +41,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import ops
+from . import bf16_backends, ops
 
 log = logging.getLogger(__name__)
 
@@ -110,30 +114,54 @@ def _onednn_mm(q, packed, w_scale, w_zero):
                                               "none", [], "")
 
 
-def _probe(name: str) -> bool:
-    """Whether backend `name` runs here and gives the reference's integers on a small case."""
+def _int8_mm(name: str, w_int8: torch.Tensor):
+    """`q -> q @ w_int8^T` (int32-exact values, float or int32) through backend `name`."""
+    if name == "onednn":
+        packed, scale, zero = _onednn_pack(w_int8), torch.ones(w_int8.shape[0]), torch.zeros(
+            w_int8.shape[0], dtype=torch.int64)
+        return lambda q: _onednn_mm(q, packed, scale, zero)
+    if name == "torch._int_mm":
+        return lambda q: torch._int_mm(q, w_int8.t())
+    return lambda q: q.float() @ w_int8.float().t()
+
+
+# (rows, in, out): a decode step's GEMM at a batch of 32 and a vision encoder's MLP GEMM at one image
+MEASURED_SHAPES = ((32, 768, 768), (256, 768, 3072))
+
+
+def _prepare(name: str):
+    """backend_choice candidate: `name` must give the reference integers on a small odd case; then one
+    GEMM call per MEASURED_SHAPES."""
+    from .backend_choice import Unfit
+
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8)
-    q = torch.randint(-127, 128, (5, 40), generator=g, dtype=torch.int8)
-    want = q.float() @ w.float().t()
+    q = torch.randint(-127, 128, (17, 40), generator=g, dtype=torch.int8)
     try:
-        if name == "onednn":
-            got = _onednn_mm(q, _onednn_pack(w), torch.ones(24), torch.zeros(24, dtype=torch.int64))
-        else:
-            got = torch._int_mm(q, w.t()).float()
+        got = _int8_mm(name, w)(q)
     except (RuntimeError, AttributeError, NotImplementedError) as exc:
-        log.info("gitfast: INT8 backend %s unavailable here: %s", name, exc)
-        return False
-    return bool(torch.equal(got, want))
+        raise Unfit(f"does not run here ({str(exc).splitlines()[0][:120]})") from exc
+    if not torch.equal(got.float(), q.float() @ w.float().t()):
+        raise Unfit("wrong integers on the check case")
+    calls = []
+    for rows, k, n in MEASURED_SHAPES:
+        mm = _int8_mm(name, torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8))
+        x = torch.randint(-127, 128, (rows, k), generator=g, dtype=torch.int8)
+        calls.append(functools.partial(mm, x))
+    return calls
 
 
-@functools.lru_cache(maxsize=None)
 def backend() -> str:
-    """The int8 GEMM serving DynamicInt8Linear on this machine (decided once)."""
-    for name in BACKENDS[:-1]:
-        if _probe(name):
-            return name
-    return "reference"
+    """The int8 GEMM serving DynamicInt8Linear on this machine: measured once per process."""
+    return decision().chosen
+
+
+def decision():
+    """backend_choice.Decision for the int8 GEMM (its times and the candidates ruled out)."""
+    from .backend_choice import choose
+
+    return choose("int8_gemm", {name: functools.partial(_prepare, name) for name in BACKENDS},
+                  "GITFAST_INT8_BACKEND")
 
 
 class DynamicInt8Linear(nn.Module):
@@ -199,7 +227,7 @@ def quantize(model: nn.Module, quantization_config="dynamic", keep=KEEP) -> nn.M
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, DynamicInt8Linear.from_linear(linear))
     for name, m in model.named_modules():
         if isinstance(m, ops.Logits) and name in keep:
-            m.reads_bf16 = ops.native_bf16_logits()
+            m.reads_bf16 = bf16_backends.kernel_serves_logits()
     return model
 
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from gitfast import ops
+from gitfast import backend_choice as BC, bf16_backends, ops
 
 # skipped only without the extension: a build of it that lacks these ops fails here
 pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="gitfast._C not built")
@@ -81,9 +81,27 @@ def test_opcheck():
     torch.library.opcheck(g.linear_bf16, (x, packed, 40, torch.randn(40)))
 
 
-def test_logits_module_uses_the_kernel_up_to_32_rows(monkeypatch):
+@pytest.fixture
+def forced(monkeypatch):
+    """force(kind, name): the bf16 backend decision for `kind` made as GITFAST_*_BACKEND=name does;
+    skips where `name` cannot run on this CPU. The process's own decisions come back afterwards."""
+    def force(kind, name):
+        monkeypatch.setenv(bf16_backends._ENV[kind], name)
+        BC.forget(kind)
+        try:
+            bf16_backends.decide(kind)
+        except ValueError as exc:
+            pytest.skip(str(exc))
+    yield force
+    for kind in bf16_backends._ENV:
+        BC.forget(kind)
+
+
+@pytest.mark.parametrize("backend", ["cpu ext", "torch fp32"])
+def test_logits_module_uses_the_chosen_backend_up_to_32_rows(monkeypatch, forced, backend):
     """ops.Logits on bf16: fp32 logits from the bf16 weight's values, through the kernel for decode-sized
-    inputs (on AVX512-BF16 CPUs) and an fp32 GEMM beyond; a changed weight is repacked."""
+    inputs where it is the logits backend, and an fp32 GEMM beyond; a changed weight is repacked."""
+    forced("logits_bf16", backend)
     head = ops.Logits(32, 70).bfloat16()
     calls = []
     real = g.linear_bf16
@@ -93,7 +111,7 @@ def test_logits_module_uses_the_kernel_up_to_32_rows(monkeypatch):
             x = _bf16(rows, 32, seed=rows)
             y = head(x)
             _check(y, x, head.weight, head.bias)
-        assert len(calls) == (3 if ops.native_bf16_logits() else 0)  # else MKL's fp32 GEMM serves
+        assert len(calls) == (3 if backend == "cpu ext" else 0)  # else MKL's fp32 GEMM serves
         head.weight.mul_(2)
         x = _bf16(4, 32, seed=9)
         _check(head(x), x, head.weight, head.bias)
@@ -108,8 +126,9 @@ def test_bf16_output_rounds_once():
     assert torch.equal(y, g.linear_bf16(x, packed, 70, b).bfloat16())
 
 
-@pytest.mark.skipif(not ops.native_bf16_logits(), reason="the kernel serves Linear only on AVX512-BF16 CPUs")
-def test_bf16_linear_takes_the_kernel_at_up_to_4_rows(monkeypatch):
+def test_bf16_linear_takes_the_kernel_at_up_to_4_rows(monkeypatch, forced):
+    forced("linear_bf16", "onednn packed")  # the kernel serves packed layers' narrow calls
+    forced("linear_bf16_narrow", "cpu ext")
     lin = ops.Linear(48, 70).bfloat16()
     calls = []
     real = g.linear_bf16
@@ -139,7 +158,7 @@ def test_isa_reported():
 
 
 @pytest.mark.skipif(os.environ.get("GITFAST_CPU_ISA") is not None, reason="already a forced-ISA run")
-@pytest.mark.skipif(not ops.native_bf16_logits(), reason="the portable path is this CPU's")
+@pytest.mark.skipif(ops.extension_loaded() and g.logits_isa() != "avx512bf16", reason="the portable path is this CPU's")
 def test_portable_path():
     env = {**os.environ, "GITFAST_CPU_ISA": "avx2"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "fp64 or isa_reported"]

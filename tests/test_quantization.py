@@ -4,11 +4,13 @@ The row passes (gitfast._C) against their plain-torch references, each GEMM back
 reference integers, whole layers against `DynamicInt8Linear.reference`, and a quantized GIT model
 whose greedy captions agree with its fp32 self.
 """
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gitfast import ops, quantization as Q
+from gitfast import backend_choice as BC, bf16_backends, ops, quantization as Q
 
 from git_factory import make_hf_model
 
@@ -48,18 +50,83 @@ def test_dequantize_rows_matches_the_reference(acc_dtype, activation, out_dtype)
         torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("name", Q.BACKENDS[:-1])
-def test_each_available_backend_gives_the_reference_integers(name):
-    if not Q._probe(name):
-        pytest.skip(f"{name} does not run here")
-    assert Q.backend() in Q.BACKENDS
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    """The int8 GEMM decided anew in the test, and again after it (the process's real decision)."""
+    monkeypatch.delenv("GITFAST_INT8_BACKEND", raising=False)
+    BC.forget("int8_gemm")
+    yield
+    BC.forget("int8_gemm")
+
+
+def _fit(name):
+    try:
+        Q._prepare(name)  # the check
+    except BC.Unfit:
+        return False
+    return True
+
+
+def test_the_chosen_backend_gives_the_reference_integers():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(-127, 128, (129, 300), generator=g, dtype=torch.int8)
+    q = torch.randint(-127, 128, (33, 300), generator=g, dtype=torch.int8)
+    got = Q._int8_mm(Q.backend(), w)(q)
+    assert torch.equal(got.float(), q.double().matmul(w.double().t()).float())
+    assert Q.decision().how in ("measured", "only one fit")
+
+
+def _slow_correct(real, seconds):
+    def mm_factory(name, w):
+        mm = real("reference", w)
+
+        def slow(q):
+            calls.append(name)
+            time.sleep(seconds)
+            return mm(q)
+        return slow if name == "onednn" else real(name, w)
+    calls = []
+    return mm_factory, calls
+
+
+def test_a_slow_backend_that_works_is_not_chosen(monkeypatch, fresh_choice):
+    # onednn comes first and gives the right integers, but each call takes 1.5 s (as oneDNN's
+    # reference path does, only less so): the measurement must pass it over, after one timed call
+    factory, calls = _slow_correct(Q._int8_mm, 1.5)
+    monkeypatch.setattr(Q, "_int8_mm", factory)
+    d = Q.decision()
+    assert d.chosen != "onednn" and d.seconds["onednn"] == float("inf"), d
+    assert len(calls) == 2, (calls, d)  # its check and one first call: never timed in full
+
+
+def test_a_backend_with_wrong_integers_is_never_chosen_nor_forced(monkeypatch, fresh_choice):
+    real = Q._int8_mm
+    monkeypatch.setattr(Q, "_int8_mm", lambda name, w: (lambda q: real(name, w)(q) + 1) if name == "torch._int_mm"
+                        else real(name, w))
+    d = Q.decision()
+    assert d.chosen != "torch._int_mm" and "wrong integers" in d.unfit["torch._int_mm"], d
+    BC.forget("int8_gemm")
+    monkeypatch.setenv("GITFAST_INT8_BACKEND", "torch._int_mm")
+    with pytest.raises(ValueError, match="GITFAST_INT8_BACKEND"):
+        Q.backend()
+
+
+def test_a_backend_can_be_forced_by_name(monkeypatch, fresh_choice):
+    monkeypatch.setenv("GITFAST_INT8_BACKEND", "reference")
+    assert Q.backend() == "reference" and "forced" in Q.decision().how
+    assert Q.DynamicInt8Linear.from_linear(ops.Linear(8, 4)).backend == "reference"
+    BC.forget("int8_gemm")
+    monkeypatch.setenv("GITFAST_INT8_BACKEND", "mkl")
+    with pytest.raises(ValueError, match="not one of"):
+        Q.backend()
 
 
 @pytest.mark.parametrize("backend", Q.BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_matches_its_reference_and_the_float_layer(monkeypatch, backend, dtype):
-    if backend != "reference" and not Q._probe(backend):
-        pytest.skip(f"{backend} does not run here")
+    if not _fit(backend):  # a backend that cannot serve here must be ruled out, never chosen
+        assert backend in Q.decision().unfit and Q.backend() != backend
+        return
     torch.manual_seed(0)
     lin = ops.Linear(200, 72)
     layer = Q.DynamicInt8Linear.from_linear(lin)
@@ -87,13 +154,14 @@ def test_quantize_swaps_the_linears_but_keeps_the_lm_head():
     assert kinds["proj"] is Q.DynamicInt8Linear
     assert Q.describe(fm.model).startswith("dynamic INT8")
     assert not any(isinstance(m, ops.Linear) for n, m in fm.model.named_modules() if n != "lm_head")
-    # on AVX512-BF16 CPUs the kept head reads a bf16 copy of its weight: fp32 logits within bf16's rounding
-    assert fm.model.lm_head.reads_bf16 == ops.native_bf16_logits()
+    # where the bf16 kernel serves logits (measured) the kept head reads a bf16 copy of its weight:
+    # fp32 logits within bf16's rounding
+    assert fm.model.lm_head.reads_bf16 == bf16_backends.kernel_serves_logits()
     x = torch.randn(3, fm.config.hidden_size)
     with torch.no_grad():
         got, exact = fm.model.lm_head(x), torch.nn.functional.linear(x, fm.model.lm_head.weight, fm.model.lm_head.bias)
     assert got.dtype == torch.float32
-    if ops.native_bf16_logits():
+    if bf16_backends.kernel_serves_logits():
         rounded = torch.nn.functional.linear(x.bfloat16().float(), fm.model.lm_head.weight.bfloat16().float(),
                                              fm.model.lm_head.bias)
         assert torch.allclose(got, rounded, atol=1e-5, rtol=1e-5) and not torch.equal(got, exact)
