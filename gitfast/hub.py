@@ -53,6 +53,36 @@ def files_to_fetch(repo_files: Iterable[str]) -> List[str]:
     return wanted
 
 
+def shard_files(index_file: Path) -> List[str]:
+    """The weight files a sharded checkpoint's index names (its `weight_map` values), sorted. Each must
+    be a file name inside the checkpoint's folder: an absolute path or one going up (`../x`) is
+    refused, like a malformed index, with a HubError naming the file and the field."""
+    try:
+        index = json.loads(Path(index_file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HubError(f"cannot read the weight index {index_file}: {exc}") from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise HubError(f"the weight index {index_file} has no \"weight_map\" object (tensor name -> file name), "
+                       "or it is empty")
+    files = set()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise HubError(f"the weight index {index_file}: weight_map[{tensor!r}] is {name!r}, not a file name")
+        if not _inside_folder(name):
+            raise HubError(f"the weight index {index_file}: weight_map[{tensor!r}] is {name!r}, which is not "
+                           "inside the checkpoint's folder; shards are only read from there")
+        files.add(name)
+    return sorted(files)
+
+
+def _inside_folder(name: str) -> bool:
+    """True for a relative path that stays below its folder (checked by its text: the hub cache's
+    files are links into its blob store, so where a link points says nothing)."""
+    parts = name.split("/")
+    return not os.path.isabs(name) and ".." not in parts and "" not in parts
+
+
 def resolve_hub_id(repo_id: str, *, revision: Optional[str] = None, cache_dir=None, token=None,
                    local_files_only: bool = False) -> Path:
     """The snapshot folder of `repo_id` at `revision`, downloading what gitfast needs when allowed."""
@@ -106,7 +136,7 @@ def _download(repo_id: str, revision: Optional[str], cache_dir, token) -> Path:
             path = fetch(name)
             folder = path.parent
             if name in (SAFE_INDEX, BIN_INDEX):
-                for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+                for shard in shard_files(path):
                     fetch(shard)
         return folder
     except RevisionNotFoundError as exc:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
+from . import hub
 from .hf_format import CheckpointError, from_hf_state_dict  # noqa: F401 (loading.CheckpointError is public)
 from .hub import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE  # noqa: F401 (loading.SAFE_SINGLE etc. are used elsewhere)
 
@@ -30,8 +32,6 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None, cache_
         return path
     if path.exists():
         raise CheckpointError(f"{str(name_or_path)!r} is a file; expected a checkpoint folder or a hub id")
-    from . import hub
-
     try:
         return hub.resolve_hub_id(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
                                   local_files_only=local_files_only)
@@ -52,7 +52,75 @@ def load_config(folder: Path):
     if raw.get("model_type") != "git":
         raise CheckpointError(f"{folder} holds a {raw.get('model_type')!r} model, not GIT (model_type 'git'); "
                               "gitfast only runs GIT checkpoints such as microsoft/git-base")
-    return GitConfig.from_pretrained(str(folder))
+    try:
+        config = GitConfig.from_pretrained(str(folder))
+    except _config_errors() as exc:  # a field of the wrong type (transformers' strict config classes)
+        raise CheckpointError(f"{cfg_file} does not describe a GIT model: {exc}") from exc
+    check_config(config, cfg_file)
+    return config
+
+
+def _config_errors() -> tuple:
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # huggingface_hub before strict dataclasses
+        return ValueError, TypeError
+    return ValueError, TypeError, StrictDataclassError
+
+
+# the sizes a GIT model is built from, in config.json and its vision_config; each a whole number >= 1
+_TEXT_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+               "max_position_embeddings")
+_VISION_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "image_size",
+                 "patch_size", "num_channels")
+
+
+def check_config(config, origin="the config") -> None:
+    """Refuses a config whose sizes cannot make a GIT model (zero or negative sizes, heads that do not
+    divide the width, patches larger than the image), naming each field, so that a bad config.json is
+    one checkpoint error at load time rather than a failure in the middle of a run. `origin` names
+    the config (its file) in the message. Called by `load_config` and `build_model`, which every
+    front end goes through."""
+    problems = []
+    parts = (("", config, _TEXT_SIZES), ("vision_config.", config.vision_config, _VISION_SIZES))
+    for prefix, part, fields in parts:
+        for field in fields:
+            value = getattr(part, field, None)
+            if not _is_count(value):
+                problems.append(f"{prefix}{field} is {value!r}; it must be a whole number of at least 1")
+        width, heads = getattr(part, "hidden_size", None), getattr(part, "num_attention_heads", None)
+        if _is_count(width) and _is_count(heads) and width % heads:
+            problems.append(f"{prefix}num_attention_heads {heads} does not divide {prefix}hidden_size {width}")
+    image, patch = config.vision_config.image_size, config.vision_config.patch_size
+    if _is_count(image) and _is_count(patch) and patch > image:
+        problems.append(f"vision_config.patch_size {patch} is larger than vision_config.image_size {image}")
+    frames = config.num_image_with_embedding
+    if frames is not None and not (_is_count(frames) or frames == 0):
+        problems.append(f"num_image_with_embedding is {frames!r}; it must be null or a whole number")
+    if problems:
+        raise CheckpointError(f"{origin} does not describe a GIT model: {'; '.join(problems)}")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_layer_counts(config, hf_weights: Dict[str, torch.Tensor], origin="the checkpoint") -> None:
+    """Refuses a config whose layer counts differ from the layers the weights hold, before a model of
+    that many layers is built (a num_hidden_layers of 10**6 would otherwise be built, slowly)."""
+    problems = []
+    for field, count, pattern in (
+            ("num_hidden_layers", config.num_hidden_layers, _DECODER_LAYER),
+            ("vision_config.num_hidden_layers", config.vision_config.num_hidden_layers, _VISION_LAYER)):
+        present = {m.group(1) for m in map(pattern.match, hf_weights) if m}
+        if count != len(present):
+            problems.append(f"config.json's {field} is {count}, its weights hold {len(present)} such layers")
+    if problems:
+        raise CheckpointError(f"{origin}: {'; '.join(problems)}")
+
+
+_DECODER_LAYER = re.compile(r"git\.encoder\.layer\.(\d+)\.")
+_VISION_LAYER = re.compile(r"git\.image_encoder\.vision_model\.encoder\.layers\.(\d+)\.")
 
 
 def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
@@ -60,8 +128,10 @@ def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     def shards(index_name):
-        index = json.loads((folder / index_name).read_text())
-        return sorted(set(index["weight_map"].values()))
+        try:
+            return hub.shard_files(folder / index_name)
+        except hub.HubError as exc:
+            raise CheckpointError(str(exc)) from exc
 
     if (folder / SAFE_SINGLE).is_file():
         files, reader = [SAFE_SINGLE], lambda p: load_file(str(p))
@@ -74,6 +144,8 @@ def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"no weights in {folder}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
     weights: Dict[str, torch.Tensor] = {}
     for name in files:
+        if not (folder / name).is_file():  # a FIFO or device would block or never end
+            raise CheckpointError(f"{folder / name} is missing or not a regular file")
         try:
             weights.update(reader(folder / name))
         except Exception as exc:  # corrupt or truncated files: say which one
@@ -92,12 +164,15 @@ class Checkpoint:
     generation_config: Any    # transformers.GenerationConfig
 
 
-def build_model(config, hf_weights: Dict[str, torch.Tensor], dtype=None, device=None):
+def build_model(config, hf_weights: Dict[str, torch.Tensor], dtype=None, device=None, origin=None):
     """A `GitModel` from Hugging Face-named tensors: built on the meta device, then the (mapped)
-    tensors are assigned, so no second copy is allocated; placed and in eval mode."""
+    tensors are assigned, so no second copy is allocated; placed and in eval mode. `origin` (the
+    checkpoint folder) is named in errors."""
     from .devices import resolve_device, resolve_dtype
     from .model import GitModel
 
+    check_config(config, f"{origin}/config.json" if origin is not None else "the config")
+    check_layer_counts(config, hf_weights, str(origin) if origin is not None else "the checkpoint")
     with torch.device("meta"):
         model = GitModel(config)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -119,7 +194,7 @@ def load_checkpoint(name_or_path, *, dtype=None, device=None, revision=None, cac
     folder = resolve(name_or_path, revision=revision, cache_dir=cache_dir, token=token,
                      local_files_only=local_files_only)
     config = load_config(folder)
-    model = build_model(config, read_weights(folder), dtype, device)
+    model = build_model(config, read_weights(folder), dtype, device, origin=folder)
     return Checkpoint(folder, config, model, generation_config_of(folder, config))
 
 
@@ -157,6 +232,24 @@ def check_processor(processor, config, folder) -> None:
     if hasattr(crop, "get") and (crop.get("height"), crop.get("width")) != (side, side):
         problems.append(f"its image processor makes {crop.get('height')}x{crop.get('width')} pictures, "
                         f"the vision encoder takes {side}x{side}")
+    problems += _bad_image_sizes(image)
     if problems:
         raise CheckpointError(f"{folder}: the processor files do not match the model: {'; '.join(problems)}. "
                                       "Are tokenizer or preprocessor files missing, or from another checkpoint?")
+
+
+def _bad_image_sizes(image_processor) -> list:
+    """The sizes in preprocessor_config.json that no picture can be resized or cropped to (a
+    shortest_edge of 0 would fail every image, one error record each)."""
+    problems = []
+    for field, used in (("size", getattr(image_processor, "do_resize", True)),
+                        ("crop_size", getattr(image_processor, "do_center_crop", False))):
+        sizes = getattr(image_processor, field, None)
+        if not used or not hasattr(sizes, "get"):
+            continue
+        for side in ("shortest_edge", "longest_edge", "height", "width"):
+            value = sizes.get(side)
+            if value is not None and not _is_count(value):
+                problems.append(f"preprocessor_config.json's {field}.{side} is {value!r}; it must be a whole "
+                                "number of at least 1")
+    return problems

@@ -91,7 +91,8 @@ class Captioner:
         self.processor = loading.load_processor(folder, self.config)
         if dtype == "auto" and self.device.type == "cpu":
             dtype = default_dtype(self.device)  # bf16 on CPUs with native bf16, else fp32
-        self.model = loading.build_model(self.config, loading.read_weights(folder), dtype, self.device)  # a GitModel
+        self.model = loading.build_model(self.config, loading.read_weights(folder), dtype, self.device,
+                                         origin=folder)  # a GitModel
         quantization.quantize(self.model, quantization_config)  # "dynamic": INT8 Linears (CPU only)
         self.generation_config = loading.generation_config_of(folder, self.config)
         self.tokenizer = self.processor.tokenizer

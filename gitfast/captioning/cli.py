@@ -3,9 +3,10 @@ paths into JSONL, CSV or Parquet — one file (`--out`) or one file per shard (`
 
 Exit status: 0 every input captioned; 1 some inputs failed (their error records are written, all
 others captioned) or a device's process died (what it finished is written; --resume does the rest);
-2 usage errors (bad flag, no such path, no inputs, model not found, unusable output), reported on
-stderr before any work; 3 the output could not be written (disk full, I/O error): what was written
-before is kept, --resume continues; 130 interrupted (what was written stays; --resume).
+2 usage errors (bad flag, no such path, no inputs, model not found or not a usable checkpoint, unusable
+output), reported on stderr before any work, with nothing created; 3 the output could not be written
+(disk full, I/O error): what was written before is kept, --resume continues; 130 interrupted (what was
+written stays; --resume).
 """
 from __future__ import annotations
 

@@ -11,6 +11,15 @@ Every output is valid UTF-8. A name that is not (a file named with a raw byte su
 Python holds as the lone surrogate U+DCFF) is written with that byte as the four characters `\\xff`;
 any other lone surrogate (from a sidecar's JSON, say) as `\\uDXXX` (six characters). Source ids are escaped when the
 Source is made, so a resumed run matches what it wrote; the bytes are still read from the real name.
+
+Source ids must also tell every two inputs apart (each input has exactly one record), so in an id a
+backslash that an escape could be read into — one before `x`, `u`, another backslash or an
+undecodable byte — is doubled: the byte 0xFF gives `\\xff`, a name spelling those four characters
+`\\\\xff` (`source_id`; the escaping can be undone). Any other id is what versions before this rule
+wrote, so their outputs resume as before. An output an older version wrote for a name that is now
+doubled holds it undoubled: on resume that name is captioned again under its new id (the old record
+stays, matched to no input unless the byte it spells also names a file; where both names were
+captioned by an older version, one record stood for the two: rewrite such an output with --overwrite).
 """
 from __future__ import annotations
 
@@ -45,7 +54,7 @@ class Source:
     meta: Optional[Callable[[], dict]] = None  # the sample's carried fields (its .json, .txt), read when written
 
     def __post_init__(self):
-        object.__setattr__(self, "id", valid_text(self.id))
+        object.__setattr__(self, "id", source_id(self.id))
 
     def __repr__(self):
         return f"Source({self.id!r})"
@@ -133,6 +142,20 @@ def valid_text(text: str) -> str:
             out.append(f"\\u{code:04x}")
         else:
             out.append(ch)
+    return "".join(out)
+
+
+def source_id(name: str) -> str:
+    """`name` as valid UTF-8 that no other name shares: `valid_text`'s escapes, and a backslash
+    doubled where it would otherwise read as the start of one (see the module docstring)."""
+    if "\\" not in name:
+        return valid_text(name)
+    out = []
+    for ch, after in zip(name, name[1:] + " "):
+        if ch == "\\" and (after in "\\xu" or 0xD800 <= ord(after) <= 0xDFFF):
+            out.append("\\\\")
+        else:
+            out.append(valid_text(ch))
     return "".join(out)
 
 

@@ -6,7 +6,8 @@ and EXT the rest (`shard/00001.jpg`, `shard/00001.json`, `shard/00001.txt` are s
 are accepted too; with several, the first in that order); `json` and `txt` members are carried into
 per-shard outputs. A sample without an image becomes an error record. A hard-link member (tar's
 way of storing a duplicate file) reads the data it links to; an image that is a symbolic link is an
-error record (links are never followed out of the shard).
+error record (links are never followed out of the shard), and so is one that is a directory, a FIFO
+or a device.
 
 Source ids are `"<shard path>::<key>"`. A shard is indexed once, headers only, with `tarfile`; an
 image is read by seeking to its recorded offset, so member names are never used as filesystem paths
@@ -33,10 +34,13 @@ from .records import IMAGE_EXTENSIONS, Source, SourceReadError, check_size, fail
 
 log = logging.getLogger(__name__)
 
-SHARD_EXTENSIONS = (".tar",)
+# compressed tars are taken too, so that their one record can say to decompress them (`index`)
+SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tzst")
 # preferred first when a sample has several images; any other image extension comes after these
 _IMAGE_ORDER = ("jpg", "jpeg", "png", "webp")
 _IMAGE_FIELDS = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS) | frozenset(_IMAGE_ORDER)
+_NO_DATA = {tarfile.DIRTYPE: "directory", tarfile.FIFOTYPE: "FIFO", tarfile.CHRTYPE: "character device",
+            tarfile.BLKTYPE: "block device"}
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
@@ -49,7 +53,8 @@ class Member:
     name: str
     offset: int  # of the data, not the header
     size: int
-    problem: Optional[str] = None  # why it cannot be read (a symbolic link); None for data
+    problem: Optional[str] = None  # why it cannot be read (a link, a folder, a FIFO, ...); None for data
+    folder: bool = False  # a directory entry: a sample only if its name ends in an image extension
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,9 @@ class Damage:
 
 
 def index(path: str) -> Tuple[List[Member], Optional[Damage]]:
-    """Every file member before any damage (a hard link as the data it links to, a symbolic link as
-    a Member with its `problem`), and the damage (None for a sound shard).
+    """Every member before any damage (a hard link as the data it links to; a symbolic link, a
+    directory, a FIFO or a device as a Member with its `problem`), and the damage (None for a sound
+    shard).
 
     OSError (the shard cannot be opened at all) propagates."""
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device never end
@@ -101,6 +107,9 @@ def index(path: str) -> Tuple[List[Member], Optional[Damage]]:
             elif info.issym():
                 members.append(Member(info.name, 0, 0, f"symbolic link to {info.linkname!r}; links are not "
                                                        "followed out of a shard"))
+            else:  # a directory, FIFO or device holds no data, but a sample named by it gets its record
+                members.append(Member(info.name, 0, 0, f"{_NO_DATA.get(info.type, 'special file')}, which holds "
+                                                       "no data", folder=info.isdir()))
         tar.members = []  # the index above is all we keep
         # tarfile reads an invalid or cut-off header after the first one as the end of the archive;
         # only zero blocks (the end marker and padding) may follow the last member in a sound shard
@@ -166,6 +175,8 @@ def shard_sources(path: str) -> Iterator[Source]:
         key, field = split_name(m.name)
         if not field or os.path.basename(key).startswith(".") or not key:
             continue  # no field (a bare name) or a hidden file such as macOS "._00001.jpg"
+        if m.folder and field not in _IMAGE_FIELDS:
+            continue  # a folder of the shard's layout (`part.2024/`), not a sample's member
         samples.setdefault(key, {})[field] = m  # a later member of the same name wins, as in tar
     for key, fields in samples.items():
         sid = f"{shard}::{key}"

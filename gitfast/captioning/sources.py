@@ -22,10 +22,12 @@ A path that exists is taken literally even if its name contains glob characters.
 
 Other kinds of input:
 - a `.tar` file (named, matched by a glob, or found in a folder) is a webdataset/img2dataset shard:
-  one Source per sample, id `"<shard path>::<key>"` (see `shards.py`);
+  one Source per sample, id `"<shard path>::<key>"` (see `shards.py`); so is a compressed one
+  (`.tar.gz`, `.tgz`, ...), whose one record says to decompress it first;
 - a `.parquet`/`.pq`/`.csv` file named explicitly is a table of paths, read from its `path_column`
   (default `path`); relative paths are relative to the table's folder; a missing column is a
-  SourceError, an empty cell an error record `"<table>::row N"`;
+  SourceError, an empty cell an error record `"<table>::row N"`, and so is a cell that is neither
+  text nor bytes (a list, a number); a bytes cell is a path's raw bytes;
 - `files_from` names a list file (`-` = stdin), one path per line, relative to the current folder;
   blank lines are skipped.
 Paths from tables and lists are not checked up front: a missing one is an error record in its place.
@@ -159,12 +161,17 @@ def _table_reader(path: str, column: str) -> Callable[[], Iterator]:
 
     def entries():
         for n, cell in enumerate(cells(), 1):
-            if cell is None or not str(cell).strip():
+            if isinstance(cell, bytes):  # a binary column: the path's raw bytes, as a file name holds them
+                cell = os.fsdecode(cell)
+            if cell is not None and not isinstance(cell, str):
+                yield failing_source(f"{table}::row {n}", f"row {n} of {table} has no path in {column!r}: it "
+                                                         f"holds a value of type {type(cell).__name__}")
+            elif cell is None or not cell.strip():
                 yield failing_source(f"{table}::row {n}", f"row {n} of {table} has an empty {column!r}")
-            elif is_url(str(cell)):
-                yield failing_source(str(cell), URL_MESSAGE)  # the cell as it is, not joined to the folder
+            elif is_url(cell):
+                yield failing_source(cell, URL_MESSAGE)  # the cell as it is, not joined to the folder
             else:
-                yield os.path.join(folder, str(cell))  # an absolute cell stays absolute
+                yield os.path.join(folder, cell)  # an absolute cell stays absolute
     return entries
 
 
@@ -185,7 +192,7 @@ def walk(folder: str) -> Iterator[str]:
 
 
 def _is_input_name(name: str) -> bool:
-    return is_image_name(name) or name.lower().endswith(".tar")
+    return is_image_name(name) or is_shard_name(name)
 
 
 def _glob_matches(matches):
