@@ -411,6 +411,23 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
 
 std::string cpu_isa() { return cpu_kernels::cpu_isa(); }
 
+at::Tensor int8_mm(const at::Tensor& q, const at::Tensor& w) {
+  TORCH_CHECK(q.is_cpu() && q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar,
+              "gitfast.int8_mm: q must be a contiguous 2-D int8 CPU tensor, got ", q.scalar_type(), " ", q.sizes(),
+              " on ", q.device());
+  TORCH_CHECK(w.is_cpu() && w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar &&
+                  w.size(1) == q.size(1),
+              "gitfast.int8_mm: w must be a contiguous [N, ", q.size(1), "] int8 CPU tensor, got ", w.scalar_type(),
+              " ", w.sizes(), " on ", w.device());
+  at::Tensor acc = at::empty({q.size(0), w.size(0)}, q.options().dtype(at::kInt));
+  if (acc.numel() == 0) return acc;
+  if (q.size(1) == 0) return acc.zero_();
+  cpu_kernels::int8_mm(q, w, acc);
+  return acc;
+}
+
+std::string int8_isa() { return cpu_kernels::int8_isa(); }
+
 // ---------------------------------------------------------------------------------------------
 // The bf16 LM head with fp32 logits (CPU kernels only)
 // ---------------------------------------------------------------------------------------------
@@ -488,6 +505,8 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
         tags);
   m.def("cpu_isa() -> str", &gitfast::cpu_isa);  // no tensors: one kernel for every dispatch key
+  m.def("int8_mm(Tensor q, Tensor w) -> Tensor", tags);
+  m.def("int8_isa() -> str", &gitfast::int8_isa);
   m.def("pack_bf16_cols(Tensor w) -> Tensor", tags);
   m.def("linear_bf16(Tensor x, Tensor packed, int n, Tensor? bias, bool fp32_out=True) -> Tensor", tags);
   m.def("logits_isa() -> str", &gitfast::logits_isa);
@@ -508,6 +527,7 @@ TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
   m.impl("write_kv_cache", &gitfast::write_kv_cache);
   m.impl("quantize_rows", &gitfast::quantize_rows);
   m.impl("dequantize_rows", &gitfast::dequantize_rows);
+  m.impl("int8_mm", &gitfast::int8_mm);
   m.impl("pack_bf16_cols", &gitfast::pack_bf16_cols);
   m.impl("linear_bf16", &gitfast::linear_bf16);
 }

@@ -8,8 +8,8 @@
 //   bias_act(x, bias?, activation)           -> act(x + bias), act in {quick_gelu, gelu}
 //   mlp(x, w1, b1?, w2, b2?, activation)     -> act(x @ w1^T + b1) @ w2^T + b2
 // dynamic INT8's per-row (per-token) quantize / dequantize passes around an int8 GEMM (CPU only):
-//   quantize_rows, dequantize_rows
-// and GIT attention on the CPU (cpu/attention.cpp; contracts of kernels/__init__.py):
+//   quantize_rows, dequantize_rows, int8_mm (the exact int8 GEMM between them), int8_isa
+// and GIT attention on the CPU (cpu/attention.cpp; contracts of kernels/api.py):
 //   git_attention, paged_decode_attention, paged_prefill_attention, cpu_isa
 // and the bf16 LM head with fp32 logits (cpu/logits.cpp): pack_bf16_cols, linear_bf16, logits_isa
 // Kernels get inputs the bindings have checked (dtype, shapes, contiguity, one device) and write
@@ -48,6 +48,10 @@ void bias_act_row(const float* x, const float* bias, float* y, int64_t n, Activa
 void quantize_rows(const at::Tensor& x, at::Tensor& q, at::Tensor& scale);
 void dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor* col_scale,
                      const at::Tensor* bias, int act, at::Tensor& y);
+//   int8_mm:         acc [M, N] int32 = q [M, K] int8 @ w [N, K]^T int8, exact (int8_gemm.cpp)
+//   int8_isa:        "avx512", "avx2" or "generic": cpu_isa's choice
+void int8_mm(const at::Tensor& q, const at::Tensor& w, at::Tensor& acc);
+const char* int8_isa();
 
 // Attention (CPU only). q/k/v/caches: last dim contiguous, any leading strides; index tensors
 // contiguous int32 (image_counts [B], one per sequence); out: q's shape and dtype.

@@ -84,6 +84,11 @@ def _register_fakes() -> None:
     def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation):
         return x.new_empty((*x.shape[:-1], fc2_weight.shape[0]))
 
+    if hasattr(torch.ops.gitfast, "int8_mm"):
+        @torch.library.register_fake("gitfast::int8_mm")
+        def _(q, w):
+            return q.new_empty((q.shape[0], w.shape[0]), dtype=torch.int32)
+
     if hasattr(torch.ops.gitfast, "linear_bf16"):
         @torch.library.register_fake("gitfast::pack_bf16_cols")
         def _(w):

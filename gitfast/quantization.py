@@ -17,6 +17,10 @@ says which, `gitfast info` shows the times, GITFAST_INT8_BACKEND=<name> forces o
   applied per row afterwards, which oneDNN's per-tensor activation scale cannot express. Where oneDNN
   has no INT8 kernel for the CPU it runs a reference path: right integers, 90.7 s for one
   1576x768x3072 GEMM on an AMD Zen 5, which is why availability alone never decides;
+- "cpu ext": gitfast._C's exact int8 GEMM (csrc/cpu/int8_gemm.cpp: int16 pair products, VPMADDWD, on
+  AVX2 or AVX-512), for CPUs where neither library has a fast exact one: on an AMD Zen 3 (AVX2, no
+  VNNI) one thread, 1.2x an fp32 GEMM of the same integers at 256 rows, 2x at 1-32 rows, where
+  torch._int_mm took 20x the fp32 GEMM's time and oneDNN gave wrong integers;
 - "torch._int_mm": PyTorch's int8 x int8 -> int32 GEMM, weight scales applied in the row pass;
 - "reference": the same integers through an fp32 matmul (exact for |acc| < 2^24).
 
@@ -47,7 +51,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("dynamic",)
 KEEP = ("lm_head",)  # module names left in the model's precision (see the module docstring)
-BACKENDS = ("onednn", "torch._int_mm", "reference")
+BACKENDS = ("onednn", "cpu ext", "torch._int_mm", "reference")  # in order of preference
 
 
 def method_of(quantization_config) -> Optional[str]:
@@ -120,13 +124,19 @@ def _int8_mm(name: str, w_int8: torch.Tensor):
         packed, scale, zero = _onednn_pack(w_int8), torch.ones(w_int8.shape[0]), torch.zeros(
             w_int8.shape[0], dtype=torch.int64)
         return lambda q: _onednn_mm(q, packed, scale, zero)
+    if name == "cpu ext":
+        if not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm")):
+            raise RuntimeError("gitfast._C is not built with int8_mm")
+        return lambda q: torch.ops.gitfast.int8_mm(q, w_int8)
     if name == "torch._int_mm":
         return lambda q: torch._int_mm(q, w_int8.t())
     return lambda q: q.float() @ w_int8.float().t()
 
 
-# (rows, in, out): a decode step's GEMM at a batch of 32 and a vision encoder's MLP GEMM at one image
-MEASURED_SHAPES = ((32, 768, 768), (256, 768, 3072))
+# (rows, in, out), cheapest first: a decode step's MLP GEMM at one sequence and its attention GEMM at
+# a batch of 32, then a vision encoder's MLP GEMM at one image (a pathological backend, 41M MAC/s,
+# costs 0.06 s on the first before it drops out)
+MEASURED_SHAPES = ((1, 768, 3072), (32, 768, 768), (256, 768, 3072))
 
 
 def _prepare(name: str):
@@ -197,6 +207,8 @@ class DynamicInt8Linear(nn.Module):
         col = None
         if self.backend == "onednn":
             acc = _onednn_mm(q, self._packed, self.weight_scale, self._zero)
+        elif self.backend == "cpu ext":
+            acc, col = torch.ops.gitfast.int8_mm(q, self.weight_int8), self.weight_scale
         elif self.backend == "torch._int_mm":
             acc, col = torch._int_mm(q, self.weight_int8.t()), self.weight_scale
         else:

@@ -1,6 +1,6 @@
 // gitfast._C, CPU attention with GIT's mask: git_attention (varlen, packed [N, H, D]) and paged
 // decode / prefill over a block-table KV cache [num_blocks, block_size, H, D]. The contracts are
-// kernels/__init__.py's (Triton) and kernels/reference.py's: per sequence, key j is visible to the
+// kernels/api.py's (Triton) and kernels/reference.py's: per sequence, key j is visible to the
 // query at absolute position i iff j < min(max(P, i + 1), L), P = the image-token count clamped to
 // [0, L]. Checks live in ../bindings.cpp.
 //

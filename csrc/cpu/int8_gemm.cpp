@@ -1,0 +1,208 @@
+// gitfast._C, CPU kernel of dynamic INT8's GEMM (gitfast/quantization.py, backend "cpu ext"):
+//   acc [M, N] int32 = q [M, K] int8 @ w [N, K]^T int8, exact.
+//
+// Why: without VNNI (AVX2-only CPUs such as AMD Zen 3) torch._int_mm ran about 20x slower than an
+// fp32 matmul of the same integers, and oneDNN's u8 x s8 path saturates its 16-bit pair sums (wrong
+// integers); fbgemm, which transformers' dynamic INT8 uses, quantizes activations per tensor. Here
+// both operands are widened to int16 and multiplied with VPMADDWD (pairs of int16 products summed
+// into int32: exact, |product| <= 127 * 127), 16 (AVX2) or 32 (AVX-512) products per instruction,
+// against 8 or 16 for an fp32 FMA, and the weights are read as one byte each.
+//
+// Layout and blocking: q is widened once into an int16 copy with K padded to a whole vector (zeros);
+// the weights are widened a block of kCols rows at a time into a per-thread buffer and reused for
+// every row of q; a register tile of 2 rows x 4 columns keeps 8 accumulators. Threads split the
+// weight's rows (the output's columns); rows of q are walked in tiles that stay in L2.
+// ISA: cpu_isa() of attention.cpp (avx512 | avx2 | generic, capped by GITFAST_CPU_ISA).
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/simd.h"
+#include "ops.h"
+
+namespace gitfast {
+namespace {
+
+constexpr int kCols = 4;          // weight rows (output columns) per register tile
+constexpr int kRowsTile = 2;      // q rows per register tile (3 measured slower: 17.5 vs 11.9 ms)
+constexpr int64_t kQTileBytes = 256 * 1024;  // q rows walked per pass over a weight block: ~L2/2
+
+// Widens src[0:n] into dst[0:padded] (zeros past n).
+void widen(const int8_t* src, int16_t* dst, int64_t n, int64_t padded) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  std::fill(dst + n, dst + padded, int16_t{0});
+}
+
+// One register tile, plain C++ (the portable path and the reference for the vector ones):
+// out[r][c] = sum_k a[r][k] * b[c][k] over `padded` int16 values.
+void tile_generic(const int16_t* const* a, const int16_t* const* b, int64_t padded, int32_t out[kRowsTile][kCols]) {
+  for (int r = 0; r < kRowsTile; ++r) {
+    for (int c = 0; c < kCols; ++c) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < padded; ++k) s += static_cast<int32_t>(a[r][k]) * b[c][k];
+      out[r][c] = s;
+    }
+  }
+}
+
+}  // namespace
+
+#if GITFAST_X86
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx2")
+#endif
+namespace {
+constexpr int64_t kVec512 = 32;  // int16 per zmm
+
+void tile_avx512(const int16_t* const* a, const int16_t* const* b, int64_t padded, int32_t out[kRowsTile][kCols]) {
+  __m512i acc[kRowsTile][kCols];
+  for (int r = 0; r < kRowsTile; ++r)
+    for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < padded; k += kVec512) {
+    __m512i x[kRowsTile];
+    for (int r = 0; r < kRowsTile; ++r) x[r] = _mm512_loadu_si512(a[r] + k);
+    for (int c = 0; c < kCols; ++c) {
+      const __m512i w = _mm512_loadu_si512(b[c] + k);
+      for (int r = 0; r < kRowsTile; ++r) acc[r][c] = _mm512_add_epi32(acc[r][c], _mm512_madd_epi16(x[r], w));
+    }
+  }
+  for (int r = 0; r < kRowsTile; ++r)
+    for (int c = 0; c < kCols; ++c) out[r][c] = _mm512_reduce_add_epi32(acc[r][c]);
+}
+}  // namespace
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#endif
+namespace {
+constexpr int64_t kVec256 = 16;  // int16 per ymm
+
+int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+void tile_avx2(const int16_t* const* a, const int16_t* const* b, int64_t padded, int32_t out[kRowsTile][kCols]) {
+  __m256i acc[kRowsTile][kCols];
+  for (int r = 0; r < kRowsTile; ++r)
+    for (int c = 0; c < kCols; ++c) acc[r][c] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < padded; k += kVec256) {
+    __m256i x[kRowsTile];
+    for (int r = 0; r < kRowsTile; ++r) x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[r] + k));
+    for (int c = 0; c < kCols; ++c) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[c] + k));
+      for (int r = 0; r < kRowsTile; ++r) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(x[r], w));
+    }
+  }
+  for (int r = 0; r < kRowsTile; ++r)
+    for (int c = 0; c < kCols; ++c) out[r][c] = hsum(acc[r][c]);
+}
+}  // namespace
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // GITFAST_X86
+
+namespace {
+
+using TileFn = void (*)(const int16_t* const*, const int16_t* const*, int64_t, int32_t[kRowsTile][kCols]);
+
+struct Int8Path {
+  const char* name;
+  TileFn tile;
+  int64_t vec;  // int16 per vector: K is padded to a multiple of it
+};
+
+const Int8Path& chosen_path() {
+  static const Int8Path path = [] {
+    const std::string isa = cpu_kernels::cpu_isa();
+#if GITFAST_X86
+    if (isa == "avx512") return Int8Path{"avx512", &tile_avx512, kVec512};
+    if (isa == "avx2") return Int8Path{"avx2", &tile_avx2, kVec256};
+#endif
+    return Int8Path{"generic", &tile_generic, 1};
+  }();
+  return path;
+}
+
+}  // namespace
+
+namespace cpu_kernels {
+
+const char* int8_isa() { return chosen_path().name; }
+
+void int8_mm(const at::Tensor& q, const at::Tensor& w, at::Tensor& out) {
+  const Int8Path& path = chosen_path();
+  const int64_t m = q.size(0), k = q.size(1), n = w.size(0);
+  const int64_t padded = (k + path.vec - 1) / path.vec * path.vec;
+  const int8_t* qp = q.const_data_ptr<int8_t>();
+  const int8_t* wp = w.const_data_ptr<int8_t>();
+  int32_t* op = out.mutable_data_ptr<int32_t>();
+
+  // q widened once (whole register tiles of rows: zero rows complete the last one)
+  const int64_t m_tiles = (m + kRowsTile - 1) / kRowsTile * kRowsTile;
+  std::vector<int16_t> q16(static_cast<size_t>(m_tiles * padded));
+  at::parallel_for(0, m_tiles, std::max<int64_t>(1, 32768 / padded), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (r < m) {
+        widen(qp + r * k, q16.data() + r * padded, k, padded);
+      } else {
+        std::fill_n(q16.data() + r * padded, padded, int16_t{0});
+      }
+    }
+  });
+  const int64_t rows_per_pass = std::max<int64_t>(kRowsTile, kQTileBytes / (2 * padded) / kRowsTile * kRowsTile);
+  const int64_t blocks = (n + kCols - 1) / kCols;
+  // a grain of a few weight blocks: a decode step's small GEMMs still use every thread
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / (padded * kCols)), [&](int64_t begin, int64_t end) {
+    std::vector<int16_t> w16(static_cast<size_t>(kCols * padded));
+    const int16_t* b[kCols];
+    for (int c = 0; c < kCols; ++c) b[c] = w16.data() + c * padded;
+    // passes over q's rows outside, weight blocks inside: a pass's rows stay in L2 while this
+    // thread's blocks stream by (each block is widened again per pass: 1/rows_per_pass of the work)
+    for (int64_t r0 = 0; r0 < m_tiles; r0 += rows_per_pass) {
+      const int64_t r1 = std::min(m_tiles, r0 + rows_per_pass);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t c0 = blk * kCols, cols = std::min<int64_t>(kCols, n - c0);
+        for (int c = 0; c < kCols; ++c) {
+          if (c < cols) {
+            widen(wp + (c0 + c) * k, w16.data() + c * padded, k, padded);
+          } else {
+            std::fill_n(w16.data() + c * padded, padded, int16_t{0});
+          }
+        }
+        for (int64_t r = r0; r < r1; r += kRowsTile) {
+          const int16_t* a[kRowsTile];
+          for (int i = 0; i < kRowsTile; ++i) a[i] = q16.data() + (r + i) * padded;
+          int32_t tile[kRowsTile][kCols];
+          path.tile(a, b, padded, tile);
+          for (int i = 0; i < kRowsTile && r + i < m; ++i) {
+            std::memcpy(op + (r + i) * n + c0, tile[i], static_cast<size_t>(cols) * sizeof(int32_t));
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace cpu_kernels
+}  // namespace gitfast
