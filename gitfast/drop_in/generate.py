@@ -146,8 +146,9 @@ def _gitfast(lm, gc, input_ids=None, pixel_values=None, attention_mask=None, int
             image_of_row = [i % pixel_values.shape[0] for i in range(b)]  # tiled, as transformers
         else:
             image_of_row = None
-        engine = lm._engine_for(b, 0 if pixel_values is None else pixel_values.shape[0], t, s)
-        seqs = paged_generate.greedy(engine, pixel_values, input_ids, attention_mask, s, image_of_row)
+        with lm._engine_guard.hold():  # concurrent callers take turns on the one engine
+            engine = lm._engine_for(b, 0 if pixel_values is None else pixel_values.shape[0], t, s)
+            seqs = paged_generate.greedy(engine, pixel_values, input_ids, attention_mask, s, image_of_row)
     else:  # transformers' own loops, rows in lockstep (its exact RNG use when sampling)
         image = image_tokens(lm, pixel_values, b, interpolate_pos_encoding)
 
