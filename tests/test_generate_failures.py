@@ -1,6 +1,6 @@
 """generate when things go wrong: a failed or interrupted call gives back every KV-cache block it took
-and leaves the model as it was; threads sharing one model get the tokens each call gets alone (issue #27:
-1, 2)."""
+and leaves the model as it was; threads sharing one model get the tokens each call gets alone; image
+sizes and lengths transformers takes are served, the others refused by name (issue #27: 1, 2, 5, 9)."""
 import sys
 import threading
 
@@ -156,3 +156,38 @@ def test_threads_sharing_one_engine_take_turns(pair, frequent_thread_switches):
         engine.generate(batches[1], s)
     run.close()
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
+
+
+# --- 5. images of another size ----------------------------------------------------------------------------
+@pytest.mark.parametrize("beams", [1, 2])
+def test_interpolated_position_encoding_sizes_the_cache_from_the_image(pair, beams):
+    hf, fm = pair
+    big = torch.randn(2, 3, 120, 120, generator=torch.Generator().manual_seed(5))  # 226 image tokens, not 26
+    kw = dict(pixel_values=big, interpolate_pos_encoding=True, max_new_tokens=6, num_beams=beams)
+    assert torch.equal(fm.generate(**kw), hf.generate(**kw))
+
+
+# --- 9. lengths and batches -------------------------------------------------------------------------------
+def test_an_empty_batch_is_refused_by_name(pair):
+    _, fm = pair
+    with pytest.raises(ValueError, match="empty batch: pixel_values has 0 images"):
+        fm.generate(pixel_values=pixels("hd32", 2)[:0], max_new_tokens=3)
+    with pytest.raises(ValueError, match="empty batch: input_ids has 0 rows"):
+        fm.generate(input_ids=torch.zeros(0, 1, dtype=torch.long), max_new_tokens=3)
+
+
+def test_lengths_past_the_position_table_are_refused_by_name(pair):
+    hf, fm = pair
+    px = pixels("hd32", 1)
+    positions = fm.config.max_position_embeddings  # 64: sequences of at most 65 tokens, as transformers'
+    edge = dict(pixel_values=px, max_new_tokens=positions, eos_token_id=None)
+    assert torch.equal(fm.generate(**edge), hf.generate(**edge))
+    with pytest.raises(ValueError, match=r"max_new_tokens \(65\) runs past the model's 64 text positions.*"
+                                         r"at most 64 new tokens"):
+        fm.generate(pixel_values=px, max_new_tokens=positions + 1)
+    with pytest.raises(ValueError, match=r"max_new_tokens \(1000000000\) runs past"):
+        fm.generate(pixel_values=px, max_new_tokens=10**9)
+    with pytest.raises(ValueError, match=r"min_new_tokens \(200\) runs past the model's 64 text positions"):
+        fm.generate(pixel_values=px, min_new_tokens=200, max_new_tokens=300)
+    with pytest.raises(ValueError, match=r"max_length \(100\) runs past"):
+        fm.generate(pixel_values=px, max_length=100, num_beams=2)

@@ -122,9 +122,9 @@ class Engine:
         rows = self.max_batch_size if rows is None else max(1, min(rows, self.max_batch_size))
         n_img, limit = self.model.num_image_tokens, self.model.config.max_position_embeddings
         blocks = lambda tokens: -(-tokens // self.block_size)  # noqa: E731
-        text = min(max(settings.max_length, 1) + 1, limit)
+        text = min(max(settings.max_length, 1) + 1, limit + 1)
         per_row = blocks(n_img + text) + 1            # + the prefix's partial block while it is shared
-        one_long = blocks(n_img + limit) + blocks(n_img)  # any single request fits
+        one_long = blocks(n_img + limit + 1) + blocks(n_img)  # any single request fits
         return self.bytes_per_block * max(rows * per_row, one_long)
 
     def held_bytes(self) -> int:
@@ -146,7 +146,8 @@ class Engine:
         fits the KV cache this engine may have (its fixed size, or its share of free memory)."""
         n_img, limit = self.model.num_image_tokens, self.model.config.max_position_embeddings
         blocks = lambda tokens: -(-tokens // self.block_size)  # noqa: E731
-        one = self.bytes_per_block * (blocks(n_img + min(max(settings.max_length, 1) + 1, limit)) + 1 + blocks(n_img))
+        text = min(max(settings.max_length, 1) + 1, limit + 1)
+        one = self.bytes_per_block * (blocks(n_img + text) + 1 + blocks(n_img))
         if self.fixed_size:
             cap, what = self.held_bytes(), "the fixed kv_cache_bytes"
         else:
@@ -301,7 +302,8 @@ class Engine:
                 raise ValueError("one engine run takes either image requests or text-only requests, not both")
             image_len = 0 if text_only else n_img
             max_new = req.max_new_tokens or max(1, s.max_length - len(req.prompt))
-            max_new = max(1, min(max_new, limit - len(req.prompt)))  # the position table's end
+            # the position table's end: the last token is never fed, so t prompt tokens take limit + 1 - t
+            max_new = max(1, min(max_new, limit + 1 - len(req.prompt)))
             total = image_len + len(req.prompt) + max_new
             key = self._key(idx, req)
             need = self.cache.blocks_needed(image_len, total)
