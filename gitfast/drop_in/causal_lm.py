@@ -20,6 +20,7 @@ from ..devices import placement
 from ..model import GitModel, num_image_tokens
 from ..serving import paged_generate
 from ..serving.engine import Engine
+from ..serving.exclusive import Exclusive
 from .checkpointing import make_checkpointable
 from .forward import run as forward_run
 from .generate import run as generate_run
@@ -49,6 +50,7 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
             model = GitModel(config)
         self.model = make_checkpointable(model if target.type == "meta" else model.to_empty(device=target))
         self._engine: Optional[Engine] = None
+        self._engine_guard = Exclusive("generate() on this model's engine")  # one greedy call at a time
         self.post_init()
 
     @torch.no_grad()

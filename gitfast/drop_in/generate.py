@@ -115,6 +115,38 @@ def _last_token_padded(input_ids, attention_mask, s) -> bool:
     return mask.ndim == 2 and mask.shape[1] > 0 and not bool(mask[:, -1].bool().all())
 
 
+def check_batch(input_ids, pixel_values) -> None:
+    """An empty batch is refused by name (transformers fails on it deep inside its model)."""
+    if pixel_values is not None and pixel_values.shape[0] == 0:
+        raise ValueError("generate() got an empty batch: pixel_values has 0 images")
+    if input_ids.shape[0] == 0:
+        raise ValueError("generate() got an empty batch: input_ids has 0 rows")
+
+
+def check_lengths(gc, s, prompt_len: int, positions: int) -> None:
+    """Refuses lengths past the text position table, naming the argument and its limit.
+
+    The last token is chosen and never fed, so `positions` text positions make sequences of at most
+    `positions + 1` tokens; transformers fails with an IndexError when it gets there, and gitfast would
+    size its KV cache for the asked length (10**9 tokens: a terabyte). `min_new_tokens` is named when it
+    forces the run past the end (transformers stops at `max_length` first when that comes sooner)."""
+    if s.max_length <= prompt_len:
+        raise ValueError(f"max_length ({s.max_length}) leaves no room after the {prompt_len}-token prompt; "
+                         "set max_new_tokens")
+    longest = positions + 1
+    if s.max_length <= longest:
+        return
+    limit = f"the model's {positions} text positions (max_position_embeddings)"
+    fit = f"at most {longest - prompt_len} new tokens fit after a {prompt_len}-token prompt"
+    if prompt_len + (gc.min_new_tokens or 0) > longest:
+        raise ValueError(f"min_new_tokens ({gc.min_new_tokens}) runs past {limit}: {fit}")
+    if s.min_length > longest:
+        raise ValueError(f"min_length ({s.min_length}) runs past {limit}: at most {longest} tokens in all")
+    if gc.max_new_tokens is not None:
+        raise ValueError(f"max_new_tokens ({gc.max_new_tokens}) runs past {limit}: {fit}")
+    raise ValueError(f"max_length ({s.max_length}) runs past {limit}: at most {longest} tokens in all")
+
+
 def _gitfast(lm, gc, input_ids=None, pixel_values=None, attention_mask=None, interpolate_pos_encoding=False,
              logits_to_keep=None, token_type_ids=None, use_cache=None, **_):
     # logits_to_keep: gitfast keeps only the last position's logits anyway; token_type_ids: GIT has
@@ -130,8 +162,8 @@ def _gitfast(lm, gc, input_ids=None, pixel_values=None, attention_mask=None, int
     b, t = input_ids.shape
     s = generation.resolve_settings(gc, t)
     attention_mask = prompt_mask(input_ids, attention_mask, s).to(dev)
-    if s.max_length <= t:
-        raise ValueError(f"max_length ({s.max_length}) leaves no room after the {t}-token prompt; set max_new_tokens")
+    check_batch(input_ids, pixel_values)
+    check_lengths(gc, s, t, lm.config.max_position_embeddings)
 
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
     continuous = (lm.use_paged_cache and not s.do_sample and not s.output_scores and not s.output_logits
@@ -146,8 +178,9 @@ def _gitfast(lm, gc, input_ids=None, pixel_values=None, attention_mask=None, int
             image_of_row = [i % pixel_values.shape[0] for i in range(b)]  # tiled, as transformers
         else:
             image_of_row = None
-        engine = lm._engine_for(b, 0 if pixel_values is None else pixel_values.shape[0], t, s)
-        seqs = paged_generate.greedy(engine, pixel_values, input_ids, attention_mask, s, image_of_row)
+        with lm._engine_guard.hold():  # concurrent callers take turns on the one engine
+            engine = lm._engine_for(b, 0 if pixel_values is None else pixel_values.shape[0], t, s)
+            seqs = paged_generate.greedy(engine, pixel_values, input_ids, attention_mask, s, image_of_row)
     else:  # transformers' own loops, rows in lockstep (its exact RNG use when sampling)
         image = image_tokens(lm, pixel_values, b, interpolate_pos_encoding)
 

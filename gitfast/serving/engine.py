@@ -23,6 +23,7 @@ of batching, but it is not transformers' global-RNG stream.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections import deque
@@ -32,6 +33,7 @@ from typing import Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tu
 import torch
 
 from ..devices import placement
+from .exclusive import Exclusive
 from .paged_cache import PagedKVCache, Prefix, SeqBlocks
 from .generation import Settings
 from .paged_runner import PagedRunner, SlotState
@@ -99,6 +101,7 @@ class Engine:
         self.fixed_size = kv_cache_bytes is not None
         self.cache: Optional[PagedKVCache] = None
         self.runner: Optional[PagedRunner] = None
+        self._running = Exclusive("this engine's run()")  # one run at a time, other threads wait
         if kv_cache_bytes is not None:
             self._allocate(kv_cache_bytes)
 
@@ -119,9 +122,9 @@ class Engine:
         rows = self.max_batch_size if rows is None else max(1, min(rows, self.max_batch_size))
         n_img, limit = self.model.num_image_tokens, self.model.config.max_position_embeddings
         blocks = lambda tokens: -(-tokens // self.block_size)  # noqa: E731
-        text = min(max(settings.max_length, 1) + 1, limit)
+        text = min(max(settings.max_length, 1) + 1, limit + 1)
         per_row = blocks(n_img + text) + 1            # + the prefix's partial block while it is shared
-        one_long = blocks(n_img + limit) + blocks(n_img)  # any single request fits
+        one_long = blocks(n_img + limit + 1) + blocks(n_img)  # any single request fits
         return self.bytes_per_block * max(rows * per_row, one_long)
 
     def held_bytes(self) -> int:
@@ -143,7 +146,8 @@ class Engine:
         fits the KV cache this engine may have (its fixed size, or its share of free memory)."""
         n_img, limit = self.model.num_image_tokens, self.model.config.max_position_embeddings
         blocks = lambda tokens: -(-tokens // self.block_size)  # noqa: E731
-        one = self.bytes_per_block * (blocks(n_img + min(max(settings.max_length, 1) + 1, limit)) + 1 + blocks(n_img))
+        text = min(max(settings.max_length, 1) + 1, limit + 1)
+        one = self.bytes_per_block * (blocks(n_img + text) + 1 + blocks(n_img))
         if self.fixed_size:
             cap, what = self.held_bytes(), "the fixed kv_cache_bytes"
         else:
@@ -176,17 +180,33 @@ class Engine:
 
     @torch.inference_mode()
     def run(self, requests: Iterable[Request], settings: Settings, seed: int = 0) -> Iterator[Output]:
-        """Yields each request's output as soon as it finishes (any order; `.index` says which)."""
+        """Yields each request's output as soon as it finishes (any order; `.index` says which).
+
+        One run at a time: a run holds the engine until it is exhausted or closed (another thread's
+        waits), and gives back all it took from the KV cache however it ends (`BlockAllocator.lease`)."""
         if settings.num_beams > 1:
             raise ValueError("the engine's continuous batching runs greedy and sampling; beam search runs "
                              "through GitForCausalLM.generate")
-        source = iter(enumerate(requests))
-        waiting: Deque[Tuple[int, Request]] = deque()
+        with self._running.hold():
+            source = iter(enumerate(requests))
+            # the first window says how many rows this run can have at once
+            first = deque(itertools.islice(source, self.max_batch_size))
+            self._size_for(settings, len(first))
+            if self.cache is None:  # nothing queued and no cache yet
+                return
+            with self.cache.allocator.lease():
+                yield from self._batches(source, first, settings, seed)
+
+    def _batches(self, source, waiting: Deque[Tuple[int, Request]], settings: Settings,
+                 seed: int) -> Iterator[Output]:
+        """The scheduling loop of one run: admit, prefill, decode, retire (see the module docstring)."""
         exhausted = False
         prefixes: Dict[Hashable, Prefix] = {}
         running: List[_Running] = []
         free_slots = Slots()
-        selector = state = readback = None  # made once the cache exists, grown as slots are handed out
+        selector = Selector(settings, 0, self.model.config.vocab_size, self.device, self.cache.staging)
+        state = SlotState(self.cache, 0, self.table_width)
+        readback = Readback(self.device, 0)  # all three grown as slots are handed out
         eos = set(settings.eos)
         text_only: Optional[bool] = None  # fixed by the first request: image prefixes or none
 
@@ -202,13 +222,6 @@ class Engine:
                     waiting.append(nxt)
             if text_only is None and waiting:
                 text_only = waiting[0][1].pixel_values is None
-            if selector is None:  # the first window says how many rows this run can have at once
-                self._size_for(settings, len(waiting))
-                if self.cache is None:  # nothing queued and no cache yet
-                    return
-                selector = Selector(settings, 0, self.model.config.vocab_size, self.device, self.cache.staging)
-                state = SlotState(self.cache, 0, self.table_width)
-                readback = Readback(self.device, 0)
             admitted = self._admit(waiting, running, free_slots, prefixes, settings, text_only)
             if admitted:
                 for part in (selector, state):
@@ -289,7 +302,8 @@ class Engine:
                 raise ValueError("one engine run takes either image requests or text-only requests, not both")
             image_len = 0 if text_only else n_img
             max_new = req.max_new_tokens or max(1, s.max_length - len(req.prompt))
-            max_new = max(1, min(max_new, limit - len(req.prompt)))  # the position table's end
+            # the position table's end: the last token is never fed, so t prompt tokens take limit + 1 - t
+            max_new = max(1, min(max_new, limit + 1 - len(req.prompt)))
             total = image_len + len(req.prompt) + max_new
             key = self._key(idx, req)
             need = self.cache.blocks_needed(image_len, total)

@@ -12,9 +12,10 @@ last user lets go.
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -34,6 +35,7 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self._free = deque(range(num_blocks))
         self._refs = [0] * num_blocks
+        self._ledger: Optional[Counter] = None  # references taken inside the open `lease`, by block
 
     @property
     def num_free(self) -> int:
@@ -45,21 +47,46 @@ class BlockAllocator:
         blocks = [self._free.popleft() for _ in range(n)]
         for b in blocks:
             self._refs[b] = 1
+        self._note(blocks, 1)
         return blocks
 
     def share(self, blocks: List[int]) -> None:
         for b in blocks:
             if self._refs[b] <= 0:
                 raise ValueError(f"block {b} is not allocated and cannot be shared")
+        for b in blocks:
             self._refs[b] += 1
+        self._note(blocks, 1)
 
     def free(self, blocks: List[int]) -> None:
         for b in blocks:
             if self._refs[b] <= 0:
                 raise ValueError(f"block {b} freed more often than allocated")
             self._refs[b] -= 1
+            self._note((b,), -1)
             if self._refs[b] == 0:
                 self._free.append(b)
+
+    def _note(self, blocks, change: int) -> None:
+        if self._ledger is not None:
+            for b in blocks:
+                self._ledger[b] += change
+
+    @contextmanager
+    def lease(self) -> Iterator[None]:
+        """Every reference taken inside the block and not given back by its end is freed there, however
+        it ends: normally, by an exception (a bad input, out of memory, KeyboardInterrupt) or by a
+        generator closed early. The engine runs each `run` in one lease, so a request that fails
+        halfway (blocks taken, its sequence not yet running) gives back what it took in this one place.
+        One lease at a time."""
+        if self._ledger is not None:
+            raise RuntimeError("a lease on this allocator is already open")
+        self._ledger = ledger = Counter()
+        try:
+            yield
+        finally:
+            self._ledger = None
+            self.free([b for b, n in ledger.items() for _ in range(max(n, 0))])
 
     def refcount(self, block: int) -> int:
         return self._refs[block]

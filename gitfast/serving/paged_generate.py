@@ -28,11 +28,11 @@ def _rows(input_ids, attention_mask) -> List[List[int]]:
     return [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
 
 
-def _budget(model, rows: int, prefixes: int, prompt_len: int, s, block_size: int, dtype) -> int:
+def _budget(model, rows: int, prefixes: int, n_img: int, prompt_len: int, s, block_size: int, dtype) -> int:
+    """KV-cache bytes for `rows` sequences over `prefixes` images of `n_img` tokens each."""
     cfg = model.config
     per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, block_size, cfg.num_attention_heads,
                                              cfg.hidden_size // cfg.num_attention_heads, dtype)
-    n_img = model.num_image_tokens
     per_row = -(-(n_img + max(s.max_length, prompt_len) + 1) // block_size) + 1
     per_prefix = -(-n_img // block_size)
     return per_block * (rows * per_row + prefixes * per_prefix)
@@ -40,7 +40,7 @@ def _budget(model, rows: int, prefixes: int, prompt_len: int, s, block_size: int
 
 def engine_budget(model, rows: int, images: int, prompt_len: int, s, block_size: int = BLOCK_SIZE) -> int:
     """KV-cache bytes a generate call over `rows` sequences and `images` prefixes needs."""
-    return _budget(model, rows, images, prompt_len, s, block_size, placement(model)[1])
+    return _budget(model, rows, images, model.num_image_tokens, prompt_len, s, block_size, placement(model)[1])
 
 
 def engine_serves(engine: Optional[Engine], model, rows: int, budget: int) -> bool:
@@ -78,12 +78,12 @@ def lockstep(model, image_tokens: torch.Tensor, input_ids, attention_mask, s, ex
     (sequences, scores)."""
     b, t = input_ids.shape
     dtype = image_tokens.dtype
-    cache = PagedKVCache.from_budget(model.config, _budget(model, b * expand, b, t, s, block_size, dtype),
+    n_img = image_tokens.shape[1]  # the image's own count (interpolate_pos_encoding: not the config's)
+    cache = PagedKVCache.from_budget(model.config, _budget(model, b * expand, b, n_img, t, s, block_size, dtype),
                                      block_size, dtype, image_tokens.device)
     runner = PagedRunner(model, cache)
     prefixes = runner.encode_prefixes(image_tokens)
     prompts = _rows(input_ids, attention_mask)
-    n_img = image_tokens.shape[1]
     seqs, row_prompts = [], []
     for i in range(b):
         for _ in range(expand):
