@@ -2,7 +2,9 @@
 made under different ones.
 
 `--out FILE` records them in `FILE.settings.json`, `--out-dir DIR` in `DIR/gitfast-settings.json`:
-the model (its resolved folder), max_new_tokens, num_beams, prompt and dtype. A resume whose
+the model (its resolved folder), max_new_tokens, num_beams, prompt, the dtype `--dtype` resolved
+to on this run's devices (never "auto": that is bf16 on one CPU and fp32 on another) and, with
+`--quantize`, the INT8 backend and the LM head's precision this machine picked. A resume whose
 settings differ is refused, naming each difference, unless `--force`; an output made before
 settings were recorded is resumed as it is and gets its record then.
 """
