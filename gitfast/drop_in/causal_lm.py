@@ -96,6 +96,7 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
                         output_loading_info=False, dtype=None, torch_dtype=None, device_map=None, device=None,
                         revision: Optional[str] = None, cache_dir: Optional[str] = None, attn_implementation=None,
                         ignore_mismatched_sizes=False, token=None, local_files_only=False, quantization_config=None,
+                        subfolder: str = "", force_download: bool = False, use_safetensors: Optional[bool] = None,
                         **kwargs):
         """Loads a GIT checkpoint (a folder or a hub id) with transformers' arguments.
 
@@ -105,7 +106,9 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         is accepted for compatibility: "eager", "sdpa" and None all mean gitfast's attention (fused
         kernels; plain torch when probabilities are asked for); others are refused. Inside a
         `torch.device("meta")` context this raises, as transformers does. `quantization_config="dynamic"`
-        makes the Linear layers dynamic INT8 (CPU only; gitfast.quantization).
+        makes the Linear layers dynamic INT8 (CPU only; gitfast.quantization). `subfolder`,
+        `force_download` and `use_safetensors` (None: safetensors, else `.bin`; True: safetensors only;
+        False: `.bin` only) as transformers reads them, through huggingface_hub (gitfast.hub).
         """
         quantization.method_of(quantization_config)  # an unknown method fails before any loading
         # transformers' Auto classes always pass adapter_kwargs (hub arguments for a PEFT adapter search);
@@ -113,20 +116,21 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         if (kwargs.pop("adapter_kwargs", None) or {}).get("_adapter_model_path"):
             raise NotImplementedError(f"{pretrained_model_name_or_path} is a PEFT adapter; gitfast loads full GIT "
                                       "checkpoints (merge the adapter into its base model and save that)")
-        harmless = {"low_cpu_mem_usage", "use_safetensors", "trust_remote_code", "force_download", "proxies",
-                    "subfolder", "_from_auto", "_from_pipeline"}
+        harmless = {"low_cpu_mem_usage", "trust_remote_code", "proxies", "_from_auto", "_from_pipeline"}
         unknown = set(kwargs) - harmless
         if model_args or unknown:
             raise TypeError(f"from_pretrained() got unsupported arguments: {', '.join(sorted(unknown)) or model_args}")
         if attn_implementation not in (None, "eager", "sdpa"):
             raise ValueError(f"attn_implementation={attn_implementation!r}: gitfast runs its own attention; "
                              "use None, 'eager' or 'sdpa'")
-        hub = {k: v for k, v in (("token", token), ("local_files_only", local_files_only)) if v}
+        hub = {k: v for k, v in (("token", token), ("local_files_only", local_files_only), ("subfolder", subfolder),
+                                 ("force_download", force_download)) if v}
         loaded = load_pretrained(cls, pretrained_model_name_or_path, config=config, state_dict=state_dict,
                                output_loading_info=output_loading_info,
                                dtype=dtype if dtype is not None else torch_dtype,
                                device=device if device is not None else device_map, revision=revision,
-                               cache_dir=cache_dir, ignore_mismatched_sizes=ignore_mismatched_sizes, hub_kwargs=hub)
+                               cache_dir=cache_dir, ignore_mismatched_sizes=ignore_mismatched_sizes, hub_kwargs=hub,
+                               use_safetensors=use_safetensors)
         quantization.quantize((loaded[0] if output_loading_info else loaded).model, quantization_config)
         return loaded
 
