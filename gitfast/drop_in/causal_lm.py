@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from transformers import GenerationConfig, GitConfig, PreTrainedModel
 from transformers.generation import GenerationMixin
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .. import hf_format, loading, quantization
 from ..devices import placement
@@ -26,7 +27,10 @@ from .generate import run as generate_run
 from .init import initial_hf_weights
 from .pretrained import load as load_pretrained
 
-_FORWARD_EXTRAS = {"shift_labels", "num_items_in_batch", "past_key_values"}
+_FORWARD_EXTRAS = {"shift_labels", "num_items_in_batch"}
+# transformers' GIT renamed forward's `past_key_values` to `cache`, warning with this decorator and
+# removal version (models/git/modeling_git.py); the drop-in gives the same FutureWarning
+_OLD_CACHE_NAME = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
 
 
 class GitForCausalLM(PreTrainedModel, GenerationMixin):
@@ -167,20 +171,19 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         hf_format.save(self.model, self.config, save_directory, self.generation_config)
 
     # --- forward and generate --------------------------------------------------------------------
+    @_OLD_CACHE_NAME
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, pixel_values=None, inputs_embeds=None,
                 labels=None, cache=None, use_cache=None, interpolate_pos_encoding=False, logits_to_keep=0,
                 output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         """transformers' GIT forward: logits over `[image | text]` positions, the next-token loss on the
         text when `labels` (or pre-shifted `shift_labels`) are given, the keys and values as a
         `DynamicCache` when `use_cache` (default `config.use_cache`), attention probabilities and hidden
-        states when asked. Continues from `cache` (or `past_key_values`): positions then count from the
-        cache's length, image tokens included, as transformers'; pass `position_ids` for text positions."""
+        states when asked. Continues from `cache` (the deprecated `past_key_values` is taken for it with
+        transformers' warning): positions then count from the cache's length, image tokens included, as
+        transformers'; pass `position_ids` for text positions."""
         unknown = set(kwargs) - _FORWARD_EXTRAS
         if unknown:
             raise TypeError(f"forward() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
-        if cache is None:
-            cache = kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_values", None)
         return forward_run(self, input_ids, attention_mask, position_ids, pixel_values, inputs_embeds, labels,
                                 cache, use_cache, interpolate_pos_encoding, logits_to_keep, output_attentions,
                                 output_hidden_states, return_dict, **kwargs)
