@@ -86,11 +86,11 @@ def read_weights(folder: Path, use_safetensors: bool | None = None) -> Dict[str,
     return weights
 
 
-# --- the one loader -----------------------------------------------------------------------------
+# --- every step in one call (tests and scripts; the drop-in and the Captioner call the steps) -----------------------------------------------------------------------------
 
 @dataclass
 class Checkpoint:
-    """A loaded GIT checkpoint: what the drop-in, the Captioner and every rank start from."""
+    """A loaded GIT checkpoint, as `load_checkpoint` returns it."""
     folder: Path
     config: Any               # transformers.GitConfig
     model: Any                # gitfast.model.GitModel, eval mode, placed
