@@ -54,7 +54,7 @@ note_row() {  # note_row STAGE STATUS SECONDS DETAIL: one JSON row and one table
     printf '%-12s %-8s %5ss  %s\n' "$1" "$2" "$3" "$4" >> "$summary"
 }
 
-stage() {  # stage NAME SECONDS COMMAND...: run under its time box, never past the session's
+stage() {  # stage NAME SECONDS COMMAND...: run under its time box, never past GITFAST_SESSION_S when set
     local name=$1 box=$2; shift 2
     local override="GITFAST_BOX_${name}"
     box=${!override:-$box}  # e.g. GITFAST_BOX_e2e=120
@@ -88,7 +88,8 @@ install() {  # the copied transformers wheel: 5.0-5.17 generate wrong GIT tokens
             "$py" -m pip install -q --no-deps --no-index "$wheel" || return 1
         fi
     else
-        echo "no transformers wheel in ${wheels:-.whl} (bash bench/fetch_wheels.sh DIR where there is network, copy DIR here)"
+        echo "no transformers wheel in ${wheels:-.whl}" \
+             "(bash bench/fetch_wheels.sh DIR where there is network, then copy DIR here)"
     fi
     "$py" -c "import transformers; print('transformers', transformers.__version__)
 from gitfast.compat import check_transformers; check_transformers()"

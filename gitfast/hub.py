@@ -88,8 +88,8 @@ class _Unreachable(Exception):
     """No answer from the hub (connection, timeout, server error): the cache may still serve."""
 
 
-def _download(repo_id: str, revision: Optional[str], cache_dir, token, subfolder: str = "", force_download: bool = False,
-              use_safetensors: Optional[bool] = None) -> Path:
+def _download(repo_id: str, revision: Optional[str], cache_dir, token, subfolder: str = "",
+              force_download: bool = False, use_safetensors: Optional[bool] = None) -> Path:
     try:
         import httpx2 as httpx  # huggingface_hub 2.x
     except ImportError:
@@ -108,10 +108,11 @@ def _download(repo_id: str, revision: Optional[str], cache_dir, token, subfolder
 
     try:
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=rev, token=token)
-        names = files_to_fetch((s.rfilename[len(prefix):] for s in info.siblings or [] if s.rfilename.startswith(prefix)),
-                               use_safetensors)
+        listed = (s.rfilename[len(prefix):] for s in info.siblings or [] if s.rfilename.startswith(prefix))
+        names = files_to_fetch(listed, use_safetensors)
         if "config.json" not in names:
-            raise HubError(f"hub model {repo_id!r} (revision {rev}){where} has no config.json: not a transformers checkpoint")
+            raise HubError(f"hub model {repo_id!r} (revision {rev}){where} has no config.json: "
+                           "not a transformers checkpoint")
         allowed = weight_files(use_safetensors)
         if not any(n in names for n in allowed):
             only = "" if use_safetensors is None else f" (use_safetensors={use_safetensors})"

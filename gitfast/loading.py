@@ -86,7 +86,7 @@ def read_weights(folder: Path, use_safetensors: bool | None = None) -> Dict[str,
     return weights
 
 
-# --- every step in one call (tests and scripts; the drop-in and the Captioner call the steps) -----------------------------------------------------------------------------
+# --- every step in one call (tests, scripts; the drop-in and the Captioner call the steps) ---
 
 @dataclass
 class Checkpoint:

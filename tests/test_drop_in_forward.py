@@ -122,7 +122,8 @@ def test_old_cache_keyword_warns_as_transformers(pair):
 
     def prefix_cache(images):
         with torch.no_grad():
-            return fm(input_ids=IDS[:, :4], pixel_values=images, attention_mask=MASK[:, :4], use_cache=True).past_key_values
+            out = fm(input_ids=IDS[:, :4], pixel_values=images, attention_mask=MASK[:, :4], use_cache=True)
+            return out.past_key_values
 
     for case in ("old name", "both names"):
         got = []

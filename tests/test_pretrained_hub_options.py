@@ -24,7 +24,8 @@ def _bin(weights):
 
 def _shifted():
     """The embedded weights with every float tensor moved by one: which file was read shows."""
-    return {k: v + 1 if v.is_floating_point() else v for k, v in load_file(str(EMBEDDED_MODEL / "model.safetensors")).items()}
+    weights = load_file(str(EMBEDDED_MODEL / "model.safetensors"))
+    return {k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,8 @@ def served():
     hub = Hub()
     files = _embedded_files()
     refs = {"main": MAIN_SHA, MAIN_SHA: MAIN_SHA}
-    hub.repos["org/nested"] = (refs, {MAIN_SHA: {"README.md": b"two models", **{f"git/{k}": v for k, v in files.items()}}},
-                               None)
+    nested = {"README.md": b"two models", **{f"git/{k}": v for k, v in files.items()}}
+    hub.repos["org/nested"] = (refs, {MAIN_SHA: nested}, None)
     hub.repos["org/both"] = (refs, {MAIN_SHA: {**files, "pytorch_model.bin": _bin(_shifted())}}, None)
     only_bin = {k: v for k, v in files.items() if k != "model.safetensors"}
     hub.repos["org/bin-only"] = (refs, {MAIN_SHA: {**only_bin, "pytorch_model.bin": _bin(_shifted())}}, None)
@@ -103,9 +104,10 @@ def test_use_safetensors_on_a_local_folder(tmp_path):
     shutil.copytree(EMBEDDED_MODEL, tmp_path / "m")
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(_bin(_shifted()))
     shifted = _shifted()[WORDS]
-    assert not torch.equal(_words(gitfast.GitForCausalLM.from_pretrained(tmp_path / "m")), shifted)
-    assert not torch.equal(_words(gitfast.GitForCausalLM.from_pretrained(tmp_path / "m", use_safetensors=True)), shifted)
-    assert torch.equal(_words(gitfast.GitForCausalLM.from_pretrained(tmp_path / "m", use_safetensors=False)), shifted)
+    load = gitfast.GitForCausalLM.from_pretrained
+    assert not torch.equal(_words(load(tmp_path / "m")), shifted)
+    assert not torch.equal(_words(load(tmp_path / "m", use_safetensors=True)), shifted)
+    assert torch.equal(_words(load(tmp_path / "m", use_safetensors=False)), shifted)
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"no weights in .* \(use_safetensors=True\)"):
         gitfast.GitForCausalLM.from_pretrained(tmp_path / "m", use_safetensors=True)

@@ -64,7 +64,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     again.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--force", action="store_true",
                         help="with --resume: continue even though the settings that shape captions (model, "
-                             "max-new-tokens, num-beams, prompt, resolved dtype, quantization) differ from the output's")
+                             "max-new-tokens, num-beams, prompt, resolved dtype, quantization) differ from the "
+                             "output's")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     parser.add_argument("--maps", default=None, metavar="DIR",
                         help="also write DIR/<input>.png per image: the picture with each word's map over it "
@@ -183,7 +184,8 @@ def _caption_settings(args: argparse.Namespace, devices=None) -> dict:
 
     model = loading.resolve(EMBEDDED_MODEL if args.model is None else args.model)
     config = loading.load_config(model) if args.dtype == "auto" else None
-    dtypes = sorted({str(caption_dtype(args.dtype, d, config)).replace("torch.", "") for d in (devices or [args.device])})
+    dtypes = sorted({str(caption_dtype(args.dtype, d, config)).replace("torch.", "")
+                     for d in (devices or [args.device])})
     settings = {"model": os.path.realpath(model), "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
                 "prompt": args.prompt, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "quantize": args.quantize}
     if quantization.method_of(args.quantize) is not None:
