@@ -19,6 +19,7 @@ load average beside it::
 
     python -m gitfast.bench.bench_cpu --sizes git-base --batches 1 8 --rounds 3
     python -m gitfast.bench.bench_cpu --caption --rounds 3   # gitfast caption vs the transformers loop
+    python -m gitfast.bench.bench_cpu --caption --workdir DIR # ... its checkpoint and JPEGs made in DIR
     python -m gitfast.bench.bench_cpu --agreement 32          # captions identical to fp32, 32 images
     python -m gitfast.bench.bench_cpu --repeat 8 --batches 8  # spread of repeated runs
 """
@@ -206,10 +207,14 @@ def caption_checkpoint(root, images: int = 32) -> tuple:
     return folder, pictures
 
 
-def caption_rows(rounds: int, root="/tmp/gitfast-bench-cpu", images: int = 32) -> list:
+def caption_rows(rounds: int, root=None, images: int = 32) -> list:
+    """The --caption rows; the checkpoint and JPEGs are made once under `root` (default: a
+    `gitfast-bench-cpu` folder in the system's temporary directory) and reused."""
     import subprocess
     import sys
+    import tempfile
 
+    root = root or os.path.join(tempfile.gettempdir(), "gitfast-bench-cpu")
     folder, pictures = caption_checkpoint(root, images)
     out = f"{root}/captions.jsonl"
     runs = {
@@ -280,6 +285,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--caption", action="store_true", help="only the captioning rows (whole processes)")
     p.add_argument("--images", type=int, default=32, help="JPEGs in the --caption folder")
+    p.add_argument("--workdir", metavar="DIR", help="where --caption makes its checkpoint and JPEGs once "
+                                                   "(default: gitfast-bench-cpu in the temporary directory)")
     p.add_argument("--agreement", type=int, metavar="N", help="only agreement with fp32, over N images")
     p.add_argument("--repeat", type=int, metavar="N", help="only gitfast's spread over N runs in a row")
     args = p.parse_args(argv)
@@ -306,7 +313,7 @@ def main(argv=None) -> None:
         print(f"| {args.images} JPEGs, batch 8, 20 new tokens, whole process | seconds | speed vs transformers fp32 "
               "loop | vs the transformers loop in the same dtype | load |")
         print("|---|---|---|---|---|")
-        for r in caption_rows(args.rounds, images=args.images):
+        for r in caption_rows(args.rounds, root=args.workdir, images=args.images):
             same = f"{r['same']:.2f}x" if r["same"] else "-"
             print(f"| {r['name']} | {r['s']:.1f} | {r['ratio']:.2f}x | {same} | {r['load']} |", flush=True)
         return

@@ -1,31 +1,46 @@
 #!/usr/bin/env bash
-# What a GPU machine should check, in ONE call of at most 8 minutes, the build included:
-#   bash bench/gpu_session.sh all       install -> build -> CUDA extension -> gitfast info -> pytest -m cuda
-#                                       -> host-sync check -> fidelity -> end to end -> kernel benchmarks
-#   bash bench/gpu_session.sh test|kernels|e2e    one part alone (as before)
-# The device tool's call (carry .whl: the transformers 5.24 wheel; nothing can be downloaded there):
-#   bash bench/fetch_wheels.sh    # here, once: .whl/transformers-5.24.0-py3-none-any.whl (git-ignored)
-#   run(command="bash bench/gpu_session.sh all", carry=[".whl"], timeout_s=540)
+# The GPU checks, on a machine with an NVIDIA GPU and no network needed:
+#   bash bench/gpu_session.sh [all|test|kernels|e2e] [--wheels DIR] [--out DIR]
+#     all      install -> build -> CUDA extension -> gitfast info -> pytest -m cuda -> host-sync check
+#              -> fidelity -> end to end -> kernel benchmarks
+#     test     install -> build -> CUDA extension -> gitfast info -> pytest -m cuda
+#     kernels  the kernel benchmarks;  e2e  the end-to-end and pipeline benchmarks
+# --wheels DIR: wheels to install first with pip --no-index (made by bench/fetch_wheels.sh on a
+# machine with network, then copied here; default .whl when it exists). --out DIR: where results go
+# (default $OUT, else ./gpu-results).
 #
-# Every stage runs under `timeout` with its own time box (GITFAST_BOX_<stage> overrides one), capped by
-# what is left of the session's (GITFAST_SESSION_S, default 470 s): a stage that overruns is cut,
-# reported, and the next one runs.
-# Results reach $OUT as each row ends, in at most 8 files, so a cut run still returns what it had:
+# Each stage runs under `timeout` with its own time box, a guard against a hung stage rather than a
+# budget (GITFAST_BOX_<stage>=SECONDS overrides one); GITFAST_SESSION_S=SECONDS caps the whole run
+# when set: a stage that would start past it is reported skipped. A stage that fails or overruns is
+# reported and the next one runs.
+# Results reach the out folder as each row ends, so a run cut short still leaves what it had:
 #   session.log  everything printed      build.log  the extension's build   tests.log  pytest -m cuda
 #   junit.xml    pytest's per-test report    rows.jsonl  every JSON row (stages, sync, fidelity, benchmarks)
-#   summary.txt  the pass/fail table, also printed last
+#   summary.txt  the pass/fail table, also printed last      bench-<suite>.json  the runner's results
 # fp16 by default (GITFAST_DTYPE). GITFAST_DRY_RUN=1 runs each stage's CPU equivalent and skips the
-# GPU asserts: the plumbing ($OUT files, time boxes, table) proven on a machine without a GPU.
+# GPU asserts: the plumbing (out files, time boxes, table) proven on a machine without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:-all}
+mode=all
+wheels=
+while (( $# )); do
+    case $1 in
+        all|test|kernels|e2e) mode=$1 ;;
+        --wheels) wheels=${2:?--wheels needs a folder}; shift ;;
+        --out) OUT=${2:?--out needs a folder}; shift ;;
+        *) echo "usage: bash bench/gpu_session.sh [all|test|kernels|e2e] [--wheels DIR] [--out DIR]" >&2; exit 2 ;;
+    esac
+    shift
+done
+[ -z "$wheels" ] && [ -d .whl ] && wheels=.whl
 OUT=${OUT:-$PWD/gpu-results}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 dry=${GITFAST_DRY_RUN:-0}
 dtype=${GITFAST_DTYPE:-float16}
-session_s=${GITFAST_SESSION_S:-470}
+session_s=${GITFAST_SESSION_S:-}  # empty: no cap on the whole run
 rows=$OUT/rows.jsonl
 summary=$OUT/summary.txt
 t0=$(date +%s)
@@ -39,17 +54,19 @@ note_row() {  # note_row STAGE STATUS SECONDS DETAIL: one JSON row and one table
     printf '%-12s %-8s %5ss  %s\n' "$1" "$2" "$3" "$4" >> "$summary"
 }
 
-stage() {  # stage NAME SECONDS COMMAND...: run under its time box, never past the session's
+stage() {  # stage NAME SECONDS COMMAND...: run under its time box, never past GITFAST_SESSION_S when set
     local name=$1 box=$2; shift 2
     local override="GITFAST_BOX_${name}"
     box=${!override:-$box}  # e.g. GITFAST_BOX_e2e=120
-    local left=$(( session_s - ($(date +%s) - t0) - 5 ))
-    if (( left < 10 )); then
-        echo "== $name: skipped, the session's ${session_s} s are spent"
-        note_row "$name" skipped 0 "no time left"
-        return 0
+    if [ -n "$session_s" ]; then
+        local left=$(( session_s - ($(date +%s) - t0) - 5 ))
+        if (( left < 10 )); then
+            echo "== $name: skipped, the run's GITFAST_SESSION_S=${session_s} s are spent"
+            note_row "$name" skipped 0 "no time left"
+            return 0
+        fi
+        (( box > left )) && box=$left
     fi
-    (( box > left )) && box=$left
     echo "== $name (time box ${box} s)"
     local start=$(date +%s) rc=0
     timeout -k 5 "$box" bash -c '"$@"' stage "$@" || rc=$?  # functions are exported (below)
@@ -61,9 +78,9 @@ stage() {  # stage NAME SECONDS COMMAND...: run under its time box, never past t
 }
 
 # -- stages ---------------------------------------------------------------------------------------
-install() {  # the carried transformers wheel: 5.0-5.17 generate wrong GIT tokens with a KV cache; floor 5.24
+install() {  # the copied transformers wheel: 5.0-5.17 generate wrong GIT tokens with a KV cache; floor 5.24
     local wheel
-    wheel=$(ls -v .whl/transformers-*.whl 2>/dev/null | tail -1)  # the newest carried
+    wheel=$(ls -v "${wheels:-.whl}"/transformers-*.whl 2>/dev/null | tail -1)  # the newest copied
     if [ -n "$wheel" ]; then
         if [ "$dry" = 1 ]; then
             "$py" -m pip install --dry-run --no-deps --no-index "$wheel" || return 1
@@ -71,7 +88,8 @@ install() {  # the carried transformers wheel: 5.0-5.17 generate wrong GIT token
             "$py" -m pip install -q --no-deps --no-index "$wheel" || return 1
         fi
     else
-        echo "no .whl/transformers-*.whl (bash bench/fetch_wheels.sh here, then carry .whl)"
+        echo "no transformers wheel in ${wheels:-.whl}" \
+             "(bash bench/fetch_wheels.sh DIR where there is network, then copy DIR here)"
     fi
     "$py" -c "import transformers; print('transformers', transformers.__version__)
 from gitfast.compat import check_transformers; check_transformers()"
@@ -119,12 +137,13 @@ cuda_tests() {
 }
 
 bench_suites() {  # bench_suites SUITES... (rows appended to rows.jsonl as each ends)
-    local skip=${GITFAST_SKIP_PROVIDERS:-flex torch.compile}  # cold compiles do not fit the time box
+    local skip=()  # e.g. GITFAST_SKIP_PROVIDERS="flex torch.compile": their cold compiles take minutes
+    [ -n "${GITFAST_SKIP_PROVIDERS:-}" ] && skip=(--skip-provider $GITFAST_SKIP_PROVIDERS)
     "$py" -m gitfast.bench.runner --device "$dev" --dtype "$bench_dtype" $quick --only "$@" \
-        --skip-provider $skip --out "/tmp/gitfast-bench-$1.json" --jsonl "$rows" 2>&1 | tail -25
+        "${skip[@]}" --out "$OUT/bench-$1.json" --jsonl "$rows" 2>&1 | tail -25
 }
 
-export py dry dtype dev bench_dtype quick rows OUT
+export py dry dtype dev bench_dtype quick rows OUT wheels
 export -f install cuda_arch build cuda_extension cuda_tests bench_suites
 
 table() {
@@ -147,37 +166,33 @@ PY
 
 case $mode in
     all)
-        stage install 30 install
-        stage build 200 build
-        stage cuda_ext 20 cuda_extension
-        stage info 20 "$py" -c "from gitfast.cli import main; main(['info'])"
-        stage cuda_tests 110 cuda_tests
-        stage sync 40 "$py" -m gitfast.bench.sync_check --device "$dev" --out "$rows"
-        stage fidelity 45 "$py" -m gitfast.bench.fidelity_check --device "$dev" --out "$rows" \
+        stage install 120 install
+        stage build 1800 build
+        stage cuda_ext 60 cuda_extension
+        stage info 60 "$py" -c "from gitfast.cli import main; main(['info'])"
+        stage cuda_tests 1800 cuda_tests
+        stage sync 300 "$py" -m gitfast.bench.sync_check --device "$dev" --out "$rows"
+        stage fidelity 600 "$py" -m gitfast.bench.fidelity_check --device "$dev" --out "$rows" \
             $([ "$dry" = 1 ] && echo "--images 4 --new-tokens 8")
         export GITFAST_BENCH_E2E=${GITFAST_BENCH_E2E:-git-base:32,git-base:256}
-        stage e2e 70 bench_suites e2e
-        stage kernels 60 bench_suites attention paged_decode kv_write ops
+        stage e2e 1800 bench_suites e2e
+        stage kernels 3600 bench_suites attention paged_decode kv_write ops
         table
         ;;
     test)
-        stage install 30 install
-        stage build 300 build
-        stage cuda_ext 20 cuda_extension
-        stage info 20 "$py" -c "from gitfast.cli import main; main(['info'])"
-        stage cuda_tests 240 cuda_tests
+        stage install 120 install
+        stage build 1800 build
+        stage cuda_ext 60 cuda_extension
+        stage info 60 "$py" -c "from gitfast.cli import main; main(['info'])"
+        stage cuda_tests 1800 cuda_tests
         table
         ;;
     kernels)
-        stage kernels 500 bench_suites attention paged_decode kv_write ops
+        stage kernels 3600 bench_suites attention paged_decode kv_write ops
         table
         ;;
     e2e)
-        stage e2e 500 bench_suites e2e pipeline
+        stage e2e 3600 bench_suites e2e pipeline
         table
-        ;;
-    *)
-        echo "usage: bash bench/gpu_session.sh all|test|kernels|e2e" >&2
-        exit 2
         ;;
 esac

@@ -4,19 +4,25 @@
 # It proves the .cu files compile, link (no undefined symbols once libtorch_cuda is loaded) and register;
 # running them needs a GPU (bench/gpu_session.sh).
 #
-#   nice -n 10 bash bench/link_check.sh        # ~5.5 GB venv once, then a few minutes of nvcc
+#   nice -n 10 bash bench/link_check.sh ENV_DIR   # ~5.5 GB venv in ENV_DIR once, then a few minutes of nvcc
 #
-# The CPU torch of the project's environment cannot build CUDA code, and a venv with
-# --system-site-packages would still import it, so a fresh venv (outside the repo, $CUDAENV) gets
-# torch 2.14.1, a CUDA build. The build runs in a copy of the tracked tree ($CUDAENV/src) so the
-# checkout's own CPU-built gitfast/_C*.so is never replaced. Env: CUDAENV (default /work/cudaenv),
-# CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: cores).
+# A CPU build of torch cannot build CUDA code, and a venv with --system-site-packages would still
+# import it, so a fresh venv (ENV_DIR/venv, outside the repository) gets torch 2.14.1, a CUDA build.
+# The build runs in a copy of the tracked tree (ENV_DIR/src) so the checkout's own CPU-built
+# gitfast/_C*.so is never replaced. Needs the CUDA toolkit: CUDA_HOME, else the one whose nvcc is on
+# PATH. Env: TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: cores).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-env_dir=${CUDAENV:-/work/cudaenv}
+env_dir=${1:?usage: bash bench/link_check.sh ENV_DIR (a folder outside the repository for the CUDA venv and build)}
+mkdir -p "$env_dir"
+env_dir=$(cd "$env_dir" && pwd)
 venv=$env_dir/venv
 py=$venv/bin/python
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+if [ -z "${CUDA_HOME:-}" ]; then
+    nvcc=$(command -v nvcc) || { echo "no CUDA toolkit: set CUDA_HOME or put its bin/ (nvcc) on PATH" >&2; exit 2; }
+    CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
+fi
+export CUDA_HOME
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export GITFAST_REQUIRE_CUDA=1   # a missing toolkit is an error here, not a CPU-only build

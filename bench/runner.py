@@ -318,12 +318,14 @@ def _run_suite(suite: Suite, only, quick: bool, device: str, dtype: str, budget:
 
 
 def _command(args: argparse.Namespace, device: str, dtypes: list[str]) -> str:
+    """The `gitfast bench` command that reproduces the run. Output files are named by their file name
+    alone: where one machine put them is no part of the measurement."""
     parts = ["gitfast", "bench"] + (["--quick"] if args.quick else [])
     if args.only:
         parts += ["--only", *args.only]
-    parts += ["--device", device, "--dtype", *dtypes, "--out", args.out]
+    parts += ["--device", device, "--dtype", *dtypes, "--out", _file_name(args.out)]
     if args.jsonl:
-        parts += ["--jsonl", args.jsonl]
+        parts += ["--jsonl", _file_name(args.jsonl)]
     if args.skip_provider:
         parts += ["--skip-provider", *args.skip_provider]
     if args.rep_ms is not None:
@@ -331,10 +333,14 @@ def _command(args: argparse.Namespace, device: str, dtypes: list[str]) -> str:
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     if args.markdown:
-        parts += ["--markdown", args.markdown]
+        parts += ["--markdown", _file_name(args.markdown)]
     if args.plots:
-        parts += ["--plots", args.plots]
+        parts += ["--plots", _file_name(args.plots)]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _file_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path)) or path
 
 
 def _progress(row: dict) -> str:

@@ -58,6 +58,14 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if dev.type == "cpu" and cpu_has_native_bf16() else torch.float32
 
 
+def caption_dtype(dtype, device, config=None) -> torch.dtype:
+    """The weights' dtype a Captioner on `device` runs for `dtype`: "auto" is `default_dtype` on the
+    CPU and the checkpoint's saved dtype elsewhere; anything else as `resolve_dtype` reads it."""
+    if dtype == "auto" and resolve_device(device).type == "cpu":
+        return default_dtype("cpu")
+    return resolve_dtype(dtype, config)
+
+
 def placement(module: torch.nn.Module) -> Tuple[torch.device, torch.dtype]:
     """Where a model's weights live and in which dtype (its first parameter's)."""
     p = next(module.parameters())

@@ -5,9 +5,11 @@ Online: one model-info call lists the revision's files; gitfast picks its own (c
 config, processor and tokenizer files, and one set of weights: `model.safetensors`, else the
 safetensors index and its shards, else the `.bin` equivalents) and fetches each with
 `hf_hub_download` (the hub's progress bars, ETag checks and cache layout; a cached file is not fetched
-again). Offline (`local_files_only=True`, or `HF_HUB_OFFLINE=1` when huggingface_hub was imported or
-now) or with the hub unreachable: the cached snapshot of the revision, else a `HubError` that
-says how to get it. `HF_ENDPOINT` set after import is honoured too.
+again, unless `force_download=True`). `subfolder` reads the checkpoint from that folder of the repo,
+and `use_safetensors` picks the weights as transformers does (None: safetensors, else `.bin`; True:
+safetensors only; False: `.bin` only). Offline (`local_files_only=True`, or `HF_HUB_OFFLINE=1` when
+huggingface_hub was imported or now) or with the hub unreachable: the cached snapshot of the
+revision, else a `HubError` that says how to get it. `HF_ENDPOINT` set after import is honoured too.
 """
 from __future__ import annotations
 
@@ -43,11 +45,17 @@ def _endpoint() -> Optional[str]:
     return (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
 
 
-def files_to_fetch(repo_files: Iterable[str]) -> List[str]:
+def weight_files(use_safetensors: Optional[bool] = None) -> tuple:
+    """The weight file names `use_safetensors` allows, in the order they are preferred."""
+    safe, pickled = (SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)
+    return safe if use_safetensors else pickled if use_safetensors is False else safe + pickled
+
+
+def files_to_fetch(repo_files: Iterable[str], use_safetensors: Optional[bool] = None) -> List[str]:
     """The side files present, plus one set of weights (index files; their shards come after)."""
     present = set(repo_files)
     wanted = [f for f in SIDE_FILES if f in present]
-    for weights in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX):
+    for weights in weight_files(use_safetensors):
         if weights in present:
             return wanted + [weights]
     return wanted
@@ -84,8 +92,10 @@ def _inside_folder(name: str) -> bool:
 
 
 def resolve_hub_id(repo_id: str, *, revision: Optional[str] = None, cache_dir=None, token=None,
-                   local_files_only: bool = False) -> Path:
-    """The snapshot folder of `repo_id` at `revision`, downloading what gitfast needs when allowed."""
+                   local_files_only: bool = False, subfolder: str = "", force_download: bool = False,
+                   use_safetensors: Optional[bool] = None) -> Path:
+    """The snapshot folder of `repo_id` at `revision` (its `subfolder` when given), downloading what
+    gitfast needs when allowed."""
     from huggingface_hub.utils import validate_repo_id
     from huggingface_hub.errors import HFValidationError
 
@@ -97,18 +107,19 @@ def resolve_hub_id(repo_id: str, *, revision: Optional[str] = None, cache_dir=No
     cache_dir = None if cache_dir is None else str(cache_dir)
     if offline(local_files_only):
         why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE=1"
-        return _cached(repo_id, revision, cache_dir, f"downloading is off ({why})")
+        return _cached(repo_id, revision, cache_dir, f"downloading is off ({why})", subfolder)
     try:
-        return _download(repo_id, revision, cache_dir, token)
+        return _download(repo_id, revision, cache_dir, token, subfolder, force_download, use_safetensors)
     except _Unreachable as exc:
-        return _cached(repo_id, revision, cache_dir, f"the hub could not be reached ({exc})")
+        return _cached(repo_id, revision, cache_dir, f"the hub could not be reached ({exc})", subfolder)
 
 
 class _Unreachable(Exception):
     """No answer from the hub (connection, timeout, server error): the cache may still serve."""
 
 
-def _download(repo_id: str, revision: Optional[str], cache_dir, token) -> Path:
+def _download(repo_id: str, revision: Optional[str], cache_dir, token, subfolder: str = "",
+              force_download: bool = False, use_safetensors: Optional[bool] = None) -> Path:
     try:
         import httpx2 as httpx  # huggingface_hub 2.x
     except ImportError:
@@ -118,19 +129,25 @@ def _download(repo_id: str, revision: Optional[str], cache_dir, token) -> Path:
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     endpoint, rev = _endpoint(), revision or "main"
+    subfolder = (subfolder or "").strip("/")
+    prefix, where = (f"{subfolder}/", f" folder {subfolder!r}") if subfolder else ("", "")
 
     def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(repo_id, filename, revision=rev, cache_dir=cache_dir, token=token,
-                                    endpoint=endpoint))
+        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder or None, revision=rev, cache_dir=cache_dir,
+                                    token=token, endpoint=endpoint, force_download=force_download))
 
     try:
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=rev, token=token)
-        names = files_to_fetch(s.rfilename for s in info.siblings or [])
+        listed = (s.rfilename[len(prefix):] for s in info.siblings or [] if s.rfilename.startswith(prefix))
+        names = files_to_fetch(listed, use_safetensors)
         if "config.json" not in names:
-            raise HubError(f"hub model {repo_id!r} (revision {rev}) has no config.json: not a transformers checkpoint")
-        if not any(n in names for n in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)):
-            raise HubError(f"hub model {repo_id!r} (revision {rev}) has no weights: expected "
-                                  f"{SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+            raise HubError(f"hub model {repo_id!r} (revision {rev}){where} has no config.json: "
+                           "not a transformers checkpoint")
+        allowed = weight_files(use_safetensors)
+        if not any(n in names for n in allowed):
+            only = "" if use_safetensors is None else f" (use_safetensors={use_safetensors})"
+            raise HubError(f"hub model {repo_id!r} (revision {rev}){where} has no weights{only}: expected "
+                           f"{' or '.join(allowed)}")
         folder = None
         for name in names:
             path = fetch(name)
@@ -159,14 +176,14 @@ def _download(repo_id: str, revision: Optional[str], cache_dir, token) -> Path:
         raise HubError(f"cannot download {repo_id!r} (revision {rev}): {exc}") from exc
 
 
-def _cached(repo_id: str, revision: Optional[str], cache_dir, why: str) -> Path:
+def _cached(repo_id: str, revision: Optional[str], cache_dir, why: str, subfolder: str = "") -> Path:
     """The cached snapshot folder (found through its config.json), else the clear error."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache_dir,
-                                    local_files_only=True)).parent
+        return Path(hf_hub_download(repo_id, "config.json", subfolder=(subfolder or "").strip("/") or None,
+                                    revision=revision, cache_dir=cache_dir, local_files_only=True)).parent
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
         rev = f" at revision {revision!r}" if revision else ""
         raise HubError(

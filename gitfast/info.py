@@ -70,13 +70,12 @@ def collect() -> dict:
 
 def _linear_backends() -> dict:
     """The GEMMs behind the model's Linear layers: bf16 (pre-packed or not), a bf16 model's fp32 logits
-    (decode-sized inputs) and dynamic INT8's."""
+    and dynamic INT8's; each row from the decision the layer itself reads (ops.linear_backend,
+    ops.logits_backend, quantization.decision: gitfast.backend_choice's measurements)."""
     from . import ops, quantization
 
-    has_logits = ops.extension_loaded() and hasattr(torch.ops.gitfast, "logits_isa")
-    logits = f"cpu ext ({torch.ops.gitfast.logits_isa()})" if has_logits else "torch fp32"
     return {"linear_bf16": {"cpu": ops.linear_backend("cpu", torch.bfloat16), "cuda": "torch"},
-            "logits_bf16": {"cpu": logits, "cuda": "torch"},
+            "logits_bf16": {"cpu": ops.logits_backend("cpu"), "cuda": ops.logits_backend("cuda")},
             "linear_int8": {"cpu": quantization.decision().summary(), "cuda": "refused (CPU only)"}}
 
 

@@ -19,22 +19,27 @@ import torch
 
 from . import hub
 from .hf_format import CheckpointError, from_hf_state_dict  # noqa: F401 (loading.CheckpointError is public)
+from . import hub
 from .hub import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE  # noqa: F401 (loading.SAFE_SINGLE etc. are used elsewhere)
 
 
 def resolve(name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None, *,
-            token: str | bool | None = None, local_files_only: bool = False) -> Path:
+            token: str | bool | None = None, local_files_only: bool = False, subfolder: str = "",
+            force_download: bool = False, use_safetensors: bool | None = None) -> Path:
     """A local folder, or the snapshot folder of a hub id: downloaded into the Hugging Face cache on
     first use (only the files gitfast reads; `gitfast.hub`), from the cache when offline
-    (`local_files_only=True` or `HF_HUB_OFFLINE=1`)."""
+    (`local_files_only=True` or `HF_HUB_OFFLINE=1`). With `subfolder`, that folder inside either."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path
+        if subfolder and not (path / subfolder).is_dir():
+            raise CheckpointError(f"{str(name_or_path)!r} has no subfolder {subfolder!r}")
+        return path / subfolder if subfolder else path
     if path.exists():
         raise CheckpointError(f"{str(name_or_path)!r} is a file; expected a checkpoint folder or a hub id")
     try:
         return hub.resolve_hub_id(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
-                                  local_files_only=local_files_only)
+                                  local_files_only=local_files_only, subfolder=subfolder,
+                                  force_download=force_download, use_safetensors=use_safetensors)
     except hub.HubError as exc:
         raise CheckpointError(str(exc)) from exc
 
@@ -123,8 +128,9 @@ _DECODER_LAYER = re.compile(r"git\.encoder\.layer\.(\d+)\.")
 _VISION_LAYER = re.compile(r"git\.image_encoder\.vision_model\.encoder\.layers\.(\d+)\.")
 
 
-def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
-    """All tensors of the checkpoint, preferring safetensors; `.bin` only with weights_only=True."""
+def read_weights(folder: Path, use_safetensors: bool | None = None) -> Dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, preferring safetensors; `.bin` only with weights_only=True.
+    `use_safetensors` as transformers reads it: True takes safetensors only, False `.bin` only."""
     from safetensors.torch import load_file
 
     def shards(index_name):
@@ -133,15 +139,16 @@ def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
         except hub.HubError as exc:
             raise CheckpointError(str(exc)) from exc
 
-    if (folder / SAFE_SINGLE).is_file():
-        files, reader = [SAFE_SINGLE], lambda p: load_file(str(p))
-    elif (folder / SAFE_INDEX).is_file():
-        files, reader = shards(SAFE_INDEX), lambda p: load_file(str(p))
-    elif (folder / BIN_SINGLE).is_file() or (folder / BIN_INDEX).is_file():
-        files = [BIN_SINGLE] if (folder / BIN_SINGLE).is_file() else shards(BIN_INDEX)
+    allowed = hub.weight_files(use_safetensors)
+    found = next((name for name in allowed if (folder / name).is_file()), None)
+    if found in (SAFE_SINGLE, SAFE_INDEX):
+        files, reader = [SAFE_SINGLE] if found == SAFE_SINGLE else shards(SAFE_INDEX), lambda p: load_file(str(p))
+    elif found is not None:
+        files = [BIN_SINGLE] if found == BIN_SINGLE else shards(BIN_INDEX)
         reader = lambda p: torch.load(str(p), map_location="cpu", weights_only=True)  # noqa: E731
     else:
-        raise CheckpointError(f"no weights in {folder}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+        only = "" if use_safetensors is None else f" (use_safetensors={use_safetensors})"
+        raise CheckpointError(f"no weights in {folder}{only}: expected {' or '.join(allowed)}")
     weights: Dict[str, torch.Tensor] = {}
     for name in files:
         if not (folder / name).is_file():  # a FIFO or device would block or never end
@@ -153,11 +160,11 @@ def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
     return weights
 
 
-# --- the one loader -----------------------------------------------------------------------------
+# --- every step in one call (tests, scripts; the drop-in and the Captioner call the steps) ---
 
 @dataclass
 class Checkpoint:
-    """A loaded GIT checkpoint: what the drop-in, the Captioner and every rank start from."""
+    """A loaded GIT checkpoint, as `load_checkpoint` returns it."""
     folder: Path
     config: Any               # transformers.GitConfig
     model: Any                # gitfast.model.GitModel, eval mode, placed

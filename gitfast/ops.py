@@ -194,6 +194,17 @@ def linear_backend(device, dtype) -> str:
     return f"onednn packed; cpu ext at <= {Linear.KERNEL_MAX_ROWS} rows" if narrow else "onednn packed"
 
 
+def logits_backend(device) -> str:
+    """What serves `Logits` for a bf16 model (and for dynamic INT8's LM head) on `device`: the
+    extension's bf16 kernel at up to `Logits.KERNEL_ROWS` rows where it measured faster (the
+    decision `Logits.forward` reads), else an fp32 GEMM on an upcast copy of the weight."""
+    if torch.device(device).type != "cpu":
+        return "torch"
+    if bf16_backends.kernel_serves_logits():
+        return f"cpu ext at <= {Logits.KERNEL_ROWS} rows; torch fp32 above"
+    return "torch fp32"
+
+
 class Linear(nn.Linear):
     """`nn.Linear` with an optional fused activation, `act(x W^T + b)`, whose CPU bf16 inference GEMM
     reads a oneDNN pre-packed copy of the weight, made once and remade only when the weight changes,

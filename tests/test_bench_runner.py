@@ -269,6 +269,15 @@ def test_skip_provider_leaves_a_provider_out(suites, tmp_path):
     assert "--skip-provider torch flex" in res["command"]
 
 
+def test_recorded_command_names_output_files_without_their_folders(suites, tmp_path):
+    """The command in the results reproduces the run on any machine: no scratch folder of the one it ran on."""
+    code, res = _bench(tmp_path, "--only", "toy_matmul", "--markdown", str(tmp_path / "t.md"),
+                       "--jsonl", str(tmp_path / "rows.jsonl"))
+    assert code == 0
+    assert "--out out.json" in res["command"] and "--markdown t.md" in res["command"]
+    assert "--jsonl rows.jsonl" in res["command"] and str(tmp_path) not in res["command"]
+
+
 def test_a_compiled_provider_that_ran_eagerly_is_labelled_so(suites, tmp_path, monkeypatch):
     real = runner.time_case
 

@@ -17,13 +17,15 @@ import pytest
 import torch
 
 from gitfast import cpu_attention as ca
+from gitfast import ops
 from gitfast.kernels.reference import (
     git_attention_reference,
     paged_decode_attention_reference,
     paged_prefill_attention_reference,
 )
 
-pytestmark = pytest.mark.skipif(not ca.available(), reason="gitfast._C without CPU attention ops")
+# skipped only without the extension: a build of it that lacks these ops fails here
+pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="gitfast._C not built")
 F64 = torch.float64
 LOW = (torch.bfloat16, torch.float16)
 LENS = [1, 17, 217]
@@ -45,6 +47,10 @@ def _check_low(out, gold, torch_low):
     """bf16/fp16: the kernel's error at most twice that of torch's reference in the same dtype."""
     err, torch_err = _err(out, gold), _err(torch_low, gold)
     assert err <= 2 * torch_err, (err, torch_err)
+
+
+def test_built_extension_has_the_cpu_attention_ops():
+    assert ca.available(), "gitfast._C is built without its CPU attention ops"
 
 
 # -- git_attention --------------------------------------------------------------------------------

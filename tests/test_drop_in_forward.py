@@ -112,3 +112,29 @@ def test_a_base_model_checkpoint_loads_into_the_head(tmp_path):
     model, info = gitfast.GitForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
     assert info["missing_keys"] == {"model.lm_head.weight", "model.lm_head.bias"}
     assert torch.equal(model.model.word_embeddings.weight, base.embeddings.word_embeddings.weight)
+
+
+def test_old_cache_keyword_warns_as_transformers(pair):
+    """`past_key_values=` is taken for `cache=` with transformers' own FutureWarning (its GIT test
+    test_bc_cache_name_forward expects it); with both given, `cache` wins and both warn alike."""
+    hf, fm = pair
+    px = pixels("hd32", 2)
+
+    def prefix_cache(images):
+        with torch.no_grad():
+            out = fm(input_ids=IDS[:, :4], pixel_values=images, attention_mask=MASK[:, :4], use_cache=True)
+            return out.past_key_values
+
+    for case in ("old name", "both names"):
+        got = []
+        for model in (hf, fm):
+            # each forward extends the cache it continues from: fresh ones per model, the old name's of
+            # other images, so that taking it instead of `cache` would show in the logits
+            old, new = prefix_cache(px.flip(0) if case == "both names" else px), prefix_cache(px)
+            keywords = dict(past_key_values=old) if case == "old name" else dict(cache=new, past_key_values=old)
+            with torch.no_grad(), pytest.warns(FutureWarning) as caught:
+                out = model(input_ids=IDS[:, 4:], attention_mask=MASK, **keywords)
+            got.append(([str(w.message) for w in caught if "past_key_values" in str(w.message)], out.logits))
+        (hf_messages, hf_logits), (messages, logits) = got
+        assert messages == hf_messages and len(messages) == 1, (case, messages, hf_messages)
+        close(hf_logits, logits, 1e-4)

@@ -94,3 +94,56 @@ def test_a_gpu_without_cuda_kernels_is_an_error(capsys, monkeypatch):
     monkeypatch.setattr(info, "collect", with_a_gpu)
     assert cli.main(["info"]) == 1
     assert "has no CUDA kernels" in capsys.readouterr().err
+
+
+_PROBE = r"""
+import json, torch
+from gitfast import info, ops
+
+calls = {"linear_bf16": 0, "_linear_pointwise": 0}
+def spy(namespace, name):
+    real = getattr(namespace, name, None)
+    if real is None:
+        return
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return real(*args, **kwargs)
+    setattr(namespace, name, counted)
+
+ops.extension_loaded()
+spy(torch.ops.gitfast, "linear_bf16")
+spy(torch.ops.mkldnn, "_linear_pointwise")
+ran = {}
+with torch.no_grad():
+    for name, layer, rows in (("logits", ops.Logits(64, 96), 1), ("linear_narrow", ops.Linear(64, 96), 1),
+                              ("linear_wide", ops.Linear(64, 96), 16)):
+        layer = layer.bfloat16()
+        before = dict(calls)
+        layer(torch.randn(rows, 64).bfloat16())
+        ran[name] = [k for k in calls if calls[k] > before[k]]
+print(json.dumps({"rows": info.collect()["linear"], "ran": ran}))
+"""
+
+
+@pytest.mark.parametrize("forced_isa", [None, "avx2"])
+def test_linear_and_logits_rows_name_what_runs(forced_isa):
+    """The linear_bf16 / logits_bf16 rows say what a bf16 layer's forward actually calls, in a fresh
+    process (the kernels' ISA and the measured backends are chosen once per process), also with
+    GITFAST_CPU_ISA=avx2 capping the bf16 kernel to its portable path."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GITFAST_CPU_ISA"}
+    if forced_isa:
+        env["GITFAST_CPU_ISA"] = forced_isa
+    done = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    rows, ran = got["rows"], got["ran"]
+    logits_row = rows["logits_bf16"]["cpu"]
+    assert ("cpu ext" in logits_row) == ("linear_bf16" in ran["logits"]), (logits_row, ran)
+    assert ran["logits"] or logits_row == "torch fp32", (logits_row, ran)
+    linear_row = rows["linear_bf16"]["cpu"]
+    assert ("cpu ext" in linear_row) == ("linear_bf16" in ran["linear_narrow"]), (linear_row, ran)
+    assert ("onednn packed" in linear_row) == ("_linear_pointwise" in ran["linear_wide"]), (linear_row, ran)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .. import loading, quantization
 from ..defaults import EMBEDDED_MODEL
-from ..devices import default_dtype, resolve_device
+from ..devices import caption_dtype, resolve_device
 from ..serving.generation import resolve_settings
 from .records import Source
 from .workers import Prepared, PreparePool, Preparer, PrepareSpec
@@ -89,8 +89,7 @@ class Captioner:
             raise loading.CheckpointError(f"{folder} is a video checkpoint (several frames per input); Captioner "
                                           "takes single images — use gitfast.GitForCausalLM.generate with 5-D pixel_values")
         self.processor = loading.load_processor(folder, self.config)
-        if dtype == "auto" and self.device.type == "cpu":
-            dtype = default_dtype(self.device)  # bf16 on CPUs with native bf16, else fp32
+        dtype = caption_dtype(dtype, self.device, self.config)  # "auto": bf16 on CPUs with native bf16, else fp32
         self.model = loading.build_model(self.config, loading.read_weights(folder), dtype, self.device,
                                          origin=folder)  # a GitModel
         quantization.quantize(self.model, quantization_config)  # "dynamic": INT8 Linears (CPU only)

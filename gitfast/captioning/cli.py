@@ -65,7 +65,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     again.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--force", action="store_true",
                         help="with --resume: continue even though the settings that shape captions (model, "
-                             "max-new-tokens, num-beams, prompt, dtype) differ from the output's")
+                             "max-new-tokens, num-beams, prompt, resolved dtype, quantization) differ from the "
+                             "output's")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     parser.add_argument("--maps", default=None, metavar="DIR",
                         help="also write DIR/<input>.png per image: the picture with each word's map over it "
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 output = Output(args.out, fmt, resume=args.resume, overwrite=args.overwrite)
             recorded = run_settings.settings_path(args.out, args.out_dir) if lock is not None else None
-            settings = _caption_settings(args)
+            settings = _caption_settings(args, devices)
             if recorded is not None and not run_settings.check(recorded, settings, resume=args.resume,
                                                                force=args.force):
                 recorded = None  # already recorded as they are
@@ -174,14 +175,26 @@ def run(args: argparse.Namespace) -> int:
             lock.release()
 
 
-def _caption_settings(args: argparse.Namespace) -> dict:
-    """What shapes the captions (run_settings): recorded with the output, compared on --resume."""
-    from .. import loading
+def _caption_settings(args: argparse.Namespace, devices=None) -> dict:
+    """What shapes the captions (run_settings): recorded with the output, compared on --resume. The
+    dtype is the one each device resolves `--dtype` to ("auto" is bf16 on one CPU, fp32 on another),
+    and with --quantize the LM head's precision this machine picks."""
+    from .. import bf16_backends, loading, quantization
     from ..defaults import EMBEDDED_MODEL
+    from ..devices import caption_dtype
 
     model = loading.resolve(EMBEDDED_MODEL if args.model is None else args.model)
-    return {"model": os.path.realpath(model), "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
-            "prompt": args.prompt, "dtype": args.dtype or "float32", "quantize": args.quantize}
+    config = loading.load_config(model) if args.dtype == "auto" else None
+    dtypes = sorted({str(caption_dtype(args.dtype, d, config)).replace("torch.", "")
+                     for d in (devices or [args.device])})
+    settings = {"model": os.path.realpath(model), "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
+                "prompt": args.prompt, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "quantize": args.quantize}
+    if quantization.method_of(args.quantize) is not None:
+        # quantization.quantize's choices: the GEMM's integers are the same on every backend (each is
+        # checked against them before it serves), so which one ran does not shape captions; the LM
+        # head's rounding does
+        settings["int8_lm_head"] = "bfloat16" if bf16_backends.kernel_serves_logits() else "float32"
+    return settings
 
 
 def _caption(args, devices, all_sources, output, lock_settings) -> int:

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from transformers import GenerationConfig, GitConfig, PreTrainedModel
 from transformers.generation import GenerationMixin
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .. import hf_format, loading, quantization
 from ..devices import placement
@@ -27,7 +28,10 @@ from .generate import run as generate_run
 from .init import initial_hf_weights
 from .pretrained import load as load_pretrained
 
-_FORWARD_EXTRAS = {"shift_labels", "num_items_in_batch", "past_key_values"}
+_FORWARD_EXTRAS = {"shift_labels", "num_items_in_batch"}
+# transformers' GIT renamed forward's `past_key_values` to `cache`, warning with this decorator and
+# removal version (models/git/modeling_git.py); the drop-in gives the same FutureWarning
+_OLD_CACHE_NAME = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
 
 
 class GitForCausalLM(PreTrainedModel, GenerationMixin):
@@ -98,6 +102,7 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
                         output_loading_info=False, dtype=None, torch_dtype=None, device_map=None, device=None,
                         revision: Optional[str] = None, cache_dir: Optional[str] = None, attn_implementation=None,
                         ignore_mismatched_sizes=False, token=None, local_files_only=False, quantization_config=None,
+                        subfolder: str = "", force_download: bool = False, use_safetensors: Optional[bool] = None,
                         **kwargs):
         """Loads a GIT checkpoint (a folder or a hub id) with transformers' arguments.
 
@@ -107,7 +112,9 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         is accepted for compatibility: "eager", "sdpa" and None all mean gitfast's attention (fused
         kernels; plain torch when probabilities are asked for); others are refused. Inside a
         `torch.device("meta")` context this raises, as transformers does. `quantization_config="dynamic"`
-        makes the Linear layers dynamic INT8 (CPU only; gitfast.quantization).
+        makes the Linear layers dynamic INT8 (CPU only; gitfast.quantization). `subfolder`,
+        `force_download` and `use_safetensors` (None: safetensors, else `.bin`; True: safetensors only;
+        False: `.bin` only) as transformers reads them, through huggingface_hub (gitfast.hub).
         """
         quantization.method_of(quantization_config)  # an unknown method fails before any loading
         # transformers' Auto classes always pass adapter_kwargs (hub arguments for a PEFT adapter search);
@@ -115,20 +122,21 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         if (kwargs.pop("adapter_kwargs", None) or {}).get("_adapter_model_path"):
             raise NotImplementedError(f"{pretrained_model_name_or_path} is a PEFT adapter; gitfast loads full GIT "
                                       "checkpoints (merge the adapter into its base model and save that)")
-        harmless = {"low_cpu_mem_usage", "use_safetensors", "trust_remote_code", "force_download", "proxies",
-                    "subfolder", "_from_auto", "_from_pipeline"}
+        harmless = {"low_cpu_mem_usage", "trust_remote_code", "proxies", "_from_auto", "_from_pipeline"}
         unknown = set(kwargs) - harmless
         if model_args or unknown:
             raise TypeError(f"from_pretrained() got unsupported arguments: {', '.join(sorted(unknown)) or model_args}")
         if attn_implementation not in (None, "eager", "sdpa"):
             raise ValueError(f"attn_implementation={attn_implementation!r}: gitfast runs its own attention; "
                              "use None, 'eager' or 'sdpa'")
-        hub = {k: v for k, v in (("token", token), ("local_files_only", local_files_only)) if v}
+        hub = {k: v for k, v in (("token", token), ("local_files_only", local_files_only), ("subfolder", subfolder),
+                                 ("force_download", force_download)) if v}
         loaded = load_pretrained(cls, pretrained_model_name_or_path, config=config, state_dict=state_dict,
                                output_loading_info=output_loading_info,
                                dtype=dtype if dtype is not None else torch_dtype,
                                device=device if device is not None else device_map, revision=revision,
-                               cache_dir=cache_dir, ignore_mismatched_sizes=ignore_mismatched_sizes, hub_kwargs=hub)
+                               cache_dir=cache_dir, ignore_mismatched_sizes=ignore_mismatched_sizes, hub_kwargs=hub,
+                               use_safetensors=use_safetensors)
         quantization.quantize((loaded[0] if output_loading_info else loaded).model, quantization_config)
         return loaded
 
@@ -165,20 +173,19 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         hf_format.save(self.model, self.config, save_directory, self.generation_config)
 
     # --- forward and generate --------------------------------------------------------------------
+    @_OLD_CACHE_NAME
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, pixel_values=None, inputs_embeds=None,
                 labels=None, cache=None, use_cache=None, interpolate_pos_encoding=False, logits_to_keep=0,
                 output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
         """transformers' GIT forward: logits over `[image | text]` positions, the next-token loss on the
         text when `labels` (or pre-shifted `shift_labels`) are given, the keys and values as a
         `DynamicCache` when `use_cache` (default `config.use_cache`), attention probabilities and hidden
-        states when asked. Continues from `cache` (or `past_key_values`): positions then count from the
-        cache's length, image tokens included, as transformers'; pass `position_ids` for text positions."""
+        states when asked. Continues from `cache` (the deprecated `past_key_values` is taken for it with
+        transformers' warning): positions then count from the cache's length, image tokens included, as
+        transformers'; pass `position_ids` for text positions."""
         unknown = set(kwargs) - _FORWARD_EXTRAS
         if unknown:
             raise TypeError(f"forward() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
-        if cache is None:
-            cache = kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_values", None)
         return forward_run(self, input_ids, attention_mask, position_ids, pixel_values, inputs_embeds, labels,
                                 cache, use_cache, interpolate_pos_encoding, logits_to_keep, output_attentions,
                                 output_hidden_states, return_dict, **kwargs)

@@ -67,16 +67,18 @@ def lenient(cls, config, weights, ignore_mismatched_sizes: bool):
 
 
 def load(cls, pretrained_model_name_or_path, config=None, state_dict=None, output_loading_info=False, dtype=None,
-         device=None, revision=None, cache_dir=None, ignore_mismatched_sizes=False, hub_kwargs=None):
+         device=None, revision=None, cache_dir=None, ignore_mismatched_sizes=False, hub_kwargs=None,
+         use_safetensors=None):
     from transformers import GenerationConfig
 
     if torch.get_default_device().type == "meta":
         raise RuntimeError(META_REFUSAL)
     folder = None
     if pretrained_model_name_or_path is not None:
-        folder = loading.resolve(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, **(hub_kwargs or {}))
+        folder = loading.resolve(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                 use_safetensors=use_safetensors, **(hub_kwargs or {}))
         config = config if config is not None else loading.load_config(folder)
-        weights = state_dict if state_dict is not None else loading.read_weights(folder)
+        weights = state_dict if state_dict is not None else loading.read_weights(folder, use_safetensors)
     elif config is None or state_dict is None:
         raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=")
     else:

@@ -9,7 +9,7 @@ in one vision batch and computes each image's prefix once, shared by every reque
 the request's index; `generate` returns them in input order.
 
 The host stays one step behind the device: a decode step's inputs come from device-side state
-(`paged.SlotState`), so step t+1 is queued before step t's tokens are read back (a non-blocking copy
+(`paged_runner.SlotState`), so step t+1 is queued before step t's tokens are read back (a non-blocking copy
 waited for by event); a new sequence's first token, chosen by prefill, joins that readback and the
 sequence decodes at once. Index tensors built on the host (slots, positions, block tables) reach the
 device from pinned memory without a wait (`staging.HostStaging`), so admitting requests while others
@@ -18,8 +18,9 @@ discarded token for a sequence that ended with EOS at step t. Steps never run pa
 `max_new_tokens`, so its reserved blocks always suffice.
 
 Greedy decoding gives the same tokens as transformers (per-row argmax over identically processed
-scores). Sampling is seeded per request (see `sampling.py`), so it is reproducible and independent
-of batching, but it is not transformers' global-RNG stream.
+scores). Sampling is seeded per request (`selection.request_seed`; its noise is a counter-based hash, see
+`selection.py`), so it is reproducible and independent of batching, but it is not transformers'
+global-RNG stream.
 """
 from __future__ import annotations
 

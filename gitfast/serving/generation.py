@@ -1,7 +1,7 @@
 """Token selection for `generate`: settings, logits processing, greedy/sampling loop and beam search.
 
 The loops drive a *stepper* (anything with `step(tokens) -> logits` and `reorder(index)`, such as
-`kv_cache.DecodeState`) and reproduce transformers' generation semantics: the same processors in
+`paged_runner.PagedStepper`) and reproduce transformers' generation semantics: the same processors in
 the same order, EOS/max-length stopping, pad after finish, and its vectorised beam search (top 2K
 continuations, length-normalised finished hypotheses, the same early-stopping heuristic), so that
 with the same logits the same tokens come out.
