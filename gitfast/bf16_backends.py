@@ -40,9 +40,8 @@ def _onednn_packed(w: torch.Tensor):
 
 
 def _kernel(w: torch.Tensor, fp32_out: bool):
-    from . import ops
-
-    if not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "linear_bf16")):
+    # gitfast.ops (which uses these decisions) has loaded gitfast._C, if it is built, by now
+    if not hasattr(torch.ops.gitfast, "linear_bf16"):
         raise Unfit("gitfast._C is not built with the bf16 kernel")
     packed = torch.ops.gitfast.pack_bf16_cols(w)
     return lambda x: torch.ops.gitfast.linear_bf16(x, packed, w.shape[0], None, fp32_out)
