@@ -119,7 +119,9 @@ def check_layer_counts(config, hf_weights: Dict[str, torch.Tensor], origin="the 
             ("vision_config.num_hidden_layers", config.vision_config.num_hidden_layers, _VISION_LAYER)):
         present = {m.group(1) for m in map(pattern.match, hf_weights) if m}
         if count != len(present):
-            problems.append(f"config.json's {field} is {count}, its weights hold {len(present)} such layers")
+            gap = (f"the tensors of {count - len(present)} layers are missing" if count > len(present)
+                   else f"{len(present) - count} layers' tensors are unexpected")
+            problems.append(f"config.json's {field} is {count}, its weights hold {len(present)} such layers ({gap})")
     if problems:
         raise CheckpointError(f"{origin}: {'; '.join(problems)}")
 
