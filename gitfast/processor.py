@@ -35,6 +35,9 @@ _CLIP_DEFAULTS = {
     "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
     "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True,
 }
+# the settings ClipPixels reads; any other (use_square_size, default_to_square, do_pad, ...) may change
+# what transformers computes, so its presence leaves the checkpoint to transformers
+_CLIP_KEYS = set(_CLIP_DEFAULTS) | {"image_processor_type", "feature_extractor_type", "processor_class"}
 _CLIP_NAMES = {("image_processor_type", "CLIPImageProcessor"), ("image_processor_type", "CLIPImageProcessorPil"),
                ("feature_extractor_type", "CLIPFeatureExtractor")}
 
@@ -83,7 +86,7 @@ class ClipPixels:
 def clip_pixels(settings: dict) -> Optional[ClipPixels]:
     """A `ClipPixels` for preprocessor_config.json's `settings`, or None where it would not give
     transformers' pixels (another processor, a setting it does not reproduce, torchvision installed)."""
-    if not any(settings.get(key) == name for key, name in _CLIP_NAMES):
+    if not any(settings.get(key) == name for key, name in _CLIP_NAMES) or not set(settings) <= _CLIP_KEYS:
         return None
     if importlib.util.find_spec("torchvision") is not None:
         return None  # transformers would pick its torchvision backend: other resize arithmetic
@@ -95,7 +98,7 @@ def clip_pixels(settings: dict) -> Optional[ClipPixels]:
     if shortest is None or crop is None or max(crop) > shortest or min(crop) < 1:
         return None
     mean, std = _per_channel(s["image_mean"]), _per_channel(s["image_std"])
-    if mean is None or std is None or not isinstance(s["rescale_factor"], (int, float)):
+    if mean is None or std is None or not _is_number(s["rescale_factor"]):
         return None
     if s["resample"] not in {int(r) for r in Image.Resampling}:
         return None
@@ -117,10 +120,13 @@ def _crop(size: Any) -> Optional[Tuple[int, int]]:
 
 
 def _per_channel(values: Any) -> Optional[list]:
-    if isinstance(values, (int, float)) and not isinstance(values, bool):
+    if _is_number(values):
         return [values] * 3
-    ok = isinstance(values, list) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)
-    return values if ok else None
+    return values if isinstance(values, list) and len(values) == 3 and all(map(_is_number, values)) else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_count(value) -> bool:

@@ -59,7 +59,8 @@ def test_pixels_are_bit_identical_to_transformers_processor(tmp_path, name):
 
 @pytest.mark.parametrize("change", [{"do_center_crop": False}, {"crop_size": {"height": 48, "width": 48}},
                                     {"size": {"shortest_edge": 32, "longest_edge": 64}},
-                                    {"image_processor_type": "BlipImageProcessor"}])
+                                    {"image_processor_type": "BlipImageProcessor"}, {"use_square_size": True},
+                                    {"size": 32, "default_to_square": True}])
 def test_settings_it_does_not_reproduce_are_left_to_transformers(tmp_path, change):
     settings = {**SETTINGS["hub_224"], "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
     assert processor.clip_pixels({**settings, **change}) is None
