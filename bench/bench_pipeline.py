@@ -161,7 +161,7 @@ class Stages:
         return self.decode(self.draft)
 
     def preprocess(self):
-        return torch.cat([self.processor(images=im, return_tensors="pt").pixel_values for im in self.rgb])
+        return torch.cat([self.processor.pixel_values(im) for im in self.rgb])
 
     def encoder(self):
         model = self.captioner.model  # the Captioner holds the GitModel itself

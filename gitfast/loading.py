@@ -208,20 +208,18 @@ def load_checkpoint(name_or_path, *, dtype=None, device=None, revision=None, cac
 
 
 def load_processor(folder: Path, config=None):
-    """The checkpoint's GitProcessor (image processor + tokenizer), checked against its config."""
-    from transformers import AutoProcessor
+    """The checkpoint's tokenizer and image preprocessing (`processor.Processor`: transformers' pixels,
+    without its processing stack), checked against its config."""
+    from . import processor as processing
 
     try:
-        processor = AutoProcessor.from_pretrained(str(folder))
+        loaded = processing.load(folder)
     except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(
             f"{folder} has no usable GIT processor (preprocessor_config.json and tokenizer files): {exc}") from exc
-    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
-        raise CheckpointError(f"{folder} holds a {type(processor).__name__}, not a GitProcessor "
-                              "(image processor + tokenizer)")
     if config is not None:
-        check_processor(processor, config, folder)
-    return processor
+        check_processor(loaded, config, folder)
+    return loaded
 
 
 def check_processor(processor, config, folder) -> None:

@@ -9,6 +9,8 @@ cache as an `attention.AttentionMetadata` says).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,6 +117,13 @@ class DecoderLayer(nn.Module):
         return ops.add_layer_norm(m, h, self.out_ln.weight, self.out_ln.bias, self.eps)[0]
 
 
+def _embedding(rows: int, width: int, padding_idx: Optional[int] = None) -> nn.Embedding:
+    """An Embedding with an uninitialised weight. Every GitModel is built on the meta device and its
+    weights assigned after; Embedding's own random init (normal_) on meta would import torch._dynamo,
+    a second of start-up (issue #25)."""
+    return nn.Embedding(rows, width, padding_idx=padding_idx, _weight=torch.empty(rows, width))
+
+
 class GitModel(nn.Module):
     """The whole network. `encode_images` and `embed_text` produce token features; `decode` runs the
     decoder over them with an attention callback that owns masking and caching."""
@@ -130,8 +139,8 @@ class GitModel(nn.Module):
         self.proj = ops.Linear(v.hidden_size, config.hidden_size)
         self.proj_ln = nn.LayerNorm(config.hidden_size, eps=v.layer_norm_eps)
         # padding_idx as transformers: the pad token's embedding gets no gradient
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.word_embeddings = _embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = _embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.lm_head = ops.Logits(config.hidden_size, config.vocab_size)

@@ -27,6 +27,7 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -59,7 +60,8 @@ class PrepareSpec:
 
 
 class Preparer:
-    """read → decode → processor → prompt ids for one input; the same code inline and in workers."""
+    """read → decode → processor → prompt ids for one input; the same code inline and in workers.
+    `processor`: the checkpoint's `gitfast.processor.Processor` (`loading.load_processor`)."""
 
     def __init__(self, processor, bos: int, max_positions: int, jpeg_draft: bool = False):
         self.processor = processor
@@ -71,9 +73,9 @@ class Preparer:
 
     @classmethod
     def from_spec(cls, spec: PrepareSpec) -> "Preparer":
-        from transformers import AutoProcessor
+        from ..loading import load_processor
 
-        return cls(AutoProcessor.from_pretrained(spec.folder), spec.bos, spec.max_positions, spec.jpeg_draft)
+        return cls(load_processor(Path(spec.folder)), spec.bos, spec.max_positions, spec.jpeg_draft)
 
     def __call__(self, index: int, image, prompt: Optional[str], max_new_tokens: int) -> Prepared:
         item = Prepared(index, label(image, index), prompt)
@@ -88,7 +90,7 @@ class Preparer:
             item.error = str(exc)
             return item
         try:
-            item.pixel_values = self.processor(images=rgb, return_tensors="pt").pixel_values
+            item.pixel_values = self.processor.pixel_values(rgb)
         except Exception as exc:  # the processor rejects odd images in various ways; it is this input's failure
             item.error = f"preprocessing failed: {type(exc).__name__}: {exc}"
         return item
