@@ -12,6 +12,7 @@ import gitfast
 from gitfast.defaults import EMBEDDED_MODEL
 from gitfast.loading import CheckpointError
 from test_hub_download import MAIN_SHA, NEEDED, Hub, _embedded_files
+from test_hub_download import hub  # noqa: F401 - the fixture, over this module's `served`
 
 WORDS = "git.embeddings.word_embeddings.weight"
 
@@ -40,17 +41,6 @@ def served():
     hub.repos["org/bin-only"] = (refs, {MAIN_SHA: {**only_bin, "pytorch_model.bin": _bin(_shifted())}}, None)
     yield hub
     hub.server.shutdown()
-
-
-@pytest.fixture
-def hub(served, tmp_path, monkeypatch):
-    served.requests.clear()
-    monkeypatch.setenv("HF_ENDPOINT", served.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    served.cache = str(tmp_path / "hf-home" / "hub")
-    return served
 
 
 def _words(model):
