@@ -50,10 +50,11 @@ def cpu_has_native_bf16() -> bool:
 
 
 def default_dtype(device) -> torch.dtype:
-    """The dtype gitfast picks for `dtype="auto"` on `device`: bfloat16 on a CPU with native bf16
-    (faster than fp32 there, captions agreeing with fp32's as often as transformers' bf16 ones do;
-    measured in bench/RESULTS.md, "CPU: fp32 / bf16 / INT8"); float32 on other CPUs (emulated bf16 is
-    slower than fp32) and on CUDA (the bit-exact choice; pass float16 / bfloat16 to trade)."""
+    """The dtype gitfast picks for `dtype="auto"` on a CPU (`caption_dtype`; elsewhere "auto" is the
+    checkpoint's saved dtype): bfloat16 on a CPU with native bf16 (faster than fp32 there, captions
+    agreeing with fp32's as often as transformers' bf16 ones do; measured in bench/RESULTS.md, "CPU:
+    fp32 / bf16 / INT8"); float32 on other CPUs (emulated bf16 is slower than fp32). For a CUDA
+    device it answers float32, the bit-exact choice."""
     dev = torch.device(device)
     return torch.bfloat16 if dev.type == "cpu" and cpu_has_native_bf16() else torch.float32
 
