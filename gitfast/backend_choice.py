@@ -23,7 +23,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ def choose(kind: str, candidates: Mapping[str, Candidate], env_var: str) -> Deci
     """The decision for `kind`, made on first call: `env_var` names a forced candidate, else the
     fastest that is fit (`candidates` in order of preference: see PREFERENCE_MARGIN). Raises
     ValueError for an unknown or unfit forced name, RuntimeError when no candidate is fit."""
+    made = _decisions.get(kind)  # the per-call path: no lock once decided (a dict read is atomic)
+    if made is not None:
+        return made
     with _lock:
         if kind not in _decisions:
             _decisions[kind] = _decide(kind, candidates, env_var)
@@ -114,6 +117,11 @@ def _decide(kind: str, candidates: Mapping[str, Candidate], env_var: str) -> Dec
     fastest = min(seconds.values())
     chosen = next(name for name, t in seconds.items() if t <= fastest * PREFERENCE_MARGIN)
     return Decision(kind, chosen, "measured", seconds, unfit)
+
+
+def decided(kind: str) -> Optional[Decision]:
+    """`kind`'s decision if it has been made in this process, else None (never measures)."""
+    return _decisions.get(kind)
 
 
 def decisions() -> Dict[str, Decision]:

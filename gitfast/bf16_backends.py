@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .backend_choice import Unfit, choose, decisions
+from .backend_choice import Unfit, choose, decided
 
 # (rows, in, out), cheapest first: git-base's decoder MLP at a decode batch and at an image prefix;
 # its LM head against a slice of the vocabulary (the whole head would cost 140 MB to measure).
@@ -87,9 +87,11 @@ def decide(kind: str) -> str:
     """The measured (or forced) backend for `kind`: one of `_MAKERS[kind]`. While torch.compile
     traces, nothing is measured: a decision not made yet reads as the first candidate's rival
     ("torch" / "onednn packed" / "torch fp32")."""
+    made = decided(kind)
+    if made is not None:
+        return made.chosen
     if torch.compiler.is_compiling():
-        made = decisions().get(kind)
-        return made.chosen if made is not None else list(_MAKERS[kind])[-1]
+        return list(_MAKERS[kind])[-1]
     candidates = {name: functools.partial(_prepare, kind, name) for name in _MAKERS[kind]}
     return choose(kind, candidates, _ENV[kind]).chosen
 
