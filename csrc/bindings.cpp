@@ -410,6 +410,8 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cach
 }
 
 std::string cpu_isa() { return cpu_kernels::cpu_isa(); }
+std::vector<std::string> cpu_isas() { return cpu_kernels::fit_isa_names(); }
+void set_cpu_isa(std::string name) { cpu_kernels::set_cpu_isa(name); }
 
 at::Tensor int8_mm(const at::Tensor& q, const at::Tensor& w) {
   TORCH_CHECK(q.is_cpu() && q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar,
@@ -505,6 +507,8 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
         tags);
   m.def("cpu_isa() -> str", &gitfast::cpu_isa);  // no tensors: one kernel for every dispatch key
+  m.def("cpu_isas() -> str[]", &gitfast::cpu_isas);
+  m.def("set_cpu_isa(str name) -> ()", &gitfast::set_cpu_isa);
   m.def("int8_mm(Tensor q, Tensor w) -> Tensor", tags);
   m.def("int8_isa() -> str", &gitfast::int8_isa);
   m.def("pack_bf16_cols(Tensor w) -> Tensor", tags);

@@ -20,6 +20,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
+#include <vector>
 
 namespace gitfast {
 
@@ -68,15 +70,20 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
 //                   block * block_size + offset; negative: skipped) of contiguous caches
 void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                     const at::Tensor& slot_mapping);
-// The vector ISA the attention kernels run ("avx512", "avx2" or "generic"), chosen once.
+// The vector ISA the attention kernels run ("avx512", "avx2" or "generic"): the widest this CPU
+// has (capped by GITFAST_CPU_ISA) until set_cpu_isa picks another of fit_isa_names (widest first).
+// The int8 GEMM and the bf16 kernel follow widest_isa, which never changes.
 const char* cpu_isa();
+const char* widest_isa();
+std::vector<std::string> fit_isa_names();
+void set_cpu_isa(const std::string& name);
 
 // bf16 x bf16 -> fp32 for the LM head of bf16 models (logits.cpp).
 //   pack_bf16_cols:  w [N, K] bf16 -> packed [T, ceil(K/2), 16, 2] bf16 (T: 16-column tiles, even;
 //                    zero padding), the layout linear_bf16 reads
 //   linear_bf16:     y [M, N] = x [M, K] bf16 @ w^T + bias (fp32, optional), fp32 accumulation; y fp32,
 //                    or bf16 (rounded to nearest even once, at the end)
-//   logits_isa:      "avx512bf16" or "portable", chosen once (capped by GITFAST_CPU_ISA as cpu_isa)
+//   logits_isa:      "avx512bf16" or "portable", chosen once (from widest_isa)
 void pack_bf16_cols(const at::Tensor& w, at::Tensor& packed);
 void linear_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* bias, at::Tensor& y);
 const char* logits_isa();

@@ -39,7 +39,10 @@ def _cpu():
     """`gitfast.cpu_attention` (the extension's C++ kernels, same API as the Triton ones) when built."""
     from . import cpu_attention
 
-    return cpu_attention if cpu_attention.available() else None
+    if not cpu_attention.available():
+        return None
+    cpu_attention.decision()  # the ISA, measured once per process before the first call
+    return cpu_attention
 
 
 def _use_kernels(q: torch.Tensor) -> Optional[object]:

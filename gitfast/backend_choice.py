@@ -72,21 +72,23 @@ def _seconds(run: Callable[[], object], repeats: int = 1) -> float:
     return statistics.median(times)
 
 
-def choose(kind: str, candidates: Mapping[str, Candidate], env_var: str) -> Decision:
+def choose(kind: str, candidates: Mapping[str, Candidate], env_var: str,
+           first_call_floor: float = FIRST_CALL_FLOOR_S) -> Decision:
     """The decision for `kind`, made on first call: `env_var` names a forced candidate, else the
-    fastest that is fit (`candidates` in order of preference: see PREFERENCE_MARGIN). Raises
-    ValueError for an unknown or unfit forced name, RuntimeError when no candidate is fit."""
+    fastest that is fit (`candidates` in order of preference: see PREFERENCE_MARGIN). A kind whose
+    candidates have no one-off set-up may lower `first_call_floor`. Raises ValueError for an unknown
+    or unfit forced name, RuntimeError when no candidate is fit."""
     made = _decisions.get(kind)  # the per-call path: no lock once decided (a dict read is atomic)
     if made is not None:
         return made
     with _lock:
         if kind not in _decisions:
-            _decisions[kind] = _decide(kind, candidates, env_var)
+            _decisions[kind] = _decide(kind, candidates, env_var, first_call_floor)
             log.info("gitfast: %s backend: %s", kind, _decisions[kind].summary())
         return _decisions[kind]
 
 
-def _decide(kind: str, candidates: Mapping[str, Candidate], env_var: str) -> Decision:
+def _decide(kind: str, candidates: Mapping[str, Candidate], env_var: str, floor: float) -> Decision:
     forced = os.environ.get(env_var)
     if forced:
         if forced not in candidates:
@@ -111,7 +113,7 @@ def _decide(kind: str, candidates: Mapping[str, Candidate], env_var: str) -> Dec
     for shape in range(len(next(iter(runs.values())))):  # first calls, shape by shape: laggards drop out
         first = {name: _seconds(calls[shape]) for name, calls in alive.items()}
         best = min(first.values())
-        alive = {name: alive[name] for name, t in first.items() if t <= max(best * GIVE_UP_FACTOR, FIRST_CALL_FLOOR_S)}
+        alive = {name: alive[name] for name, t in first.items() if t <= max(best * GIVE_UP_FACTOR, floor)}
     for name, calls in alive.items():
         seconds[name] = sum(_seconds(run, REPEATS) for run in calls)
     fastest = min(seconds.values())

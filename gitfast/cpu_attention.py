@@ -8,7 +8,10 @@ the Triton kernels' API in `gitfast.kernels`, for CPU tensors.
 - ``write_kv_cache(k, v, k_cache, v_cache, slot_mapping)``: new K/V rows into their cache slots
   (negative slots skipped), in place; a decode step's few rows are copied without waking a thread.
 - ``available()``: whether the built extension has these ops; ``isa()``: the vector ISA serving
-  them ("avx512", "avx2" or "generic"; GITFAST_CPU_ISA caps it, read once per process).
+  them ("avx512", "avx2" or "generic"), chosen on first use by measuring each ISA this CPU has
+  (gitfast.backend_choice: checked against the plain-torch reference, then timed on a decoder
+  prefill and a decode step at git-base's shapes; widest first, kept within 15%). GITFAST_CPU_ISA
+  caps the ISAs, GITFAST_ATTENTION_ISA forces one.
 
 `num_image_tokens` is an int or a tensor (per sequence, or 0-dim for all), clamped per sequence
 to its length as in `gitfast.kernels.reference`. fp32, fp16 and bf16 inputs; fp32 arithmetic.
@@ -39,8 +42,61 @@ def available() -> bool:
 
 
 def isa() -> str | None:
-    """The vector ISA the CPU attention kernels run, or None without them."""
-    return torch.ops.gitfast.cpu_isa() if available() else None
+    """The vector ISA the CPU attention kernels run (measured on first use), or None without them."""
+    if not available():
+        return None
+    return decision().chosen
+
+
+def decision():
+    """backend_choice.Decision for the attention ISA; the chosen one is set in gitfast._C."""
+    from .backend_choice import choose, decided
+
+    made = decided("cpu_attention_isa")
+    if made is not None:
+        return made
+    isas = list(torch.ops.gitfast.cpu_isas())  # widest first: the order of preference
+    # no one-off set-up in these kernels: a first call far behind the best is a verdict
+    made = choose("cpu_attention_isa", {name: functools.partial(_prepare, name) for name in isas},
+                  "GITFAST_ATTENTION_ISA", first_call_floor=0.002)
+    torch.ops.gitfast.set_cpu_isa(made.chosen)
+    return made
+
+
+def _prepare(name: str):
+    """backend_choice candidate: attention on ISA `name` must match the plain-torch reference on a
+    small case with GIT's mask; then a decode step (8 sequences, 217 cached tokens) and a decoder
+    prefill (197 image + 20 text tokens), 4 heads of 64 (a third of git-base's: start-up pays for
+    this once per process), each call run on `name`."""
+    from .backend_choice import Unfit
+    from .kernels.reference import git_attention_reference
+
+    set_isa = functools.partial(torch.ops.gitfast.set_cpu_isa, name)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(23, 2, 40, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 9, 23], dtype=torch.int32)
+    ops = torch.ops.gitfast  # the kernels themselves, not this module's wrappers (tests spy on those)
+    set_isa()
+    got = ops.git_attention(q, k, v, cu, None, 5, None)
+    if not torch.allclose(got, git_attention_reference(q, k, v, cu, 5), atol=1e-5, rtol=1e-5):
+        raise Unfit("wrong results on the check case")
+    heads, dim, image, text = 4, 64, 197, 20
+    qp, kp, vp = (torch.randn(image + text, heads, dim, generator=g) for _ in range(3))
+    cu = torch.tensor([0, image + text], dtype=torch.int32)
+    blocks, block_size = 8 * 14, 16
+    kc, vc = (torch.randn(blocks, block_size, heads, dim, generator=g) for _ in range(2))
+    tables = torch.arange(blocks, dtype=torch.int32).view(8, 14)
+    lens = torch.full((8,), image + text, dtype=torch.int32)
+    qd = torch.randn(8, heads, dim, generator=g)
+
+    def prefill():
+        set_isa()
+        ops.git_attention(qp, kp, vp, cu, None, image, None)
+
+    def decode():
+        set_isa()
+        ops.paged_decode_attention(qd, kc, vc, tables, lens, None)
+    return [decode, prefill]
 
 
 def _register_fakes() -> None:

@@ -60,6 +60,7 @@ def collect() -> dict:
             "cuda_kernels": bool(loaded and ops.backend("bias_act", "cuda") == "cuda ext"),
             "cuda_build_note": _build_note() if loaded else None,
             "cpu_isa": _cpu_isa(),
+            "cpu_isa_choice": _cpu_isa_choice(),
         },
         # the cuda column is what a CUDA tensor would get, also on a machine without a GPU
         "ops": {op: {kind: ops.backend(op, kind) for kind in ("cpu", "cuda")} for op in ops.OPS},
@@ -90,6 +91,13 @@ def _cpu_isa():
     from . import cpu_attention
 
     return cpu_attention.isa() if cpu_attention.available() else None
+
+
+def _cpu_isa_choice():
+    """How that ISA was chosen, with the measured times (None without the extension)."""
+    from . import cpu_attention
+
+    return cpu_attention.decision().summary() if cpu_attention.available() else None
 
 
 def _attention_backends() -> dict:
@@ -141,7 +149,7 @@ def _text(info: dict) -> str:
     if ext.get("cuda_build_note"):
         lines.append(f"  CUDA build: {ext['cuda_build_note']}")
     if ext.get("cpu_isa"):
-        lines.append(f"  CPU attention ISA: {ext['cpu_isa']}")
+        lines.append(f"  CPU attention ISA: {ext.get('cpu_isa_choice') or ext['cpu_isa']}")
     lines.append("ops (backend per device):")
     lines.append(f"  {'op':<16} {'cpu':<10} cuda")
     for op, by_device in {**info["ops"], **info["attention"], **info.get("linear", {})}.items():

@@ -7,15 +7,17 @@ no sequence wrote (unused blocks and the unused tail slots of used blocks), bloc
 and padded with out-of-range garbage: a read past a context or through an unused entry shows up as
 NaN. fp32 is held to 1e-5; bf16/fp16 to twice the error of the plain-torch reference computed in that
 dtype. The vector ISA paths the CPU lacks or does not pick are run in subprocesses with
-GITFAST_CPU_ISA forcing them (the choice is made once per process).
+GITFAST_CPU_ISA capping them (the choice among the ISAs left is measured once per process).
 """
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from gitfast import backend_choice as BC
 from gitfast import cpu_attention as ca
 from gitfast import ops
 from gitfast.kernels.reference import (
@@ -251,6 +253,47 @@ def test_isa_reported():
     assert ca.isa() in ("avx512", "avx2", "generic")
     if forced:
         assert ca.isa() == forced
+
+
+@pytest.fixture
+def fresh_isa_choice(monkeypatch):
+    """The attention ISA decided anew in the test; afterwards the widest again, as a new process has."""
+    monkeypatch.delenv("GITFAST_ATTENTION_ISA", raising=False)
+    BC.forget("cpu_attention_isa")
+    yield
+    BC.forget("cpu_attention_isa")
+    torch.ops.gitfast.set_cpu_isa(torch.ops.gitfast.cpu_isas()[0])
+
+
+def test_the_isa_is_measured_and_set(fresh_isa_choice):
+    isas = list(torch.ops.gitfast.cpu_isas())
+    assert isas[-1] == "generic" and len(set(isas)) == len(isas)
+    d = ca.decision()
+    assert d.chosen in isas and ca.isa() == d.chosen == torch.ops.gitfast.cpu_isa()
+    assert d.how == ("measured" if len(isas) > 1 else "only one fit")
+
+
+def test_a_slow_isa_is_not_chosen(fresh_isa_choice, monkeypatch):
+    isas = list(torch.ops.gitfast.cpu_isas())
+    if len(isas) < 2:
+        pytest.skip("this CPU runs one ISA only")
+    real = ca._prepare
+
+    def prepare(name):  # the widest ISA, made 50 ms slower per call: the measurement must pass it over
+        calls = real(name)
+        if name != isas[0]:
+            return calls
+        return [lambda call=call: (time.sleep(0.05), call()) for call in calls]
+    monkeypatch.setattr(ca, "_prepare", prepare)
+    d = ca.decision()
+    assert d.chosen != isas[0] and torch.ops.gitfast.cpu_isa() == d.chosen, d
+
+
+def test_an_isa_can_be_forced_and_unknown_ones_are_refused(fresh_isa_choice, monkeypatch):
+    monkeypatch.setenv("GITFAST_ATTENTION_ISA", "generic")
+    assert ca.isa() == "generic" == torch.ops.gitfast.cpu_isa() and "forced" in ca.decision().how
+    with pytest.raises(RuntimeError, match="is not one of this CPU's ISAs"):
+        torch.ops.gitfast.set_cpu_isa("sse9")
 
 
 @pytest.mark.skipif(os.environ.get("GITFAST_CPU_ISA") is not None, reason="already a forced-ISA run")

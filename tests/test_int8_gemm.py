@@ -54,7 +54,7 @@ def test_opcheck():
 
 def test_isa_reported():
     isa = g.int8_isa()
-    assert isa == g.cpu_isa() and isa in ("avx512", "avx2", "generic")
+    assert isa == g.cpu_isas()[0] and isa in ("avx512", "avx2", "generic")  # the widest, never the measured switch
 
 
 @pytest.mark.skipif(os.environ.get("GITFAST_CPU_ISA") is not None, reason="already a forced-ISA run")

@@ -19,6 +19,9 @@
 // GITFAST_CPU_ISA=avx512|avx2|generic, read once at the first call) picks one at run time.
 
 #include <ATen/Parallel.h>
+#include <c10/util/StringUtil.h>
+
+#include <atomic>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -256,16 +259,19 @@ struct Isa {
   int rows;   // query rows per block
 };
 
-// The best ISA the CPU has, capped by GITFAST_CPU_ISA (avx512 | avx2 | generic); decided once.
-const Isa& chosen_isa() {
-  static const Isa isa = [] {
-    const Isa portable{"generic", &generic::attend_block, &generic::attend_rows_f32,
-                       &generic::attend_rows_bf16, generic::Vec::W, generic::kRows};
+// The ISAs this CPU runs, widest first, capped by GITFAST_CPU_ISA (avx512 | avx2 | generic); read once.
+const std::vector<const Isa*>& fit_isas() {
+  static const Isa portable{"generic", &generic::attend_block, &generic::attend_rows_f32,
+                            &generic::attend_rows_bf16, generic::Vec::W, generic::kRows};
 #if GITFAST_X86
-    const Isa v4{"avx512", &avx512::attend_block, &avx512::attend_rows_f32,
-                 &avx512::attend_rows_bf16, avx512::Vec::W, avx512::kRows};
-    const Isa v3{"avx2", &avx2::attend_block, &avx2::attend_rows_f32, &avx2::attend_rows_bf16,
-                 avx2::Vec::W, avx2::kRows};
+  static const Isa v4{"avx512", &avx512::attend_block, &avx512::attend_rows_f32,
+                      &avx512::attend_rows_bf16, avx512::Vec::W, avx512::kRows};
+  static const Isa v3{"avx2", &avx2::attend_block, &avx2::attend_rows_f32, &avx2::attend_rows_bf16,
+                      avx2::Vec::W, avx2::kRows};
+#endif
+  static const std::vector<const Isa*> fit = [] {
+    std::vector<const Isa*> out;
+#if GITFAST_X86
     const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -273,12 +279,23 @@ const Isa& chosen_isa() {
     const std::string want = env ? env : "";
     TORCH_CHECK(want.empty() || want == "avx512" || want == "avx2" || want == "generic",
                 "gitfast: GITFAST_CPU_ISA=", want, " is not one of avx512, avx2, generic");
-    if (has512 && (want.empty() || want == "avx512")) return v4;
-    if (has2 && want != "generic") return v3;
+    if (has512 && (want.empty() || want == "avx512")) out.push_back(&v4);
+    if (has2 && want != "generic") out.push_back(&v3);
 #endif
-    return portable;
+    out.push_back(&portable);
+    return out;
   }();
-  return isa;
+  return fit;
+}
+
+// The ISA the attention kernels run: the widest fit one until set_cpu_isa picks another (gitfast's
+// Python side measures them: gitfast/cpu_attention.py). Atomic: a switch may race a running call,
+// which then finishes on either ISA (each gives the same results within fp32 rounding).
+std::atomic<const Isa*> current_isa{nullptr};
+
+const Isa& chosen_isa() {
+  const Isa* isa = current_isa.load(std::memory_order_relaxed);
+  return isa != nullptr ? *isa : *fit_isas().front();
 }
 
 // ---- packing ---------------------------------------------------------------------------------
@@ -421,6 +438,25 @@ int64_t padded_len(int64_t L) { return std::max<int64_t>(kTile, (L + kTile - 1) 
 namespace cpu_kernels {
 
 const char* cpu_isa() { return chosen_isa().name; }
+
+const char* widest_isa() { return fit_isas().front()->name; }
+
+std::vector<std::string> fit_isa_names() {
+  std::vector<std::string> names;
+  for (const Isa* isa : fit_isas()) names.emplace_back(isa->name);
+  return names;
+}
+
+void set_cpu_isa(const std::string& name) {
+  for (const Isa* isa : fit_isas()) {
+    if (name == isa->name) {
+      current_isa.store(isa, std::memory_order_relaxed);
+      return;
+    }
+  }
+  TORCH_CHECK(false, "gitfast.set_cpu_isa: ", name, " is not one of this CPU's ISAs (",
+              c10::Join(", ", fit_isa_names()), "; GITFAST_CPU_ISA caps them)");
+}
 
 void git_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
                    const at::Tensor& image_counts, double sm_scale, at::Tensor& out) {

@@ -12,7 +12,7 @@
 // the weights are widened a block of kCols rows at a time into a per-thread buffer and reused for
 // every row of q; a register tile of 2 rows x 4 columns keeps 8 accumulators. Threads split the
 // weight's rows (the output's columns); rows of q are walked in tiles that stay in L2.
-// ISA: cpu_isa() of attention.cpp (avx512 | avx2 | generic, capped by GITFAST_CPU_ISA).
+// ISA: widest_isa() of attention.cpp (avx512 | avx2 | generic, capped by GITFAST_CPU_ISA).
 
 #include <ATen/Parallel.h>
 
@@ -166,7 +166,7 @@ constexpr int64_t kNarrowRows = 16;
 
 const Int8Path& chosen_path() {
   static const Int8Path path = [] {
-    const std::string isa = cpu_kernels::cpu_isa();
+    const std::string isa = cpu_kernels::widest_isa();
 #if GITFAST_X86
     // AVX-512 CPUs have AVX2: its narrow tile serves their few-row calls too
     if (isa == "avx512") return Int8Path{"avx512", &tile_avx512, kVec512, &narrow_avx2};
