@@ -118,19 +118,27 @@ def _onednn_mm(q, packed, w_scale, w_zero):
                                               "none", [], "")
 
 
+def _gemm(name: str, q, w_int8, w_scale, packed, zero):
+    """(acc, column scale still to apply) for int8 rows `q` through backend `name`: acc holds the exact
+    products q @ w_int8^T (int32, or fp32 values), times `w_scale` already where the backend applies
+    it (oneDNN, on its `packed` weight; the scale left is then None)."""
+    if name == "onednn":
+        return _onednn_mm(q, packed, w_scale, zero), None
+    if name == "cpu ext":
+        return torch.ops.gitfast.int8_mm(q, w_int8), w_scale
+    if name == "torch._int_mm":
+        return torch._int_mm(q, w_int8.t()), w_scale
+    return q.float() @ w_int8.float().t(), w_scale
+
+
 def _int8_mm(name: str, w_int8: torch.Tensor):
     """`q -> q @ w_int8^T` (int32-exact values, float or int32) through backend `name`."""
-    if name == "onednn":
-        packed, scale, zero = _onednn_pack(w_int8), torch.ones(w_int8.shape[0]), torch.zeros(
-            w_int8.shape[0], dtype=torch.int64)
-        return lambda q: _onednn_mm(q, packed, scale, zero)
-    if name == "cpu ext":
-        if not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm")):
-            raise RuntimeError("gitfast._C is not built with int8_mm")
-        return lambda q: torch.ops.gitfast.int8_mm(q, w_int8)
-    if name == "torch._int_mm":
-        return lambda q: torch._int_mm(q, w_int8.t())
-    return lambda q: q.float() @ w_int8.float().t()
+    if name == "cpu ext" and not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm")):
+        raise RuntimeError("gitfast._C is not built with int8_mm")
+    n = w_int8.shape[0]
+    packed = _onednn_pack(w_int8) if name == "onednn" else None
+    ones, zero = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+    return lambda q: _gemm(name, q, w_int8, ones, packed, zero)[0]
 
 
 # (rows, in, out), cheapest first: a decode step's MLP GEMM at one sequence and its attention GEMM at
@@ -204,15 +212,7 @@ class DynamicInt8Linear(nn.Module):
             raise RuntimeError(f"DynamicInt8Linear runs on the CPU only; got input on {x.device}")
         shape = x.shape
         q, s = quantize_rows(x.reshape(-1, self.in_features))
-        col = None
-        if self.backend == "onednn":
-            acc = _onednn_mm(q, self._packed, self.weight_scale, self._zero)
-        elif self.backend == "cpu ext":
-            acc, col = torch.ops.gitfast.int8_mm(q, self.weight_int8), self.weight_scale
-        elif self.backend == "torch._int_mm":
-            acc, col = torch._int_mm(q, self.weight_int8.t()), self.weight_scale
-        else:
-            acc, col = q.float() @ self.weight_int8.float().t(), self.weight_scale
+        acc, col = _gemm(self.backend, q, self.weight_int8, self.weight_scale, self._packed, self._zero)
         y = dequantize_rows(acc, s, col, self.bias, activation, x.dtype)
         return y.view(*shape[:-1], self.out_features)
 
