@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import logits
+from . import logits, stopping
 
 # GenerationConfig fields gitfast implements; any other field set away from its default is refused
 # rather than silently ignored.
@@ -78,8 +78,7 @@ def resolve_settings(base_config, prompt_len: int, generation_config=None, **kwa
     else:
         max_length = gc.max_length if gc.max_length is not None else 20
     min_length = gc.min_length or 0
-    eos = gc.eos_token_id
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    eos = stopping.eos_ids(gc.eos_token_id)
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
     if gc.num_beams is not None and gc.num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {gc.num_beams}")

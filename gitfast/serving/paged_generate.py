@@ -18,6 +18,7 @@ from . import generation
 from .paged_cache import PagedKVCache
 from ..devices import placement
 from .engine import Engine, Request
+from .scheduler import kv_budget
 from .paged_runner import PagedRunner, PagedStepper
 
 
@@ -33,9 +34,7 @@ def _budget(model, rows: int, prefixes: int, n_img: int, prompt_len: int, s, blo
     cfg = model.config
     per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, block_size, cfg.num_attention_heads,
                                              cfg.hidden_size // cfg.num_attention_heads, dtype)
-    per_row = -(-(n_img + max(s.max_length, prompt_len) + 1) // block_size) + 1
-    per_prefix = -(-n_img // block_size)
-    return per_block * (rows * per_row + prefixes * per_prefix)
+    return kv_budget(per_block, block_size, n_img, max(s.max_length, prompt_len) + 1, rows, prefixes)
 
 
 def engine_budget(model, rows: int, images: int, prompt_len: int, s, block_size: int = BLOCK_SIZE) -> int:
