@@ -23,7 +23,7 @@ The engine is three parts with one job each, and this module is the first:
   admission reserves; the engine sizes its cache with it, and so does `paged_generate`.
 
 Blocks are taken and given back through `paged_cache.KVBlocks` (bookkeeping only), so the scheduler
-runs, and can be tested, without a model.
+runs, and is tested, without a model (tests/test_scheduler.py).
 """
 from __future__ import annotations
 
