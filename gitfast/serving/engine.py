@@ -26,7 +26,6 @@ global-RNG stream.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from collections import deque
 from typing import Iterable, Iterator, List, Optional
@@ -41,9 +40,7 @@ from .paged_cache import PagedKVCache
 from .paged_runner import PagedRunner
 from .scheduler import KVCacheTooSmall, Output, Request, Scheduler, kv_budget
 
-__all__ = ["Engine", "KVCacheTooSmall", "Output", "Request"]  # the request types live in scheduler.py
-
-log = logging.getLogger(__name__)
+__all__ = ["Engine", "KeptEngine", "KVCacheTooSmall", "Output", "Request"]  # the request types live in scheduler.py
 
 
 class Engine:
@@ -187,3 +184,29 @@ class Engine:
             if pending is not None:
                 yield from scheduler.emit(executor.read(pending))
             pending = launched
+
+
+class KeptEngine:
+    """The engine a front end keeps between calls (the drop-in's greedy `generate`, the `Captioner`),
+    so its cache pools and CUDA graphs are reused: rebuilt only when a call needs more rows, or more
+    than a fixed `kv_cache_bytes`, than it has, or the model moved. The old pools go before new ones
+    are allocated."""
+
+    def __init__(self):
+        self.engine: Optional[Engine] = None
+
+    def get(self, model, rows: int, kv_cache_bytes: Optional[int] = None, **options) -> Engine:
+        """An engine over `model` for `rows` sequences at once (`options`: `Engine`'s other arguments)."""
+        if not self._serves(model, rows, kv_cache_bytes):
+            self.engine = None
+            self.engine = Engine(model, max_batch_size=rows, kv_cache_bytes=kv_cache_bytes, **options)
+        return self.engine
+
+    def _serves(self, model, rows: int, kv_cache_bytes: Optional[int]) -> bool:
+        e = self.engine
+        return (e is not None and e.model is model and (e.device, e.dtype) == placement(model)
+                and e.max_batch_size >= rows and (kv_cache_bytes is None or e.held_bytes() >= kv_cache_bytes))
+
+    def free(self) -> None:
+        """Lets the kept engine (its KV-cache pools and CUDA graphs) go."""
+        self.engine = None

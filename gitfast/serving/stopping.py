@@ -14,7 +14,7 @@ def eos_ids(*candidates) -> List[int]:
     `eos_ids(generation_config.eos_token_id)` is `Settings.eos`."""
     for eos in candidates:
         if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
+            return list(eos) if hasattr(eos, "__iter__") else [eos]
     return []
 
 
