@@ -9,6 +9,8 @@ The engine is three parts with one job each, and this module is the first:
   `gitfast caption`, Ray Data through the Captioner): prompt ids, the image's pixels and a key under
   which requests share one image prefix, an optional new-token limit. Settings (`generation.Settings`:
   greedy or sampling, EOS, lengths) are one per run: they pick the engine's mode for all its requests.
+  Beam search, sampling on transformers' RNG stream and per-step scores are not engine modes: they
+  run in `paged_generate.lockstep` (which says why), sized by the same `kv_budget`.
 - `Scheduler`: owns the waiting queue (pulled lazily from the run's iterable, at most `max_rows`
   ahead), the running sequences, slot numbers and the image prefixes the look-ahead window still
   needs. `schedule()` admits waiting requests in order while the batch has room and the cache has
