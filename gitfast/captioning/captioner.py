@@ -24,6 +24,8 @@ from PIL import Image
 from .. import loading, quantization
 from ..defaults import EMBEDDED_MODEL
 from ..devices import caption_dtype, resolve_device
+from ..serving import stopping
+from ..serving.engine import KeptEngine
 from ..serving.generation import resolve_settings
 from .records import Source
 from .workers import Prepared, PreparePool, Preparer, PrepareSpec
@@ -77,6 +79,7 @@ class Captioner:
         if num_workers < 0 or prefetch_batches < 1:
             raise ValueError(f"num_workers must be >= 0 and prefetch_batches >= 1, got {num_workers}, {prefetch_batches}")
         self.max_batch_size = max_batch_size
+        self._engines = KeptEngine()  # the engine kept between calls, for the greedy and sampling paths
         self.device = resolve_device(device)
         if model is None and not EMBEDDED_MODEL.is_dir():
             raise loading.CheckpointError(f"the embedded default model is missing from this install ({EMBEDDED_MODEL}); "
@@ -170,14 +173,7 @@ class Captioner:
         """The engine kept between calls, for `rows` sequences at once (default max_batch_size); rebuilt
         only when a call needs more. Its per-row state and KV cache follow `rows`, so a huge
         max_batch_size over a few inputs costs what those inputs need."""
-        from ..serving.engine import Engine
-
-        rows = self.max_batch_size if rows is None else rows
-        engine = getattr(self, "_engine_obj", None)
-        if engine is None or engine.max_batch_size < rows:
-            self._engine_obj = None  # the old pools go before new ones are allocated
-            self._engine_obj = Engine(self.model, max_batch_size=rows)
-        return self._engine_obj
+        return self._engines.get(self.model, self.max_batch_size if rows is None else rows)
 
     def _results_engine(self, pairs, settings, tap=None) -> Iterator[CaptionResult]:
         """Continuous batching over the whole input; results leave in input order (a reorder buffer).
@@ -215,7 +211,7 @@ class Captioner:
         next_index = 0
         for out in engine.run(requests(), s, seed=settings.get("seed", 0)):
             p = by_request.pop(out.index)
-            ids = _until_eos(out.token_ids, eos)
+            ids = stopping.until_eos(out.token_ids, eos)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             finished[p.index] = CaptionResult(p.source, text, tuple(ids), None, p.prompt)
             while next_index in finished:
@@ -271,15 +267,13 @@ class Captioner:
         seqs, _ = paged_generate.lockstep(self.model, image, input_ids, attention_mask, s, s.num_beams,
                                           lambda pads, vocab: generation.Processor(s, width, pads, vocab, self.device))
         eos = self._eos_ids(settings)
-        return [_until_eos(row, eos) for row in seqs[:, width:].tolist()]
+        return [stopping.until_eos(row, eos) for row in seqs[:, width:].tolist()]
 
     def _eos_ids(self, settings) -> set:
-        eos = settings.get("eos_token_id")
-        if eos is None:
-            eos = self.generation_config.eos_token_id
-        if eos is None:
-            eos = self.config.eos_token_id
-        return set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        """Where a result is cut: the call's `eos_token_id`, else the generation config's, else the
+        model config's (a checkpoint whose generation config names no EOS still ends captions there)."""
+        return set(stopping.eos_ids(settings.get("eos_token_id"), self.generation_config.eos_token_id,
+                                    self.config.eos_token_id))
 
     def _check_settings(self, settings):
         if settings.get("num_return_sequences", 1) != 1:
@@ -300,11 +294,6 @@ def check_prompt_length(prompt_tokens: int, max_new_tokens: int, config) -> None
     if prompt_tokens + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"the prompt ({prompt_tokens} tokens) plus max_new_tokens={max_new_tokens} "
                          f"exceeds the model's {config.max_position_embeddings} text positions")
-
-
-def _until_eos(ids: Sequence[int], eos: set) -> List[int]:
-    """`ids` up to (without) the first EOS."""
-    return list(ids[:next((i for i, t in enumerate(ids) if t in eos), len(ids))])
 
 
 def _to_device_ahead(items: Iterator[Prepared], device: torch.device, depth: int) -> Iterator[Prepared]:

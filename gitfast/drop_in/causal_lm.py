@@ -20,7 +20,7 @@ from .. import hf_format, loading, quantization
 from ..devices import placement
 from ..model import GitModel, num_image_tokens
 from ..serving import paged_generate
-from ..serving.engine import Engine
+from ..serving.engine import Engine, KeptEngine
 from ..serving.exclusive import Exclusive
 from .checkpointing import make_checkpointable
 from .forward import run as forward_run
@@ -53,7 +53,7 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         with torch.device("meta"):
             model = GitModel(config)
         self.model = make_checkpointable(model if target.type == "meta" else model.to_empty(device=target))
-        self._engine: Optional[Engine] = None
+        self._kept = KeptEngine()  # the greedy path's engine, kept between calls
         self._engine_guard = Exclusive("generate() on this model's engine")  # one greedy call at a time
         self.post_init()
 
@@ -201,21 +201,17 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
     def _engine_for(self, rows: int, images: int, prompt_len: int, s) -> Engine:
         """The engine kept between generate calls, rebuilt only when this call needs more."""
         budget = paged_generate.engine_budget(self.model, rows, images, prompt_len, s)
-        if not paged_generate.engine_serves(self._engine, self.model, rows, budget):
-            self._engine = None  # let the old pools go before allocating new ones
-            self._engine = Engine(self.model, max_batch_size=rows, kv_cache_bytes=budget,
-                                  block_size=paged_generate.BLOCK_SIZE)
-        return self._engine
+        return self._kept.get(self.model, rows, budget, block_size=paged_generate.BLOCK_SIZE)
 
     @property
     def gitfast_engine(self) -> Optional[Engine]:
         """The engine `generate` keeps between calls (None before the first greedy call, or after
         `free_kv_cache()`)."""
-        return self._engine
+        return self._kept.engine
 
     def free_kv_cache(self) -> None:
         """Releases the engine (its KV-cache pools and CUDA graphs) that generate keeps between calls."""
-        self._engine = None
+        self._kept.free()
 
     @property
     def num_image_tokens(self) -> int:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import logits
+from . import logits, stopping
 
 # GenerationConfig fields gitfast implements; any other field set away from its default is refused
 # rather than silently ignored.
@@ -78,8 +78,7 @@ def resolve_settings(base_config, prompt_len: int, generation_config=None, **kwa
     else:
         max_length = gc.max_length if gc.max_length is not None else 20
     min_length = gc.min_length or 0
-    eos = gc.eos_token_id
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    eos = stopping.eos_ids(gc.eos_token_id)
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
     if gc.num_beams is not None and gc.num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {gc.num_beams}")
@@ -170,6 +169,49 @@ def _take(t, index):
     return torch.take_along_dim(t, index, dim=1)
 
 
+class _Finished(NamedTuple):
+    """The k best finished hypotheses of each batch row."""
+    seqs: torch.Tensor     # [b, k, max_length]
+    scores: torch.Tensor   # [b, k] length-normalised; -1e9 where none yet
+    flags: torch.Tensor    # [b, k] bool: a hypothesis is there
+    lengths: torch.Tensor  # [b, k] tokens generated
+
+
+def _candidates(logp, running, running_scores, cur: int, keep: int, s: Settings, eos):
+    """The `keep` best (or, sampling, drawn) continuations over each row's beams, best first:
+    (scores, source beam, token, sequence with the token at `cur`, whether it stops there)."""
+    b, k, _ = running.shape
+    vocab = logp.shape[-1]
+    total = (logp.view(b, k, vocab) + running_scores[:, :, None]).view(b, k * vocab)
+    if s.do_sample:
+        cand = torch.multinomial(F.softmax(total, dim=-1), num_samples=keep)
+        cand_scores, order = torch.gather(total, 1, cand).sort(dim=-1, descending=True)
+        cand = cand.gather(1, order)  # best first, as transformers (the first k may finish a beam)
+    else:
+        cand_scores, cand = torch.topk(total, keep)
+    cand_beam, cand_tok = cand // vocab, cand % vocab
+    cand_seq = _take(running, cand_beam)
+    cand_seq[:, :, cur] = cand_tok
+    stops = torch.full_like(cand_tok, cur + 1 >= s.max_length, dtype=torch.bool)
+    if eos is not None:
+        stops |= torch.isin(cand_tok, eos)
+    return cand_scores, cand_beam, cand_tok, cand_seq, stops
+
+
+def _add_finished(done: _Finished, cand, first_k, gen_len: int, improvable, s: Settings) -> _Finished:
+    """Candidates among the top k that stopped become finished hypotheses if they beat the worst one."""
+    cand_scores, _, cand_tok, cand_seq, stops = cand
+    finished = stops & first_k[None, :]
+    norm = cand_scores / (gen_len ** s.length_penalty)
+    full = done.flags.all(dim=-1, keepdim=True) & (s.early_stopping is True)
+    norm = norm + full.float() * -1e9 + (~improvable).float() * -1e9 + (~finished).float() * -1e9
+    merged = torch.topk(torch.cat([done.scores, norm], dim=1), done.scores.shape[1]).indices
+    return _Finished(_take(torch.cat([done.seqs, cand_seq], dim=1), merged),
+                     _take(torch.cat([done.scores, norm], dim=1), merged),
+                     _take(torch.cat([done.flags, finished], dim=1), merged),
+                     _take(torch.cat([done.lengths, torch.full_like(cand_tok, gen_len)], dim=1), merged))
+
+
 def beam_search(stepper, logits, ids, s: Settings, proc: Processor):
     """Beam search over `ids` [batch * beams, prompt_len] (rows already expanded per beam).
 
@@ -190,49 +232,21 @@ def beam_search(stepper, logits, ids, s: Settings, proc: Processor):
     running[:, :, :prompt_len] = ids.view(b, k, prompt_len)
     running_scores = torch.zeros(b, k, device=dev)
     running_scores[:, 1:] = -1e9  # all beams start identical: expand only the first
-    done = running.clone()
-    done_scores = torch.full((b, k), -1e9, device=dev)
-    done_flag = torch.zeros(b, k, dtype=torch.bool, device=dev)
-    done_len = torch.zeros(b, k, dtype=torch.long, device=dev)
+    done = _Finished(running.clone(), torch.full((b, k), -1e9, device=dev),
+                     torch.zeros(b, k, dtype=torch.bool, device=dev), torch.zeros(b, k, dtype=torch.long, device=dev))
     improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
     cur = prompt_len
     offsets = torch.arange(b, device=dev)[:, None] * k
     while True:
         logp = proc(running[:, :, :cur].reshape(n, cur), F.log_softmax(logits.float(), dim=-1))
-        vocab = logp.shape[-1]
-        total = (logp.view(b, k, vocab) + running_scores[:, :, None]).view(b, k * vocab)
-        if s.do_sample:
-            cand = torch.multinomial(F.softmax(total, dim=-1), num_samples=keep)
-            cand_scores, order = torch.gather(total, 1, cand).sort(dim=-1, descending=True)
-            cand = cand.gather(1, order)  # best first, as transformers (the first k may finish a beam)
-        else:
-            cand_scores, cand = torch.topk(total, keep)
-        cand_beam, cand_tok = cand // vocab, cand % vocab
-        cand_seq = _take(running, cand_beam)
-        cand_seq[:, :, cur] = cand_tok
-        stops = torch.full_like(cand_tok, cur + 1 >= s.max_length, dtype=torch.bool)
-        if eos is not None:
-            stops |= torch.isin(cand_tok, eos)
-
+        cand = _candidates(logp, running, running_scores, cur, keep, s, eos)
+        cand_scores, cand_beam, _, cand_seq, stops = cand
         # the best k candidates that did not stop keep running
         live = cand_scores + stops.float() * -1e9
         pick = torch.topk(live, k).indices
-        running = _take(cand_seq, pick)
-        running_scores = _take(live, pick)
+        running, running_scores = _take(cand_seq, pick), _take(live, pick)
         source_rows = (_take(cand_beam, pick) + offsets).view(-1)
-
-        # candidates among the top k that stopped become finished hypotheses if they beat the worst one
-        gen_len = cur + 1 - prompt_len
-        finished = stops & first_k[None, :]
-        norm = cand_scores / (gen_len ** s.length_penalty)
-        full = done_flag.all(dim=-1, keepdim=True) & (s.early_stopping is True)
-        norm = norm + full.float() * -1e9 + (~improvable).float() * -1e9 + (~finished).float() * -1e9
-        merged = torch.topk(torch.cat([done_scores, norm], dim=1), k).indices
-        done = _take(torch.cat([done, cand_seq], dim=1), merged)
-        done_scores = _take(torch.cat([done_scores, norm], dim=1), merged)
-        done_flag = _take(torch.cat([done_flag, finished], dim=1), merged)
-        done_len = _take(torch.cat([done_len, torch.full_like(cand_tok, gen_len)], dim=1), merged)
-
+        done = _add_finished(done, cand, first_k, cur + 1 - prompt_len, improvable, s)
         cur += 1
         # early-stopping heuristic: can a running beam still beat the worst finished one?
         if s.early_stopping == "never" and s.length_penalty > 0.0:
@@ -240,15 +254,15 @@ def beam_search(stepper, logits, ids, s: Settings, proc: Processor):
         else:
             best_len = cur - prompt_len
         best_running = running_scores[:, :1] / (best_len ** s.length_penalty)
-        worst_done = torch.where(done_flag, done_scores.min(dim=1, keepdim=True).values, -1.0e9)
+        worst_done = torch.where(done.flags, done.scores.min(dim=1, keepdim=True).values, -1.0e9)
         improvable = improvable & (best_running > worst_done).any(dim=-1, keepdim=True)
-        open_beam = not (bool(done_flag.all()) and s.early_stopping is True)
+        open_beam = not (bool(done.flags.all()) and s.early_stopping is True)
         if not (bool(improvable.any()) and open_beam and not bool(stops.all())):
             break
         stepper.reorder(source_rows)
         logits = stepper.step(running[:, :, cur - 1].reshape(-1))
 
     r = s.num_return_sequences
-    seqs = done[:, :r].reshape(b * r, -1)
-    length = prompt_len + int(done_len[:, :r].max())
-    return seqs[:, :length], done_scores[:, :r].reshape(-1)
+    seqs = done.seqs[:, :r].reshape(b * r, -1)
+    length = prompt_len + int(done.lengths[:, :r].max())
+    return seqs[:, :length], done.scores[:, :r].reshape(-1)

@@ -107,14 +107,67 @@ class SeqBlocks:
     shared: int = 0  # leading blocks borrowed from a prefix (not written by this sequence)
 
 
-class PagedKVCache:
+def private_blocks(block_size: int, prefix_len: int, total_len: int) -> int:
+    """Blocks a sequence of `total_len` tokens takes for itself on top of a shared `prefix_len`-token
+    prefix: all but the prefix's full blocks (a partly filled last prefix block is copied, so private)."""
+    return math.ceil(total_len / block_size) - prefix_len // block_size
+
+
+class KVBlocks:
+    """The cache as bookkeeping: which blocks each prefix and sequence holds, through one allocator.
+    Knows nothing about tensors, so the scheduler runs (and is tested) without a model."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
+
+    def blocks_needed(self, prefix_len: int, total_len: int) -> int:
+        """Private blocks a sequence of `total_len` tokens needs on top of a shared prefix."""
+        return private_blocks(self.block_size, prefix_len, total_len)
+
+    def new_prefix(self, length: int) -> Prefix:
+        return Prefix(length, self.allocator.allocate(self.blocks_for(length)))
+
+    def reserve_sequence(self, prefix: Prefix, total_len: int) -> SeqBlocks:
+        """A sequence continuing `prefix`, with blocks for `total_len` tokens in all: the prefix's full
+        blocks shared, the rest its own (the first of them takes a copy of a partly filled last prefix
+        block: `PagedKVCache.copy_partial`)."""
+        full = prefix.length // self.block_size
+        private = self.allocator.allocate(self.blocks_needed(prefix.length, total_len))
+        shared = prefix.blocks[:full]
+        self.allocator.share(shared)
+        return SeqBlocks(table=shared + private, length=prefix.length, shared=full)
+
+    def release_prefix(self, prefix: Prefix) -> None:
+        self.allocator.free(prefix.blocks)
+
+    def release(self, seq: SeqBlocks) -> None:
+        self.allocator.free(seq.table)
+        seq.table = []
+
+    def slots(self, seq: SeqBlocks, start: int, count: int) -> List[int]:
+        """Cache slots (block * block_size + offset) for tokens start .. start+count-1 of `seq`."""
+        bs = self.block_size
+        return [seq.table[p // bs] * bs + p % bs for p in range(start, start + count)]
+
+    def usage(self) -> Dict[str, int]:
+        a = self.allocator
+        return {"blocks": a.num_blocks, "free": a.num_free, "block_size": self.block_size}
+
+
+class PagedKVCache(KVBlocks):
+    """`KVBlocks` plus the pools its blocks index, and the device work on them."""
+
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, heads: int, head_dim: int,
                  dtype: torch.dtype, device):
-        self.block_size, self.num_layers = block_size, num_layers
+        super().__init__(num_blocks, block_size)
+        self.num_layers = num_layers
         shape = (num_blocks, block_size, heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.allocator = BlockAllocator(num_blocks)
         self.staging = HostStaging(device)  # index tensors to the device without a host sync
 
     @staticmethod
@@ -130,37 +183,16 @@ class PagedKVCache:
             raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no {per_block}-byte block")
         return cls(config.num_hidden_layers, n, block_size, heads, head_dim, dtype, device)
 
-    def blocks_for(self, tokens: int) -> int:
-        return math.ceil(tokens / self.block_size)
-
-    # --- prefixes and sequences -------------------------------------------------------------
-    def new_prefix(self, length: int) -> Prefix:
-        return Prefix(length, self.allocator.allocate(self.blocks_for(length)))
-
-    def blocks_needed(self, prefix_len: int, total_len: int) -> int:
-        """Private blocks a sequence of `total_len` tokens needs on top of a shared prefix."""
-        full = prefix_len // self.block_size
-        return self.blocks_for(total_len) - full
-
     def start_sequence(self, prefix: Prefix, total_len: int) -> SeqBlocks:
-        """A sequence continuing `prefix`, with room reserved for `total_len` tokens in all.
+        """`reserve_sequence` on a written prefix, its partial last block copied in."""
+        seq = self.reserve_sequence(prefix, total_len)
+        self.copy_partial(prefix, seq)
+        return seq
 
-        Full prefix blocks are shared; a partial last prefix block is copied into a private block.
-        """
-        full = prefix.length // self.block_size
-        private = self.allocator.allocate(self.blocks_needed(prefix.length, total_len))
-        shared = prefix.blocks[:full]
-        self.allocator.share(shared)
+    def copy_partial(self, prefix: Prefix, seq: SeqBlocks) -> None:
+        """A partly filled last prefix block into `seq`'s first private block, where its text continues."""
         if prefix.length % self.block_size:
-            self.copy_block(prefix.blocks[full], private[0])
-        return SeqBlocks(table=shared + private, length=prefix.length, shared=full)
-
-    def release_prefix(self, prefix: Prefix) -> None:
-        self.allocator.free(prefix.blocks)
-
-    def release(self, seq: SeqBlocks) -> None:
-        self.allocator.free(seq.table)
-        seq.table = []
+            self.copy_block(prefix.blocks[seq.shared], seq.table[seq.shared])
 
     def copy_block(self, src: int, dst: int) -> None:
         for pool in self.k + self.v:
@@ -179,18 +211,9 @@ class PagedKVCache:
         for pool in self.k + self.v:
             pool[dst] = pool[src]
 
-    def slots(self, seq: SeqBlocks, start: int, count: int) -> List[int]:
-        """Cache slots (block * block_size + offset) for tokens start .. start+count-1 of `seq`."""
-        bs = self.block_size
-        return [seq.table[p // bs] * bs + p % bs for p in range(start, start + count)]
-
     def block_table_tensor(self, seqs: List[SeqBlocks], width: Optional[int] = None, device=None) -> torch.Tensor:
         width = width or max(len(s.table) for s in seqs)
         rows = [s.table + [0] * (width - len(s.table)) for s in seqs]
         if device is not None and torch.device(device) != self.k[0].device:
             return torch.tensor(rows, dtype=torch.int32, device=device)
         return self.staging.tensor(rows, torch.int32)
-
-    def usage(self) -> Dict[str, int]:
-        a = self.allocator
-        return {"blocks": a.num_blocks, "free": a.num_free, "block_size": self.block_size}

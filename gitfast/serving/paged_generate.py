@@ -7,6 +7,12 @@
   rows step in lockstep (`PagedStepper`) under `generation.py`'s transformers-exact loops; every copy
   of a row (a beam, a returned sample) shares the row's image prefix blocks, and beam search
   reorders only their private blocks.
+
+Both size their cache with `scheduler.kv_budget`. Lockstep keeps a cache of its own per call rather
+than the engine's: transformers' loops step one fixed, padded batch (the id tensor its processors and
+beam bookkeeping read), reorder beams by copying blocks and need every step's scores, none of which the
+engine's slots, lagged readback and decode graphs provide; putting them on the kept engine's pools
+would also hold that engine for the whole call. Its greedy path is the engine's.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from . import generation
 from .paged_cache import PagedKVCache
 from ..devices import placement
 from .engine import Engine, Request
+from .scheduler import kv_budget
 from .paged_runner import PagedRunner, PagedStepper
 
 
@@ -33,21 +40,12 @@ def _budget(model, rows: int, prefixes: int, n_img: int, prompt_len: int, s, blo
     cfg = model.config
     per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, block_size, cfg.num_attention_heads,
                                              cfg.hidden_size // cfg.num_attention_heads, dtype)
-    per_row = -(-(n_img + max(s.max_length, prompt_len) + 1) // block_size) + 1
-    per_prefix = -(-n_img // block_size)
-    return per_block * (rows * per_row + prefixes * per_prefix)
+    return kv_budget(per_block, block_size, n_img, max(s.max_length, prompt_len) + 1, rows, prefixes)
 
 
 def engine_budget(model, rows: int, images: int, prompt_len: int, s, block_size: int = BLOCK_SIZE) -> int:
     """KV-cache bytes a generate call over `rows` sequences and `images` prefixes needs."""
     return _budget(model, rows, images, model.num_image_tokens, prompt_len, s, block_size, placement(model)[1])
-
-
-def engine_serves(engine: Optional[Engine], model, rows: int, budget: int) -> bool:
-    """Whether a kept engine can run this call (so its cache pools and CUDA graphs are reused)."""
-    device, dtype = placement(model)
-    return (engine is not None and engine.device == device and engine.dtype == dtype
-            and engine.max_batch_size >= rows and engine.held_bytes() >= budget)
 
 
 def greedy(engine: Engine, pixel_values: Optional[torch.Tensor], input_ids, attention_mask, s,

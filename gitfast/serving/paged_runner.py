@@ -12,7 +12,7 @@ Three phases, each one decoder pass with its own attention callback:
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,10 +35,12 @@ class PagedRunner:
         cache = self.cache
         return self.model.decode(h, lambda layer, q, k, v: attention.paged(q, k, v, cache.k[layer], cache.v[layer], meta))
 
-    def encode_prefixes(self, image_tokens: torch.Tensor) -> List[Prefix]:
-        """Decoder pass over `[N, I, hidden]` image tokens; returns one prefix (its blocks) per image."""
+    def encode_prefixes(self, image_tokens: torch.Tensor, prefixes: Optional[List[Prefix]] = None) -> List[Prefix]:
+        """Decoder pass over `[N, I, hidden]` image tokens into one prefix per image: `prefixes` (blocks
+        the scheduler took), else new ones. Returns the prefixes."""
         n, length = image_tokens.shape[:2]
-        prefixes = [self.cache.new_prefix(length) for _ in range(n)]
+        if prefixes is None:
+            prefixes = [self.cache.new_prefix(length) for _ in range(n)]
         if length == 0:
             return prefixes
         bs = self.cache.block_size
