@@ -99,6 +99,18 @@ class GitSettings:
 
         return GitConfig.from_dict(dict(self.raw))
 
+    @property
+    def torch_dtype(self) -> Optional[str]:  # transformers' older name, read by devices.resolve_dtype
+        return self.dtype
+
+    def __getattr__(self, name):
+        # anything else a GitConfig has (to_dict, model_type, ...) is read from one, built on first use
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if "_git_config" not in self.__dict__:
+            self.__dict__["_git_config"] = self.to_git_config()
+        return getattr(self.__dict__["_git_config"], name)
+
     def save_pretrained(self, directory) -> None:
         """config.json as transformers writes it (`GitModel.save_pretrained` calls this)."""
         self.to_git_config().save_pretrained(str(directory))

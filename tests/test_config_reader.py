@@ -122,3 +122,16 @@ def test_read_config_then_save_pretrained_writes_transformers_config(tmp_path):
     ours.save_pretrained(tmp_path)
     again = GitConfig.from_pretrained(str(tmp_path))
     assert again.to_dict() == loading.load_config(EMBEDDED_MODEL).to_dict()
+
+
+def test_what_gitconfig_has_beyond_the_read_fields_comes_from_gitconfig():
+    ours, theirs = loading.read_config(EMBEDDED_MODEL), loading.load_config(EMBEDDED_MODEL)
+    assert ours.to_dict() == theirs.to_dict() and ours.model_type == "git"
+    assert ours.initializer_range == theirs.initializer_range
+    with pytest.raises(AttributeError):
+        ours.no_such_field
+
+
+def test_reading_the_dtype_of_a_config_without_one_needs_no_gitconfig():
+    ours = git_settings({"model_type": "git"})
+    assert resolve_dtype("auto", ours).is_floating_point and "_git_config" not in vars(ours)
