@@ -6,7 +6,7 @@ every command alike; the medians and the median of each round's ratio to `import
 With `--baseline PATH`, the Captioner and CLI commands also run with PATH first on PYTHONPATH (another
 checkout of gitfast, e.g. the commit before a change), in the same rounds.
 
-    python -m bench.startup --rounds 5 [--baseline /path/to/other/checkout]
+    python bench/startup.py --rounds 5 [--baseline /path/to/other/checkout]
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def _int_or_ints(value) -> bool:
     return _is_int(value) or (isinstance(value, (list, tuple)) and all(map(_is_int, value)))
 
 
-# GitConfig's own fields (transformers/models/git/configuration_git.py): default, and the type check of its
+# GitConfig's own fields (transformers' models.git.configuration_git): default, and the type check of its
 # strict dataclass. The dropout and initializer fields are only checked: gitfast does not read them.
 TEXT_FIELDS = {
     "vocab_size": (30522, _is_int), "hidden_size": (768, _is_int), "num_hidden_layers": (6, _is_int),
