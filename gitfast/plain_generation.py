@@ -44,7 +44,7 @@ class PlainGenerationConfig:
 
     def update(self, **kwargs) -> dict:
         """Sets the keywords that name fields, as `GenerationConfig.update` does; returns the others."""
-        used = [k for k in kwargs if k in FIELDS or (_outside_fields(kwargs) and _is_transformers_field(k))]
+        used = [k for k in kwargs if k in FIELDS or _is_transformers_field(k)]  # transformers asked only off FIELDS
         for name in used:
             setattr(self, name, kwargs[name])
             if name not in FIELDS:
@@ -108,10 +108,6 @@ def _plain_values(path: Path) -> Optional[dict]:
     if not isinstance(values, dict) or not set(values) <= set(FIELDS) | set(_METADATA):
         return None
     return {k: v for k, v in values.items() if k not in _METADATA}
-
-
-def _outside_fields(kwargs: dict) -> bool:
-    return any(k not in FIELDS for k in kwargs)
 
 
 def _is_transformers_field(name: str) -> bool:
