@@ -13,13 +13,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 
 from . import hub
+from .config_reader import ConfigTypeError, GitSettings, git_settings
 from .hf_format import CheckpointError, from_hf_state_dict  # noqa: F401 (loading.CheckpointError is public)
-from . import hub
 from .hub import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE  # noqa: F401 (loading.SAFE_SINGLE etc. are used elsewhere)
 
 
@@ -45,8 +45,32 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None, cache_
 
 
 def load_config(folder: Path):
+    """transformers' `GitConfig` of the checkpoint in `folder`, checked (the drop-in's config)."""
     from transformers import GitConfig
 
+    cfg_file, _ = _git_config_json(folder)
+    try:
+        config = GitConfig.from_pretrained(str(folder))
+    except _config_errors() as exc:  # a field of the wrong type (transformers' strict config classes)
+        raise CheckpointError(f"{cfg_file} does not describe a GIT model: {exc}") from exc
+    check_config(config, cfg_file)
+    return config
+
+
+def read_config(folder: Path) -> GitSettings:
+    """What gitfast reads of the checkpoint's config.json, without importing transformers (the
+    Captioner's and the CLI's config; `config_reader.py`), checked as `load_config` checks."""
+    cfg_file, raw = _git_config_json(folder)
+    try:
+        config = git_settings(raw)
+    except ConfigTypeError as exc:
+        raise CheckpointError(f"{cfg_file} does not describe a GIT model: {exc}") from exc
+    check_config(config, cfg_file)
+    return config
+
+
+def _git_config_json(folder: Path) -> Tuple[Path, dict]:
+    """config.json of `folder` and its object, refused unless that is a GIT model's."""
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"no config.json in {folder}")
@@ -54,15 +78,11 @@ def load_config(folder: Path):
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from exc
-    if raw.get("model_type") != "git":
-        raise CheckpointError(f"{folder} holds a {raw.get('model_type')!r} model, not GIT (model_type 'git'); "
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type != "git":
+        raise CheckpointError(f"{folder} holds a {model_type!r} model, not GIT (model_type 'git'); "
                               "gitfast only runs GIT checkpoints such as microsoft/git-base")
-    try:
-        config = GitConfig.from_pretrained(str(folder))
-    except _config_errors() as exc:  # a field of the wrong type (transformers' strict config classes)
-        raise CheckpointError(f"{cfg_file} does not describe a GIT model: {exc}") from exc
-    check_config(config, cfg_file)
-    return config
+    return cfg_file, raw
 
 
 def _config_errors() -> tuple:
@@ -190,11 +210,24 @@ def build_model(config, hf_weights: Dict[str, torch.Tensor], dtype=None, device=
 
 
 def generation_config_of(folder: Path, config):
+    """transformers' `GenerationConfig` of the checkpoint (the drop-in's)."""
     from transformers import GenerationConfig
 
     if (folder / "generation_config.json").is_file():
         return GenerationConfig.from_pretrained(str(folder))
     return GenerationConfig.from_model_config(config)
+
+
+def read_generation_config(folder: Path, config):
+    """The Captioner's generation config: `plain_generation.PlainGenerationConfig` (no transformers
+    import) where generation_config.json holds only the fields gitfast implements, else
+    `generation_config_of` (for `config`, a `GitSettings`, through its `GitConfig`)."""
+    from . import plain_generation
+
+    def of_transformers(folder):
+        return generation_config_of(folder, config.to_git_config() if isinstance(config, GitSettings) else config)
+
+    return plain_generation.read(folder, of_transformers)
 
 
 def load_checkpoint(name_or_path, *, dtype=None, device=None, revision=None, cache_dir=None, token=None,

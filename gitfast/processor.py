@@ -9,8 +9,10 @@ with the very operations of transformers' PIL backend (`CLIPImageProcessorPil`, 
 builds when torchvision is not installed), so the pixels are bit-identical (tests/test_processor.py
 holds transformers' processor as the reference). Anything else — another processor type, settings
 `ClipPixels` does not reproduce, or torchvision installed (transformers then resizes with torchvision,
-other pixels) — is left to transformers' own `AutoImageProcessor`. The tokenizer is transformers'
-`AutoTokenizer`, which does not import the processing stack.
+other pixels) — is left to transformers' own `AutoImageProcessor`. The tokenizer is
+`bert_tokenizer.BertWordPiece` (the `tokenizers` library directly, as transformers' BertTokenizer
+builds it) where the checkpoint's tokenizer files hold settings it reproduces, else transformers'
+`AutoTokenizer`; with the config reader (`config_reader.py`) the Captioner then never imports transformers.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from typing import Any, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
+
+from .bert_tokenizer import BertWordPiece
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +154,24 @@ class Processor:
 def load(folder: Path) -> Processor:
     """The tokenizer and image preprocessing of the checkpoint in `folder`. OSError, ValueError or
     TypeError where its files are missing or unreadable (`loading.load_processor` words them)."""
-    from transformers import AutoTokenizer
-
     image_processor = clip_pixels(image_settings(folder))
     if image_processor is None:
         from transformers import AutoImageProcessor
 
         log.debug("%s: transformers' image processor (not one ClipPixels reproduces)", folder)
         image_processor = AutoImageProcessor.from_pretrained(str(folder))
-    return Processor(AutoTokenizer.from_pretrained(str(folder)), image_processor)
+    return Processor(load_tokenizer(folder), image_processor)
+
+
+def load_tokenizer(folder: Path):
+    """`BertWordPiece` where it reproduces the checkpoint's tokenizer, else transformers' `AutoTokenizer`."""
+    tokenizer = BertWordPiece.load(folder)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        log.debug("%s: transformers' tokenizer (settings BertWordPiece does not reproduce)", folder)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return tokenizer
 
 
 def image_settings(folder: Path) -> dict:

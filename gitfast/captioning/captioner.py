@@ -87,7 +87,7 @@ class Captioner:
         # load_checkpoint's steps, so that a video checkpoint is refused before its weights are read
         folder = loading.resolve(EMBEDDED_MODEL if model is None else model, revision=revision, cache_dir=cache_dir,
                                  token=token, local_files_only=local_files_only)
-        self.folder, self.config = folder, loading.load_config(folder)
+        self.folder, self.config = folder, loading.read_config(folder)  # no transformers import
         if (self.config.num_image_with_embedding or 1) > 1:
             raise loading.CheckpointError(f"{folder} is a video checkpoint (several frames per input); Captioner "
                                           "takes single images — use gitfast.GitForCausalLM.generate with 5-D pixel_values")
@@ -96,7 +96,7 @@ class Captioner:
         self.model = loading.build_model(self.config, loading.read_weights(folder), dtype, self.device,
                                          origin=folder)  # a GitModel
         quantization.quantize(self.model, quantization_config)  # "dynamic": INT8 Linears (CPU only)
-        self.generation_config = loading.generation_config_of(folder, self.config)
+        self.generation_config = loading.read_generation_config(folder, self.config)
         self.tokenizer = self.processor.tokenizer
         cfg = self.config
         cls = self.tokenizer.cls_token_id

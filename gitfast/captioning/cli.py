@@ -184,7 +184,7 @@ def _caption_settings(args: argparse.Namespace, devices=None) -> dict:
     from ..devices import caption_dtype
 
     model = loading.resolve(EMBEDDED_MODEL if args.model is None else args.model)
-    config = loading.load_config(model) if args.dtype == "auto" else None
+    config = loading.read_config(model) if args.dtype == "auto" else None
     dtypes = sorted({str(caption_dtype(args.dtype, d, config)).replace("torch.", "")
                      for d in (devices or [args.device])})
     settings = {"model": os.path.realpath(model), "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
@@ -227,7 +227,7 @@ def _caption(args, devices, all_sources, output, lock_settings) -> int:
                 from ..defaults import EMBEDDED_MODEL
 
                 folder = model if model is not None else loading.resolve(EMBEDDED_MODEL)
-                config = loading.load_config(folder)
+                config = loading.read_config(folder)
                 if args.prompt:  # refused once here, not by every rank
                     from .captioner import check_prompt_length
 

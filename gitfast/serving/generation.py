@@ -60,14 +60,14 @@ class Settings:
 
 
 def resolve_settings(base_config, prompt_len: int, generation_config=None, **kwargs) -> Settings:
-    """Merges the model's generation config, an explicit `generation_config` and keyword overrides."""
-    from transformers import GenerationConfig
-
+    """Merges the model's generation config, an explicit `generation_config` and keyword overrides. A
+    config is transformers' `GenerationConfig` or the Captioner's `plain_generation.PlainGenerationConfig`
+    (same surface, no transformers import); "changed" is against a default instance of its own class."""
     gc = copy.deepcopy(generation_config if generation_config is not None else base_config)
     unused = gc.update(**kwargs)
     if unused:
         raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unused))}")
-    default = GenerationConfig()
+    default = type(gc)()
     changed = [k for k, v in gc.to_diff_dict().items()
                if not k.startswith("_") and k != "transformers_version" and getattr(default, k, None) != v]
     unsupported = [k for k in changed if k not in SUPPORTED and k not in PROCESSOR_FIELDS]
