@@ -310,7 +310,7 @@ def draft_agreement(n: int, model: str = "embedded", upscale: int = 4, new_token
     draft_c = Captioner(checkpoint(model), device="cpu", jpeg_draft=True)
     draft = draft_c.caption(srcs, max_new_tokens=new_tokens)
     out = {"model": model, "images": n, "picture": f"{pictures[0][0].width}x{pictures[0][0].height} JPEG q90",
-           "draft_size": draft_c._preparer.draft, "identical": sum(a.text == b.text for a, b in zip(full, draft)) / n}
+           "draft_size": draft_c.preparer.draft, "identical": sum(a.text == b.text for a, b in zip(full, draft)) / n}
     if pictures[0][1] is not None:
         out["correct_full"] = sum(r.text == t for r, (_, t) in zip(full, pictures)) / n
         out["correct_draft"] = sum(r.text == t for r, (_, t) in zip(draft, pictures)) / n

@@ -28,7 +28,7 @@ ARGS = ["--max-new-tokens", "8", "--batch-size", "4", "--device", "cpu", "--quie
 
 LAUNCHER = textwrap.dedent("""
     import json, os, sys, traceback
-    import gitfast.cli, gitfast.captioning.cli, gitfast.captioning.multi_device, gitfast.captioning.shards
+    import gitfast.cli, gitfast.captioning.cli, gitfast.captioning.cli_run, gitfast.captioning.multi_device, gitfast.captioning.shards
     from gitfast.captioning.captioner import Captioner
     Captioner(sys.argv[1], device="cpu")  # imports everything a run needs; runs nothing on many threads
     print(json.dumps({"ready": True}), flush=True)

@@ -110,10 +110,6 @@ class Captioner:
             self.pool = PreparePool(spec, num_workers, window=prefetch_batches * max_batch_size)
         self._prefetch = prefetch_batches * max_batch_size
 
-    @property
-    def _preparer(self) -> Preparer:  # bench/bench_pipeline.py reads this older name
-        return self.preparer
-
     def worker_pids(self) -> List[int]:
         """The process ids of the running preparation workers (none before the first input, or inline)."""
         return self.pool.worker_pids() if self.pool is not None else []

@@ -7,13 +7,13 @@ others captioned) or a device's process died (what it finished is written; --res
 output), reported on stderr before any work, with nothing created; 3 the output could not be written
 (disk full, I/O error): what was written before is kept, --resume continues; 130 interrupted (what was
 written stays; --resume).
+
+This module is the parser; `cli_run` does the run.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -94,32 +94,10 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
-def _usage_error(message: str) -> int:
-    sys.stderr.write(f"gitfast caption: error: {message}\n")
-    return 2
-
-
-class _WriteFailed(Exception):
-    def __init__(self, error: OSError):
-        super().__init__(str(error))
-        self.error = error
-
-
-def _guarded(call, *args):
-    """Runs an output operation; an OSError from it (disk full, I/O error) becomes _WriteFailed, so it
-    is not mistaken for a failure elsewhere. A closed stdout pipe is handled on its own."""
-    try:
-        return call(*args)
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise _WriteFailed(exc) from exc
-
-
 def default_workers(device, ranks: int = 1) -> int:
     """Decode processes when --workers is not given: on a GPU min(8, cores - 1), split between the
     `ranks` sharing this machine; none on the CPU, where decoding would only take cores from the model."""
-    import torch
+    import torch  # here, not at the top: see run
 
     on_gpu = str(device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     return min(8, max(0, ((os.cpu_count() or 1) - 1) // max(1, ranks))) if on_gpu else 0
@@ -133,187 +111,8 @@ def captioner_options(args: argparse.Namespace, device, ranks: int = 1) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loading import CheckpointError
-    from . import locking, run_settings, sources
-    from .formats import OutputError, infer_format
-    from .multi_device import parse_devices
-    from .resumable import Output
-    from .sharded import ShardedOutput
+    # the run's modules bring torch and the model code (seconds): imported here, not at the top, so
+    # that parsing and `--help` stay quick (every other import of the run is at cli_run's top)
+    from . import cli_run
 
-    if not args.paths and args.files_from is None:
-        return _usage_error("nothing to caption: give PATHs, or --files-from LIST")
-    try:
-        devices = parse_devices(args.devices) if args.devices is not None else None
-        fmt = (args.format or "parquet") if args.out_dir is not None else infer_format(args.out, args.format)
-        all_sources = list(sources.expand(args.paths, files_from=args.files_from, path_column=args.path_column))
-        if not all_sources:
-            return _usage_error(f"no images found in {' '.join(args.paths)} "
-                                f"(folders and globs take only files with image extensions and .tar shards)")
-        lock = locking.lock_for(args.out, args.out_dir)
-        if lock is not None:
-            lock.acquire()  # before the output is read: the run it waits for may still be writing it
-        try:
-            if args.out_dir is not None:
-                output = ShardedOutput(args.out_dir, fmt, all_sources, resume=args.resume, overwrite=args.overwrite)
-            else:
-                output = Output(args.out, fmt, resume=args.resume, overwrite=args.overwrite)
-            recorded = run_settings.settings_path(args.out, args.out_dir) if lock is not None else None
-            settings = _caption_settings(args, devices)
-            if recorded is not None and not run_settings.check(recorded, settings, resume=args.resume,
-                                                               force=args.force):
-                recorded = None  # already recorded as they are
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
-    except (sources.SourceError, OutputError, CheckpointError, ValueError) as exc:
-        return _usage_error(str(exc))
-    try:
-        return _caption(args, devices, all_sources, output, lock_settings=(recorded, settings))
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _caption_settings(args: argparse.Namespace, devices=None) -> dict:
-    """What shapes the captions (run_settings): recorded with the output, compared on --resume. The
-    dtype is the one each device resolves `--dtype` to ("auto" is bf16 on one CPU, fp32 on another),
-    and with --quantize the LM head's precision this machine picks."""
-    from .. import bf16_backends, loading, quantization
-    from ..defaults import EMBEDDED_MODEL
-    from ..devices import caption_dtype
-
-    model = loading.resolve(EMBEDDED_MODEL if args.model is None else args.model)
-    config = loading.read_config(model) if args.dtype == "auto" else None
-    dtypes = sorted({str(caption_dtype(args.dtype, d, config)).replace("torch.", "")
-                     for d in (devices or [args.device])})
-    settings = {"model": os.path.realpath(model), "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
-                "prompt": args.prompt, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "quantize": args.quantize}
-    if quantization.method_of(args.quantize) is not None:
-        # quantization.quantize's choices: the GEMM's integers are the same on every backend (each is
-        # checked against them before it serves), so which one ran does not shape captions; the LM
-        # head's rounding does
-        settings["int8_lm_head"] = "bfloat16" if bf16_backends.kernel_serves_logits() else "float32"
-    return settings
-
-
-def _caption(args, devices, all_sources, output, lock_settings) -> int:
-    from tqdm import tqdm
-
-    from . import run_settings
-    from .records import Record
-
-    todo = [s for s in all_sources if s.id not in output.done]
-    skipped = len(all_sources) - len(todo)
-    target = args.out_dir or args.out
-
-    pool = None
-    results = iter(())
-    if todo:
-        from ..loading import CheckpointError
-        from .captioner import Captioner
-        from ..serving.engine import KVCacheTooSmall
-        from .multi_device import DeviceError, DevicePool
-
-        generate = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-        try:
-            if devices is not None and len(devices) > 1 and args.maps is not None:
-                raise ValueError("--maps runs on one device; drop --devices or --maps")
-            if devices is not None and len(devices) > 1:
-                from .. import loading
-
-                # a wrong --model is found here in a second, not after every rank has started
-                model = None if args.model is None else loading.resolve(args.model)
-                from ..defaults import EMBEDDED_MODEL
-
-                folder = model if model is not None else loading.resolve(EMBEDDED_MODEL)
-                config = loading.read_config(folder)
-                if args.prompt:  # refused once here, not by every rank
-                    from .captioner import check_prompt_length
-
-                    tokenizer = loading.load_processor(folder).tokenizer
-                    check_prompt_length(1 + len(tokenizer(args.prompt, add_special_tokens=False).input_ids),
-                                        args.max_new_tokens, config)
-                model = None if model is None else str(model)
-                pool = DevicePool(devices, todo, model=model, prompt=args.prompt, caption_kwargs=generate,
-                                  captioner_kwargs=[captioner_options(args, d, len(devices)) for d in devices])
-                pool.wait_ready()
-                results = pool.results()
-            else:
-                captioner = Captioner(args.model, **captioner_options(args, devices[0] if devices else args.device))
-                # one result per input, in input order
-                stream = captioner.caption_iter(todo, args.prompt, return_maps=args.maps is not None, **generate)
-                if args.maps is not None:
-                    from .maps_png import written
-
-                    stream = written(args.maps, zip(todo, stream), captioner.tokenizer)
-                results = ((s, r.text, r.error) for s, r in zip(todo, stream))
-        except (CheckpointError, DeviceError, ValueError, KVCacheTooSmall) as exc:
-            if pool is not None:
-                pool.close()
-            return _usage_error(str(exc))
-        except KeyboardInterrupt:
-            if pool is not None:
-                pool.close()
-            sys.stderr.write("gitfast caption: interrupted while loading the model; nothing was written\n")
-            return 130
-
-    done = failed = 0
-    start = time.perf_counter()
-    status = None
-    try:
-        recorded, settings = lock_settings
-        if recorded is not None:
-            _guarded(run_settings.record, recorded, settings)
-        writer = _guarded(output.open, todo)
-        with tqdm(total=len(todo), unit="img", file=sys.stderr, dynamic_ncols=True,
-                  disable=True if args.quiet else None) as bar:
-            try:
-                for source, text, error in results:
-                    _guarded(writer.write, Record(source, text, error))
-                    failed += error is not None
-                    done += error is None
-                    bar.update(1)
-            except BaseException:
-                _close_after_failure(writer)
-                raise
-            _guarded(writer.close, True)
-    except BrokenPipeError:  # stdout's reader went away (`gitfast caption ... | head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"gitfast caption: interrupted after {done + failed} images; "
-                         f"what was written is kept: rerun with --resume to continue\n")
-        return 130
-    except _WriteFailed as exc:
-        sys.stderr.write(f"gitfast caption: error: cannot write the output: {exc.error}; the {done + failed} "
-                         f"records written before it are kept: fix it, then rerun with --resume to continue\n")
-        return 3
-    except Exception as exc:
-        from .multi_device import RankDied
-
-        if not isinstance(exc, RankDied):
-            raise
-        sys.stderr.write(f"gitfast caption: error: {exc}; what the devices finished is written: "
-                         f"rerun with --resume to caption the rest\n")
-        status = 1
-    finally:
-        if pool is not None:
-            pool.close()
-    seconds = time.perf_counter() - start
-    rate = (done + failed) / seconds if seconds > 0 else 0.0
-    where = f" (already in {target})" if skipped else ""
-    sys.stderr.write(f"gitfast caption: {done} captioned, {failed} failed, {skipped} skipped{where} "
-                     f"in {seconds:.1f} s, {rate:.1f} images/s\n")
-    if status is not None:
-        return status
-    return 1 if failed else 0
-
-
-def _close_after_failure(writer) -> None:
-    """Closes an output as incomplete (journals stay for --resume); a second error from a full disk
-    must not hide the first."""
-    try:
-        writer.close(complete=False)
-    except OSError:
-        pass
+    return cli_run.run(args)

@@ -72,60 +72,82 @@ def index(path: str) -> Tuple[List[Member], Optional[Damage]]:
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device never end
         raise OSError(errno.EINVAL, "not a regular file")
     total = os.path.getsize(path)
-    members: List[Member] = []
-    data: Dict[str, Member] = {}  # regular members by name, for hard links
     with open(path, "rb") as f:
-        head = f.read(6)
-        for magic, kind in _COMPRESSED.items():
-            if head.startswith(magic):
-                return [], Damage(0, f"{kind}-compressed tar: shards are read in place, so they must be "
-                                     f"uncompressed (decompress it first)")
-        f.seek(0)
+        damage = _compressed(f)
+        if damage is not None:
+            return [], damage
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
         except tarfile.ReadError as exc:
             return [], Damage(0, f"not a readable tar file: {exc}")
-        while True:
-            where = tar.offset
-            try:
-                info = tar.next()
-            except (tarfile.TarError, EOFError, OSError) as exc:
-                return members, Damage(where, f"unreadable tar member header: {exc}")
-            if info is None:
-                break
-            if info.isreg() and info.offset_data + info.size > total:
-                return members, Damage(info.offset, f"shard truncated inside member {info.name!r} "
-                                                    f"({total - info.offset_data} of {info.size} bytes present)")
-            if info.isreg():
-                members.append(Member(info.name, info.offset_data, info.size))
-                data[info.name] = members[-1]
-            elif info.islnk():  # tar stores a file's second copy as a hard link to the first
-                target = data.get(info.linkname)
-                members.append(Member(info.name, target.offset, target.size) if target is not None else
-                               Member(info.name, 0, 0, f"hard link to {info.linkname!r}, which is not earlier "
-                                                       "in the shard"))
-            elif info.issym():
-                members.append(Member(info.name, 0, 0, f"symbolic link to {info.linkname!r}; links are not "
-                                                       "followed out of a shard"))
-            else:  # a directory, FIFO or device holds no data, but a sample named by it gets its record
-                members.append(Member(info.name, 0, 0, f"{_NO_DATA.get(info.type, 'special file')}, which holds "
-                                                       "no data", folder=info.isdir()))
-        tar.members = []  # the index above is all we keep
-        # tarfile reads an invalid or cut-off header after the first one as the end of the archive;
-        # only zero blocks (the end marker and padding) may follow the last member in a sound shard
-        end = tar.offset
-        if end >= total:  # no end-of-archive blocks: the shard was cut off, maybe right after a member
-            return members, Damage(end, "shard ends without tar's end-of-archive marker: it was cut off here, "
-                                        "and members after this point, if any, are missing")
-        f.seek(end)
-        while True:
-            block = f.read(1 << 16)
-            if not block:
-                break
-            if block.strip(b"\0"):
-                return members, Damage(end, "unreadable tar member header (corrupt or cut off); "
-                                            f"{total - end} bytes after it were not read")
-    return members, None
+        members, damage = _headers(tar, total)
+        if damage is None:
+            damage = _damage_after_last(f, tar.offset, total)
+    return members, damage
+
+
+def _compressed(f) -> Optional[Damage]:
+    """A compressed tar cannot be read in place: its damage record says to decompress it."""
+    head = f.read(6)
+    f.seek(0)
+    for magic, kind in _COMPRESSED.items():
+        if head.startswith(magic):
+            return Damage(0, f"{kind}-compressed tar: shards are read in place, so they must be "
+                             f"uncompressed (decompress it first)")
+    return None
+
+
+def _headers(tar: tarfile.TarFile, total: int) -> Tuple[List[Member], Optional[Damage]]:
+    """The members of every header tarfile reads, up to the first damaged header or cut-off member."""
+    members: List[Member] = []
+    data: Dict[str, Member] = {}  # regular members by name, for hard links
+    while True:
+        where = tar.offset
+        try:
+            info = tar.next()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            return members, Damage(where, f"unreadable tar member header: {exc}")
+        if info is None:
+            tar.members = []  # the index above is all we keep
+            return members, None
+        if info.isreg() and info.offset_data + info.size > total:
+            return members, Damage(info.offset, f"shard truncated inside member {info.name!r} "
+                                                f"({total - info.offset_data} of {info.size} bytes present)")
+        members.append(_member(info, data))
+        if info.isreg():
+            data[info.name] = members[-1]
+
+
+def _member(info: tarfile.TarInfo, data: Dict[str, Member]) -> Member:
+    """One header as a Member; `data` holds the regular members before it, by name."""
+    if info.isreg():
+        return Member(info.name, info.offset_data, info.size)
+    if info.islnk():  # tar stores a file's second copy as a hard link to the first
+        target = data.get(info.linkname)
+        return (Member(info.name, target.offset, target.size) if target is not None else
+                Member(info.name, 0, 0, f"hard link to {info.linkname!r}, which is not earlier in the shard"))
+    if info.issym():
+        return Member(info.name, 0, 0, f"symbolic link to {info.linkname!r}; links are not "
+                                       "followed out of a shard")
+    # a directory, FIFO or device holds no data, but a sample named by it gets its record
+    return Member(info.name, 0, 0, f"{_NO_DATA.get(info.type, 'special file')}, which holds no data",
+                  folder=info.isdir())
+
+
+def _damage_after_last(f, end: int, total: int) -> Optional[Damage]:
+    """tarfile reads an invalid or cut-off header after the first one as the end of the archive;
+    only zero blocks (the end marker and padding) may follow the last member in a sound shard."""
+    if end >= total:  # no end-of-archive blocks: the shard was cut off, maybe right after a member
+        return Damage(end, "shard ends without tar's end-of-archive marker: it was cut off here, "
+                           "and members after this point, if any, are missing")
+    f.seek(end)
+    while True:
+        block = f.read(1 << 16)
+        if not block:
+            return None
+        if block.strip(b"\0"):
+            return Damage(end, "unreadable tar member header (corrupt or cut off); "
+                               f"{total - end} bytes after it were not read")
 
 
 def read_member(path: str, offset: int, size: int) -> bytes:

@@ -50,20 +50,13 @@ def run(lm, input_ids=None, attention_mask=None, position_ids=None, pixel_values
         cache = DynamicCache(config=cfg)
     past = cache.get_seq_length() if cache is not None else 0
 
-    words = m.word_embeddings(input_ids.to(dev)) if input_ids is not None else inputs_embeds.to(dev)
-    b, t = words.shape[:2]
-    if position_ids is None:  # as transformers: counted from the cache's length (image tokens included)
-        position_ids = torch.arange(past, past + t, device=dev).expand(b, t)
-    text = ops.add_layer_norm(words, m.position_embeddings(position_ids.to(dev)), m.embed_ln.weight,
-                              m.embed_ln.bias, m.embed_ln.eps)[0]
+    text = _text_tokens(m, input_ids, inputs_embeds, position_ids, past, dev)
+    b, t = text.shape[:2]
     image = image_tokens(lm, pixel_values, b, interpolate_pos_encoding)
     n_img = image.shape[1]
     h = torch.cat([image, text], dim=1)
     keys = past + h.shape[1]
-    mask = None
-    if attention_mask is not None:  # [B, text keys]: the image keys (in the cache or not) are never masked
-        mask = attention_mask.to(dev)
-        mask = torch.cat([mask.new_ones(b, keys - mask.shape[1]), mask], dim=1)
+    mask = None if attention_mask is None else _key_mask(attention_mask.to(dev), b, keys)
     plain = past > 0 or output_attentions
     if plain:
         allowed = attention_probs.git_mask(n_img if past == 0 else keys - t, h.shape[1], keys, None, dev)
@@ -86,20 +79,40 @@ def run(lm, input_ids=None, attention_mask=None, position_ids=None, pixel_values
         h = layer(h, attend)
         if states is not None:
             states.append(h)
-    if isinstance(logits_to_keep, int):
-        kept = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
-    else:
-        kept = h[:, logits_to_keep]
-    logits = m.lm_head(kept)
-    loss = None
-    if labels is not None:
-        if shift_labels is None:  # next-token prediction on the text positions
-            shifted, shift_labels = logits[:, n_img:-1], labels[:, 1:]
-        else:  # already aligned with the text logits (sequence-/context-parallel training)
-            shifted = logits[:, n_img:]
-        loss = lm.loss_function(logits=shifted.contiguous(), labels=None, vocab_size=cfg.vocab_size,
-                                shift_labels=shift_labels.to(dev).contiguous(), **loss_kwargs)
+    logits = m.lm_head(_kept(h, logits_to_keep))
+    loss = None if labels is None else _loss(lm, logits, labels, shift_labels, n_img, dev, loss_kwargs)
     out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None,
                                  hidden_states=tuple(states) if states is not None else None,
                                  attentions=tuple(probs) if output_attentions else None)
     return out if return_dict is not False else out.to_tuple()
+
+
+def _text_tokens(m, input_ids, inputs_embeds, position_ids, past: int, dev) -> torch.Tensor:
+    """Word (or given) embeddings + position embeddings, layer-normed: [B, T, hidden]."""
+    words = m.word_embeddings(input_ids.to(dev)) if input_ids is not None else inputs_embeds.to(dev)
+    b, t = words.shape[:2]
+    if position_ids is None:  # as transformers: counted from the cache's length (image tokens included)
+        position_ids = torch.arange(past, past + t, device=dev).expand(b, t)
+    return ops.add_layer_norm(words, m.position_embeddings(position_ids.to(dev)), m.embed_ln.weight,
+                              m.embed_ln.bias, m.embed_ln.eps)[0]
+
+
+def _key_mask(attention_mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
+    """[B, text keys] -> [B, keys]: the image keys (in the cache or not) are never masked."""
+    return torch.cat([attention_mask.new_ones(batch, keys - attention_mask.shape[1]), attention_mask], dim=1)
+
+
+def _kept(h: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The positions whose logits are returned: the last `logits_to_keep` (0: all), or those indexed."""
+    if isinstance(logits_to_keep, int):
+        return h[:, -logits_to_keep:] if logits_to_keep > 0 else h
+    return h[:, logits_to_keep]
+
+
+def _loss(lm, logits: torch.Tensor, labels, shift_labels, n_img: int, dev, loss_kwargs: dict) -> torch.Tensor:
+    if shift_labels is None:  # next-token prediction on the text positions
+        shifted, shift_labels = logits[:, n_img:-1], labels[:, 1:]
+    else:  # already aligned with the text logits (sequence-/context-parallel training)
+        shifted = logits[:, n_img:]
+    return lm.loss_function(logits=shifted.contiguous(), labels=None, vocab_size=lm.config.vocab_size,
+                            shift_labels=shift_labels.to(dev).contiguous(), **loss_kwargs)
