@@ -16,6 +16,7 @@ import pytest
 
 from gitfast import Captioner, cli
 from gitfast.captioning import cli as caption_cli
+from gitfast.captioning import cli_run
 from gitfast.captioning import multi_device
 from gitfast.captioning import sources
 from image_factory import broken_files, small_images, webdataset_samples, write_files, write_tar
@@ -249,5 +250,5 @@ def test_workers_and_jpeg_draft_reach_the_captioner(checkpoint, inputs, tmp_path
     assert seen[1]["num_workers"] == 0 and seen[1]["jpeg_draft"] is False  # CPU default: decode in-process
     # on a GPU the default is min(8, cores - 1), split between the ranks sharing the machine
     monkeypatch.setattr(os, "cpu_count", lambda: 13)
-    assert (caption_cli.default_workers("cuda:0", 2), caption_cli.default_workers("cuda:0", 1)) == (6, 8)
-    assert caption_cli.default_workers("cpu", 1) == 0
+    assert (cli_run.default_workers("cuda:0", 2), cli_run.default_workers("cuda:0", 1)) == (6, 8)
+    assert cli_run.default_workers("cpu", 1) == 0

@@ -13,7 +13,6 @@ This module is the parser; `cli_run` does the run.
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -92,22 +91,6 @@ def _integer(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-
-
-def default_workers(device, ranks: int = 1) -> int:
-    """Decode processes when --workers is not given: on a GPU min(8, cores - 1), split between the
-    `ranks` sharing this machine; none on the CPU, where decoding would only take cores from the model."""
-    import torch  # here, not at the top: see run
-
-    on_gpu = str(device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    return min(8, max(0, ((os.cpu_count() or 1) - 1) // max(1, ranks))) if on_gpu else 0
-
-
-def captioner_options(args: argparse.Namespace, device, ranks: int = 1) -> dict:
-    """The Captioner's keyword arguments for one device of this run."""
-    workers = default_workers(device, ranks) if args.workers is None else args.workers
-    return dict(device=device, dtype=args.dtype, max_batch_size=args.batch_size, num_workers=workers,
-                jpeg_draft=args.jpeg_draft, quantization_config=args.quantize)
 
 
 def run(args: argparse.Namespace) -> int:

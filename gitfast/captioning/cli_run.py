@@ -3,6 +3,7 @@ statuses): check everything and open the output under its lock (`run`), start th
 or several (`_start`), write each result as it comes (`_write`), and report (`_report`)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -10,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
+import torch
 from tqdm import tqdm
 
 from .. import bf16_backends, loading, quantization
@@ -18,7 +20,6 @@ from ..devices import caption_dtype
 from ..loading import CheckpointError
 from ..serving.engine import KVCacheTooSmall
 from . import captioner, locking, preflight, run_settings, sources
-from .cli import captioner_options
 from .formats import OutputError, infer_format
 from .maps_png import written
 from .multi_device import DeviceError, DevicePool, RankDied, parse_devices
@@ -43,6 +44,20 @@ class _Plan:
 class _Counts:
     done: int = 0
     failed: int = 0
+
+
+def default_workers(device, ranks: int = 1) -> int:
+    """Decode processes when --workers is not given: on a GPU min(8, cores - 1), split between the
+    `ranks` sharing this machine; none on the CPU, where decoding would only take cores from the model."""
+    on_gpu = str(device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    return min(8, max(0, ((os.cpu_count() or 1) - 1) // max(1, ranks))) if on_gpu else 0
+
+
+def captioner_options(args: argparse.Namespace, device, ranks: int = 1) -> dict:
+    """The Captioner's keyword arguments for one device of this run."""
+    workers = default_workers(device, ranks) if args.workers is None else args.workers
+    return dict(device=device, dtype=args.dtype, max_batch_size=args.batch_size, num_workers=workers,
+                jpeg_draft=args.jpeg_draft, quantization_config=args.quantize)
 
 
 def run(args) -> int:
