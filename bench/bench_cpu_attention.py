@@ -3,7 +3,7 @@
 Providers per case:
 - ``gitfast``: gitfast.cpu_attention (csrc/cpu/attention.cpp);
 - ``sdpa``: torch SDPA with a boolean mask on [B, H, T, D] views (the decode/prefill cases gather the
-  paged cache first), as gitfast/attention.py's CPU path does today;
+  paged cache first), as gitfast's plain-torch attention backend does;
 - ``matmul``: q k^T, additive mask, softmax, @ v (transformers' eager attention).
 
 Cases (12 heads, head_dim 64, batch 8): decoder prefill over 197 image + 20 text tokens; one decode

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from .interface import DECODE, KERNEL_HEAD_DIMS, PREFILL, PREFIX, AttentionMetadata  # noqa: F401
 
-KERNEL_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # what gitfast.kernels supports
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,7 +25,7 @@ def _triton():
     if not torch.cuda.is_available():
         return None
     try:
-        from .kernels import api as kernels
+        from ..kernels import api as kernels
         if kernels.triton_available():
             return kernels
     except Exception as exc:  # a broken Triton install must not break the model: fall back, say why once
@@ -37,7 +36,7 @@ def _triton():
 @functools.lru_cache(maxsize=None)
 def _cpu():
     """`gitfast.cpu_attention` (the extension's C++ kernels, same API as the Triton ones) when built."""
-    from . import cpu_attention
+    from .. import cpu_attention
 
     if not cpu_attention.available():
         return None
@@ -103,44 +102,6 @@ def prefill(q, k, v, num_image: int, text_mask: Optional[torch.Tensor] = None):
 # --- the paged cache (engine) ---------------------------------------------------------------
 # On CUDA these call the Triton kernels; elsewhere a vectorised plain-torch gather through the block
 # tables (the per-sequence references in `gitfast.kernels.reference` are the tests' ground truth).
-
-PREFIX, PREFILL, DECODE = "prefix", "prefill", "decode"
-
-
-@dataclass
-class AttentionMetadata:
-    """Everything one decoder pass over the paged KV cache needs to attend, and nothing else: the
-    only contract between the serving wing, which builds it, and the attention backends, which read
-    it. A CUDA graph captures one whole; replaying refreshes its tensors in place (`copy_rows_`).
-
-    phase `prefix`: image tokens [n, I] of new images, attending bidirectionally among themselves
-    (no cache read); `prefill`: packed new text tokens of each sequence after its cached tokens;
-    `decode`: one new token per sequence.
-    """
-    phase: str
-    slot_mapping: torch.Tensor                    # [new tokens] int64: cache slot of each (-1: not written)
-    block_tables: Optional[torch.Tensor] = None   # [B, W] int32: each sequence's blocks
-    context_lens: Optional[torch.Tensor] = None   # [B] int32: tokens each sequence holds after this pass
-    cu_seqlens_q: Optional[torch.Tensor] = None   # [B + 1] int32: new tokens of sequence i are [cu[i], cu[i+1]) (prefill)
-    num_image: int = 0                            # image-prefix tokens of every sequence
-    max_q: int = 1                                # host bounds (no device sync): longest new-token run,
-    max_context: int = 0                          # longest context
-
-    def copy_rows_(self, other: "AttentionMetadata", rows: int) -> None:
-        """Refreshes the first `rows` sequences from `other` in place (a captured graph's inputs);
-        the rest stay inert: no slot written, no key read."""
-        n = other.slot_mapping.shape[0]
-        self.slot_mapping[:n].copy_(other.slot_mapping)
-        self.slot_mapping[n:rows].fill_(-1)
-        self.context_lens[:n].copy_(other.context_lens)
-        self.context_lens[n:rows].zero_()
-        self.block_tables[:n, :other.block_tables.shape[1]].copy_(other.block_tables)
-
-    def rows(self, n: int) -> "AttentionMetadata":
-        """The first `n` sequences of a decode batch (views: a graph's static inputs stay shared)."""
-        return AttentionMetadata(self.phase, self.slot_mapping[:n], self.block_tables[:n], self.context_lens[:n],
-                                 None, self.num_image, self.max_q, self.max_context)
-
 
 def paged(q, k, v, k_pool, v_pool, meta: AttentionMetadata):
     """Writes the new K/V at `meta.slot_mapping`, then attends as `meta.phase` says. Layouts: prefix
