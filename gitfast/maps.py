@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import attention_probs
+from . import attention, attention_probs
 
 METHODS = ("raw", "mean", "rollout", "grad", "rollout_vit", "input_grad")
 POSITIONS = ("own", "predicting", "both")
@@ -50,7 +50,7 @@ def decoder_probs(model, image: torch.Tensor, input_ids: torch.Tensor, text_mask
     probabilities. image [B, I, W], input_ids [B, T] (right-padded, `text_mask` [B, T] 1 = real).
     Returns (hidden [B, I+T, W], probs: one [B, heads, I+T, I+T] float32 tensor per layer)."""
     n_img, t = image.shape[1], input_ids.shape[1]
-    mask = attention_probs.git_mask(n_img, n_img + t, n_img + t, text_mask, image.device)
+    mask = attention.git_mask(n_img, n_img + t, n_img + t, text_mask, image.device)
     probs: List[torch.Tensor] = []
 
     def attend(layer, q, k, v):
@@ -76,7 +76,7 @@ def text_relevance(model, image: torch.Tensor, input_ids: torch.Tensor, text_mas
     from .model import _split_qkv
 
     n_img, t = image.shape[1], input_ids.shape[1]
-    mask = attention_probs.git_mask(n_img, n_img + t, n_img + t, text_mask, image.device)
+    mask = attention.git_mask(n_img, n_img + t, n_img + t, text_mask, image.device)
     text_rows = mask[..., n_img:, :]
     layers: List[torch.Tensor] = []
 

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..kernels.reference import git_mask, git_visible
 from .interface import DECODE, KERNEL_HEAD_DIMS, PREFILL, PREFIX, AttentionMetadata  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -76,19 +77,6 @@ def bidirectional(q, k, v):
     return _sdpa(q, k, v)
 
 
-def git_mask(num_image: int, text_mask: Optional[torch.Tensor], total: int, device) -> torch.Tensor:
-    """Boolean mask [B or 1, 1, total, total] (True = may attend) over `[image | text]` tokens."""
-    idx = torch.arange(total, device=device)
-    allowed = (idx[None, :] <= idx[:, None]) | (idx[None, :] < num_image)  # causal, and everyone sees the image
-    allowed &= (idx[:, None] >= num_image) | (idx[None, :] < num_image)   # image queries see only the image
-    allowed = allowed[None, None]
-    if text_mask is not None:
-        keys = torch.cat([text_mask.new_ones(text_mask.shape[0], num_image), text_mask], dim=1).bool()
-        allowed = allowed & keys[:, None, None, :]
-        # A left-padding query would otherwise still see the image: harmless, its output is never used.
-    return allowed
-
-
 def prefill(q, k, v, num_image: int, text_mask: Optional[torch.Tensor] = None):
     """Decoder attention over whole `[image | text]` sequences (no cache to read)."""
     unpadded = text_mask is None or bool(text_mask.all())
@@ -96,7 +84,8 @@ def prefill(q, k, v, num_image: int, text_mask: Optional[torch.Tensor] = None):
         kern = _use_kernels(q)
         if kern is not None:
             return _packed(kern, q, k, v, num_image)
-    return _sdpa(q, k, v, git_mask(num_image, None if unpadded else text_mask, q.shape[1], q.device))
+    t = q.shape[1]
+    return _sdpa(q, k, v, git_mask(num_image, t, t, None if unpadded else text_mask, q.device))
 
 
 # --- the paged cache (engine) ---------------------------------------------------------------
@@ -165,7 +154,6 @@ def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
     v = _gather_padded(v_cache, block_tables, max_context)
     q_pos = (context_lens - n_q)[:, None] + torch.arange(max_q, device=q.device)[None, :]  # [B, max_q]
     j = torch.arange(max_context, device=q.device)
-    limit = torch.maximum(q_pos + 1, torch.full_like(q_pos, num_image)).clamp(max=context_lens[:, None])
-    mask = j[None, None, :] < limit[:, :, None]  # [B, max_q, max_context]
+    mask = git_visible(q_pos[:, :, None], j, num_image) & (j < context_lens[:, None, None])  # [B, max_q, max_context]
     out = _sdpa(dense, k, v, mask[:, None])
     return out[row, col]

@@ -66,7 +66,7 @@ def run(lm, input_ids=None, attention_mask=None, position_ids=None, pixel_values
         mask = torch.cat([mask.new_ones(b, keys - mask.shape[1]), mask], dim=1)
     plain = past > 0 or output_attentions
     if plain:
-        allowed = attention_probs.git_mask(n_img if past == 0 else keys - t, h.shape[1], keys, None, dev)
+        allowed = attention.git_mask(n_img if past == 0 else keys - t, h.shape[1], keys, None, dev)
         if mask is not None:
             allowed = allowed & mask.bool()[:, None, None, :]
     probs = []
