@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import attention, attention_probs
+from . import attention
 
 METHODS = ("raw", "mean", "rollout", "grad", "rollout_vit", "input_grad")
 POSITIONS = ("own", "predicting", "both")
@@ -54,7 +54,7 @@ def decoder_probs(model, image: torch.Tensor, input_ids: torch.Tensor, text_mask
     probs: List[torch.Tensor] = []
 
     def attend(layer, q, k, v):
-        out, p = attention_probs.attend(*(x.transpose(1, 2).float() for x in (q, k, v)), mask)  # [B, H, N, D]
+        out, p = attention.probabilities(*(x.transpose(1, 2).float() for x in (q, k, v)), mask)  # [B, H, N, D]
         if p.requires_grad:
             p.retain_grad()
         probs.append(p)
@@ -70,7 +70,7 @@ def text_relevance(model, image: torch.Tensor, input_ids: torch.Tensor, text_mas
     """`relevance(method, decoder_probs(...)[1])[:, I:, :I]` for `method` "mean" or "raw", without the
     full probabilities: each layer's attention output comes from the fused `scaled_dot_product_attention`
     under the same mask; probabilities are computed only for the text queries (softmax over all their
-    keys, as `attention_probs.attend` does), and of those only the image columns are kept, head-averaged.
+    keys, as `attention.probabilities` does), and of those only the image columns are kept, head-averaged.
     The last layer is run only as far as its queries and keys (its output is not needed).
     Returns [B, T, I] float32: T text positions (query n_img + t) x I image tokens."""
     from .model import _split_qkv
@@ -118,7 +118,7 @@ def vision_probs(model, pixel_values: torch.Tensor):
         x, residual = (ops.add_layer_norm(residual, None, layer.ln1.weight, layer.ln1.bias, layer.eps) if delta is None
                        else ops.add_layer_norm(delta, residual, layer.ln1.weight, layer.ln1.bias, layer.eps))
         q, k, v = (t.transpose(1, 2).float() for t in _split_qkv(layer.qkv(x), layer.num_heads))
-        out, p = attention_probs.attend(q, k, v, everything)
+        out, p = attention.probabilities(q, k, v, everything)
         probs.append(p)
         a = layer.out(out.transpose(1, 2).to(x.dtype).flatten(-2))
         x, residual = ops.add_layer_norm(a, residual, layer.ln2.weight, layer.ln2.bias, layer.eps)

@@ -1,8 +1,8 @@
 """The one interface every attention backend implements, and the operations it is asked for.
 
-A backend is one object in one file: torch_backend (plain torch: serves everything, autograd
-included, and alone computes probabilities), cpu_backend (gitfast._C's C++ kernels) and
-triton_backend (gitfast.kernels' Triton kernels, on CUDA). selection.backend_for is the one place
+A backend is one object in one file: `torch_backend` (plain torch: serves everything, autograd
+included, and alone computes probabilities), `cpu_backend` (gitfast._C's C++ kernels) and
+`triton_backend` (gitfast.kernels' Triton kernels, on CUDA). `selection.backend_for` is the one place
 that picks one: the tensor's device decides which kernels may serve, the backend's `serves` says
 whether they do for this operation and these inputs, and plain torch serves the rest. Callers never
 pick a backend themselves.
@@ -18,7 +18,7 @@ Operations (`op`, what `serves` is asked about):
 Layouts are token-major like the cache: dense `[B, T, H, D]`; paged queries packed `[N, H, D]`
 (prefill) or `[B, H, D]` (decode); pools `[num_blocks, block_size, H, D]`. GIT's mask and the
 plain-torch reference every backend is tested against are `gitfast.kernels.reference`'s. Attention
-probabilities are no backend operation: plain torch alone computes them (torch_backend.probabilities),
+probabilities are no backend operation: plain torch alone computes them (`torch_backend.probabilities`),
 for word maps and `output_attentions`.
 """
 from __future__ import annotations
@@ -95,3 +95,13 @@ class AttentionBackend(Protocol):
     def write_kv(self, k, v, k_pool, v_pool, slot_mapping) -> None:
         """Stores `k`, `v` `[N, H, D]` at `slot_mapping` (block * block_size + offset; negative:
         skipped), in place."""
+
+
+def packed_dense(git_attention, q, k, v, num_image: Optional[int]) -> torch.Tensor:
+    """`dense` for a kernel backend: `[B, T, H, D]` as B packed sequences of T tokens through its varlen
+    `git_attention` (num_image None: all T tokens are image tokens)."""
+    b, t = q.shape[:2]
+    cu = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=q.device)
+    out = git_attention(q.reshape(b * t, *q.shape[2:]), k.reshape(b * t, *k.shape[2:]),
+                        v.reshape(b * t, *v.shape[2:]), cu, t if num_image is None else num_image, max_seqlen=t)
+    return out.view(q.shape)
