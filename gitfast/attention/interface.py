@@ -24,7 +24,7 @@ for word maps and `output_attentions`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -71,6 +71,7 @@ class AttentionMetadata:
                                  None, self.num_image, self.max_q, self.max_context)
 
 
+@runtime_checkable
 class AttentionBackend(Protocol):
     """What the model and the serving wing may ask of a backend. Inputs that need autograd never
     reach a kernel backend (selection sends them to plain torch)."""
