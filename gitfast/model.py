@@ -1,7 +1,7 @@
 """GIT, written for inference: CLIP vision encoder -> projection -> BERT-style decoder -> LM head.
 
 Weights use gitfast's fused layout (one QKV projection per layer; `hf_format.py` maps Hugging Face's
-names to it and back). Every block has exactly one attention call site (`attention.py`), one MLP
+names to it and back). Every block has exactly one attention call site (`attention/`), one MLP
 call site, add+LayerNorm call sites and `ops.Linear` layers (`ops.py`; gitfast.quantization swaps
 them for INT8 ones), so faster backends plug in without touching this file. Caching is the caller's:
 the `attend` callback of `decode` (the serving wing passes one that reads and writes the paged KV
