@@ -1,9 +1,9 @@
 """gitfast._C's CPU attention vs what runs on the CPU without it, at git-base shapes.
 
 Providers per case:
-- ``gitfast``: gitfast.cpu_attention (csrc/cpu/attention.cpp);
+- ``gitfast``: gitfast.attention.cpu_backend (csrc/cpu/attention.cpp);
 - ``sdpa``: torch SDPA with a boolean mask on [B, H, T, D] views (the decode/prefill cases gather the
-  paged cache first), as gitfast/attention.py's CPU path does today;
+  paged cache first), as gitfast's plain-torch attention backend does;
 - ``matmul``: q k^T, additive mask, softmax, @ v (transformers' eager attention).
 
 Cases (12 heads, head_dim 64, batch 8): decoder prefill over 197 image + 20 text tokens; one decode
@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gitfast import cpu_attention
+from gitfast.attention import cpu_backend
 
 HEADS, HEAD_DIM, BATCH, IMAGE, TEXT, BLOCK = 12, 64, 8, 197, 20, 16
 
@@ -54,7 +54,7 @@ def prefill_case(dtype):
     flat = [x.reshape(BATCH * t, HEADS, HEAD_DIM) for x in (q, k, v)]
     tr = [x.transpose(1, 2) for x in (q, k, v)]
     return {
-        "gitfast": lambda: cpu_attention.git_attention(*flat, cu, IMAGE, max_seqlen=t),
+        "gitfast": lambda: cpu_backend.git_attention(*flat, cu, IMAGE, max_seqlen=t),
         "sdpa": lambda: F.scaled_dot_product_attention(*tr, attn_mask=mask).transpose(1, 2),
         "matmul": lambda: _matmul_attention(*tr, bias).transpose(1, 2),
     }
@@ -67,7 +67,7 @@ def vision_case(dtype):
     flat = [x.reshape(BATCH * t, HEADS, HEAD_DIM) for x in (q, k, v)]
     tr = [x.transpose(1, 2) for x in (q, k, v)]
     return {
-        "gitfast": lambda: cpu_attention.git_attention(*flat, cu, t, max_seqlen=t),
+        "gitfast": lambda: cpu_backend.git_attention(*flat, cu, t, max_seqlen=t),
         "sdpa": lambda: F.scaled_dot_product_attention(*tr).transpose(1, 2),
         "matmul": lambda: _matmul_attention(*tr, None).transpose(1, 2),
     }
@@ -99,7 +99,7 @@ def decode_case(dtype):
         return _matmul_attention(q[:, None].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias)[:, :, 0]
 
     return {
-        "gitfast": lambda: cpu_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens),
+        "gitfast": lambda: cpu_backend.paged_decode_attention(q, k_cache, v_cache, tables, lens),
         "sdpa": sdpa,
         "matmul": matmul,
     }
@@ -139,7 +139,7 @@ def cases(quick: bool, device: str, dtype: torch.dtype):
     each on its own; `main` interleaves them for ratios)."""
     from gitfast.bench.common import Case
 
-    if device != "cpu" or not cpu_attention.available():
+    if device != "cpu" or not cpu_backend.available():
         return
     dt = str(dtype).replace("torch.", "")
     for label, build in (("prefill 197+20", prefill_case), ("decode ctx 217", decode_case),
@@ -156,10 +156,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=5)
     args = ap.parse_args(argv)
-    if not cpu_attention.available():
+    if not cpu_backend.available():
         raise SystemExit("gitfast._C has no CPU attention ops: build it (pip install --no-build-isolation -e .)")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, ISA {cpu_attention.isa()}, "
+    print(f"torch {torch.__version__}, {args.threads} threads, ISA {cpu_backend.isa()}, "
           f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"{'case':<16} {'dtype':<9} {'gitfast ms':>10} {'sdpa ms':>9} {'matmul ms':>10} "
           f"{'vs sdpa':>8} {'vs matmul':>9}")

@@ -81,31 +81,31 @@ def _linear_backends() -> dict:
 
 
 def _build_note():
-    import gitfast._C as ext
+    from . import ops
 
-    return getattr(ext, "cuda_build_note", None)
+    return getattr(ops.extension(), "cuda_build_note", None)
 
 
 def _cpu_isa():
     """The vector ISA the extension's CPU attention runs (None without the extension)."""
-    from . import cpu_attention
+    from .attention import cpu_backend
 
-    return cpu_attention.isa() if cpu_attention.available() else None
+    return cpu_backend.isa() if cpu_backend.available() else None
 
 
 def _cpu_isa_choice():
     """How that ISA was chosen, with the measured times (None without the extension)."""
-    from . import cpu_attention
+    from .attention import cpu_backend
 
-    return cpu_attention.decision().summary() if cpu_attention.available() else None
+    return cpu_backend.decision().summary() if cpu_backend.available() else None
 
 
 def _attention_backends() -> dict:
     """Attention: Triton kernels on CUDA when triton imports, the extension's C++ kernels on the CPU
     when built (the vision encoder's unmasked attention stays on SDPA there), PyTorch otherwise."""
     try:
-        from .kernels.api import _triton_importable
-        triton_ok = _triton_importable()
+        from .kernels.api import triton_importable
+        triton_ok = triton_importable()
     except Exception:  # noqa: BLE001 - reporting only
         triton_ok = False
     cuda = "triton" if triton_ok else "torch sdpa"

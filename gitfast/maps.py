@@ -25,12 +25,11 @@ Which one ships (`DEFAULT`) was chosen by a pointing game on drawn pictures
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence
 
 import torch
 
-from . import attention_probs
+from . import attention
 
 METHODS = ("raw", "mean", "rollout", "grad", "rollout_vit", "input_grad")
 POSITIONS = ("own", "predicting", "both")
@@ -50,11 +49,11 @@ def decoder_probs(model, image: torch.Tensor, input_ids: torch.Tensor, text_mask
     probabilities. image [B, I, W], input_ids [B, T] (right-padded, `text_mask` [B, T] 1 = real).
     Returns (hidden [B, I+T, W], probs: one [B, heads, I+T, I+T] float32 tensor per layer)."""
     n_img, t = image.shape[1], input_ids.shape[1]
-    mask = attention_probs.git_mask(n_img, n_img + t, n_img + t, text_mask, image.device)
+    mask = attention.git_mask(n_img, n_img + t, n_img + t, text_mask, image.device)
     probs: List[torch.Tensor] = []
 
     def attend(layer, q, k, v):
-        out, p = attention_probs.attend(*(x.transpose(1, 2).float() for x in (q, k, v)), mask)  # [B, H, N, D]
+        out, p = attention.probabilities(*(x.transpose(1, 2).float() for x in (q, k, v)), mask)  # [B, H, N, D]
         if p.requires_grad:
             p.retain_grad()
         probs.append(p)
@@ -68,66 +67,44 @@ def decoder_probs(model, image: torch.Tensor, input_ids: torch.Tensor, text_mask
 def text_relevance(model, image: torch.Tensor, input_ids: torch.Tensor, text_mask: Optional[torch.Tensor],
                    method: str) -> torch.Tensor:
     """`relevance(method, decoder_probs(...)[1])[:, I:, :I]` for `method` "mean" or "raw", without the
-    full probabilities: each layer's attention output comes from the fused `scaled_dot_product_attention`
-    under the same mask; probabilities are computed only for the text queries (softmax over all their
-    keys, as `attention_probs.attend` does), and of those only the image columns are kept, head-averaged.
+    full probabilities: each layer's attention output comes from plain torch's fused SDPA
+    (`attention.plain_torch`) under the same mask; probabilities (`attention.probabilities`) are computed
+    only for the text queries, and of those only the image columns are kept, head-averaged.
     The last layer is run only as far as its queries and keys (its output is not needed).
     Returns [B, T, I] float32: T text positions (query n_img + t) x I image tokens."""
-    from .model import _split_qkv
-
     n_img, t = image.shape[1], input_ids.shape[1]
-    mask = attention_probs.git_mask(n_img, n_img + t, n_img + t, text_mask, image.device)
-    text_rows = mask[..., n_img:, :]
+    text_rows = attention.git_mask(n_img, t, n_img + t, text_mask, image.device)
     layers: List[torch.Tensor] = []
 
-    def keep(q, k):  # q, k [B, H, N, D] float32 -> the text rows' probabilities on the image, mean over heads
-        scores = torch.matmul(q[:, :, n_img:], k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(~text_rows, torch.finfo(scores.dtype).min)
-        layers.append(torch.softmax(scores, dim=-1)[..., :n_img].mean(1))        # [B, T, I]
+    def keep(q, k, v):  # [B, H, N, D] float32 -> the text rows' probabilities on the image, mean over heads
+        layers.append(attention.probabilities(q[:, :, n_img:], k, v, text_rows)[1][..., :n_img].mean(1))  # [B, T, I]
 
     def attend(layer, q, k, v):
         q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))                    # [B, H, N, D]
         if method == "mean":
-            keep(q, k)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return out.transpose(1, 2).to(image.dtype)
+            keep(q, k, v)
+        out = attention.plain_torch.dense(*(x.transpose(1, 2) for x in (q, k, v)), n_img, text_mask)
+        return out.to(image.dtype)
 
     positions = torch.arange(t, device=input_ids.device).expand_as(input_ids)
     h = torch.cat([image, model.embed_text(input_ids, positions)], dim=1)
     for layer in model.layers[:-1]:
         h = layer(h, attend)
-    last = model.layers[-1]
-    keep(*(x.transpose(1, 2).float() for x in _split_qkv(last.qkv(h), last.num_heads)[:2]))
+    keep(*(x.transpose(1, 2).float() for x in model.layers[-1].heads(h)))
     return layers[-1] if method == "raw" else torch.stack(layers).mean(0)
 
 
 def vision_probs(model, pixel_values: torch.Tensor):
-    """`model.encode_images`, step by step, also keeping the vision encoder's attention probabilities:
-    (image tokens [B, I, W], one [B * frames, heads, P, P] float32 tensor per vision layer). Mirrors
-    `model.VisionEncoder` / `VisionLayer` (tests check the tokens equal `encode_images`')."""
-    from . import ops
-    from .model import _split_qkv
+    """`model.encode_images`, also keeping the vision encoder's attention probabilities: (image tokens
+    [B, I, W], one [B * frames, heads, P, P] float32 tensor per vision layer)."""
+    probs: List[torch.Tensor] = []
 
-    enc = model.vision
-    frames = pixel_values.shape[1] if pixel_values.ndim == 5 else None
-    flat = pixel_values.flatten(0, 1) if frames else pixel_values
-    residual, _ = ops.add_layer_norm(enc.embeddings(flat), None, enc.pre_ln.weight, enc.pre_ln.bias, enc.eps)
-    delta, probs = None, []
-    everything = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=flat.device)  # ViT attention is unmasked
-    for layer in enc.layers:
-        x, residual = (ops.add_layer_norm(residual, None, layer.ln1.weight, layer.ln1.bias, layer.eps) if delta is None
-                       else ops.add_layer_norm(delta, residual, layer.ln1.weight, layer.ln1.bias, layer.eps))
-        q, k, v = (t.transpose(1, 2).float() for t in _split_qkv(layer.qkv(x), layer.num_heads))
-        out, p = attention_probs.attend(q, k, v, everything)
+    def attend(layer, q, k, v):  # ViT attention is unmasked
+        out, p = attention.probabilities(*(x.transpose(1, 2).float() for x in (q, k, v)))  # [B, H, P, D]
         probs.append(p)
-        a = layer.out(out.transpose(1, 2).to(x.dtype).flatten(-2))
-        x, residual = ops.add_layer_norm(a, residual, layer.ln2.weight, layer.ln2.bias, layer.eps)
-        delta = ops.mlp(x, layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias, layer.act)
-    feats = ops.add_layer_norm(delta, residual, enc.post_ln.weight, enc.post_ln.bias, enc.eps)[0]
-    if frames:
-        feats = (feats.unflatten(0, (pixel_values.shape[0], frames)) + model.temporal_embedding[:frames, None, :]).flatten(1, 2)
-    x = model.proj(feats)
-    return ops.add_layer_norm(x, None, model.proj_ln.weight, model.proj_ln.bias, model.proj_ln.eps)[0], probs
+        return out.transpose(1, 2).to(q.dtype)
+
+    return model.encode_images(pixel_values, attend=attend), probs
 
 
 def _through_vision(rows: torch.Tensor, vision: Sequence[torch.Tensor], frames: Optional[int]) -> torch.Tensor:

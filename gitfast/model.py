@@ -1,11 +1,12 @@
 """GIT, written for inference: CLIP vision encoder -> projection -> BERT-style decoder -> LM head.
 
 Weights use gitfast's fused layout (one QKV projection per layer; `hf_format.py` maps Hugging Face's
-names to it and back). Every block has exactly one attention call site (`attention.py`), one MLP
+names to it and back). Every block has exactly one attention call site (`attention/`), one MLP
 call site, add+LayerNorm call sites and `ops.Linear` layers (`ops.py`; gitfast.quantization swaps
 them for INT8 ones), so faster backends plug in without touching this file. Caching is the caller's:
 the `attend` callback of `decode` (the serving wing passes one that reads and writes the paged KV
-cache as an `attention.AttentionMetadata` says).
+cache as an `attention.AttentionMetadata` says). The vision encoder takes an `attend` callback too,
+`attention.bidirectional` unless the caller (word maps, for the probabilities) hands another.
 """
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ def num_image_tokens(config) -> int:
 def _split_qkv(x: torch.Tensor, num_heads: int):
     """Fused projection output [..., 3W] laid out [q | k | v] -> three [..., heads, head_dim] views."""
     return x.unflatten(-1, (3, num_heads, -1)).unbind(-3)
+
+
+def bidirectional(layer: int, q, k, v):
+    """The vision encoder's default `attend(layer, q, k, v)`: every token sees every token of its image."""
+    return attention.bidirectional(q, k, v)
 
 
 class VisionEmbeddings(nn.Module):
@@ -61,22 +67,26 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionLayer(nn.Module):
-    """Pre-LayerNorm CLIP block. `forward` takes the residual stream and the previous block's output."""
+    """Pre-LayerNorm CLIP block. `forward` takes the residual stream, the previous block's output and
+    the `attend(layer, q, k, v)` callback."""
 
-    def __init__(self, v):
+    def __init__(self, v, index: int = 0):
         super().__init__()
         w = v.hidden_size
-        self.num_heads, self.eps, self.act = v.num_attention_heads, v.layer_norm_eps, v.hidden_act
+        self.index, self.num_heads, self.eps, self.act = index, v.num_attention_heads, v.layer_norm_eps, v.hidden_act
         self.ln1, self.ln2 = nn.LayerNorm(w, eps=v.layer_norm_eps), nn.LayerNorm(w, eps=v.layer_norm_eps)
         self.qkv, self.out = ops.Linear(w, 3 * w), ops.Linear(w, w)
         self.fc1, self.fc2 = ops.Linear(w, v.intermediate_size), ops.Linear(v.intermediate_size, w)
 
-    def forward(self, delta, residual):
+    def heads(self, x: torch.Tensor):
+        """q, k, v `[..., heads, head_dim]` of the normalised stream `x`."""
+        return _split_qkv(self.qkv(x), self.num_heads)
+
+    def forward(self, delta, residual, attend=bidirectional):
         # the first block has no previous output to add: it normalises the residual stream itself
         x, residual = (ops.add_layer_norm(residual, None, self.ln1.weight, self.ln1.bias, self.eps) if delta is None
                        else ops.add_layer_norm(delta, residual, self.ln1.weight, self.ln1.bias, self.eps))
-        q, k, v = _split_qkv(self.qkv(x), self.num_heads)
-        a = self.out(attention.bidirectional(q, k, v).flatten(-2))
+        a = self.out(attend(self.index, *self.heads(x)).flatten(-2))
         x, residual = ops.add_layer_norm(a, residual, self.ln2.weight, self.ln2.bias, self.eps)
         return ops.feed_forward(x, self.fc1, self.fc2, self.act), residual
 
@@ -87,14 +97,14 @@ class VisionEncoder(nn.Module):
         self.eps = v.layer_norm_eps
         self.embeddings = VisionEmbeddings(v)
         self.pre_ln, self.post_ln = nn.LayerNorm(v.hidden_size, eps=self.eps), nn.LayerNorm(v.hidden_size, eps=self.eps)
-        self.layers = nn.ModuleList(VisionLayer(v) for _ in range(v.num_hidden_layers))
+        self.layers = nn.ModuleList(VisionLayer(v, i) for i in range(v.num_hidden_layers))
 
-    def forward(self, pixel_values, interpolate_pos_encoding=False):
+    def forward(self, pixel_values, interpolate_pos_encoding=False, attend=bidirectional):
         h = self.embeddings(pixel_values, interpolate_pos_encoding)
         residual, _ = ops.add_layer_norm(h, None, self.pre_ln.weight, self.pre_ln.bias, self.eps)
         delta = None
         for layer in self.layers:
-            delta, residual = layer(delta, residual)
+            delta, residual = layer(delta, residual, attend)
         return ops.add_layer_norm(delta, residual, self.post_ln.weight, self.post_ln.bias, self.eps)[0]
 
 
@@ -109,9 +119,12 @@ class DecoderLayer(nn.Module):
         self.attn_ln, self.out_ln = nn.LayerNorm(w, eps=self.eps), nn.LayerNorm(w, eps=self.eps)
         self.fc1, self.fc2 = ops.Linear(w, config.intermediate_size), ops.Linear(config.intermediate_size, w)
 
+    def heads(self, h: torch.Tensor):
+        """q, k, v `[..., heads, head_dim]` of the token features `h`."""
+        return _split_qkv(self.qkv(h), self.num_heads)
+
     def forward(self, h, attend):
-        q, k, v = _split_qkv(self.qkv(h), self.num_heads)
-        a = self.attn_out(attend(self.index, q, k, v).flatten(-2))
+        a = self.attn_out(attend(self.index, *self.heads(h)).flatten(-2))
         h, _ = ops.add_layer_norm(a, h, self.attn_ln.weight, self.attn_ln.bias, self.eps)
         m = ops.feed_forward(h, self.fc1, self.fc2, self.act)
         return ops.add_layer_norm(m, h, self.out_ln.weight, self.out_ln.bias, self.eps)[0]
@@ -145,17 +158,19 @@ class GitModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.lm_head = ops.Logits(config.hidden_size, config.vocab_size)
 
-    def encode_images(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """[B, 3, H, W] images or [B, frames, 3, H, W] videos -> projected image tokens [B, I, hidden]."""
+    def encode_images(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
+                      attend=bidirectional) -> torch.Tensor:
+        """[B, 3, H, W] images or [B, frames, 3, H, W] videos -> projected image tokens [B, I, hidden];
+        the vision encoder attends through `attend(layer, q, k, v)` (frames batched, `[B * frames, P, H, D]`)."""
         if pixel_values.ndim == 4:
-            feats = self.vision(pixel_values, interpolate_pos_encoding)
+            feats = self.vision(pixel_values, interpolate_pos_encoding, attend)
         elif pixel_values.ndim == 5:
             b, f = pixel_values.shape[:2]
             if self.temporal_embedding is None or f > self.temporal_embedding.shape[0]:
                 raise ValueError(f"got {f} frames per sample, but this checkpoint has "
                                  f"num_image_with_embedding={self.config.num_image_with_embedding}")
             # All frames go through the encoder as one batch; frame i then gets its temporal embedding.
-            feats = self.vision(pixel_values.flatten(0, 1), interpolate_pos_encoding).unflatten(0, (b, f))
+            feats = self.vision(pixel_values.flatten(0, 1), interpolate_pos_encoding, attend).unflatten(0, (b, f))
             feats = (feats + self.temporal_embedding[:f, None, :]).flatten(1, 2)
         else:
             raise ValueError(f"pixel_values must be 4-D (images) or 5-D (videos), got shape {tuple(pixel_values.shape)}")
@@ -181,7 +196,7 @@ class GitModel(nn.Module):
         for layer in self.layers[:-1]:
             h = layer(h, attend)
         last = self.layers[-1]
-        _, k, v = _split_qkv(last.qkv(h), last.num_heads)
+        _, k, v = last.heads(h)
         store(last.index, k, v)
 
     def save_pretrained(self, save_directory) -> None:

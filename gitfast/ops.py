@@ -123,6 +123,12 @@ def extension_loaded() -> bool:
     return _extension_state
 
 
+def extension():
+    """The `gitfast._C` module, or None where it is not built: the one way gitfast loads it (the
+    attention's C++ kernels and `gitfast info` ask here)."""
+    return _import_extension() if extension_loaded() else None
+
+
 def backend(op: str, device) -> str:
     """Which implementation serves `op` for tensors on `device`: "cuda ext", "cpu ext" or "reference"."""
     if op not in OPS:

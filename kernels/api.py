@@ -16,7 +16,7 @@ Public API (signatures are the contract with the model code; see each module's d
 - ``paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_scale=None)``
 - ``paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
   num_image_tokens, sm_scale=None)``
-- ``triton_available()``: whether the above can run here
+- ``triton_available()``: whether the above can run here; ``triton_importable()``: whether triton imports
 - plain-torch references in ``gitfast.kernels.reference`` (``*_reference``)
 """
 import functools
@@ -24,7 +24,8 @@ import os
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
+def triton_importable() -> bool:
+    """Whether triton imports here (a GPU or the interpreter is needed too: `triton_available`)."""
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -36,7 +37,7 @@ def _triton_importable() -> bool:
 def triton_available() -> bool:
     """True when the Triton kernels can run: triton imports and either CUDA is available or
     Triton's CPU interpreter is on (TRITON_INTERPRET=1, set before the kernels are first used)."""
-    if not _triton_importable():
+    if not triton_importable():
         return False
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True
@@ -79,5 +80,6 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "triton_available",
+    "triton_importable",
     "write_kv_cache",
 ]

@@ -1,9 +1,13 @@
-"""Plain-torch references for gitfast's Triton kernels: ground truth in tests, and a CPU fallback.
+"""GIT's attention mask, and the plain-torch references of the attention operations: the ground truth
+every backend (Triton, C++, plain torch) is tested against.
 
-They follow the kernels' contracts exactly (same layouts, same mask rule `j < max(P, i + 1)`, same
-handling of skipped slots and empty contexts) but compute in `compute_dtype` (fp32 by default; tests
-pass fp64 for a gold standard) with one explicit score matrix per sequence, and cast the result back
-to the input dtype. Loops over the batch in Python: clear, not fast.
+The mask is written here once: `git_visible` is the rule (key position j is visible to query
+position i iff j < max(P, i + 1), P the image tokens: image tokens see the image only, text sees the
+image and causally its text), `git_mask` its boolean matrix for SDPA and eager attention.
+The references follow the kernels' contracts exactly (same layouts, same handling of skipped slots
+and empty contexts) but compute in `compute_dtype` (fp32 by default; tests pass fp64 for a gold
+standard) with one explicit score matrix per sequence, and cast the result back to the input dtype.
+Loops over the batch in Python: clear, not fast.
 """
 from __future__ import annotations
 
@@ -21,12 +25,28 @@ def _image_counts(num_image_tokens, batch: int):
     return [int(num_image_tokens)] * batch
 
 
+def git_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, num_image: int) -> torch.Tensor:
+    """GIT's mask rule, broadcast over query positions `q_pos` and key positions `k_pos`: True where
+    the key is visible, j < max(num_image, i + 1)."""
+    return k_pos < torch.clamp(q_pos + 1, min=num_image)
+
+
+def git_mask(num_image: int, queries: int, keys: int, text_mask: Optional[torch.Tensor] = None,
+             device=None) -> torch.Tensor:
+    """Boolean mask `[B or 1, 1, queries, keys]` (True = may attend) for the last `queries` of `keys`
+    tokens laid out `[image | text]`. `text_mask` `[B, keys - num_image]` (0 = padding) hides padded
+    text keys (a padded query still sees the image: harmless, its output is never used)."""
+    k = torch.arange(keys, device=device)
+    allowed = git_visible(k[keys - queries:, None], k[None, :], num_image)[None, None]
+    if text_mask is not None:
+        image = text_mask.new_ones(text_mask.shape[0], num_image)
+        allowed = allowed & torch.cat([image, text_mask], dim=1).bool()[:, None, None, :]
+    return allowed
+
+
 def _prefix_lm_attention(q, k, v, q_pos, n_img, scale):
     """q `[n, H, D]` at absolute positions q_pos `[n]`; k, v `[L, H, D]` at positions 0..L-1."""
-    L = k.shape[0]
-    j = torch.arange(L, device=q.device)
-    limit = torch.clamp(torch.maximum(q_pos + 1, torch.full_like(q_pos, n_img)), max=L)
-    allowed = j[None, :] < limit[:, None]                                # [n, L]
+    allowed = git_visible(q_pos[:, None], torch.arange(k.shape[0], device=q.device)[None, :], n_img)  # [n, L]
     s = torch.einsum("ihd,jhd->hij", q, k) * scale
     s = s.masked_fill(~allowed[None], float("-inf"))
     p = torch.softmax(s, dim=-1)
@@ -78,7 +98,7 @@ def _gather(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.
 def paged_decode_attention_reference(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, sm_scale: Optional[float] = None,
-    compute_dtype: torch.dtype = torch.float32, **_ignored,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Reference of `paged_decode_attention`: q `[B, H, D]` sees all context_lens[b] tokens."""
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -97,7 +117,7 @@ def paged_prefill_attention_reference(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
     num_image_tokens: Union[int, torch.Tensor], sm_scale: Optional[float] = None,
-    compute_dtype: torch.dtype = torch.float32, **_ignored,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Reference of `paged_prefill_attention`: the n new tokens of sequence b sit at positions
     context_lens[b]-n .. context_lens[b]-1 and see keys j < max(P, pos + 1)."""

@@ -1,4 +1,4 @@
-"""gitfast._C's CPU attention (gitfast.cpu_attention) vs fp64 oracles: kernels/reference.py run in
+"""gitfast._C's CPU attention (gitfast.attention.cpu_backend) vs fp64 oracles: kernels/reference.py run in
 float64 on the same inputs.
 
 Shapes are odd on purpose: one-token sequences, 17 tokens (half a key tile), 197 image + 20 text
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gitfast import backend_choice as BC
-from gitfast import cpu_attention as ca
+from gitfast.attention import cpu_backend as ca
 from gitfast import ops
 from gitfast.kernels.reference import (
     git_attention_reference,
@@ -162,7 +162,7 @@ def test_decode_low_precision(dtype):
     kc, vc, tables = _paged(lens, 2, 64, 8, seed=3)
     kc, vc = kc.to(dtype), vc.to(dtype)
     q = _randn(3, 2, 64, seed=2).to(dtype)
-    out = ca.paged_decode_attention(q, kc, vc, tables, _i32(lens), num_splits=2)
+    out = ca.paged_decode_attention(q, kc, vc, tables, _i32(lens))
     gold = paged_decode_attention_reference(q.double(), kc.double(), vc.double(), tables, _i32(lens),
                                             compute_dtype=F64)
     _check_low(out, gold, paged_decode_attention_reference(q, kc, vc, tables, _i32(lens), compute_dtype=dtype))
@@ -313,6 +313,7 @@ def test_model_attention_on_the_cpu_runs_these_kernels(monkeypatch):
     """gitfast.attention's paged decode and prefill take the C++ kernels on the CPU (the vision
     encoder's unmasked attention stays on SDPA, measured faster), with the plain-torch answers."""
     from gitfast import attention
+    from gitfast.attention import torch_backend
 
     calls = []
     for name in ("paged_decode_attention", "paged_prefill_attention", "git_attention"):
@@ -322,9 +323,12 @@ def test_model_attention_on_the_cpu_runs_these_kernels(monkeypatch):
     kc, vc = torch.randn(2, 8, 4, 2, 32, generator=g)  # 8 blocks of 4 slots, 2 heads
     tables, lens = torch.tensor([[5, 2, 0], [7, 1, 3]], dtype=torch.int32), [5, 9]
     q = torch.randn(2, 2, 32, generator=g)
-    got = attention.paged_decode(q, kc, vc, tables, _i32(lens), max(lens))
-    monkeypatch.setattr(attention, "_use_kernels", lambda q: None)
-    want = attention.paged_decode(q, kc, vc, tables, _i32(lens), max(lens))
+    meta = attention.AttentionMetadata(attention.DECODE, torch.tensor([-1, -1]), tables, _i32(lens),
+                                       max_context=max(lens))
+    assert attention.backend_for(attention.DECODE, q) is ca.BACKEND
+    assert attention.backend_for(attention.VISION, q) is torch_backend.BACKEND
+    got = attention.paged(q, q, q, kc, vc, meta)  # slots -1: nothing written
+    want = torch_backend.BACKEND.decode(q, kc, vc, meta)
     assert calls == ["paged_decode_attention"]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

@@ -2,7 +2,7 @@
 
 One decoder pass over `[image | text]` through gitfast's layers. Attention goes through the fused
 kernels (`attention.prefill`) unless the caller continues from a cache or asks for attention
-probabilities; then the plain-torch attention of `attention_probs` computes them. The keys and values
+probabilities; then plain torch (`attention.probabilities`) computes them. The keys and values
 of every layer are handed back as transformers' `DynamicCache` when `use_cache` (transformers' default,
 from `config.use_cache`).
 """
@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .. import attention, attention_probs, ops
+from .. import attention, ops
 from ..devices import placement
 
 # keywords transformers' forward takes through **kwargs that gitfast honours; anything else is refused
@@ -59,7 +59,7 @@ def run(lm, input_ids=None, attention_mask=None, position_ids=None, pixel_values
     mask = None if attention_mask is None else _key_mask(attention_mask.to(dev), b, keys)
     plain = past > 0 or output_attentions
     if plain:
-        allowed = attention_probs.git_mask(n_img if past == 0 else keys - t, h.shape[1], keys, None, dev)
+        allowed = attention.git_mask(n_img if past == 0 else keys - t, h.shape[1], keys, None, dev)
         if mask is not None:
             allowed = allowed & mask.bool()[:, None, None, :]
     probs = []
@@ -69,7 +69,7 @@ def run(lm, input_ids=None, attention_mask=None, position_ids=None, pixel_values
             k, v = (x.transpose(1, 2) for x in cache.update(k.transpose(1, 2), v.transpose(1, 2), layer))
         if not plain:
             return attention.prefill(q, k, v, n_img, None if mask is None else mask[:, -t:])
-        out, p = attention_probs.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed)
+        out, p = attention.probabilities(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed)
         if output_attentions:
             probs.append(p)
         return out.transpose(1, 2)

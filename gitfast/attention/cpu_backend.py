@@ -1,5 +1,6 @@
-"""GIT attention on the CPU through `gitfast._C` (csrc/cpu/attention.cpp): the same signatures as
-the Triton kernels' API in `gitfast.kernels`, for CPU tensors.
+"""The C++ attention backend: GIT attention on the CPU through `gitfast._C` (csrc/cpu/attention.cpp),
+loaded as `ops.extension_loaded` loads it; `BACKEND` implements `interface.AttentionBackend` over
+these kernel calls, which keep the signatures of the Triton kernels' API in `gitfast.kernels`:
 
 - ``git_attention(q, k, v, cu_seqlens, num_image_tokens, max_seqlen=None, sm_scale=None)``
 - ``paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_scale=None)``
@@ -15,14 +16,19 @@ the Triton kernels' API in `gitfast.kernels`, for CPU tensors.
 
 `num_image_tokens` is an int or a tensor (per sequence, or 0-dim for all), clamped per sequence
 to its length as in `gitfast.kernels.reference`. fp32, fp16 and bf16 inputs; fp32 arithmetic.
-No autograd: these are inference kernels.
+No autograd: these are inference kernels. The vision encoder's unmasked attention is left to plain
+torch: SDPA without a mask (oneDNN's GEMM path) beats the C++ kernel there (0.6-0.7x at 8 x 197
+tokens, 12 heads: bench/bench_cpu_attention.py).
 """
 from __future__ import annotations
 
 import functools
-import importlib
+from typing import Optional
 
 import torch
+
+from .. import ops
+from .interface import DECODE, DENSE, KERNEL_HEAD_DIMS, PREFILL, WRITE_KV, packed_dense
 
 _OPS = ("git_attention", "paged_decode_attention", "paged_prefill_attention")
 _ALL_OPS = (*_OPS, "write_kv_cache")
@@ -31,9 +37,7 @@ _ALL_OPS = (*_OPS, "write_kv_cache")
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """True when gitfast._C is built with the CPU attention ops (their fakes registered then)."""
-    try:
-        importlib.import_module("gitfast._C")
-    except ImportError:
+    if not ops.extension_loaded():
         return False
     if not all(torch._C._dispatch_has_kernel_for_dispatch_key(f"gitfast::{op}", "CPU") for op in _ALL_OPS):
         return False
@@ -50,7 +54,7 @@ def isa() -> str | None:
 
 def decision():
     """backend_choice.Decision for the attention ISA; the chosen one is set in gitfast._C."""
-    from .backend_choice import choose, decided
+    from ..backend_choice import choose, decided
 
     made = decided("cpu_attention_isa")
     if made is not None:
@@ -68,8 +72,8 @@ def _prepare(name: str):
     small case with GIT's mask; then a decode step (8 sequences, 217 cached tokens) and a decoder
     prefill (197 image + 20 text tokens), 4 heads of 64 (a third of git-base's: start-up pays for
     this once per process), each call run on `name`."""
-    from .backend_choice import Unfit
-    from .kernels.reference import git_attention_reference
+    from ..backend_choice import Unfit
+    from ..kernels.reference import git_attention_reference
 
     set_isa = functools.partial(torch.ops.gitfast.set_cpu_isa, name)
     g = torch.Generator().manual_seed(0)
@@ -119,16 +123,15 @@ def git_attention(q, k, v, cu_seqlens, num_image_tokens, max_seqlen=None, sm_sca
     return torch.ops.gitfast.git_attention(q, k, v, cu_seqlens, counts, n, sm_scale)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_scale=None, **_ignored):
-    """One query per sequence `[B, H, D]` over its `context_lens[b]` cached tokens (none: zeros);
-    Triton tuning keywords (num_splits, ...) are accepted and ignored."""
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_scale=None):
+    """One query per sequence `[B, H, D]` over its `context_lens[b]` cached tokens (none: zeros)."""
     return torch.ops.gitfast.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, sm_scale)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, num_image_tokens,
-                            sm_scale=None, **_ignored):
+                            sm_scale=None):
     """New tokens (packed by `cu_seqlens_q`) at the end of each sequence's cached context, with
-    GIT's mask; Triton tuning keywords (max_seqlen_q, ...) are accepted and ignored."""
+    GIT's mask."""
     counts, n = _image_counts(num_image_tokens)
     return torch.ops.gitfast.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q,
                                                      context_lens, counts, n, sm_scale)
@@ -138,6 +141,33 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
     """Stores `k`, `v` [N, H, D] at `slot_mapping` [N] (block * block_size + offset; negative =
     skipped) of the contiguous caches [num_blocks, block_size, H, D], in place."""
     torch.ops.gitfast.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+class CpuBackend:
+    """`interface.AttentionBackend` over these kernels (CPU tensors; the ISA measured before first use)."""
+
+    name = "cpu ext"
+
+    def serves(self, op: str, x: torch.Tensor, cache: Optional[torch.Tensor] = None) -> bool:
+        if op == WRITE_KV:
+            return cache.is_contiguous()
+        return op in (DENSE, PREFILL, DECODE) and x.shape[-1] in KERNEL_HEAD_DIMS
+
+    def dense(self, q, k, v, num_image: Optional[int] = None, text_mask: Optional[torch.Tensor] = None):
+        return packed_dense(git_attention, q, k, v, num_image)
+
+    def decode(self, q, k_pool, v_pool, meta):
+        return paged_decode_attention(q, k_pool, v_pool, meta.block_tables, meta.context_lens)
+
+    def prefill(self, q, k_pool, v_pool, meta):
+        return paged_prefill_attention(q, k_pool, v_pool, meta.block_tables, meta.cu_seqlens_q, meta.context_lens,
+                                       meta.num_image)
+
+    def write_kv(self, k, v, k_pool, v_pool, slot_mapping) -> None:
+        write_kv_cache(k, v, k_pool, v_pool, slot_mapping)
+
+
+BACKEND = CpuBackend()
 
 
 # Load now rather than on the first call: that call may be inside torch.compile's tracing, which
