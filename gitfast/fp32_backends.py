@@ -80,3 +80,13 @@ def decision() -> Decision:
 def kernel_serves_narrow_linear() -> bool:
     """Whether fp32 Linear layers on the CPU take gitfast._C's kernel at up to NARROW_MAX_ROWS rows."""
     return decide() == "cpu ext"
+
+
+def describe(device) -> str:
+    """What serves an fp32 `ops.Linear` (and `ops.Logits`) on `device`, with the measurement: the
+    extension's kernel at up to NARROW_MAX_ROWS rows where it measured faster, F.linear otherwise."""
+    if torch.device(device).type != "cpu":
+        return "torch"
+    made = decision()
+    how = made.summary()[len(made.chosen):].strip()  # "(measured; cpu ext 2.1 ms, torch 3.4 ms)"
+    return f"cpu ext at <= {NARROW_MAX_ROWS} rows; torch above {how}" if made.chosen == "cpu ext" else f"torch {how}"

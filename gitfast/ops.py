@@ -199,17 +199,6 @@ def linear_backend(device, dtype) -> str:
     return f"onednn packed; cpu ext at <= {Linear.KERNEL_MAX_ROWS} rows" if narrow else "onednn packed"
 
 
-def linear_fp32_backend(device) -> str:
-    """What serves `Linear` (and `Logits`) for fp32 weights on `device`: the extension's fp32 kernel at up
-    to `fp32_backends.NARROW_MAX_ROWS` rows where it measured faster (decode steps), F.linear otherwise."""
-    if torch.device(device).type != "cpu":
-        return "torch"
-    serves = fp32_backends.kernel_serves_narrow_linear()
-    made = fp32_backends.decision()
-    how = made.summary()[len(made.chosen):].strip()  # "(measured; cpu ext 2.1 ms, torch 3.4 ms)"
-    return (f"cpu ext at <= {fp32_backends.NARROW_MAX_ROWS} rows; torch above {how}" if serves else f"torch {how}")
-
-
 def _fp32_narrow(x: torch.Tensor, w: torch.Tensor, b) -> bool:
     """Whether an fp32 Linear on `x` takes the extension's few-row kernel: CPU inference at up to
     NARROW_MAX_ROWS rows (decode steps; prefill and image rows stay on F.linear), where it measured faster."""
