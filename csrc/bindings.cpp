@@ -474,6 +474,38 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t n,
 
 std::string logits_isa() { return cpu_kernels::logits_isa(); }
 
+// ---------------------------------------------------------------------------------------------
+// fp32 Linear at few rows (CPU kernels only)
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor linear_fp32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       std::optional<c10::string_view> activation) {
+  const char* op = "linear_fp32";
+  const int act = activation ? static_cast<int>(parse_activation(*activation)) : -1;
+  TORCH_CHECK(x.is_cpu() && x.dim() >= 1 && x.is_contiguous() && x.scalar_type() == at::kFloat, "gitfast.", op,
+              ": x must be a contiguous float32 CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  const int64_t k = x.size(-1), n = w.dim() == 2 ? w.size(0) : -1;
+  TORCH_CHECK(w.is_cpu() && w.dim() == 2 && w.size(1) == k && w.is_contiguous() && w.scalar_type() == at::kFloat,
+              "gitfast.", op, ": w must be a contiguous [N, ", k, "] float32 CPU tensor, got ", w.scalar_type(), " ",
+              w.sizes(), " on ", w.device());
+  if (bias) {
+    TORCH_CHECK(bias->is_cpu() && bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == n,
+                "gitfast.", op, ": bias must be a contiguous float32 CPU tensor of ", n, " entries, got ",
+                bias->scalar_type(), " ", bias->sizes());
+  }
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = n;
+  at::Tensor y = at::empty(shape, x.options());
+  const int64_t m = y.numel() / std::max<int64_t>(n, 1);  // from y: with K = 0, x has no elements to count
+  if (m > 0 && n > 0) {
+    at::Tensor y2 = y.view({m, n});
+    cpu_kernels::linear_fp32(x.view({m, k}), w, bias ? &*bias : nullptr, act, y2);
+  }
+  return y;
+}
+
+std::string linear_fp32_isa() { return cpu_kernels::linear_fp32_isa(); }
+
 }  // namespace
 }  // namespace gitfast
 
@@ -514,6 +546,8 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
   m.def("pack_bf16_cols(Tensor w) -> Tensor", tags);
   m.def("linear_bf16(Tensor x, Tensor packed, int n, Tensor? bias, bool fp32_out=True) -> Tensor", tags);
   m.def("logits_isa() -> str", &gitfast::logits_isa);
+  m.def("linear_fp32(Tensor x, Tensor w, Tensor? bias, str? activation=None) -> Tensor", tags);
+  m.def("linear_fp32_isa() -> str", &gitfast::linear_fp32_isa);
 }
 
 // The same entries for every device: they pick the device's kernels themselves.
@@ -534,6 +568,7 @@ TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
   m.impl("int8_mm", &gitfast::int8_mm);
   m.impl("pack_bf16_cols", &gitfast::pack_bf16_cols);
   m.impl("linear_bf16", &gitfast::linear_bf16);
+  m.impl("linear_fp32", &gitfast::linear_fp32);
 }
 #if GITFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(gitfast, CUDA, m) { GITFAST_IMPL_ALL(m); }

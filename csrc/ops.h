@@ -12,6 +12,7 @@
 // and GIT attention on the CPU (cpu/attention.cpp; contracts of kernels/api.py):
 //   git_attention, paged_decode_attention, paged_prefill_attention, cpu_isa
 // and the bf16 LM head with fp32 logits (cpu/logits.cpp): pack_bf16_cols, linear_bf16, logits_isa
+// and fp32 Linear layers at few rows (cpu/linear_fp32.cpp): linear_fp32, linear_fp32_isa
 // Kernels get inputs the bindings have checked (dtype, shapes, contiguity, one device) and write
 // into outputs the bindings allocated. This header stays light (no CUDA, no pybind) so both
 // compilers parse it quickly.
@@ -87,6 +88,13 @@ void set_cpu_isa(const std::string& name);
 void pack_bf16_cols(const at::Tensor& w, at::Tensor& packed);
 void linear_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor* bias, at::Tensor& y);
 const char* logits_isa();
+
+// fp32 Linear at few rows (decode steps; linear_fp32.cpp).
+//   linear_fp32:     y [M, N] = act(x [M, K] @ w [N, K]^T + bias) (bias optional, act < 0 for none;
+//                    else an Activation), fp32, weights read as stored
+//   linear_fp32_isa: "avx512", "avx2" or "generic": widest_isa's
+void linear_fp32(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias, int act, at::Tensor& y);
+const char* linear_fp32_isa();
 }  // namespace cpu_kernels
 
 namespace cuda_kernels {  // defined only in builds with CUDA (GITFAST_WITH_CUDA=1)

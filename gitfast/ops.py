@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import bf16_backends
+from . import bf16_backends, fp32_backends
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 OPS = ("add_layer_norm", "bias_act", "mlp")
@@ -88,6 +88,11 @@ def _register_fakes() -> None:
         @torch.library.register_fake("gitfast::int8_mm")
         def _(q, w):
             return q.new_empty((q.shape[0], w.shape[0]), dtype=torch.int32)
+
+    if hasattr(torch.ops.gitfast, "linear_fp32"):
+        @torch.library.register_fake("gitfast::linear_fp32")
+        def _(x, w, bias, activation=None):
+            return x.new_empty((*x.shape[:-1], w.shape[0]))
 
     if hasattr(torch.ops.gitfast, "linear_bf16"):
         @torch.library.register_fake("gitfast::pack_bf16_cols")
@@ -200,6 +205,16 @@ def linear_backend(device, dtype) -> str:
     return f"onednn packed; cpu ext at <= {Linear.KERNEL_MAX_ROWS} rows" if narrow else "onednn packed"
 
 
+def _fp32_narrow(x: torch.Tensor, w: torch.Tensor, b) -> bool:
+    """Whether an fp32 Linear on `x` takes the extension's few-row kernel: CPU inference at up to
+    NARROW_MAX_ROWS rows (decode steps; prefill and image rows stay on F.linear), where it measured faster."""
+    return x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" \
+        and 0 < x.numel() <= fp32_backends.NARROW_MAX_ROWS * x.shape[-1] and w.is_contiguous() \
+        and (b is None or (b.dtype == torch.float32 and b.is_contiguous())) \
+        and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
+        and not torch.compiler.is_compiling() and fp32_backends.kernel_serves_narrow_linear()
+
+
 def logits_backend(device) -> str:
     """What serves `Logits` for a bf16 model (and for dynamic INT8's LM head) on `device`: the
     extension's bf16 kernel at up to `Logits.KERNEL_ROWS` rows where it measured faster (the
@@ -219,7 +234,12 @@ class Linear(nn.Linear):
     Plain `F.linear` on a bf16 CPU tensor hands oneDNN the weight in nn.Linear's layout, and oneDNN
     re-lays it out on every call: 1.3-1.9x slower per GEMM at git-base's shapes (M = 8 decode rows
     and M = 1576 vision rows, AMX; bench/bench_cpu.py). The packed copy costs the weight's memory
-    again (bf16 only). fp32, CUDA, autograd and tracing take `F.linear` unchanged.
+    again (bf16 only). CUDA, autograd and tracing take `F.linear` unchanged, and so does fp32 beyond
+    decode rows.
+
+    fp32 CPU inference at up to `fp32_backends.NARROW_MAX_ROWS` rows (decode steps) takes the extension's
+    fp32 kernel where it measured faster than MKL (csrc/cpu/linear_fp32.cpp: the weight read once per
+    call at any row count), with the activation fused.
 
     At one to four rows (decode steps of up to four sequences) the extension's bf16 kernel on its own
     packed copy serves instead, where it measured faster (on AVX512-BF16): oneDNN reads the weights slower there
@@ -245,6 +265,8 @@ class Linear(nn.Linear):
             if activation == "gelu":  # oneDNN's erf GELU post-op: one pass less over the output
                 return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "gelu", [], "none")
             y = torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
+        elif _fp32_narrow(x, w, self.bias):
+            return torch.ops.gitfast.linear_fp32(x.contiguous(), w, self.bias, activation)
         else:
             y = F.linear(x, w, self.bias)
         return y if activation is None else bias_act(y, None, activation)
@@ -315,9 +337,10 @@ class Logits(Linear):
 def feed_forward(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: str) -> torch.Tensor:
     """`fc2(act(fc1(x)))` over linear layers: the fused `mlp` op when both are plain `Linear`s whose
     weights it serves best (fp32, fp16, CUDA), else each layer's own forward with the activation
-    fused into the first (packed bf16, INT8 layers from gitfast.quantization)."""
+    fused into the first (packed bf16, fp32 decode rows, INT8 layers from gitfast.quantization)."""
     if type(fc1) is Linear and type(fc2) is Linear and not (
-            x.dtype == torch.bfloat16 and x.device.type == "cpu" and bf16_backends.packs_linear()):
+            x.dtype == torch.bfloat16 and x.device.type == "cpu" and bf16_backends.packs_linear()) \
+            and not _fp32_narrow(x, fc1.weight, fc1.bias):
         return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation)
     return fc2(fc1(x, activation))
 

@@ -100,7 +100,7 @@ _PROBE = r"""
 import json, torch
 from gitfast import info, ops
 
-calls = {"linear_bf16": 0, "_linear_pointwise": 0}
+calls = {"linear_bf16": 0, "_linear_pointwise": 0, "linear_fp32": 0}
 def spy(namespace, name):
     real = getattr(namespace, name, None)
     if real is None:
@@ -113,6 +113,7 @@ def spy(namespace, name):
 ops.extension_loaded()
 spy(torch.ops.gitfast, "linear_bf16")
 spy(torch.ops.mkldnn, "_linear_pointwise")
+spy(torch.ops.gitfast, "linear_fp32")
 ran = {}
 with torch.no_grad():
     for name, layer, rows in (("logits", ops.Logits(64, 96), 1), ("linear_narrow", ops.Linear(64, 96), 1),
@@ -121,15 +122,19 @@ with torch.no_grad():
         before = dict(calls)
         layer(torch.randn(rows, 64).bfloat16())
         ran[name] = [k for k in calls if calls[k] > before[k]]
+    for name, rows in (("fp32_narrow", 1), ("fp32_wide", 17)):  # 17: past fp32_backends.NARROW_MAX_ROWS
+        before = dict(calls)
+        ops.Linear(64, 96)(torch.randn(rows, 64))
+        ran[name] = [k for k in calls if calls[k] > before[k]]
 print(json.dumps({"rows": info.collect()["linear"], "ran": ran}))
 """
 
 
 @pytest.mark.parametrize("forced_isa", [None, "avx2"])
 def test_linear_and_logits_rows_name_what_runs(forced_isa):
-    """The linear_bf16 / logits_bf16 rows say what a bf16 layer's forward actually calls, in a fresh
+    """The linear_fp32 / linear_bf16 / logits_bf16 rows say what a layer's forward actually calls, in a fresh
     process (the kernels' ISA and the measured backends are chosen once per process), also with
-    GITFAST_CPU_ISA=avx2 capping the bf16 kernel to its portable path."""
+    GITFAST_CPU_ISA=avx2 capping the bf16 kernel to its portable path (and the fp32 kernel to AVX2)."""
     import os
     import subprocess
     import sys
@@ -147,3 +152,6 @@ def test_linear_and_logits_rows_name_what_runs(forced_isa):
     linear_row = rows["linear_bf16"]["cpu"]
     assert ("cpu ext" in linear_row) == ("linear_bf16" in ran["linear_narrow"]), (linear_row, ran)
     assert ("onednn packed" in linear_row) == ("_linear_pointwise" in ran["linear_wide"]), (linear_row, ran)
+    fp32_row = rows["linear_fp32"]["cpu"]
+    assert fp32_row.startswith("cpu ext") == ("linear_fp32" in ran["fp32_narrow"]), (fp32_row, ran)
+    assert "linear_fp32" not in ran["fp32_wide"], (fp32_row, ran)

@@ -1,0 +1,52 @@
+// One register tile of linear_fp32 (linear_fp32.cpp), written once for a vector type `Vec` (W floats)
+// and compiled per ISA: linear_fp32.cpp includes this file (no include guard, on purpose) inside
+// `namespace <isa>` with the matching `#pragma GCC target`, after defining Vec and GITFAST_TILE_ATTR
+// (the entry's attributes: GCC's per-level clones for the portable path) there.
+//
+//   out[r * kCols + c] = sum_k x[r][k] * w[c][k]    r < R rows of x, c < kCols rows of the weight
+//
+// Both operands are read as stored (rows contiguous along k), so lane i of an accumulator sums the
+// k = i (mod W) products and one horizontal sum per output ends the tile; k past the last whole
+// vector is added in scalar.
+
+// Rows per tile: R x kCols accumulators + R x vectors + one weight vector in registers (AVX2's 16
+// hold 3 x 4 + 3 + 1; AVX-512's 32 hold 4 x 4 + 4 + 1 with room to spare).
+constexpr int kRows = Vec::kRegs >= 32 ? 4 : 3;
+
+// `ahead`: how far past each weight row (in floats) to prefetch as the tile goes: the next tile's rows,
+// fetched from memory while this tile's rows of x are multiplied from cache.
+template <int R>
+GITFAST_INLINE void dot_tile(const float* const* x, const float* const* w, int64_t k, int64_t ahead, float* out) {
+  Vec acc[R][kCols];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kCols; ++c) acc[r][c] = Vec::zero();
+  const int64_t whole = k / Vec::W * Vec::W;
+  for (int64_t i = 0; i < whole; i += Vec::W) {
+    Vec xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = Vec::load(x[r] + i);
+    for (int c = 0; c < kCols; ++c) {
+      prefetch(w[c] + i + ahead);
+      const Vec wv = Vec::load(w[c] + i);
+      for (int r = 0; r < R; ++r) acc[r][c] = Vec::fma(xv[r], wv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < kCols; ++c) {
+      float s = acc[r][c].hsum();
+      for (int64_t i = whole; i < k; ++i) s += x[r][i] * w[c][i];
+      out[r * kCols + c] = s;
+    }
+  }
+}
+
+// `rows` (1..kRows) rows of x against kCols weight rows: the tile compiled for exactly that many rows,
+// so a one-row decode step pays for one row of FMAs.
+GITFAST_TILE_ATTR void tile(const float* const* x, int rows, const float* const* w, int64_t k, int64_t ahead,
+                            float* out) {
+  switch (rows) {
+    case 1: return dot_tile<1>(x, w, k, ahead, out);
+    case 2: return dot_tile<2>(x, w, k, ahead, out);
+    case 3: return dot_tile<3>(x, w, k, ahead, out);
+    default: return dot_tile<kRows>(x, w, k, ahead, out);
+  }
+}
