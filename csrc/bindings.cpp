@@ -464,7 +464,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t n,
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = n;
   at::Tensor y = at::empty(shape, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
-  const int64_t m = x.numel() / std::max<int64_t>(k, 1);
+  int64_t m = 1;  // rows: the leading dimensions (not numel / K, which is 0 rows for K = 0)
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
   if (m > 0 && n > 0) {
     at::Tensor y2 = y.view({m, n});
     cpu_kernels::linear_bf16(x.view({m, k}), packed, bias ? &*bias : nullptr, y2);

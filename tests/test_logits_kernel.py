@@ -57,6 +57,9 @@ def test_leading_dims_and_empty():
     assert y.shape == (2, 3, 50)
     _check(y.reshape(6, 50), x.reshape(6, 32), w, None)
     assert g.linear_bf16(_bf16(0, 32), g.pack_bf16_cols(w), 50, None).shape == (0, 50)
+    b = torch.randn(50)  # K = 0: every output is the bias (an empty sum), as in F.linear
+    y = g.linear_bf16(_bf16(2, 3, 0), g.pack_bf16_cols(_bf16(50, 0)), 50, b)
+    assert torch.equal(y, b.expand(2, 3, 50))
 
 
 def test_bad_inputs_are_refused_by_name():
