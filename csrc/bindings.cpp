@@ -191,6 +191,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   return {q, scale};
 }
 
+// A per-row or per-column float32 vector of `n` entries (scales, biases), checked with one message.
+void check_f32_vector(const at::Tensor& t, int64_t n, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cpu() && t.is_contiguous() && t.scalar_type() == at::kFloat && t.numel() == n, "gitfast.", op, ": ",
+              name, " must be a contiguous float32 CPU tensor of ", n, " entries, got ", t.scalar_type(), " ",
+              t.sizes());
+}
+
 at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, const std::optional<at::Tensor>& col_scale,
                            const std::optional<at::Tensor>& bias, std::optional<c10::string_view> activation,
                            at::ScalarType dtype) {
@@ -202,16 +209,8 @@ at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, c
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "gitfast.", op, ": dtype ", dtype,
               " is not float32, float16 or bfloat16");
   const int64_t m = acc.size(0), n = acc.size(1);
-  TORCH_CHECK(row_scale.scalar_type() == at::kFloat && row_scale.is_contiguous() && row_scale.numel() == m &&
-                  row_scale.is_cpu(),
-              "gitfast.", op, ": row_scale must be a contiguous float32 CPU tensor of ", m, " entries, got ",
-              row_scale.scalar_type(), " ", row_scale.sizes());
-  if (col_scale) {
-    TORCH_CHECK(col_scale->scalar_type() == at::kFloat && col_scale->is_contiguous() && col_scale->numel() == n &&
-                    col_scale->is_cpu(),
-                "gitfast.", op, ": col_scale must be a contiguous float32 CPU tensor of ", n, " entries, got ",
-                col_scale->scalar_type(), " ", col_scale->sizes());
-  }
+  check_f32_vector(row_scale, m, op, "row_scale");
+  if (col_scale) check_f32_vector(*col_scale, n, op, "col_scale");
   if (bias) {
     const auto t = bias->scalar_type();
     TORCH_CHECK((t == at::kFloat || t == at::kHalf || t == at::kBFloat16) && bias->is_contiguous() &&
@@ -456,11 +455,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t n,
               packed.scalar_type(), " ", packed.sizes());
   TORCH_CHECK(n >= 0 && n <= packed.size(0) * 16 && n > (packed.size(0) - 2) * 16, "gitfast.", op, ": n = ", n,
               " does not match the packed weight's ", packed.size(0), " column tiles");
-  if (bias) {
-    TORCH_CHECK(bias->is_cpu() && bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == n,
-                "gitfast.", op, ": bias must be a contiguous float32 CPU tensor of ", n, " entries, got ",
-                bias->scalar_type(), " ", bias->sizes());
-  }
+  if (bias) check_f32_vector(*bias, n, op, "bias");
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = n;
   at::Tensor y = at::empty(shape, x.options().dtype(fp32_out ? at::kFloat : at::kBFloat16));
@@ -489,11 +484,7 @@ at::Tensor linear_fp32(const at::Tensor& x, const at::Tensor& w, const std::opti
   TORCH_CHECK(w.is_cpu() && w.dim() == 2 && w.size(1) == k && w.is_contiguous() && w.scalar_type() == at::kFloat,
               "gitfast.", op, ": w must be a contiguous [N, ", k, "] float32 CPU tensor, got ", w.scalar_type(), " ",
               w.sizes(), " on ", w.device());
-  if (bias) {
-    TORCH_CHECK(bias->is_cpu() && bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == n,
-                "gitfast.", op, ": bias must be a contiguous float32 CPU tensor of ", n, " entries, got ",
-                bias->scalar_type(), " ", bias->sizes());
-  }
+  if (bias) check_f32_vector(*bias, n, op, "bias");
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = n;
   at::Tensor y = at::empty(shape, x.options());

@@ -50,6 +50,15 @@ def test_dequantize_rows_matches_the_reference(acc_dtype, activation, out_dtype)
         torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
 
+@needs_ext
+def test_dequantize_rows_names_a_bad_scale():
+    acc = torch.zeros(3, 5, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"row_scale must be a contiguous float32 CPU tensor of 3 entries"):
+        torch.ops.gitfast.dequantize_rows(acc, torch.ones(4), None, None, None, torch.float32)
+    with pytest.raises(RuntimeError, match=r"col_scale must be a contiguous float32 CPU tensor of 5 entries"):
+        torch.ops.gitfast.dequantize_rows(acc, torch.ones(3), torch.ones(5).double(), None, None, torch.float32)
+
+
 @pytest.fixture
 def fresh_choice(monkeypatch):
     """The int8 GEMM decided anew in the test, and again after it (the process's real decision)."""
