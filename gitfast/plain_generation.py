@@ -94,7 +94,7 @@ def read(folder: Path, model_config_reader) -> object:
     generation_config.json names only FIELDS, else what `model_config_reader(folder)` gives
     (transformers' `GenerationConfig`: `loading.generation_config_of`)."""
     path = Path(folder) / FILE
-    values = _plain_values(path) if path.is_file() else None
+    values = _plain_values(path) if path.is_file() else _from_model_config(Path(folder) / "config.json")
     if values is None:
         return model_config_reader(folder)
     return PlainGenerationConfig(**values)
@@ -108,6 +108,38 @@ def _plain_values(path: Path) -> Optional[dict]:
     if not isinstance(values, dict) or not set(values) <= set(FIELDS) | set(_METADATA):
         return None
     return {k: v for k, v in values.items() if k not in _METADATA}
+
+
+# Without generation_config.json (GIT checkpoints published before transformers wrote one, such as the
+# microsoft/git-* ones), transformers' `GenerationConfig.from_model_config` takes every generation field
+# the model config holds. For a GIT config those are these (the model config's own defaults: GitConfig's
+# ids, PreTrainedConfig's flags); a value None is left out, as transformers leaves it out.
+_FROM_MODEL_CONFIG = {"use_cache": True, "output_attentions": False, "output_hidden_states": False,
+                      "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102, "decoder_start_token_id": None}
+# config.json keys known to hold no generation setting: any other key sends the read to transformers
+_MODEL_ONLY = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "initializer_range",
+    "layer_norm_eps", "tie_word_embeddings", "num_image_with_embedding", "vision_config", "architectures",
+    "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "classifier_dropout",
+    "position_embedding_type",
+}
+
+
+def _from_model_config(config_file: Path) -> Optional[dict]:
+    """What transformers' `from_model_config` makes of a GIT config.json made only of keys known here;
+    None (transformers decides) for any other key, or a file that cannot be read."""
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or not set(raw) <= _MODEL_ONLY | set(_FROM_MODEL_CONFIG):
+        return None
+    values = {name: raw.get(name, default) for name, default in _FROM_MODEL_CONFIG.items()}
+    values = {name: value for name, value in values.items() if value is not None}
+    if values.get("output_attentions") or values.get("output_hidden_states"):
+        values["return_dict_in_generate"] = True  # as from_model_config sets it for an output flag
+    return values
 
 
 def _is_transformers_field(name: str) -> bool:

@@ -71,10 +71,10 @@ def test_refusals_equal_transformers(call, error):
             resolve_settings(config, 1, **call)
 
 
-def test_a_file_with_other_fields_or_no_file_is_left_to_transformers(tmp_path):
+def test_a_file_with_other_fields_is_left_to_transformers(tmp_path):
     (tmp_path / "config.json").write_text((EMBEDDED_MODEL / "config.json").read_text())
     config = loading.read_config(tmp_path)
-    assert isinstance(loading.read_generation_config(tmp_path, config), GenerationConfig)  # no file
+    assert isinstance(loading.read_generation_config(tmp_path, config), PlainGenerationConfig)  # no file
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 3, "no_repeat_ngram_size": 2}))
     got = loading.read_generation_config(tmp_path, config)
     assert isinstance(got, GenerationConfig) and got.no_repeat_ngram_size == 2
@@ -98,3 +98,40 @@ def test_save_pretrained_writes_what_transformers_reads(tmp_path):
     again = GenerationConfig.from_pretrained(str(tmp_path))
     settings = [name for name in vars(theirs) if not name.startswith("_") and name != "transformers_version"]
     assert [getattr(again, name) for name in settings] == [getattr(theirs, name) for name in settings]
+
+
+# config.json variants of a checkpoint without generation_config.json (as the microsoft/git-* ones are)
+MODEL_CONFIGS = [
+    {},
+    {"bos_token_id": 5, "eos_token_id": 7, "pad_token_id": 1},
+    {"eos_token_id": [102, 3], "pad_token_id": None},
+    {"use_cache": False},
+    {"output_attentions": True},
+    {"output_hidden_states": True, "decoder_start_token_id": 4},
+    {"classifier_dropout": None, "position_embedding_type": "absolute", "torch_dtype": "float32",
+     "_name_or_path": "microsoft/git-base"},                    # keys the hub's GIT configs carry
+]
+
+
+def _checkpoint_without_generation_config(folder, changes):
+    raw = json.loads((EMBEDDED_MODEL / "config.json").read_text())
+    raw.update(changes)
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+@pytest.mark.parametrize("changes", MODEL_CONFIGS, ids=lambda c: ",".join(c) or "as is")
+def test_no_file_reads_as_transformers_reads_the_model_config(tmp_path, changes):
+    folder = _checkpoint_without_generation_config(tmp_path, changes)
+    ours = plain_generation.read(folder, lambda folder: pytest.fail("fell back to transformers"))
+    theirs = loading.generation_config_of(folder, loading.load_config(folder))
+    diff = {k: v for k, v in theirs.to_diff_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    assert ours.to_diff_dict() == diff
+    for call in CALLS[:7]:
+        assert resolve_settings(ours, 3, **call) == resolve_settings(theirs, 3, **call), call
+
+
+def test_no_file_and_a_model_config_key_not_known_here_is_left_to_transformers(tmp_path):
+    folder = _checkpoint_without_generation_config(tmp_path, {"max_length": 50})  # a legacy generation key
+    got = plain_generation.read(folder, lambda folder: "transformers")
+    assert got == "transformers"

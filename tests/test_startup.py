@@ -3,6 +3,7 @@
 transformers' GitForCausalLM.generate with its own processor."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +58,22 @@ def test_captioner_on_the_embedded_model_never_imports_transformers_and_captions
 def test_gitfast_caption_never_imports_transformers(tmp_path, dtype):
     out = tmp_path / "captions.jsonl"
     run = fresh_python(CLI, PICTURES[0], "--out", str(out), "--quiet", "--device", "cpu", *dtype, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert "transformers imported: []" in run.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 1 and records[0]["caption"] and records[0]["error"] is None
+
+
+def test_a_checkpoint_without_generation_config_never_imports_transformers(tmp_path):
+    """As the microsoft/git-* checkpoints are published: the generation settings come from config.json."""
+
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(EMBEDDED_MODEL, folder)
+    (folder / "generation_config.json").unlink()
+    out = tmp_path / "captions.jsonl"
+    run = fresh_python(CLI, PICTURES[0], "--model", str(folder), "--out", str(out), "--quiet", "--device", "cpu",
+                       cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr
     assert "transformers imported: []" in run.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
