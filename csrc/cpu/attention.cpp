@@ -52,15 +52,8 @@ constexpr int kMaxRows = 4;       // the most query rows any ISA's block takes
 // ---- the block kernel, once per ISA ----------------------------------------------------------
 
 #if GITFAST_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in _mm512_reduce_*_ps
-#endif
+GITFAST_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+GITFAST_QUIET_UNINITIALIZED_BEGIN
 namespace avx512 {
 namespace {
 struct Vec {
@@ -106,19 +99,10 @@ struct Vec {
 #include "attention_block.h"
 }  // namespace
 }  // namespace avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+GITFAST_QUIET_UNINITIALIZED_END
+GITFAST_TARGET_END
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+GITFAST_TARGET_BEGIN("avx2,fma,f16c")
 namespace avx2 {
 namespace {
 struct Vec {
@@ -175,11 +159,7 @@ struct Vec {
 #include "attention_block.h"
 }  // namespace
 }  // namespace avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+GITFAST_TARGET_END
 #endif  // GITFAST_X86
 
 // Portable C++ (any CPU): arrays of 8 floats the compiler vectorises for the build's baseline.

@@ -1,6 +1,6 @@
 // One query block of GIT attention on packed fp32 operands, written once for a vector type `Vec`
 // (W floats) and compiled per ISA: attention.cpp includes this file (no include guard, on purpose)
-// inside `namespace <isa>` with the matching `#pragma GCC target`, after defining Vec there.
+// inside `namespace <isa>` inside the matching GITFAST_TARGET_BEGIN block, after defining Vec there.
 //
 // Operands (built by attention.cpp's packing, zero-padded so no loop needs a tail):
 //   Kt  [Dp][Lp]  keys transposed: column j is key j; Lp a multiple of kTile

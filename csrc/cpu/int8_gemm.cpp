@@ -52,12 +52,7 @@ void tile_generic(const int16_t* const* a, const int16_t* const* b, int64_t padd
 }  // namespace
 
 #if GITFAST_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx2")
-#endif
+GITFAST_TARGET_BEGIN("avx512f,avx512bw,avx2")
 namespace {
 constexpr int64_t kVec512 = 32;  // int16 per zmm
 
@@ -77,18 +72,9 @@ void tile_avx512(const int16_t* const* a, const int16_t* const* b, int64_t padde
     for (int c = 0; c < kCols; ++c) out[r][c] = _mm512_reduce_add_epi32(acc[r][c]);
 }
 }  // namespace
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+GITFAST_TARGET_END
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#endif
+GITFAST_TARGET_BEGIN("avx2")
 namespace {
 constexpr int64_t kVec256 = 16;  // int16 per ymm
 
@@ -173,11 +159,7 @@ void narrow_avx2(const int16_t* const* a, const int8_t* const* b, int64_t k, int
   }
 }
 }  // namespace
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+GITFAST_TARGET_END
 #endif  // GITFAST_X86
 
 namespace {

@@ -44,14 +44,8 @@ GITFAST_INLINE void prefetch(const float* p) {
 }  // namespace
 
 #if GITFAST_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in _mm512_reduce_*_ps
-#endif
+GITFAST_TARGET_BEGIN("avx512f,avx2,fma")
+GITFAST_QUIET_UNINITIALIZED_BEGIN
 namespace avx512 {
 namespace {
 struct Vec {
@@ -67,19 +61,10 @@ struct Vec {
 #undef GITFAST_TILE_ATTR
 }  // namespace
 }  // namespace avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+GITFAST_QUIET_UNINITIALIZED_END
+GITFAST_TARGET_END
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+GITFAST_TARGET_BEGIN("avx2,fma")
 namespace avx2 {
 namespace {
 struct Vec {
@@ -100,11 +85,7 @@ struct Vec {
 #undef GITFAST_TILE_ATTR
 }  // namespace
 }  // namespace avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+GITFAST_TARGET_END
 #endif  // GITFAST_X86
 
 // Portable C++ (any CPU): arrays of 8 floats, multiply then add (no fused FMA to rely on); GCC clones

@@ -1,6 +1,6 @@
 // One register tile of linear_fp32 (linear_fp32.cpp), written once for a vector type `Vec` (W floats)
 // and compiled per ISA: linear_fp32.cpp includes this file (no include guard, on purpose) inside
-// `namespace <isa>` with the matching `#pragma GCC target`, after defining Vec and GITFAST_TILE_ATTR
+// `namespace <isa>` inside the matching GITFAST_TARGET_BEGIN block, after defining Vec and GITFAST_TILE_ATTR
 // (the entry's attributes: GCC's per-level clones for the portable path) there.
 //
 //   out[r * kCols + c] = sum_k x[r][k] * w[c][k]    r < R rows of x, c < kCols rows of the weight

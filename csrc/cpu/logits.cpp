@@ -64,12 +64,7 @@ GITFAST_CLONES void pair_portable(const float* xf, int64_t rows, const uint32_t*
 }  // namespace
 
 #if GITFAST_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
-#endif
+GITFAST_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx512bf16")
 namespace avx512bf16 {
 namespace {
 
@@ -108,11 +103,7 @@ void pair(const uint32_t* xw, int64_t rows, const uint32_t* w, int64_t kp, float
 
 }  // namespace
 }  // namespace avx512bf16
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+GITFAST_TARGET_END
 #endif  // GITFAST_X86
 
 namespace {

@@ -22,3 +22,20 @@
 #else
 #define GITFAST_CLONES
 #endif
+
+// A block of functions compiled for one ISA, whatever the build's baseline (called only where the
+// CPU has that ISA): GITFAST_TARGET_BEGIN("avx2,fma") ... GITFAST_TARGET_END, in GCC's or clang's words.
+#define GITFAST_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define GITFAST_TARGET_BEGIN(isa) GITFAST_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#define GITFAST_TARGET_END GITFAST_PRAGMA(clang attribute pop)
+#define GITFAST_QUIET_UNINITIALIZED_BEGIN
+#define GITFAST_QUIET_UNINITIALIZED_END
+#else
+#define GITFAST_TARGET_BEGIN(isa) GITFAST_PRAGMA(GCC push_options) GITFAST_PRAGMA(GCC target(isa))
+#define GITFAST_TARGET_END GITFAST_PRAGMA(GCC pop_options)
+// GCC 12 reports a false -Wmaybe-uninitialized inside the _mm512_reduce_* intrinsics
+#define GITFAST_QUIET_UNINITIALIZED_BEGIN \
+  GITFAST_PRAGMA(GCC diagnostic push) GITFAST_PRAGMA(GCC diagnostic ignored "-Wmaybe-uninitialized")
+#define GITFAST_QUIET_UNINITIALIZED_END GITFAST_PRAGMA(GCC diagnostic pop)
+#endif
