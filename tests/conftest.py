@@ -37,3 +37,21 @@ def checkpoint(tmp_path_factory):
     from image_factory import make_checkpoint
 
     return make_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
+
+
+@pytest.fixture
+def fresh_decision(monkeypatch):
+    """`fresh_decision(kind, env_var)`: a backend_choice decision made anew in the test (its forcing
+    variable unset), and forgotten again after it, so the next user measures as a new process does."""
+    from gitfast import backend_choice
+
+    kinds = []
+
+    def fresh(kind, env_var):
+        monkeypatch.delenv(env_var, raising=False)
+        backend_choice.forget(kind)
+        kinds.append(kind)
+
+    yield fresh
+    for kind in kinds:
+        backend_choice.forget(kind)

@@ -17,7 +17,6 @@ import time
 import pytest
 import torch
 
-from gitfast import backend_choice as BC
 from gitfast.attention import cpu_backend as ca
 from gitfast import ops
 from gitfast.kernels.reference import (
@@ -256,12 +255,10 @@ def test_isa_reported():
 
 
 @pytest.fixture
-def fresh_isa_choice(monkeypatch):
+def fresh_isa_choice(fresh_decision):
     """The attention ISA decided anew in the test; afterwards the widest again, as a new process has."""
-    monkeypatch.delenv("GITFAST_ATTENTION_ISA", raising=False)
-    BC.forget("cpu_attention_isa")
+    fresh_decision("cpu_attention_isa", "GITFAST_ATTENTION_ISA")
     yield
-    BC.forget("cpu_attention_isa")
     torch.ops.gitfast.set_cpu_isa(torch.ops.gitfast.cpu_isas()[0])
 
 

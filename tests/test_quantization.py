@@ -60,12 +60,9 @@ def test_dequantize_rows_names_a_bad_scale():
 
 
 @pytest.fixture
-def fresh_choice(monkeypatch):
+def fresh_choice(fresh_decision):
     """The int8 GEMM decided anew in the test, and again after it (the process's real decision)."""
-    monkeypatch.delenv("GITFAST_INT8_BACKEND", raising=False)
-    BC.forget("int8_gemm")
-    yield
-    BC.forget("int8_gemm")
+    fresh_decision("int8_gemm", "GITFAST_INT8_BACKEND")
 
 
 def _fit(name):
@@ -168,10 +165,10 @@ def test_quantize_swaps_the_linears_but_keeps_the_lm_head():
     assert fm.model.lm_head.reads_bf16 == bf16_backends.kernel_serves_logits()
     x = torch.randn(3, fm.config.hidden_size)
     with torch.no_grad():
-        got, exact = fm.model.lm_head(x), torch.nn.functional.linear(x, fm.model.lm_head.weight, fm.model.lm_head.bias)
+        got, exact = fm.model.lm_head(x), F.linear(x, fm.model.lm_head.weight, fm.model.lm_head.bias)
     assert got.dtype == torch.float32
     if bf16_backends.kernel_serves_logits():
-        rounded = torch.nn.functional.linear(x.bfloat16().float(), fm.model.lm_head.weight.bfloat16().float(),
+        rounded = F.linear(x.bfloat16().float(), fm.model.lm_head.weight.bfloat16().float(),
                                              fm.model.lm_head.bias)
         assert torch.allclose(got, rounded, atol=1e-5, rtol=1e-5) and not torch.equal(got, exact)
     elif fp32_backends.kernel_serves_narrow_linear():  # 3 rows: the fp32 kernel, fp32 rounding apart
