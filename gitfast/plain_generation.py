@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from .config_reader import TEXT_FIELDS
+
 # the fields serving.generation.SUPPORTED names; the plain path reproduces their checks in `validate`
 FIELDS = (
     "max_length", "max_new_tokens", "min_length", "min_new_tokens", "do_sample", "num_beams", "temperature",
@@ -112,17 +114,17 @@ def _plain_values(path: Path) -> Optional[dict]:
 
 # Without generation_config.json (GIT checkpoints published before transformers wrote one, such as the
 # microsoft/git-* ones), transformers' `GenerationConfig.from_model_config` takes every generation field
-# the model config holds. For a GIT config those are these (the model config's own defaults: GitConfig's
-# ids, PreTrainedConfig's flags); a value None is left out, as transformers leaves it out.
-_FROM_MODEL_CONFIG = {"use_cache": True, "output_attentions": False, "output_hidden_states": False,
-                      "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102, "decoder_start_token_id": None}
+# the model config holds. For a GIT config those are these, with the model config's own defaults
+# (GitConfig's, as config_reader knows them; PreTrainedConfig's output flags); a value None is left out,
+# as transformers leaves it out.
+_FROM_MODEL_CONFIG = {
+    **{name: TEXT_FIELDS[name][0] for name in ("use_cache", "pad_token_id", "bos_token_id", "eos_token_id")},
+    "output_attentions": False, "output_hidden_states": False, "decoder_start_token_id": None,
+}
 # config.json keys known to hold no generation setting: any other key sends the read to transformers
-_MODEL_ONLY = {
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "initializer_range",
-    "layer_norm_eps", "tie_word_embeddings", "num_image_with_embedding", "vision_config", "architectures",
-    "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "classifier_dropout",
-    "position_embedding_type",
+_MODEL_ONLY = (set(TEXT_FIELDS) - set(_FROM_MODEL_CONFIG)) | {
+    "vision_config", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+    "classifier_dropout", "position_embedding_type",
 }
 
 
