@@ -41,8 +41,8 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _tied_weights_keys = {"model.lm_head.weight": "model.word_embeddings.weight"}
-    # generate() runs plain greedy through the engine (continuous batching); False runs it, like
-    # sampling and beam search always are, under transformers' own loops with rows in lockstep
+    # generate() runs plain greedy in the engine's continuous batching; False runs it, like sampling
+    # and beam search always are, in the engine's lockstep mode (transformers' own loops)
     use_paged_cache = True
 
     def __init__(self, config: GitConfig):
@@ -53,8 +53,8 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         with torch.device("meta"):
             model = GitModel(config)
         self.model = make_checkpointable(model if target.type == "meta" else model.to_empty(device=target))
-        self._kept = KeptEngine()  # the greedy path's engine, kept between calls
-        self._engine_guard = Exclusive("generate() on this model's engine")  # one greedy call at a time
+        self._kept = KeptEngine()  # the engine generate keeps between calls (both its modes)
+        self._engine_guard = Exclusive("generate() on this model's engine")  # one call at a time
         self.post_init()
 
     @torch.no_grad()
@@ -205,8 +205,8 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
 
     @property
     def gitfast_engine(self) -> Optional[Engine]:
-        """The engine `generate` keeps between calls (None before the first greedy call, or after
-        `free_kv_cache()`)."""
+        """The engine `generate` keeps between calls (None before the first call gitfast's loops serve,
+        or after `free_kv_cache()`)."""
         return self._kept.engine
 
     def free_kv_cache(self) -> None:

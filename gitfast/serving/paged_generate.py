@@ -1,18 +1,15 @@
-"""`generate` over the paged cache, returning the tensor transformers would.
+"""`generate` laid out as transformers lays it out, over the engine's two modes.
 
-- greedy: through the engine (continuous batching; rows retire as they finish), then laid out as
-  transformers lays out its batch: the prompt as given (left padding kept), the new tokens, and
-  `pad_token_id` after EOS up to the longest row;
-- beam search, sampling with transformers' RNG stream, and anything that needs per-step scores:
-  rows step in lockstep (`PagedStepper`) under `generation.py`'s transformers-exact loops; every copy
-  of a row (a beam, a returned sample) shares the row's image prefix blocks, and beam search
-  reorders only their private blocks.
+The drop-in's rows become `Request`s (each row's unpadded prompt, and its image under a key, so rows
+tiled over one image share its prefix) handed to the kept engine:
+- greedy: continuous batching (rows retire as they finish), then laid out as transformers lays out
+  its batch: the prompt as given (left padding kept), the new tokens, and `pad_token_id` after EOS up
+  to the longest row;
+- beam search, sampling with transformers' RNG stream, and anything that needs per-step scores: the
+  engine's lockstep mode (`lockstep.py`) with the padded batch as given; each request's rows and
+  scores come back in transformers' layout and are joined into the batch's.
 
-Both size their cache with `scheduler.kv_budget`. Lockstep keeps a cache of its own per call rather
-than the engine's: transformers' loops step one fixed, padded batch (the id tensor its processors and
-beam bookkeeping read), reorder beams by copying blocks and need every step's scores, none of which the
-engine's slots, lagged readback and decode graphs provide; putting them on the kept engine's pools
-would also hold that engine for the whole call. Its greedy path is the engine's.
+`engine_budget` sizes the kept engine for a call with `scheduler.kv_budget`.
 """
 from __future__ import annotations
 
@@ -20,12 +17,10 @@ from typing import List, Optional
 
 import torch
 
-from . import generation
 from .paged_cache import PagedKVCache
 from ..devices import placement
-from .engine import Engine, Request
+from .engine import Engine, Lockstep, Request
 from .scheduler import kv_budget
-from .paged_runner import PagedRunner, PagedStepper
 
 
 BLOCK_SIZE = 16
@@ -48,16 +43,22 @@ def engine_budget(model, rows: int, images: int, prompt_len: int, s, block_size:
     return _budget(model, rows, images, model.num_image_tokens, prompt_len, s, block_size, placement(model)[1])
 
 
+def requests_of(pixel_values: Optional[torch.Tensor], input_ids, attention_mask, image_of_row,
+                max_new_tokens: Optional[int] = None) -> List[Request]:
+    """One `Request` per row: its unpadded prompt and its image (`image_of_row[i]`: which image row i
+    looks at; several rows may share one image, and so its prefix)."""
+    prompts = _rows(input_ids, attention_mask)
+    return [Request(None if pixel_values is None else pixel_values[image_of_row[i]], prompts[i],
+                    image_key=None if pixel_values is None else int(image_of_row[i]), max_new_tokens=max_new_tokens)
+            for i in range(len(prompts))]
+
+
 def greedy(engine: Engine, pixel_values: Optional[torch.Tensor], input_ids, attention_mask, s,
            image_of_row) -> torch.Tensor:
-    """`image_of_row[i]`: which image row i looks at (several questions may share one image)."""
+    """Continuous batching; the rows laid out as transformers' batch."""
     b, t = input_ids.shape
-    prompts = _rows(input_ids, attention_mask)
-    requests = [Request(None if pixel_values is None else pixel_values[image_of_row[i]], prompts[i],
-                        image_key=None if pixel_values is None else int(image_of_row[i]),
-                        max_new_tokens=s.max_length - t)  # transformers counts the padded prompt
-                for i in range(b)]
-    outs = engine.generate(requests, s)
+    # transformers counts the padded prompt in max_length
+    outs = engine.generate(requests_of(pixel_values, input_ids, attention_mask, image_of_row, s.max_length - t), s)
     width = t + max(len(o.token_ids) for o in outs)
     result = torch.full((b, width), s.pad, dtype=input_ids.dtype, device=input_ids.device)
     result[:, :t] = input_ids
@@ -66,37 +67,16 @@ def greedy(engine: Engine, pixel_values: Optional[torch.Tensor], input_ids, atte
     return result
 
 
-@torch.inference_mode()
-def lockstep(model, image_tokens: torch.Tensor, input_ids, attention_mask, s, expand: int, proc_factory,
-             block_size: int = BLOCK_SIZE):
-    """Rows stepped together under transformers' exact loops: `generation.beam_search` with
-    `s.num_beams` beams per row, else `generation.sample_or_greedy` with `expand` copies of each row
-    (returned samples). `image_tokens` [B, I, hidden] (I may be 0). Every copy of a row shares the
-    row's image prefix blocks; beams reorder only their private blocks. Returns the loop's
-    (sequences, scores)."""
-    b, t = input_ids.shape
-    dtype = image_tokens.dtype
-    n_img = image_tokens.shape[1]  # the image's own count (interpolate_pos_encoding: not the config's)
-    cache = PagedKVCache.from_budget(model.config, _budget(model, b * expand, b, n_img, t, s, block_size, dtype),
-                                     block_size, dtype, image_tokens.device)
-    runner = PagedRunner(model, cache)
-    prefixes = runner.encode_prefixes(image_tokens)
-    prompts = _rows(input_ids, attention_mask)
-    seqs, row_prompts = [], []
-    for i in range(b):
-        for _ in range(expand):
-            seqs.append(cache.start_sequence(prefixes[i], n_img + s.max_length + 1))
-            row_prompts.append(prompts[i])
-    for p in prefixes:  # the rows hold their own references now
-        cache.release_prefix(p)
-    logits = runner.prefill(seqs, row_prompts, n_img)
-    positions = torch.tensor([len(p) for p in row_prompts], device=image_tokens.device)
-    stepper = PagedStepper(runner, seqs, positions)
-    rows = torch.arange(b, device=input_ids.device).repeat_interleave(expand)
-    pad_lengths = (attention_mask != 0).int().argmax(dim=1)[rows]
-    proc = proc_factory(pad_lengths, logits.shape[-1])
-    loop = generation.beam_search if s.num_beams > 1 else generation.sample_or_greedy
-    try:
-        return loop(stepper, logits, input_ids[rows], s, proc)
-    finally:
-        stepper.release()
+def lockstep(engine: Engine, pixel_values: Optional[torch.Tensor], input_ids, attention_mask, s, expand: int,
+             proc_factory, image_of_row, interpolate_pos_encoding: bool = False):
+    """Rows stepped together under transformers' exact loops (the engine's lockstep mode):
+    `generation.beam_search` with `s.num_beams` beams per row, else `generation.sample_or_greedy` with
+    `expand` copies of each row (returned samples). Returns the loop's (sequences, scores) for the batch."""
+    mode = Lockstep(expand, input_ids, attention_mask, proc_factory, interpolate_pos_encoding)
+    outs = engine.generate(requests_of(pixel_values, input_ids, attention_mask, image_of_row), s, lockstep=mode)
+    sequences = torch.cat([o.sequences for o in outs])
+    if s.num_beams > 1:
+        return sequences, torch.cat([o.scores for o in outs])
+    if not s.output_scores:
+        return sequences, []
+    return sequences, [torch.cat(step) for step in zip(*(o.scores for o in outs))]
