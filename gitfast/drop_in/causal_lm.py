@@ -19,7 +19,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .. import hf_format, loading, quantization
 from ..devices import placement
 from ..model import GitModel, num_image_tokens
-from ..serving import paged_generate
+from .engine_calls import BLOCK_SIZE, engine_budget
 from ..serving.engine import Engine, KeptEngine
 from ..serving.exclusive import Exclusive
 from .checkpointing import make_checkpointable
@@ -200,8 +200,8 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
     # --- the engine generate keeps ---------------------------------------------------------------
     def _engine_for(self, rows: int, images: int, prompt_len: int, s) -> Engine:
         """The engine kept between generate calls, rebuilt only when this call needs more."""
-        budget = paged_generate.engine_budget(self.model, rows, images, prompt_len, s)
-        return self._kept.get(self.model, rows, budget, block_size=paged_generate.BLOCK_SIZE)
+        budget = engine_budget(self.model, rows, images, prompt_len, s)
+        return self._kept.get(self.model, rows, budget, block_size=BLOCK_SIZE)
 
     @property
     def gitfast_engine(self) -> Optional[Engine]:

@@ -1,6 +1,6 @@
 """The drop-in's `generate`: which mode of the one engine serves a call, or why transformers' loop does.
 
-Every call gitfast serves becomes one `Request` per row (`paged_generate.requests_of`) handed to the
+Every call gitfast serves becomes one `Request` per row (`engine_calls.requests_of`) handed to the
 model's kept engine (`GitForCausalLM._engine_for`, one call at a time), in one of its two modes:
 - continuous: plain greedy (no per-step outputs, no processor beyond gitfast's own);
 - lockstep: sampling (transformers' RNG stream), beam search, per-step `scores`/`logits`, and any
@@ -31,7 +31,8 @@ import torch
 from transformers.generation import GenerationMixin, LogitsProcessorList
 
 from ..devices import placement
-from ..serving import generation, paged_generate
+from ..serving import generation
+from .engine_calls import generate_continuous, generate_lockstep
 
 MODEL_KWARGS = {"pixel_values", "input_ids", "attention_mask", "interpolate_pos_encoding", "inputs_embeds",
                 "position_ids", "logits_to_keep", "token_type_ids", "use_cache", "past_key_values", "cache"}
@@ -180,11 +181,11 @@ def _gitfast(lm, gc, input_ids=None, pixel_values=None, attention_mask=None, int
     with lm._engine_guard.hold():  # concurrent callers take turns on the one engine
         engine = lm._engine_for(b * expand, 0 if pixel_values is None else pixel_values.shape[0], t, s)
         if continuous:
-            return _output(s, paged_generate.greedy(engine, pixel_values, input_ids, attention_mask, s, image_of_row))
+            return _output(s, generate_continuous(engine, pixel_values, input_ids, attention_mask, s, image_of_row))
         # transformers' own loops, rows in lockstep (its exact RNG use when sampling)
         processors = _Processors(lm, gc, s, input_ids)
-        seqs, scores = paged_generate.lockstep(engine, pixel_values, input_ids, attention_mask, s, expand, processors,
-                                               image_of_row, interpolate_pos_encoding)
+        seqs, scores = generate_lockstep(engine, pixel_values, input_ids, attention_mask, s, expand, processors,
+                                         image_of_row, interpolate_pos_encoding)
     return _output(s, seqs, scores, processors.recorder)
 
 

@@ -5,6 +5,5 @@ The paged KV cache, its block bookkeeping and allocator (`paged_cache`), the dec
 the scheduler that admits requests and sizes the cache (`scheduler`, no tensors) and the executor of its
 plans (`executor`); its lockstep mode for transformers-exact loops over the same requests and cache
 (`lockstep`, the loops in `generation`); the stopping rules (`stopping`), decode steps replayed from
-CUDA graphs (`cuda_graphs`), token selection (`selection`) and `generate` laid out as transformers
-lays it out (`paged_generate`).
+CUDA graphs (`cuda_graphs`) and token selection (`selection`).
 """

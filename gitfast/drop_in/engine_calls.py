@@ -1,4 +1,4 @@
-"""`generate` laid out as transformers lays it out, over the engine's two modes.
+"""The drop-in's calls into the engine: its rows as `Request`s, the outputs laid out as transformers'.
 
 The drop-in's rows become `Request`s (each row's unpadded prompt, and its image under a key, so rows
 tiled over one image share its prefix) handed to the kept engine:
@@ -6,7 +6,7 @@ tiled over one image share its prefix) handed to the kept engine:
   its batch: the prompt as given (left padding kept), the new tokens, and `pad_token_id` after EOS up
   to the longest row;
 - beam search, sampling with transformers' RNG stream, and anything that needs per-step scores: the
-  engine's lockstep mode (`lockstep.py`) with the padded batch as given; each request's rows and
+  engine's lockstep mode (`serving/lockstep.py`) with the padded batch as given; each request's rows and
   scores come back in transformers' layout and are joined into the batch's.
 
 `engine_budget` sizes the kept engine for a call with `scheduler.kv_budget`.
@@ -17,10 +17,10 @@ from typing import List, Optional
 
 import torch
 
-from .paged_cache import PagedKVCache
 from ..devices import placement
-from .engine import Engine, Lockstep, Request
-from .scheduler import kv_budget
+from ..serving.engine import Engine, Lockstep, Request
+from ..serving.paged_cache import PagedKVCache
+from ..serving.scheduler import kv_budget
 
 
 BLOCK_SIZE = 16
@@ -53,8 +53,8 @@ def requests_of(pixel_values: Optional[torch.Tensor], input_ids, attention_mask,
             for i in range(len(prompts))]
 
 
-def greedy(engine: Engine, pixel_values: Optional[torch.Tensor], input_ids, attention_mask, s,
-           image_of_row) -> torch.Tensor:
+def generate_continuous(engine: Engine, pixel_values: Optional[torch.Tensor], input_ids, attention_mask, s,
+                        image_of_row) -> torch.Tensor:
     """Continuous batching; the rows laid out as transformers' batch."""
     b, t = input_ids.shape
     # transformers counts the padded prompt in max_length
@@ -67,8 +67,8 @@ def greedy(engine: Engine, pixel_values: Optional[torch.Tensor], input_ids, atte
     return result
 
 
-def lockstep(engine: Engine, pixel_values: Optional[torch.Tensor], input_ids, attention_mask, s, expand: int,
-             proc_factory, image_of_row, interpolate_pos_encoding: bool = False):
+def generate_lockstep(engine: Engine, pixel_values: Optional[torch.Tensor], input_ids, attention_mask, s,
+                      expand: int, proc_factory, image_of_row, interpolate_pos_encoding: bool = False):
     """Rows stepped together under transformers' exact loops (the engine's lockstep mode):
     `generation.beam_search` with `s.num_beams` beams per row, else `generation.sample_or_greedy` with
     `expand` copies of each row (returned samples). Returns the loop's (sequences, scores) for the batch."""
