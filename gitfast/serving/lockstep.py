@@ -80,8 +80,8 @@ def _padded(requests: List[Request], mode: Lockstep, pad: int, device):
 
 def run(runner: PagedRunner, requests: List[Request], s: generation.Settings, mode: Lockstep,
         images: Images) -> List[Output]:
-    """The lockstep run on `runner`'s cache (blocks enough for `text_tokens`, as the engine sized it):
-    `generation.beam_search` when `s.num_beams > 1`, else `generation.sample_or_greedy`."""
+    """The lockstep run on `runner`'s cache, which the engine sized for it (`Engine._lockstep`) and
+    holds a lease on: `generation.beam_search` when `s.num_beams > 1`, else `generation.sample_or_greedy`."""
     cache, copies = runner.cache, mode.copies
     input_ids, mask = _padded(requests, mode, s.pad, images.tokens.device)
     n_img = images.tokens.shape[1]  # the images' own count (interpolate_pos_encoding: not the config's)
@@ -103,10 +103,10 @@ def run(runner: PagedRunner, requests: List[Request], s: generation.Settings, mo
     finally:
         for seq in seqs:
             cache.release(seq)
-    return outputs(sequences, scores, len(requests), input_ids.shape[1], s)
+    return _outputs(sequences, scores, len(requests), input_ids.shape[1], s)
 
 
-def outputs(sequences: torch.Tensor, scores, batch: int, prompt_len: int, s) -> List[Output]:
+def _outputs(sequences: torch.Tensor, scores, batch: int, prompt_len: int, s) -> List[Output]:
     """The loop's batch, one `Output` per request: its rows of `sequences` and of the scores (beam
     search's sequence scores, or each step's scores when `s.output_scores`)."""
     per = sequences.shape[0] // batch
