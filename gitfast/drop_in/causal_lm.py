@@ -19,8 +19,8 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .. import hf_format, loading, quantization
 from ..devices import placement
 from ..model import GitModel, num_image_tokens
-from .engine_calls import BLOCK_SIZE, engine_budget
-from ..serving.engine import Engine, KeptEngine
+from .engine_calls import BLOCK_SIZE
+from ..serving.engine import Engine, KeptEngine, batch_budget
 from ..serving.exclusive import Exclusive
 from .checkpointing import make_checkpointable
 from .forward import run as forward_run
@@ -200,7 +200,7 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
     # --- the engine generate keeps ---------------------------------------------------------------
     def _engine_for(self, rows: int, images: int, prompt_len: int, s) -> Engine:
         """The engine kept between generate calls, rebuilt only when this call needs more."""
-        budget = engine_budget(self.model, rows, images, prompt_len, s)
+        budget = batch_budget(self.model, s, rows, images, prompt_len, block_size=BLOCK_SIZE)
         return self._kept.get(self.model, rows, budget, block_size=BLOCK_SIZE)
 
     @property

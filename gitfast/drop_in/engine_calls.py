@@ -9,7 +9,7 @@ tiled over one image share its prefix) handed to the kept engine:
   engine's lockstep mode (`serving/lockstep.py`) with the padded batch as given; each request's rows and
   scores come back in transformers' layout and are joined into the batch's.
 
-`engine_budget` sizes the kept engine for a call with `scheduler.kv_budget`.
+`BLOCK_SIZE` is the kept engine's block size; `engine.batch_budget` sizes it for a call.
 """
 from __future__ import annotations
 
@@ -17,10 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from ..devices import placement
 from ..serving.engine import Engine, Lockstep, Request
-from ..serving.paged_cache import PagedKVCache
-from ..serving.scheduler import kv_budget
 
 
 BLOCK_SIZE = 16
@@ -28,19 +25,6 @@ BLOCK_SIZE = 16
 
 def _rows(input_ids, attention_mask) -> List[List[int]]:
     return [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
-
-
-def _budget(model, rows: int, prefixes: int, n_img: int, prompt_len: int, s, block_size: int, dtype) -> int:
-    """KV-cache bytes for `rows` sequences over `prefixes` images of `n_img` tokens each."""
-    cfg = model.config
-    per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, block_size, cfg.num_attention_heads,
-                                             cfg.hidden_size // cfg.num_attention_heads, dtype)
-    return kv_budget(per_block, block_size, n_img, max(s.max_length, prompt_len) + 1, rows, prefixes)
-
-
-def engine_budget(model, rows: int, images: int, prompt_len: int, s, block_size: int = BLOCK_SIZE) -> int:
-    """KV-cache bytes a generate call over `rows` sequences and `images` prefixes needs."""
-    return _budget(model, rows, images, model.num_image_tokens, prompt_len, s, block_size, placement(model)[1])
 
 
 def requests_of(pixel_values: Optional[torch.Tensor], input_ids, attention_mask, image_of_row,

@@ -101,12 +101,8 @@ class Engine:
         limit = self.model.config.max_position_embeddings
         return max(self._budget(self._text_tokens(settings), rows), self._budget(limit + 1, 1))
 
-    def _budget(self, text_tokens: int, rows: int, images: Optional[int] = None,
-                image_tokens: Optional[int] = None) -> int:
-        """`scheduler.kv_budget` for this engine: `rows` sequences over `images` prefixes (default one
-        each) of `image_tokens` tokens (default the model's)."""
-        n_img = self.model.num_image_tokens if image_tokens is None else image_tokens
-        return kv_budget(self.bytes_per_block, self.block_size, n_img, text_tokens, rows, images)
+    def _budget(self, text_tokens: int, rows: int) -> int:
+        return kv_budget(self.bytes_per_block, self.block_size, self.model.num_image_tokens, text_tokens, rows)
 
     def _text_tokens(self, settings: Settings) -> int:
         """Text tokens (prompt and new) a request of these settings holds, the position table's end at most."""
@@ -200,8 +196,8 @@ class Engine:
             return
         images = encode_images(self.model, requests, mode.interpolate_pos_encoding)
         prompt_len = max(len(r.prompt) for r in requests) if mode.input_ids is None else mode.input_ids.shape[1]
-        need = self._budget(max(settings.max_length, prompt_len) + 1, len(requests) * mode.copies,
-                            images=images.tokens.shape[0], image_tokens=images.tokens.shape[1])
+        need = batch_budget(self.model, settings, len(requests) * mode.copies, images.tokens.shape[0], prompt_len,
+                            images.tokens.shape[1], self.block_size)
         if need > self.held_bytes():
             self._allocate(need)
         with self.cache.allocator.lease():
@@ -219,6 +215,19 @@ class Engine:
             if pending is not None:
                 yield from scheduler.emit(executor.read(pending))
             pending = launched
+
+
+def batch_budget(model, settings: Settings, rows: int, images: int, prompt_len: int,
+                 image_tokens: Optional[int] = None, block_size: int = 16) -> int:
+    """KV-cache bytes a batch holds at once (`scheduler.kv_budget`): `rows` sequences over `images`
+    prefixes of `image_tokens` tokens (default the model's), each with room for the settings'
+    `max_length` (or its longer prompt) and one token more. What a lockstep run takes, and what the
+    drop-in sizes its kept engine with."""
+    cfg = model.config
+    per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, block_size, cfg.num_attention_heads,
+                                             cfg.hidden_size // cfg.num_attention_heads, placement(model)[1])
+    n_img = model.num_image_tokens if image_tokens is None else image_tokens
+    return kv_budget(per_block, block_size, n_img, max(settings.max_length, prompt_len) + 1, rows, images)
 
 
 class KeptEngine:
