@@ -173,7 +173,8 @@ def _gitfast(lm, gc, input_ids=None, pixel_values=None, attention_mask=None, int
         if b % pixel_values.shape[0]:
             raise ValueError(f"{b} text rows cannot share {pixel_values.shape[0]} images; the text batch must be "
                              "a multiple of the image batch")
-    image_of_row = None if pixel_values is None else [i % pixel_values.shape[0] for i in range(b)]  # tiled, as transformers
+    # the images tiled over the text rows, as transformers repeats them
+    image_of_row = None if pixel_values is None else [i % pixel_values.shape[0] for i in range(b)]
 
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
     continuous = (lm.use_paged_cache and not s.do_sample and not s.output_scores and not s.output_logits

@@ -46,16 +46,18 @@ from .paged_cache import PagedKVCache
 from .paged_runner import PagedRunner
 from .scheduler import KVCacheTooSmall, Output, Request, Scheduler, kv_budget
 
-__all__ = ["Engine", "KeptEngine", "KVCacheTooSmall", "Lockstep", "Output", "Request"]  # the request types live in scheduler.py
+# the request types live in scheduler.py, the lockstep mode in lockstep.py
+__all__ = ["Engine", "KeptEngine", "KVCacheTooSmall", "Lockstep", "Output", "Request"]
 
 
 class Engine:
     """Continuous batching over a paged KV cache.
 
-    `kv_cache_bytes` fixes the cache size. Without it the cache is sized at the first run from that
-    run's settings and the requests it has queued: min(max_batch_size, queued requests) rows at
-    `max_length` text tokens, at least one sequence at the position table's end, capped at
-    `gpu_memory_fraction` of the free device memory (of the available RAM on the CPU); a later run
+    `kv_cache_bytes` fixes the cache size of continuous runs (they wait for blocks; a lockstep run,
+    which holds all its rows at once, grows the pools to its need). Without it the cache is sized at
+    the first run from that run's settings and the requests it has queued: min(max_batch_size,
+    queued requests) rows at `max_length` text tokens, at least one sequence at the position table's
+    end, capped at `gpu_memory_fraction` of the free device memory (of the available RAM on the CPU); a later run
     that needs more grows it. Per-slot decode state grows with the sequences running. So memory
     follows the work at hand, not `max_batch_size` (a bound, which may be huge) or the longest
     possible text.
