@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import gitfast
+from gitfast.serving.engine import Engine
 from git_factory import make_hf_model, pixels
 
 
@@ -80,15 +81,23 @@ def test_refusals(pair):
         fm.generate(pixel_values=pixels("hd32", 1), foo=1)
 
 
-def test_plain_greedy_keeps_the_engine(pair):
-    """No processor beyond gitfast's own: greedy still runs through the engine."""
+def test_plain_greedy_runs_continuously_and_processors_in_lockstep_on_one_engine(pair, monkeypatch):
+    """No processor beyond gitfast's own: greedy runs in the engine's continuous mode; a transformers
+    processor takes the lockstep mode of the same engine (no cache of its own)."""
     hf, fm = pair
+    lockstep_runs, real = [], Engine.run
+
+    def spy(self, requests, settings, seed=0, lockstep=None):
+        lockstep_runs.append(lockstep is not None)
+        return real(self, requests, settings, seed, lockstep)
+
+    monkeypatch.setattr(Engine, "run", spy)
     fm.free_kv_cache()
     a, b = same(hf, fm, pixel_values=pixels("hd32", 2), max_new_tokens=5, repetition_penalty=1.2)
-    assert torch.equal(a, b) and fm.gitfast_engine is not None
-    fm.free_kv_cache()
-    fm.generate(pixel_values=pixels("hd32", 2), max_new_tokens=5, no_repeat_ngram_size=2)
-    assert fm.gitfast_engine is None
+    assert torch.equal(a, b) and lockstep_runs == [False]
+    engine = fm.gitfast_engine
+    a, b = same(hf, fm, pixel_values=pixels("hd32", 2), max_new_tokens=5, no_repeat_ngram_size=2)
+    assert torch.equal(a, b) and lockstep_runs == [False, True] and fm.gitfast_engine is engine
 
 
 def test_continuing_from_a_cache_in_generate(pair):

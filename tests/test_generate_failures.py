@@ -101,7 +101,7 @@ def frequent_thread_switches():
 
 def test_threads_sharing_one_model_get_the_tokens_each_call_gets_alone(pair, frequent_thread_switches):
     _, fm = pair
-    # greedy calls of one size share the model's engine; beam search (every 4th) runs on its own cache
+    # every call shares the model's one engine: greedy in its continuous mode, beam search (every 4th) in lockstep
     calls = [(pixels("hd32", 2, seed=10 + i), dict(num_beams=2) if i % 4 == 3 else {}) for i in range(8)]
     fm.free_kv_cache()
     alone = [greedy(fm, px, **kw) for px, kw in calls]

@@ -5,9 +5,9 @@ ids; inline, or in `num_workers` worker processes running ahead of the model —
 CUDA, pinned host memory copied to the GPU a batch ahead on a side stream → the engine (`engine.py`: paged KV cache, continuous batching — new images are admitted as
 others finish, so the batch stays full over a long input) → `CaptionResult`s in input order. An
 input that cannot be read, decoded or preprocessed becomes a result with `.error` set, in its place;
-the others carry on. The checkpoint is read once (`loading.load_checkpoint`'s steps); the engine and beam
-search run its `GitModel` directly. Beam search runs in batches of `max_batch_size` through
-`serving.paged_generate.lockstep` (beams on the paged cache, sharing their image's blocks).
+the others carry on. The checkpoint is read once (`loading.load_checkpoint`'s steps); the engine runs its `GitModel`
+directly. Beam search runs in batches of `max_batch_size` in the engine's lockstep mode (beams on the
+same paged cache, sharing their image's blocks).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class Captioner:
         if num_workers < 0 or prefetch_batches < 1:
             raise ValueError(f"num_workers must be >= 0 and prefetch_batches >= 1, got {num_workers}, {prefetch_batches}")
         self.max_batch_size = max_batch_size
-        self._engines = KeptEngine()  # the engine kept between calls, for the greedy and sampling paths
+        self._engines = KeptEngine()  # the engine kept between calls, for greedy, sampling and beams
         self.device = resolve_device(device)
         if model is None and not EMBEDDED_MODEL.is_dir():
             raise loading.CheckpointError(f"the embedded default model is missing from this install ({EMBEDDED_MODEL}); "
@@ -243,27 +243,18 @@ class Captioner:
             stream = self.pool.map(numbered, settings["max_new_tokens"], self.preparer)
         return stream if tap is None else map(tap, stream)
 
-    @torch.inference_mode()
     def _run_batch(self, batch: Sequence[Prepared], settings) -> List[List[int]]:
-        """Beam search over one batch: generated ids per row, after the prompt, cut before the first EOS."""
-        from ..serving import generation, paged_generate
+        """Beam search over one batch, in the kept engine's lockstep mode: generated ids per row, after
+        the prompt, cut before the first EOS. Prompts of different lengths are left-padded and masked;
+        the model is batch invariant, so each row's tokens equal that input run alone."""
+        from ..serving.engine import Lockstep, Request
 
-        # Prompts of different lengths are left-padded and masked; the model is batch invariant, so
-        # each row's tokens equal that input run alone.
         width = max(len(p.prompt_ids) for p in batch)
-        input_ids = torch.full((len(batch), width), self._pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, p in enumerate(batch):
-            input_ids[row, width - len(p.prompt_ids):] = torch.tensor(p.prompt_ids)
-            attention_mask[row, width - len(p.prompt_ids):] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         s = resolve_settings(self.generation_config, width, **{k: v for k, v in settings.items() if k != "seed"})
-        dtype = next(self.model.parameters()).dtype
-        image = self.model.encode_images(torch.cat([p.pixel_values for p in batch]).to(self.device, dtype))
-        seqs, _ = paged_generate.lockstep(self.model, image, input_ids, attention_mask, s, s.num_beams,
-                                          lambda pads, vocab: generation.Processor(s, width, pads, vocab, self.device))
+        requests = [Request(p.pixel_values[0], p.prompt_ids) for p in batch]
+        outs = self._engine(len(batch)).generate(requests, s, lockstep=Lockstep(copies=s.num_beams))
         eos = self._eos_ids(settings)
-        return [stopping.until_eos(row, eos) for row in seqs[:, width:].tolist()]
+        return [stopping.until_eos(o.token_ids, eos) for o in outs]
 
     def _eos_ids(self, settings) -> set:
         """Where a result is cut: the call's `eos_token_id`, else the generation config's, else the

@@ -19,8 +19,8 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .. import hf_format, loading, quantization
 from ..devices import placement
 from ..model import GitModel, num_image_tokens
-from ..serving import paged_generate
-from ..serving.engine import Engine, KeptEngine
+from .engine_calls import BLOCK_SIZE
+from ..serving.engine import Engine, KeptEngine, batch_budget
 from ..serving.exclusive import Exclusive
 from .checkpointing import make_checkpointable
 from .forward import run as forward_run
@@ -41,8 +41,8 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _tied_weights_keys = {"model.lm_head.weight": "model.word_embeddings.weight"}
-    # generate() runs plain greedy through the engine (continuous batching); False runs it, like
-    # sampling and beam search always are, under transformers' own loops with rows in lockstep
+    # generate() runs plain greedy in the engine's continuous batching; False runs it, like sampling
+    # and beam search always are, in the engine's lockstep mode (transformers' own loops)
     use_paged_cache = True
 
     def __init__(self, config: GitConfig):
@@ -53,8 +53,8 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         with torch.device("meta"):
             model = GitModel(config)
         self.model = make_checkpointable(model if target.type == "meta" else model.to_empty(device=target))
-        self._kept = KeptEngine()  # the greedy path's engine, kept between calls
-        self._engine_guard = Exclusive("generate() on this model's engine")  # one greedy call at a time
+        self._kept = KeptEngine()  # the engine generate keeps between calls (both its modes)
+        self._engine_guard = Exclusive("generate() on this model's engine")  # one call at a time
         self.post_init()
 
     @torch.no_grad()
@@ -200,13 +200,13 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
     # --- the engine generate keeps ---------------------------------------------------------------
     def _engine_for(self, rows: int, images: int, prompt_len: int, s) -> Engine:
         """The engine kept between generate calls, rebuilt only when this call needs more."""
-        budget = paged_generate.engine_budget(self.model, rows, images, prompt_len, s)
-        return self._kept.get(self.model, rows, budget, block_size=paged_generate.BLOCK_SIZE)
+        budget = batch_budget(self.model, s, rows, images, prompt_len, block_size=BLOCK_SIZE)
+        return self._kept.get(self.model, rows, budget, block_size=BLOCK_SIZE)
 
     @property
     def gitfast_engine(self) -> Optional[Engine]:
-        """The engine `generate` keeps between calls (None before the first greedy call, or after
-        `free_kv_cache()`)."""
+        """The engine `generate` keeps between calls (None before the first call gitfast's loops serve,
+        or after `free_kv_cache()`)."""
         return self._kept.engine
 
     def free_kv_cache(self) -> None:

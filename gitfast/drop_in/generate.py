@@ -1,17 +1,27 @@
-"""The drop-in's `generate`: which path serves a call.
+"""The drop-in's `generate`: which mode of the one engine serves a call, or why transformers' loop does.
 
-- engine: plain greedy (no per-step outputs, no processor beyond gitfast's own) runs through the
-  continuous-batching engine;
-- lockstep: sampling, beam search, per-step `scores`/`logits`, and any logits processor: transformers'
-  own loops over gitfast's paged cache (`paged_generate.lockstep`); the processors are gitfast's fast set
-  (`logits.py`) when nothing else is asked, else the `LogitsProcessorList` transformers builds from the
-  generation config (`_get_logits_processor`), applied to gitfast's logits;
-- plain: what needs the model's per-step tensors or transformers' own machinery (`output_attentions`,
-  `output_hidden_states`, `inputs_embeds`, custom `position_ids`, a cache to continue, beam search with
-  `return_dict_in_generate`, user `logits_processor`/`stopping_criteria`/`prefix_allowed_tokens_fn`/
-  `streamer`, generation modes gitfast has no loop for, a prompt whose last token is padding):
-  transformers' `GenerationMixin.generate`
-  driving gitfast's `forward` over a `DynamicCache`.
+Every call gitfast serves becomes one `Request` per row (`engine_calls.requests_of`) handed to the
+model's kept engine (`GitForCausalLM._engine_for`, one call at a time), in one of its two modes:
+- continuous: plain greedy (no per-step outputs, no processor beyond gitfast's own);
+- lockstep: sampling (transformers' RNG stream), beam search, per-step `scores`/`logits`, and any
+  logits processor: transformers' own loops (`generation.py`) over the engine's paged cache; the
+  processors are gitfast's fast set (`logits.py`) when nothing else is asked, else the
+  `LogitsProcessorList` transformers builds from the generation config (`_get_logits_processor`),
+  applied to gitfast's logits.
+
+plain: transformers' `GenerationMixin.generate` driving gitfast's `forward` over a `DynamicCache`. It
+serves what no engine mode can, because the engine's runner computes next-token logits from token ids
+over its own paged cache and nothing else:
+- `output_attentions`, `output_hidden_states`: every layer's probabilities and hidden states at every
+  step, which the fused paged attention never forms;
+- `inputs_embeds`, custom `position_ids`, a `cache` (`past_key_values`) to continue: inputs that are
+  not token ids from position 0, or K/V the engine did not compute, in transformers' cache layout;
+- beam search with `return_dict_in_generate` (beam indices and per-step beam scores, which gitfast's
+  beam loop does not keep); user `logits_processor`/`stopping_criteria`/`prefix_allowed_tokens_fn`/
+  `streamer` and the other `MIXIN_ARGS`: hooks into transformers' loop, merged and ordered by its
+  rules; generation modes gitfast has no loop for (`resolve_settings` raises NotImplementedError);
+- a prompt whose last token is padding: transformers predicts its first token from that padding
+  query (`_last_token_padded`), while requests hold only the real prompt tokens.
 """
 from __future__ import annotations
 
@@ -21,8 +31,8 @@ import torch
 from transformers.generation import GenerationMixin, LogitsProcessorList
 
 from ..devices import placement
-from ..serving import generation, paged_generate
-from .forward import image_tokens
+from ..serving import generation
+from .engine_calls import generate_continuous, generate_lockstep
 
 MODEL_KWARGS = {"pixel_values", "input_ids", "attention_mask", "interpolate_pos_encoding", "inputs_embeds",
                 "position_ids", "logits_to_keep", "token_type_ids", "use_cache", "past_key_values", "cache"}
@@ -152,55 +162,69 @@ def _gitfast(lm, gc, input_ids=None, pixel_values=None, attention_mask=None, int
     # logits_to_keep: gitfast keeps only the last position's logits anyway; token_type_ids: GIT has
     # none; use_cache: gitfast always decodes from its paged cache (the tokens are the same)
     dev, dtype = placement(lm.model)
-    if input_ids is None:  # as transformers: start from BOS, one row per image (or one row)
-        bos = gc.bos_token_id if gc.bos_token_id is not None else lm.config.bos_token_id
-        if bos is None:
-            raise ValueError("generate() without input_ids needs a bos_token_id")
-        rows = pixel_values.shape[0] if pixel_values is not None else 1
-        input_ids = torch.full((rows, 1), bos, dtype=torch.long, device=dev)
-    input_ids = input_ids.to(dev)
+    input_ids = _prompt_ids(lm, gc, input_ids, pixel_values).to(dev)
     b, t = input_ids.shape
     s = generation.resolve_settings(gc, t)
     attention_mask = prompt_mask(input_ids, attention_mask, s).to(dev)
     check_batch(input_ids, pixel_values)
     check_lengths(gc, s, t, lm.config.max_position_embeddings)
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(dev, dtype)
+        if b % pixel_values.shape[0]:
+            raise ValueError(f"{b} text rows cannot share {pixel_values.shape[0]} images; the text batch must be "
+                             "a multiple of the image batch")
+    # the images tiled over the text rows, as transformers repeats them
+    image_of_row = None if pixel_values is None else [i % pixel_values.shape[0] for i in range(b)]
 
     expand = s.num_beams if s.num_beams > 1 else s.num_return_sequences
     continuous = (lm.use_paged_cache and not s.do_sample and not s.output_scores and not s.output_logits
-                  and not s.hf_processors and s.min_length == 0 and not interpolate_pos_encoding
-                  and s.num_beams == 1 and expand == 1)
-    scores = seq_scores = recorder = None
-    if continuous:
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(dev, dtype)
-            if b % pixel_values.shape[0]:
-                raise ValueError(f"{b} text rows cannot share {pixel_values.shape[0]} images")
-            image_of_row = [i % pixel_values.shape[0] for i in range(b)]  # tiled, as transformers
-        else:
-            image_of_row = None
-        with lm._engine_guard.hold():  # concurrent callers take turns on the one engine
-            engine = lm._engine_for(b, 0 if pixel_values is None else pixel_values.shape[0], t, s)
-            seqs = paged_generate.greedy(engine, pixel_values, input_ids, attention_mask, s, image_of_row)
-    else:  # transformers' own loops, rows in lockstep (its exact RNG use when sampling)
-        image = image_tokens(lm, pixel_values, b, interpolate_pos_encoding)
+                  and not s.hf_processors and s.min_length == 0 and not interpolate_pos_encoding and expand == 1)
+    with lm._engine_guard.hold():  # concurrent callers take turns on the one engine
+        engine = lm._engine_for(b * expand, 0 if pixel_values is None else pixel_values.shape[0], t, s)
+        if continuous:
+            return _output(s, generate_continuous(engine, pixel_values, input_ids, attention_mask, s, image_of_row))
+        # transformers' own loops, rows in lockstep (its exact RNG use when sampling)
+        processors = _Processors(lm, gc, s, input_ids)
+        seqs, scores = generate_lockstep(engine, pixel_values, input_ids, attention_mask, s, expand, processors,
+                                         image_of_row, interpolate_pos_encoding)
+    return _output(s, seqs, scores, processors.recorder)
 
-        def processor(pads, vocab):
-            nonlocal recorder
-            proc = (hf_processors(lm, gc, s, input_ids) if s.hf_processors
-                    else generation.Processor(s, t, pads, vocab, dev))
-            if s.output_logits:
-                proc = recorder = _RecordLogits(proc)
-            return proc
 
-        seqs, loop_scores = paged_generate.lockstep(lm.model, image, input_ids, attention_mask, s, expand, processor)
-        if s.num_beams > 1:
-            seq_scores = loop_scores
-        else:
-            scores = loop_scores
+def _prompt_ids(lm, gc, input_ids, pixel_values):
+    """The prompt ids given, else (as transformers) BOS alone, one row per image (or one row)."""
+    if input_ids is not None:
+        return input_ids
+    bos = gc.bos_token_id if gc.bos_token_id is not None else lm.config.bos_token_id
+    if bos is None:
+        raise ValueError("generate() without input_ids needs a bos_token_id")
+    rows = pixel_values.shape[0] if pixel_values is not None else 1
+    return torch.full((rows, 1), bos, dtype=torch.long)
+
+
+class _Processors:
+    """The lockstep loops' logits processor, made once the loop knows each row's padding: gitfast's fast
+    steps, or transformers' list when a field only it serves is set; wrapped to record raw logits when
+    `output_logits` asks."""
+
+    def __init__(self, lm, gc, s, input_ids):
+        self.lm, self.gc, self.s, self.input_ids = lm, gc, s, input_ids
+        self.recorder = None
+
+    def __call__(self, pad_lengths, vocab):
+        s, ids = self.s, self.input_ids
+        proc = (hf_processors(self.lm, self.gc, s, ids) if s.hf_processors
+                else generation.Processor(s, ids.shape[1], pad_lengths, vocab, ids.device))
+        if s.output_logits:
+            proc = self.recorder = _RecordLogits(proc)
+        return proc
+
+
+def _output(s, seqs, scores=None, recorder=None):
+    """The ids alone, or transformers' output class when `return_dict_in_generate`."""
     if not s.return_dict:
         return seqs
     from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
     if s.num_beams > 1:
-        return GenerateBeamDecoderOnlyOutput(sequences=seqs, sequences_scores=seq_scores)
+        return GenerateBeamDecoderOnlyOutput(sequences=seqs, sequences_scores=scores)
     return GenerateDecoderOnlyOutput(sequences=seqs, scores=tuple(scores) if s.output_scores else None,
                                      logits=tuple(recorder.logits) if recorder is not None else None)

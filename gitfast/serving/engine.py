@@ -18,6 +18,11 @@ decode never stalls the host either. The device never idles while Python does th
 discarded token for a sequence that ended with EOS at step t. Steps never run past a sequence's
 `max_new_tokens`, so its reserved blocks always suffice.
 
+That is the engine's continuous mode. Its lockstep mode (`run(..., lockstep=Lockstep(...))`,
+`lockstep.py`) runs the same requests as one batch under transformers' exact loops (beam search, its
+RNG stream, per-step scores), on blocks borrowed from the same cache under the same lock and lease:
+every front end hands `Request`s to this one entry, and the engine keeps one cache set-up.
+
 Greedy decoding gives the same tokens as transformers (per-row argmax over identically processed
 scores). Sampling is seeded per request (`selection.request_seed`; its noise is a counter-based hash, see
 `selection.py`), so it is reproducible and independent of batching, but it is not transformers'
@@ -36,20 +41,23 @@ from ..devices import placement
 from .exclusive import Exclusive
 from .executor import PlanExecutor
 from .generation import Settings
+from .lockstep import Lockstep, encode_images, run as run_lockstep
 from .paged_cache import PagedKVCache
 from .paged_runner import PagedRunner
 from .scheduler import KVCacheTooSmall, Output, Request, Scheduler, kv_budget
 
-__all__ = ["Engine", "KeptEngine", "KVCacheTooSmall", "Output", "Request"]  # the request types live in scheduler.py
+# the request types live in scheduler.py, the lockstep mode in lockstep.py
+__all__ = ["Engine", "KeptEngine", "KVCacheTooSmall", "Lockstep", "Output", "Request"]
 
 
 class Engine:
     """Continuous batching over a paged KV cache.
 
-    `kv_cache_bytes` fixes the cache size. Without it the cache is sized at the first run from that
-    run's settings and the requests it has queued: min(max_batch_size, queued requests) rows at
-    `max_length` text tokens, at least one sequence at the position table's end, capped at
-    `gpu_memory_fraction` of the free device memory (of the available RAM on the CPU); a later run
+    `kv_cache_bytes` fixes the cache size of continuous runs (they wait for blocks; a lockstep run,
+    which holds all its rows at once, grows the pools to its need). Without it the cache is sized at
+    the first run from that run's settings and the requests it has queued: min(max_batch_size,
+    queued requests) rows at `max_length` text tokens, at least one sequence at the position table's
+    end, capped at `gpu_memory_fraction` of the free device memory (of the available RAM on the CPU); a later run
     that needs more grows it. Per-slot decode state grows with the sequences running. So memory
     follows the work at hand, not `max_batch_size` (a bound, which may be huge) or the longest
     possible text.
@@ -144,22 +152,32 @@ class Engine:
             self._allocate(want)
 
     # --- public API -----------------------------------------------------------------------------
-    def generate(self, requests: List[Request], settings: Settings, seed: int = 0) -> List[Output]:
+    def generate(self, requests: List[Request], settings: Settings, seed: int = 0,
+                 lockstep: Optional[Lockstep] = None) -> List[Output]:
+        """`run`'s outputs in input order."""
         outs: List[Optional[Output]] = [None] * len(requests)
-        for out in self.run(requests, settings, seed):
+        for out in self.run(requests, settings, seed, lockstep):
             outs[out.index] = out
         return outs  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def run(self, requests: Iterable[Request], settings: Settings, seed: int = 0) -> Iterator[Output]:
-        """Yields each request's output as soon as it finishes (any order; `.index` says which).
+    def run(self, requests: Iterable[Request], settings: Settings, seed: int = 0,
+            lockstep: Optional[Lockstep] = None) -> Iterator[Output]:
+        """The engine's one entry: yields each request's output (`.index` says which).
+
+        Continuous batching (`lockstep=None`; greedy, or sampling seeded per request by `seed`): each
+        output as soon as its request finishes, in any order. `lockstep=Lockstep(...)`: the requests
+        as one batch under transformers' exact loops (beam search, its RNG stream, per-step scores;
+        `lockstep.py`), their outputs in input order when the batch is done.
 
         One run at a time: a run holds the engine until it is exhausted or closed (another thread's
         waits), and gives back all it took from the KV cache however it ends (`BlockAllocator.lease`)."""
-        if settings.num_beams > 1:
-            raise ValueError("the engine's continuous batching runs greedy and sampling; beam search runs "
-                             "through GitForCausalLM.generate")
+        if settings.num_beams > 1 and lockstep is None:
+            raise ValueError("beam search runs in lockstep: pass lockstep=Lockstep(copies=num_beams)")
         with self._running.hold():
+            if lockstep is not None:
+                yield from self._lockstep(list(requests), settings, lockstep)
+                return
             numbered = iter(enumerate(requests))
             # the first window says how many rows this run can have at once
             first = deque(itertools.islice(numbered, self.max_batch_size))
@@ -172,6 +190,21 @@ class Engine:
                                       positions=self.model.config.max_position_embeddings)
                 yield from self._steps(scheduler, PlanExecutor(self.model, self.runner, settings, seed,
                                                                self.table_width))
+
+    def _lockstep(self, requests: List[Request], settings: Settings, mode: Lockstep) -> Iterator[Output]:
+        """A lockstep run: every row holds its blocks at once (no waiting can help), so the pools grow
+        to the run's need when they are smaller, even past a fixed `kv_cache_bytes`."""
+        if not requests:
+            return
+        images = encode_images(self.model, requests, mode.interpolate_pos_encoding)
+        prompt_len = max(len(r.prompt) for r in requests) if mode.input_ids is None else mode.input_ids.shape[1]
+        need = batch_budget(self.model, settings, len(requests) * mode.copies, images.tokens.shape[0], prompt_len,
+                            images.tokens.shape[1], self.block_size)
+        if need > self.held_bytes():
+            self._allocate(need)
+        with self.cache.allocator.lease():
+            # decode steps eager, as transformers' loops are written (and as they ran on a cache of their own)
+            yield from run_lockstep(PagedRunner(self.model, self.cache), requests, settings, mode, images)
 
     @staticmethod
     def _steps(scheduler: Scheduler, executor: PlanExecutor) -> Iterator[Output]:
@@ -186,8 +219,21 @@ class Engine:
             pending = launched
 
 
+def batch_budget(model, settings: Settings, rows: int, images: int, prompt_len: int,
+                 image_tokens: Optional[int] = None, block_size: int = 16) -> int:
+    """KV-cache bytes a batch holds at once (`scheduler.kv_budget`): `rows` sequences over `images`
+    prefixes of `image_tokens` tokens (default the model's), each with room for the settings'
+    `max_length` (or its longer prompt) and one token more. What a lockstep run takes, and what the
+    drop-in sizes its kept engine with."""
+    cfg = model.config
+    per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, block_size, cfg.num_attention_heads,
+                                             cfg.hidden_size // cfg.num_attention_heads, placement(model)[1])
+    n_img = model.num_image_tokens if image_tokens is None else image_tokens
+    return kv_budget(per_block, block_size, n_img, max(settings.max_length, prompt_len) + 1, rows, images)
+
+
 class KeptEngine:
-    """The engine a front end keeps between calls (the drop-in's greedy `generate`, the `Captioner`),
+    """The engine a front end keeps between calls (the drop-in's `generate`, the `Captioner`),
     so its cache pools and CUDA graphs are reused: rebuilt only when a call needs more rows, or more
     than a fixed `kv_cache_bytes`, than it has, or the model moved. The old pools go before new ones
     are allocated."""

@@ -8,9 +8,9 @@ The engine is three parts with one job each, and this module is the first:
 - `Request`: what every front end hands the engine (the drop-in's greedy `generate`, `Captioner`,
   `gitfast caption`, Ray Data through the Captioner): prompt ids, the image's pixels and a key under
   which requests share one image prefix, an optional new-token limit. Settings (`generation.Settings`:
-  greedy or sampling, EOS, lengths) are one per run: they pick the engine's mode for all its requests.
-  Beam search, sampling on transformers' RNG stream and per-step scores are not engine modes: they
-  run in `paged_generate.lockstep` (which says why), sized by the same `kv_budget`.
+  greedy, sampling or beams, EOS, lengths) are one per run. The run's mode is the caller's: continuous
+  batching (this scheduler), or lockstep (`lockstep.py`: transformers' exact loops over the same
+  requests as one batch, on blocks of the same cache, sized by the same `kv_budget`).
 - `Scheduler`: owns the waiting queue (pulled lazily from the run's iterable, at most `max_rows`
   ahead), the running sequences, slot numbers and the image prefixes the look-ahead window still
   needs. `schedule()` admits waiting requests in order while the batch has room and the cache has
@@ -22,7 +22,7 @@ The engine is three parts with one job each, and this module is the first:
 - `Plan`: new image prefixes to compute (their blocks already taken), sequences to start and prefill,
   and the sequences that take one decode step; plain data the executor runs.
 - `kv_blocks` / `kv_budget`: the one formula for how much cache a set of sequences holds, exactly what
-  admission reserves; the engine sizes its cache with it, and so does `paged_generate`.
+  admission reserves; the engine sizes its cache with it, in both modes, and so does the drop-in's kept engine.
 
 Blocks are taken and given back through `paged_cache.KVBlocks` (bookkeeping only), so the scheduler
 runs, and is tested, without a model (tests/test_scheduler.py).
@@ -55,6 +55,9 @@ class Output:
     index: int
     token_ids: List[int]                   # generated tokens, EOS included when it ended the sequence
     finish_reason: str                     # "eos" or "length"
+    # lockstep runs only (`lockstep.py`): the request's rows as transformers lays them out, and its scores
+    sequences: Optional[object] = None     # [rows, T + new] tensor: prompt (padding kept), new tokens, padding
+    scores: Optional[object] = None        # beam search: [rows] sequence scores; else each step's [rows, vocab]
 
 
 @dataclass(eq=False)  # compared by identity
@@ -99,7 +102,8 @@ def kv_budget(bytes_per_block: int, block_size: int, image_tokens: int, text_tok
     return bytes_per_block * kv_blocks(block_size, image_tokens, text_tokens, rows, images)
 
 
-def _key(index: int, request: Request) -> Hashable:
+def prefix_key(index: int, request: Request) -> Hashable:
+    """The key of the image prefix request `index` uses: its `image_key`, else one of its own."""
     return request.image_key if request.image_key is not None else ("request", index)
 
 
@@ -149,7 +153,7 @@ class Scheduler:
         for s in plan.decode:
             s.blocks.length += 1
             s.launched += 1
-        waiting = {_key(i, r) for i, r in self.waiting}
+        waiting = {prefix_key(i, r) for i, r in self.waiting}
         for key in {s.key for s in plan.prefill} - waiting:
             self.blocks.release_prefix(self.prefixes.pop(key))
 
@@ -192,7 +196,7 @@ class Scheduler:
                 raise ValueError("one engine run takes either image requests or text-only requests, not both")
             max_new = stopping.new_token_limit(req.max_new_tokens, self.settings.max_length, len(req.prompt),
                                                self.positions)
-            total, key = image_len + len(req.prompt) + max_new, _key(idx, req)
+            total, key = image_len + len(req.prompt) + max_new, prefix_key(idx, req)
             need = self.blocks.blocks_needed(image_len, total)
             if key not in self.prefixes and key not in new_keys:
                 need += self.blocks.blocks_for(image_len)
