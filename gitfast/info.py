@@ -79,7 +79,8 @@ def _linear_backends() -> dict:
     return {"linear_fp32": {"cpu": fp32_backends.describe("cpu"), "cuda": "torch"},
             "linear_bf16": {"cpu": ops.linear_backend("cpu", torch.bfloat16), "cuda": "torch"},
             "logits_bf16": {"cpu": ops.logits_backend("cpu"), "cuda": ops.logits_backend("cuda")},
-            "linear_int8": {"cpu": int8_backends.decision().summary(), "cuda": "refused (CPU only)"}}
+            "linear_int8": {"cpu": int8_backends.decision().summary(), "cuda": "refused (CPU only)"},
+            "linear_int8_vision": {"cpu": int8_backends.vision_decision().summary(), "cuda": "refused (CPU only)"}}
 
 
 def _build_note():

@@ -1,7 +1,14 @@
 """The int8 GEMM backends of dynamic INT8 (gitfast/quantization.py's module docstring says what each is
-and why), their check against the exact integers, and the choice among them: measured once per
-process on decoder- and vision-sized shapes (gitfast.backend_choice), GITFAST_INT8_BACKEND=<name>
-forcing one, `gitfast info` showing the times.
+and why), their check against the exact integers, and the choices among them, measured once per
+process on decoder- and vision-sized shapes (gitfast.backend_choice), `gitfast info` showing the times:
+- `backend()`: the text decoder's and the projection's, the fastest 8-bit one (GITFAST_INT8_BACKEND);
+- `vision_backend()`: the vision encoder's, that same backend or a 7-bit one where that measures
+  more than PREFERENCE_MARGIN faster (GITFAST_INT8_VISION_BACKEND).
+Why the vision encoder alone may take 7 bits (AMD Zen 3, git-base shapes, 40 images, greedy captions
+identical to transformers fp32): 7-bit activations everywhere 4/32 (the decoder's precision picks
+the tokens), in the vision encoder only 13/40 and 8-bit everywhere 10/40; transformers + torch's
+dynamic INT8 4/32. A rule by rows per call (7 bits for prefill, 8 for decode steps) did as well, but
+would make a row's result depend on what it is batched with.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from . import ops
 
 BACKENDS = ("onednn", "cpu ext", "cpu ext u7", "torch._int_mm", "reference")  # in order of preference
 SEVEN_BIT = ("cpu ext u7",)  # backends whose activations are quantized to 7 bits (quantize_rows_u7)
+EIGHT_BIT = tuple(name for name in BACKENDS if name not in SEVEN_BIT)
 
 
 def _onednn_pack(w_int8):
@@ -106,18 +114,33 @@ def prepare(name: str):
 
 
 def backend() -> str:
-    """The int8 GEMM serving DynamicInt8Linear on this machine: measured once per process."""
+    """The 8-bit int8 GEMM serving the text decoder's DynamicInt8Linear layers here: measured once per process."""
     return decision().chosen
 
 
-def activation_bits(name: Optional[str] = None) -> int:
-    """Bits per activation of backend `name` (default: the chosen one): 8, or 7 for a 7-bit backend."""
-    return 7 if (backend() if name is None else name) in SEVEN_BIT else 8
+def vision_backend() -> str:
+    """The int8 GEMM serving the vision encoder's layers: backend(), or a 7-bit one measured faster."""
+    return vision_decision().chosen
+
+
+def activation_bits(name: str) -> int:
+    """Bits per activation of backend `name`: 8, or 7 for a 7-bit backend."""
+    return 7 if name in SEVEN_BIT else 8
 
 
 def decision():
-    """backend_choice.Decision for the int8 GEMM (its times and the candidates ruled out)."""
+    """backend_choice.Decision for the text side's int8 GEMM (its times and the candidates ruled out)."""
     from .backend_choice import choose
 
-    return choose("int8_gemm", {name: functools.partial(prepare, name) for name in BACKENDS},
+    return choose("int8_gemm", {name: functools.partial(prepare, name) for name in EIGHT_BIT},
                   "GITFAST_INT8_BACKEND")
+
+
+def vision_decision():
+    """backend_choice.Decision for the vision encoder's int8 GEMM: the text side's backend first, so a
+    7-bit one must beat it by PREFERENCE_MARGIN."""
+    from .backend_choice import choose
+
+    names = (backend(), *SEVEN_BIT)
+    return choose("int8_gemm_vision", {name: functools.partial(prepare, name) for name in names},
+                  "GITFAST_INT8_VISION_BACKEND")

@@ -25,12 +25,11 @@ says which, `gitfast info` shows the times, GITFAST_INT8_BACKEND=<name> forces o
 - "cpu ext u7": gitfast._C's GEMM for 7-bit activations (csrc/cpu/int8_gemm_u7.cpp): each row
   quantized to 0..127 with its own scale and zero point (`quantize_rows_u7`), products with
   VPMADDUBSW, 32 per instruction, exact because a pair of them fits int16: 3 instructions per 32
-  products where the exact 8-bit kernel needs 4 without VNNI. It comes after the 8-bit backends and
-  serves only where it measures more than backend_choice.PREFERENCE_MARGIN faster than all of them
-  (AMD Zen 3: the 1576x768x3072 GEMM 48 ms against 64 for "cpu ext" and 52 for fbgemm's dynamic
-  Linear, thread CPU time), because its captions differ: 8 of 32 greedy captions identical to fp32
-  against 10 with 8-bit activations and 4 for transformers + torch's dynamic INT8 (git-base shapes,
-  bench_cpu --agreement 32). `activation_bits()` says which; `gitfast caption --resume` records it;
+  products where the exact 8-bit kernel needs 4 without VNNI (AMD Zen 3: the 1576x768x3072 GEMM
+  48 ms against 64 for "cpu ext" and 52 for fbgemm's dynamic Linear, thread CPU time). Its captions
+  differ from the 8-bit ones', so it serves the vision encoder only, and only where it measures more
+  than backend_choice.PREFERENCE_MARGIN faster than the 8-bit backend chosen for the rest
+  (int8_backends says why); `activation_bits(config)` says which, `gitfast caption --resume` records it;
 - "torch._int_mm": PyTorch's int8 x int8 -> int32 GEMM, weight scales applied in the row pass;
 - "reference": the same integers through an fp32 matmul (exact for |acc| < 2^24).
 
@@ -48,7 +47,7 @@ CUDA is refused: use dtype=float16 / bfloat16 there.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -57,6 +56,7 @@ from . import bf16_backends, int8_backends, ops
 
 METHODS = ("dynamic",)
 KEEP = ("lm_head",)  # module names left in the model's precision (see the module docstring)
+VISION = "vision."  # GitModel's vision encoder: its layers may take a 7-bit backend (int8_backends)
 
 
 def _field(quantization_config, *names):
@@ -79,30 +79,48 @@ def method_of(quantization_config) -> Optional[str]:
     return name
 
 
-def backend_of(quantization_config) -> Optional[str]:
-    """The int8 GEMM backend a dict / object config names under "backend" (None: measure one); a name
-    that is unknown, or whose backend cannot serve here, is refused."""
+def _named_backend(quantization_config, key: str) -> Optional[str]:
     from .backend_choice import Unfit
 
-    name = None if quantization_config is None else _field(quantization_config, "backend")
+    name = None if quantization_config is None else _field(quantization_config, key)
     if name is None:
         return None
     if name not in int8_backends.BACKENDS:
-        raise ValueError(f"quantization_config backend {name!r} is not one of {', '.join(int8_backends.BACKENDS)}")
+        raise ValueError(f"quantization_config {key} {name!r} is not one of {', '.join(int8_backends.BACKENDS)}")
     try:
         int8_backends.prepare(name)
     except Unfit as exc:
-        raise ValueError(f"quantization_config backend {name!r} cannot serve here: {exc}") from exc
+        raise ValueError(f"quantization_config {key} {name!r} cannot serve here: {exc}") from exc
     return name
 
 
+def backends_of(quantization_config) -> Tuple[str, str]:
+    """(text, vision) int8 GEMM backends: those a dict / object config names under "backend" (every
+    layer) and "vision_backend" (the vision encoder's), else the ones measured here; a name that is
+    unknown, or whose backend cannot serve here, is refused."""
+    text = _named_backend(quantization_config, "backend")
+    vision = _named_backend(quantization_config, "vision_backend") or text
+    return text or int8_backends.backend(), vision or int8_backends.vision_backend()
+
+
 def resolved(quantization_config):
-    """`quantization_config` with the backend it will run on written in ({"method", "backend"}; None
-    stays None): what a run hands its other processes so that all of them quantize alike."""
+    """`quantization_config` with the backends it will run on written in ({"method", "backend",
+    "vision_backend"}; None stays None): what a run hands its other processes so that all of them
+    quantize alike."""
     method = method_of(quantization_config)
     if method is None:
         return None
-    return {"method": method, "backend": backend_of(quantization_config) or int8_backends.backend()}
+    text, vision = backends_of(quantization_config)
+    return {"method": method, "backend": text, "vision_backend": vision}
+
+
+def activation_bits(quantization_config) -> Optional[dict]:
+    """{"text": bits, "vision": bits} of the activations under `quantization_config` (None without
+    quantization): what shapes captions beyond the integers, recorded by `gitfast caption --resume`."""
+    if method_of(quantization_config) is None:
+        return None
+    text, vision = backends_of(quantization_config)
+    return {"text": int8_backends.activation_bits(text), "vision": int8_backends.activation_bits(vision)}
 
 
 # -- the row passes -------------------------------------------------------------------------------
@@ -215,20 +233,21 @@ class DynamicInt8Linear(nn.Module):
 
 def quantize(model: nn.Module, quantization_config="dynamic", keep=KEEP) -> nn.Module:
     """Swaps every `ops.Linear` of `model` (a GitModel, on the CPU) whose name is not in `keep` for a
-    DynamicInt8Linear, in place; returns `model`. None leaves it as it is. The GEMM backend is the
-    one measured fastest here, or the one the config names (`{"method": "dynamic", "backend": ...}`)."""
+    DynamicInt8Linear, in place; returns `model`. None leaves it as it is. The GEMM backends are those
+    measured here (int8_backends: one for the vision encoder, one for the rest), or those the config
+    names (`{"method": "dynamic", "backend": ..., "vision_backend": ...}`)."""
     if method_of(quantization_config) is None:
         return model
     p = next(model.parameters())
     if p.device.type != "cpu":
         raise ValueError(f"quantization_config={quantization_config!r} (dynamic INT8) runs on the CPU only, but the "
                          f"model is on {p.device}; on a GPU use dtype=torch.float16 or torch.bfloat16 instead")
-    named = backend_of(quantization_config)
+    text, vision = backends_of(quantization_config)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, ops.Linear) and name not in keep]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr,
-                DynamicInt8Linear.from_linear(linear, named))
+        layer = DynamicInt8Linear.from_linear(linear, vision if name.startswith(VISION) else text)
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
     for name, m in model.named_modules():
         if isinstance(m, ops.Logits) and name in keep:
             m.reads_bf16 = bf16_backends.kernel_serves_logits()
@@ -236,9 +255,13 @@ def quantize(model: nn.Module, quantization_config="dynamic", keep=KEEP) -> nn.M
 
 
 def describe(model: nn.Module) -> Optional[str]:
-    """"dynamic INT8 (<backend>)" when `model` holds DynamicInt8Linear layers, else None."""
-    layers = [m for m in model.modules() if isinstance(m, DynamicInt8Linear)]
-    if not layers:
+    """"dynamic INT8 (<backend>, <bits>-bit activations: <n> layers; ...)" when `model` holds
+    DynamicInt8Linear layers, else None."""
+    counts = {}
+    for m in model.modules():
+        if isinstance(m, DynamicInt8Linear):
+            counts[m.backend] = counts.get(m.backend, 0) + 1
+    if not counts:
         return None
-    name = layers[0].backend
-    return f"dynamic INT8 ({name}, {int8_backends.activation_bits(name)}-bit activations, {len(layers)} layers)"
+    parts = [f"{name}, {int8_backends.activation_bits(name)}-bit activations: {n} layers" for name, n in counts.items()]
+    return f"dynamic INT8 ({'; '.join(parts)})"

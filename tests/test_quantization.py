@@ -61,8 +61,9 @@ def test_dequantize_rows_names_a_bad_scale():
 
 @pytest.fixture
 def fresh_choice(fresh_decision):
-    """The int8 GEMM decided anew in the test, and again after it (the process's real decision)."""
+    """The int8 GEMMs decided anew in the test, and again after it (the process's real decisions)."""
     fresh_decision("int8_gemm", "GITFAST_INT8_BACKEND")
+    fresh_decision("int8_gemm_vision", "GITFAST_INT8_VISION_BACKEND")
 
 
 def _fit(name):
@@ -278,15 +279,24 @@ def test_quantize_rows_u7_matches_the_reference(dtype, shape):
         assert int(z[1]) == 0 and (int(s[2]), int(z[2]), int(q[2].max())) == (0, 0, 0) and int(z[3]) == 127
 
 
-def test_a_config_can_name_the_backend_and_a_run_hands_its_own_on(fresh_choice):
-    torch.manual_seed(0)
-    lin = ops.Linear(64, 32)
+def test_a_config_can_name_the_backends_and_a_run_hands_its_own_on(fresh_choice):
+    hf = make_hf_model("hd64_odd_tokens")
     for name in [b for b in B.BACKENDS if _fit(b)]:
-        model = torch.nn.Sequential(lin)
-        Q.quantize(model, {"method": "dynamic", "backend": name})
-        assert model[0].backend == name and Q.describe(model).startswith(f"dynamic INT8 ({name}, ")
+        import gitfast
+
+        model = gitfast.GitForCausalLM.from_transformers(hf).model
+        Q.quantize(model, {"method": "dynamic", "backend": name, "vision_backend": "reference"})
+        layers = {n: m.backend for n, m in model.named_modules() if isinstance(m, Q.DynamicInt8Linear)}
+        assert {b for n, b in layers.items() if n.startswith("vision.")} == {"reference"}
+        assert {b for n, b in layers.items() if not n.startswith("vision.")} == {name}
+        described = Q.describe(model)
+        assert described.startswith("dynamic INT8 (reference, 8-bit activations: ")  # the vision layers come first
+        assert f"{name}, {B.activation_bits(name)}-bit activations: " in described
     with pytest.raises(ValueError, match="not one of"):
-        Q.quantize(torch.nn.Sequential(lin), {"method": "dynamic", "backend": "mkl"})
-    assert Q.resolved(None) is None
-    assert Q.resolved("dynamic") == {"method": "dynamic", "backend": B.backend()}
-    assert B.activation_bits() == (7 if B.backend() in B.SEVEN_BIT else 8)
+        Q.quantize(torch.nn.Sequential(ops.Linear(64, 32)), {"method": "dynamic", "backend": "mkl"})
+    assert Q.resolved(None) is None and Q.activation_bits(None) is None
+    text, vision = B.backend(), B.vision_backend()
+    assert Q.resolved("dynamic") == {"method": "dynamic", "backend": text, "vision_backend": vision}
+    assert text in B.EIGHT_BIT and vision in (text, *B.SEVEN_BIT)  # 7 bits never decide the tokens
+    assert Q.activation_bits("dynamic") == {"text": 8, "vision": 7 if vision in B.SEVEN_BIT else 8}
+    assert Q.activation_bits({"method": "dynamic", "backend": "reference"}) == {"text": 8, "vision": 8}

@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from .. import bf16_backends, int8_backends, loading, quantization
+from .. import bf16_backends, loading, quantization
 from ..defaults import EMBEDDED_MODEL
 from ..devices import caption_dtype
 from ..loading import CheckpointError
@@ -114,7 +114,7 @@ def _caption_settings(args, devices=None) -> dict:
         # quantization.quantize's choices that shape captions: the activations' bits (the 8-bit
         # backends give the same integers, each checked against them before it serves; a 7-bit one
         # does not; captioner_options hands every rank this process's backend) and the LM head's rounding
-        settings["int8_activation_bits"] = int8_backends.activation_bits()
+        settings["int8_activation_bits"] = quantization.activation_bits(args.quantize)
         settings["int8_lm_head"] = "bfloat16" if bf16_backends.kernel_serves_logits() else "float32"
     return settings
 
