@@ -48,7 +48,7 @@ def _torch_dynamic(weight, bias):
 
 
 def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
-    from gitfast import ops, quantization as Q
+    from gitfast import int8_backends as B, ops, quantization as Q
     from gitfast.backend_choice import Unfit
 
     dt = str(dtype).replace("torch.", "")
@@ -56,7 +56,7 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
         yield Case("int8_linear", {}, "gitfast", dt, None,
                    skip_reason="dynamic INT8 runs on the CPU with fp32 activations only")
         return
-    chosen = Q.backend()
+    chosen = B.backend()
     for rows, k, n in _shapes(quick):
         shape = {"rows": rows, "in": k, "out": n}
         label = f"{rows}x{k}->{n}"
@@ -72,17 +72,16 @@ def cases(quick: bool, device: str, dtype: torch.dtype) -> Iterable[Case]:
                         bytes=nbytes, skip_reason=reason, label=label)
 
         yield case("gitfast", lambda layer=layer: layer(*inputs.next()))
-        for name in Q.BACKENDS:
+        for name in B.BACKENDS:
             if name == chosen:
                 continue
             try:
-                Q._prepare(name)
+                B.prepare(name)
             except Unfit as exc:
                 yield case(f"gitfast {name}", None, f"{name} is not fit here: {exc}")
                 continue
             forced = Q.DynamicInt8Linear.from_linear(linear)
-            forced.backend = name
-            forced._packed = Q._onednn_pack(forced.weight_int8) if name == "onednn" else None
+            forced.use(name)
             yield case(f"gitfast {name}", lambda forced=forced: forced(*inputs.next()))
         w, b = linear.weight.detach(), linear.bias.detach()
         dynamic = _torch_dynamic(w, b)

@@ -429,6 +429,45 @@ at::Tensor int8_mm(const at::Tensor& q, const at::Tensor& w) {
 
 std::string int8_isa() { return cpu_kernels::int8_isa(); }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_u7(const at::Tensor& x) {
+  check_input("quantize_rows_u7", x);
+  TORCH_CHECK(x.is_cpu(), "gitfast.quantize_rows_u7: CPU kernels only; x is on ", x.device());
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  std::vector<int64_t> rows(x.sizes().begin(), x.sizes().end() - 1);
+  at::Tensor scale = at::empty(rows, x.options().dtype(at::kFloat));
+  at::Tensor zero = at::empty(rows, x.options().dtype(at::kInt));
+  if (x.numel() > 0) cpu_kernels::quantize_rows_u7(x, q, scale, zero);
+  return {q, scale, zero};
+}
+
+at::Tensor int8_mm_u7(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& w, const at::Tensor& colsum) {
+  const char* op = "int8_mm_u7";
+  TORCH_CHECK(q.is_cpu() && q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kByte,
+              "gitfast.", op, ": q must be a contiguous 2-D uint8 CPU tensor, got ", q.scalar_type(), " ", q.sizes(),
+              " on ", q.device());
+  TORCH_CHECK(zero.is_cpu() && zero.is_contiguous() && zero.scalar_type() == at::kInt && zero.dim() == 1 &&
+                  zero.size(0) == q.size(0),
+              "gitfast.", op, ": zero must be a contiguous [", q.size(0), "] int32 CPU tensor, got ",
+              zero.scalar_type(), " ", zero.sizes());
+  TORCH_CHECK(w.is_cpu() && w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar &&
+                  w.size(1) == q.size(1),
+              "gitfast.", op, ": w must be a contiguous [N, ", q.size(1), "] int8 CPU tensor, got ", w.scalar_type(),
+              " ", w.sizes(), " on ", w.device());
+  TORCH_CHECK(colsum.is_cpu() && colsum.dim() == 1 && colsum.is_contiguous() && colsum.scalar_type() == at::kInt &&
+                  colsum.size(0) == w.size(0),
+              "gitfast.", op, ": colsum must be a contiguous [", w.size(0), "] int32 CPU tensor, got ",
+              colsum.scalar_type(), " ", colsum.sizes());
+  at::Tensor acc = at::empty({q.size(0), w.size(0)}, q.options().dtype(at::kInt));
+  if (acc.numel() == 0) return acc;
+  if (q.size(1) == 0) return acc.zero_();
+  // 128..255 would saturate VPMADDUBSW's int16 pair sums: a wrong answer, so refused (one pass over q)
+  TORCH_CHECK(q.max().item<uint8_t>() <= 127, "gitfast.", op, ": q holds values above 127 (7-bit activations only)");
+  cpu_kernels::int8_mm_u7(q, zero, w, colsum, acc);
+  return acc;
+}
+
+std::string int8_u7_isa() { return cpu_kernels::int8_u7_isa(); }
+
 // ---------------------------------------------------------------------------------------------
 // The bf16 LM head with fp32 logits (CPU kernels only)
 // ---------------------------------------------------------------------------------------------
@@ -535,6 +574,9 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
   m.def("set_cpu_isa(str name) -> ()", &gitfast::set_cpu_isa);
   m.def("int8_mm(Tensor q, Tensor w) -> Tensor", tags);
   m.def("int8_isa() -> str", &gitfast::int8_isa);
+  m.def("quantize_rows_u7(Tensor x) -> (Tensor, Tensor, Tensor)", tags);
+  m.def("int8_mm_u7(Tensor q, Tensor zero, Tensor w, Tensor colsum) -> Tensor", tags);
+  m.def("int8_u7_isa() -> str", &gitfast::int8_u7_isa);
   m.def("pack_bf16_cols(Tensor w) -> Tensor", tags);
   m.def("linear_bf16(Tensor x, Tensor packed, int n, Tensor? bias, bool fp32_out=True) -> Tensor", tags);
   m.def("logits_isa() -> str", &gitfast::logits_isa);
@@ -558,6 +600,8 @@ TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
   m.impl("quantize_rows", &gitfast::quantize_rows);
   m.impl("dequantize_rows", &gitfast::dequantize_rows);
   m.impl("int8_mm", &gitfast::int8_mm);
+  m.impl("quantize_rows_u7", &gitfast::quantize_rows_u7);
+  m.impl("int8_mm_u7", &gitfast::int8_mm_u7);
   m.impl("pack_bf16_cols", &gitfast::pack_bf16_cols);
   m.impl("linear_bf16", &gitfast::linear_bf16);
   m.impl("linear_fp32", &gitfast::linear_fp32);

@@ -72,14 +72,15 @@ def collect() -> dict:
 def _linear_backends() -> dict:
     """The GEMMs behind the model's Linear layers: fp32 at decode rows, bf16 (pre-packed or not), a bf16
     model's fp32 logits and dynamic INT8's; each row from the decision the layer itself reads
-    (fp32_backends.describe, ops.linear_backend, ops.logits_backend, quantization.decision:
+    (fp32_backends.describe, ops.linear_backend, ops.logits_backend, int8_backends.decision:
     gitfast.backend_choice's measurements)."""
-    from . import fp32_backends, ops, quantization
+    from . import fp32_backends, int8_backends, ops
 
     return {"linear_fp32": {"cpu": fp32_backends.describe("cpu"), "cuda": "torch"},
             "linear_bf16": {"cpu": ops.linear_backend("cpu", torch.bfloat16), "cuda": "torch"},
             "logits_bf16": {"cpu": ops.logits_backend("cpu"), "cuda": ops.logits_backend("cuda")},
-            "linear_int8": {"cpu": quantization.decision().summary(), "cuda": "refused (CPU only)"}}
+            "linear_int8": {"cpu": int8_backends.decision().summary(), "cuda": "refused (CPU only)"},
+            "linear_int8_vision": {"cpu": int8_backends.vision_decision().summary(), "cuda": "refused (CPU only)"}}
 
 
 def _build_note():

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import bf16_backends, fp32_backends
+from . import bf16_backends, fp32_backends, op_fakes
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 OPS = ("add_layer_norm", "bias_act", "mlp")
@@ -65,45 +65,6 @@ def _import_extension():
     return importlib.import_module("gitfast._C")
 
 
-def _register_fakes() -> None:
-    """Shape-only implementations of the custom ops, for torch.compile / FakeTensor tracing."""
-
-    @torch.library.register_fake("gitfast::layer_norm")
-    def _(x, weight, bias, eps):
-        return torch.empty_like(x)
-
-    @torch.library.register_fake("gitfast::add_layer_norm")
-    def _(x, residual, weight, bias, eps):
-        return torch.empty_like(x), torch.empty_like(x)
-
-    @torch.library.register_fake("gitfast::bias_act")
-    def _(x, bias, activation):
-        return torch.empty_like(x)
-
-    @torch.library.register_fake("gitfast::mlp")
-    def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation):
-        return x.new_empty((*x.shape[:-1], fc2_weight.shape[0]))
-
-    if hasattr(torch.ops.gitfast, "int8_mm"):
-        @torch.library.register_fake("gitfast::int8_mm")
-        def _(q, w):
-            return q.new_empty((q.shape[0], w.shape[0]), dtype=torch.int32)
-
-    if hasattr(torch.ops.gitfast, "linear_fp32"):
-        @torch.library.register_fake("gitfast::linear_fp32")
-        def _(x, w, bias, activation=None):
-            return x.new_empty((*x.shape[:-1], w.shape[0]))
-
-    if hasattr(torch.ops.gitfast, "linear_bf16"):
-        @torch.library.register_fake("gitfast::pack_bf16_cols")
-        def _(w):
-            return w.new_empty(((w.shape[0] + 31) // 32 * 2, (w.shape[1] + 1) // 2, 16, 2))
-
-        @torch.library.register_fake("gitfast::linear_bf16")
-        def _(x, packed, n, bias, fp32_out=True):
-            return x.new_empty((*x.shape[:-1], n), dtype=torch.float32 if fp32_out else torch.bfloat16)
-
-
 def extension_loaded() -> bool:
     """Whether `gitfast._C` imported (once per process; a failure warns once and sticks)."""
     global _extension_state, _devices_with_kernels
@@ -119,7 +80,7 @@ def extension_loaded() -> bool:
                 stacklevel=3,
             )
         else:
-            _register_fakes()
+            op_fakes.register()
             has = torch._C._dispatch_has_kernel_for_dispatch_key
             _devices_with_kernels = frozenset(
                 dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")) if has("gitfast::bias_act", key)

@@ -8,7 +8,8 @@ place (the float weights are let go: a quarter of fp32's weight memory). One lay
     acc  = q @ W_int8^T  (int32, times w_scale)   # the backend's int8 GEMM
     y    = act(acc * s[m] + bias)                 # dequantize_rows, in the activations' dtype
 
-with both row passes in gitfast._C (one pass over the data each; plain torch without the
+(a 7-bit backend quantizes with `quantize_rows_u7` instead: q in 0..127, x ~ s[m] * (q - z[m]), and
+its GEMM gives (q - z) @ W_int8^T), with the row passes in gitfast._C (one pass over the data each; plain torch without the
 extension). The GEMM's backend is the fastest of these that gives the reference integers here,
 measured once per process on decoder- and vision-sized shapes (gitfast.backend_choice; `backend()`
 says which, `gitfast info` shows the times, GITFAST_INT8_BACKEND=<name> forces one):
@@ -21,6 +22,14 @@ says which, `gitfast info` shows the times, GITFAST_INT8_BACKEND=<name> forces o
   AVX2 or AVX-512), for CPUs where neither library has a fast exact one: on an AMD Zen 3 (AVX2, no
   VNNI) one thread, 1.2x an fp32 GEMM of the same integers at 256 rows, 2x at 1-32 rows, where
   torch._int_mm took 20x the fp32 GEMM's time and oneDNN gave wrong integers;
+- "cpu ext u7": gitfast._C's GEMM for 7-bit activations (csrc/cpu/int8_gemm_u7.cpp): each row
+  quantized to 0..127 with its own scale and zero point (`quantize_rows_u7`), products with
+  VPMADDUBSW, 32 per instruction, exact because a pair of them fits int16: 3 instructions per 32
+  products where the exact 8-bit kernel needs 4 without VNNI (AMD Zen 3: the 1576x768x3072 GEMM
+  48 ms against 64 for "cpu ext" and 52 for fbgemm's dynamic Linear, thread CPU time). Its captions
+  differ from the 8-bit ones', so it serves the vision encoder only, and only where it measures more
+  than backend_choice.PREFERENCE_MARGIN faster than the 8-bit backend chosen for the rest
+  (int8_backends says why); `activation_bits(config)` says which, `gitfast caption --resume` records it;
 - "torch._int_mm": PyTorch's int8 x int8 -> int32 GEMM, weight scales applied in the row pass;
 - "reference": the same integers through an fp32 matmul (exact for |acc| < 2^24).
 
@@ -38,20 +47,24 @@ CUDA is refused: use dtype=float16 / bfloat16 there.
 """
 from __future__ import annotations
 
-import functools
-import logging
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from . import bf16_backends, ops
-
-log = logging.getLogger(__name__)
+from . import bf16_backends, int8_backends, ops
 
 METHODS = ("dynamic",)
 KEEP = ("lm_head",)  # module names left in the model's precision (see the module docstring)
-BACKENDS = ("onednn", "cpu ext", "torch._int_mm", "reference")  # in order of preference
+VISION = "vision."  # GitModel's vision encoder: its layers may take a 7-bit backend (int8_backends)
+
+
+def _field(quantization_config, *names):
+    if isinstance(quantization_config, str):
+        return quantization_config if "method" in names else None
+    get = quantization_config.get if isinstance(quantization_config, dict) else (
+        lambda k, d=None: getattr(quantization_config, k, d))
+    return next((get(n, None) for n in names if get(n, None) is not None), None)
 
 
 def method_of(quantization_config) -> Optional[str]:
@@ -59,14 +72,55 @@ def method_of(quantization_config) -> Optional[str]:
     method name or None; anything else is refused by name."""
     if quantization_config is None:
         return None
-    name = quantization_config
-    if not isinstance(name, str):
-        get = name.get if isinstance(name, dict) else lambda k, d=None: getattr(name, k, d)
-        name = get("method", None) or get("quant_method", None)
+    name = _field(quantization_config, "method", "quant_method")
     if name not in METHODS:
         raise ValueError(f"unsupported quantization_config {quantization_config!r}; gitfast supports "
                          f"{', '.join(repr(m) for m in METHODS)} (INT8 weights, per-token INT8 activations, CPU)")
     return name
+
+
+def _named_backend(quantization_config, key: str) -> Optional[str]:
+    from .backend_choice import Unfit
+
+    name = None if quantization_config is None else _field(quantization_config, key)
+    if name is None:
+        return None
+    if name not in int8_backends.BACKENDS:
+        raise ValueError(f"quantization_config {key} {name!r} is not one of {', '.join(int8_backends.BACKENDS)}")
+    try:
+        int8_backends.prepare(name)
+    except Unfit as exc:
+        raise ValueError(f"quantization_config {key} {name!r} cannot serve here: {exc}") from exc
+    return name
+
+
+def backends_of(quantization_config) -> Tuple[str, str]:
+    """(text, vision) int8 GEMM backends: those a dict / object config names under "backend" (every
+    layer) and "vision_backend" (the vision encoder's), else the ones measured here; a name that is
+    unknown, or whose backend cannot serve here, is refused."""
+    text = _named_backend(quantization_config, "backend")
+    vision = _named_backend(quantization_config, "vision_backend") or text
+    return text or int8_backends.backend(), vision or int8_backends.vision_backend()
+
+
+def resolved(quantization_config):
+    """`quantization_config` with the backends it will run on written in ({"method", "backend",
+    "vision_backend"}; None stays None): what a run hands its other processes so that all of them
+    quantize alike."""
+    method = method_of(quantization_config)
+    if method is None:
+        return None
+    text, vision = backends_of(quantization_config)
+    return {"method": method, "backend": text, "vision_backend": vision}
+
+
+def activation_bits(quantization_config) -> Optional[dict]:
+    """{"text": bits, "vision": bits} of the activations under `quantization_config` (None without
+    quantization): what shapes captions beyond the integers, recorded by `gitfast caption --resume`."""
+    if method_of(quantization_config) is None:
+        return None
+    text, vision = backends_of(quantization_config)
+    return {"text": int8_backends.activation_bits(text), "vision": int8_backends.activation_bits(vision)}
 
 
 # -- the row passes -------------------------------------------------------------------------------
@@ -77,6 +131,18 @@ def quantize_rows_reference(x: torch.Tensor):
     m = xf.abs().amax(-1)
     inv = torch.where(m > 0, 127.0 / m, torch.zeros_like(m))
     return torch.round(xf * inv[..., None]).to(torch.int8), m / 127.0
+
+
+def quantize_rows_u7_reference(x: torch.Tensor):
+    """Per-row asymmetric 7-bit: (q uint8 in 0..127, scale, zero int32) with x ~ scale * (q - zero);
+    the row's range is widened to hold 0, so zeros stay exact."""
+    xf = x.float()
+    lo, hi = xf.amin(-1).clamp(max=0), xf.amax(-1).clamp(min=0)
+    span = hi - lo
+    inv = torch.where(span > 0, 127.0 / span, torch.zeros_like(span))
+    zero = torch.round(-lo * inv)
+    q = torch.clamp(torch.round(xf * inv[..., None]) + zero[..., None], 0, 127)
+    return q.to(torch.uint8), span / 127.0, zero.to(torch.int32)
 
 
 def dequantize_rows_reference(acc, row_scale, col_scale, bias, activation, dtype):
@@ -99,6 +165,12 @@ def quantize_rows(x: torch.Tensor):
     return quantize_rows_reference(x)
 
 
+def quantize_rows_u7(x: torch.Tensor):
+    if _use_extension(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.ops.gitfast.quantize_rows_u7(x.contiguous())
+    return quantize_rows_u7_reference(x)
+
+
 def dequantize_rows(acc, row_scale, col_scale, bias, activation, dtype):
     if _use_extension(acc):
         return torch.ops.gitfast.dequantize_rows(acc.contiguous(), row_scale.contiguous(), col_scale, bias,
@@ -106,103 +178,30 @@ def dequantize_rows(acc, row_scale, col_scale, bias, activation, dtype):
     return dequantize_rows_reference(acc, row_scale, col_scale, bias, activation, dtype)
 
 
-# -- the int8 GEMM backends -----------------------------------------------------------------------
-
-def _onednn_pack(w_int8):
-    return torch.ops.onednn.qlinear_prepack(w_int8, None)
-
-
-def _onednn_mm(q, packed, w_scale, w_zero):
-    # activation scale 1, zero point 0: acc * w_scale in fp32; the per-row scale comes after
-    return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,
-                                              "none", [], "")
-
-
-def _gemm(name: str, q, w_int8, w_scale, packed, zero):
-    """(acc, column scale still to apply) for int8 rows `q` through backend `name`: acc holds the exact
-    products q @ w_int8^T (int32, or fp32 values), times `w_scale` already where the backend applies
-    it (oneDNN, on its `packed` weight; the scale left is then None)."""
-    if name == "onednn":
-        return _onednn_mm(q, packed, w_scale, zero), None
-    if name == "cpu ext":
-        return torch.ops.gitfast.int8_mm(q, w_int8), w_scale
-    if name == "torch._int_mm":
-        return torch._int_mm(q, w_int8.t()), w_scale
-    return q.float() @ w_int8.float().t(), w_scale
-
-
-def _int8_mm(name: str, w_int8: torch.Tensor):
-    """`q -> q @ w_int8^T` (int32-exact values, float or int32) through backend `name`."""
-    if name == "cpu ext" and not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm")):
-        raise RuntimeError("gitfast._C is not built with int8_mm")
-    n = w_int8.shape[0]
-    packed = _onednn_pack(w_int8) if name == "onednn" else None
-    ones, zero = torch.ones(n), torch.zeros(n, dtype=torch.int64)
-    return lambda q: _gemm(name, q, w_int8, ones, packed, zero)[0]
-
-
-# (rows, in, out), cheapest first: a decode step's MLP GEMM at one sequence and its attention GEMM at
-# a batch of 32, then a vision encoder's MLP GEMM at one image (a pathological backend, 41M MAC/s,
-# costs 0.06 s on the first before it drops out)
-MEASURED_SHAPES = ((1, 768, 3072), (32, 768, 768), (256, 768, 3072))
-
-
-def _prepare(name: str):
-    """backend_choice candidate: `name` must give the reference integers on a small odd case; then one
-    GEMM call per MEASURED_SHAPES."""
-    from .backend_choice import Unfit
-
-    g = torch.Generator().manual_seed(0)
-    w = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8)
-    q = torch.randint(-127, 128, (17, 40), generator=g, dtype=torch.int8)
-    try:
-        got = _int8_mm(name, w)(q)
-    except (RuntimeError, AttributeError, NotImplementedError) as exc:
-        raise Unfit(f"does not run here ({str(exc).splitlines()[0][:120]})") from exc
-    if not torch.equal(got.float(), q.float() @ w.float().t()):
-        raise Unfit("wrong integers on the check case")
-    calls = []
-    for rows, k, n in MEASURED_SHAPES:
-        mm = _int8_mm(name, torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8))
-        x = torch.randint(-127, 128, (rows, k), generator=g, dtype=torch.int8)
-        calls.append(functools.partial(mm, x))
-    return calls
-
-
-def backend() -> str:
-    """The int8 GEMM serving DynamicInt8Linear on this machine: measured once per process."""
-    return decision().chosen
-
-
-def decision():
-    """backend_choice.Decision for the int8 GEMM (its times and the candidates ruled out)."""
-    from .backend_choice import choose
-
-    return choose("int8_gemm", {name: functools.partial(_prepare, name) for name in BACKENDS},
-                  "GITFAST_INT8_BACKEND")
-
-
 class DynamicInt8Linear(nn.Module):
     """`act(x W^T + b)` with W in int8 (a scale per output channel) and x quantized per row (token)
     at each call; outputs in x's dtype. Inference only (no autograd)."""
 
-    def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor]):
+    def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                 backend_name: Optional[str] = None):
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
-        self.backend = backend()
         self.register_buffer("weight_int8", weight_int8.contiguous())
         self.register_buffer("weight_scale", weight_scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
-        self._packed = _onednn_pack(self.weight_int8) if self.backend == "onednn" else None
-        self._zero = torch.zeros(self.out_features, dtype=torch.int64)
+        self.use(backend_name or int8_backends.backend())
+
+    def use(self, name: str) -> None:
+        """Serve this layer with backend `name` (tests and benchmarks compare them on one layer)."""
+        self.backend, self._weight = name, int8_backends.Int8Weight(name, self.weight_int8)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "DynamicInt8Linear":
+    def from_linear(cls, linear: nn.Linear, backend_name: Optional[str] = None) -> "DynamicInt8Linear":
         w = linear.weight.detach().float()
         amax = w.abs().amax(1)
         scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
         w_int8 = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls(w_int8, scale, linear.bias)
+        return cls(w_int8, scale, linear.bias, backend_name)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
@@ -211,32 +210,44 @@ class DynamicInt8Linear(nn.Module):
         if x.device.type != "cpu":
             raise RuntimeError(f"DynamicInt8Linear runs on the CPU only; got input on {x.device}")
         shape = x.shape
-        q, s = quantize_rows(x.reshape(-1, self.in_features))
-        acc, col = _gemm(self.backend, q, self.weight_int8, self.weight_scale, self._packed, self._zero)
+        rows = x.reshape(-1, self.in_features)
+        if self.backend in int8_backends.SEVEN_BIT:
+            q, s, zero = quantize_rows_u7(rows)
+        else:
+            (q, s), zero = quantize_rows(rows), None
+        acc, col = self._weight.products(q, zero, self.weight_scale)
         y = dequantize_rows(acc, s, col, self.bias, activation, x.dtype)
         return y.view(*shape[:-1], self.out_features)
 
     def reference(self, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
-        """The same layer in plain torch (tests' ground truth)."""
-        q, s = quantize_rows_reference(x.reshape(-1, self.in_features))
-        y = dequantize_rows_reference(q.double() @ self.weight_int8.double().t(), s, self.weight_scale,
-                                      self.bias, activation, x.dtype)
+        """The same layer in plain torch (tests' ground truth), with this layer's activation bits."""
+        rows = x.reshape(-1, self.in_features)
+        if self.backend in int8_backends.SEVEN_BIT:
+            q, s, zero = quantize_rows_u7_reference(rows)
+        else:
+            (q, s), zero = quantize_rows_reference(rows), None
+        acc = int8_backends.reference_products(q, zero, self.weight_int8)
+        y = dequantize_rows_reference(acc, s, self.weight_scale, self.bias, activation, x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
 
 def quantize(model: nn.Module, quantization_config="dynamic", keep=KEEP) -> nn.Module:
     """Swaps every `ops.Linear` of `model` (a GitModel, on the CPU) whose name is not in `keep` for a
-    DynamicInt8Linear, in place; returns `model`. None leaves it as it is."""
+    DynamicInt8Linear, in place; returns `model`. None leaves it as it is. The GEMM backends are those
+    measured here (int8_backends: one for the vision encoder, one for the rest), or those the config
+    names (`{"method": "dynamic", "backend": ..., "vision_backend": ...}`)."""
     if method_of(quantization_config) is None:
         return model
     p = next(model.parameters())
     if p.device.type != "cpu":
         raise ValueError(f"quantization_config={quantization_config!r} (dynamic INT8) runs on the CPU only, but the "
                          f"model is on {p.device}; on a GPU use dtype=torch.float16 or torch.bfloat16 instead")
+    text, vision = backends_of(quantization_config)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, ops.Linear) and name not in keep]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, DynamicInt8Linear.from_linear(linear))
+        layer = DynamicInt8Linear.from_linear(linear, vision if name.startswith(VISION) else text)
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
     for name, m in model.named_modules():
         if isinstance(m, ops.Logits) and name in keep:
             m.reads_bf16 = bf16_backends.kernel_serves_logits()
@@ -244,6 +255,13 @@ def quantize(model: nn.Module, quantization_config="dynamic", keep=KEEP) -> nn.M
 
 
 def describe(model: nn.Module) -> Optional[str]:
-    """"dynamic INT8 (<backend>)" when `model` holds DynamicInt8Linear layers, else None."""
-    layers = [m for m in model.modules() if isinstance(m, DynamicInt8Linear)]
-    return f"dynamic INT8 ({layers[0].backend}, {len(layers)} layers)" if layers else None
+    """"dynamic INT8 (<backend>, <bits>-bit activations: <n> layers; ...)" when `model` holds
+    DynamicInt8Linear layers, else None."""
+    counts = {}
+    for m in model.modules():
+        if isinstance(m, DynamicInt8Linear):
+            counts[m.backend] = counts.get(m.backend, 0) + 1
+    if not counts:
+        return None
+    parts = [f"{name}, {int8_backends.activation_bits(name)}-bit activations: {n} layers" for name, n in counts.items()]
+    return f"dynamic INT8 ({'; '.join(parts)})"

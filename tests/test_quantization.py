@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gitfast import backend_choice as BC, bf16_backends, fp32_backends, ops, quantization as Q
+from gitfast import backend_choice as BC, bf16_backends, fp32_backends, int8_backends as B, ops, quantization as Q
 
 from git_factory import make_hf_model
 
@@ -61,13 +61,14 @@ def test_dequantize_rows_names_a_bad_scale():
 
 @pytest.fixture
 def fresh_choice(fresh_decision):
-    """The int8 GEMM decided anew in the test, and again after it (the process's real decision)."""
+    """The int8 GEMMs decided anew in the test, and again after it (the process's real decisions)."""
     fresh_decision("int8_gemm", "GITFAST_INT8_BACKEND")
+    fresh_decision("int8_gemm_vision", "GITFAST_INT8_VISION_BACKEND")
 
 
 def _fit(name):
     try:
-        Q._prepare(name)  # the check
+        B.prepare(name)  # the check
     except BC.Unfit:
         return False
     return True
@@ -76,20 +77,20 @@ def _fit(name):
 def test_the_chosen_backend_gives_the_reference_integers():
     g = torch.Generator().manual_seed(1)
     w = torch.randint(-127, 128, (129, 300), generator=g, dtype=torch.int8)
-    q = torch.randint(-127, 128, (33, 300), generator=g, dtype=torch.int8)
-    got = Q._int8_mm(Q.backend(), w)(q)
-    assert torch.equal(got.float(), q.double().matmul(w.double().t()).float())
-    assert Q.decision().how in ("measured", "only one fit")
+    q, zero = B.check_rows(B.backend(), 33, 300, g)
+    got = B.gemm_for(B.backend(), w)(q, zero)
+    assert torch.equal(got.double(), B.reference_products(q, zero, w))
+    assert B.decision().how in ("measured", "only one fit")
 
 
 def _slow_correct(real, seconds):
     def mm_factory(name, w):
         mm = real("reference", w)
 
-        def slow(q):
+        def slow(q, zero=None):
             calls.append(name)
             time.sleep(seconds)
-            return mm(q)
+            return mm(q, zero)
         return slow if name == "onednn" else real(name, w)
     calls = []
     return mm_factory, calls
@@ -98,46 +99,45 @@ def _slow_correct(real, seconds):
 def test_a_slow_backend_that_works_is_not_chosen(monkeypatch, fresh_choice):
     # onednn comes first and gives the right integers, but each call takes 1.5 s (as oneDNN's
     # reference path does, only less so): the measurement must pass it over, after one timed call
-    factory, calls = _slow_correct(Q._int8_mm, 1.5)
-    monkeypatch.setattr(Q, "_int8_mm", factory)
-    d = Q.decision()
+    factory, calls = _slow_correct(B.gemm_for, 1.5)
+    monkeypatch.setattr(B, "gemm_for", factory)
+    d = B.decision()
     assert d.chosen != "onednn" and d.seconds["onednn"] == float("inf"), d
     assert len(calls) == 2, (calls, d)  # its check and one first call: never timed in full
 
 
 def test_a_backend_with_wrong_integers_is_never_chosen_nor_forced(monkeypatch, fresh_choice):
-    real = Q._int8_mm
-    monkeypatch.setattr(Q, "_int8_mm", lambda name, w: (lambda q: real(name, w)(q) + 1) if name == "torch._int_mm"
+    real = B.gemm_for
+    monkeypatch.setattr(B, "gemm_for", lambda name, w: (lambda q, zero=None: real(name, w)(q, zero) + 1) if name == "torch._int_mm"
                         else real(name, w))
-    d = Q.decision()
+    d = B.decision()
     assert d.chosen != "torch._int_mm" and "wrong integers" in d.unfit["torch._int_mm"], d
     BC.forget("int8_gemm")
     monkeypatch.setenv("GITFAST_INT8_BACKEND", "torch._int_mm")
     with pytest.raises(ValueError, match="GITFAST_INT8_BACKEND"):
-        Q.backend()
+        B.backend()
 
 
 def test_a_backend_can_be_forced_by_name(monkeypatch, fresh_choice):
     monkeypatch.setenv("GITFAST_INT8_BACKEND", "reference")
-    assert Q.backend() == "reference" and "forced" in Q.decision().how
+    assert B.backend() == "reference" and "forced" in B.decision().how
     assert Q.DynamicInt8Linear.from_linear(ops.Linear(8, 4)).backend == "reference"
     BC.forget("int8_gemm")
     monkeypatch.setenv("GITFAST_INT8_BACKEND", "mkl")
     with pytest.raises(ValueError, match="not one of"):
-        Q.backend()
+        B.backend()
 
 
-@pytest.mark.parametrize("backend", Q.BACKENDS)
+@pytest.mark.parametrize("backend", B.BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_matches_its_reference_and_the_float_layer(monkeypatch, backend, dtype):
     if not _fit(backend):  # a backend that cannot serve here must be ruled out, never chosen
-        assert backend in Q.decision().unfit and Q.backend() != backend
+        assert backend in B.decision().unfit and B.backend() != backend
         return
     torch.manual_seed(0)
     lin = ops.Linear(200, 72)
     layer = Q.DynamicInt8Linear.from_linear(lin)
-    layer.backend = backend
-    layer._packed = Q._onednn_pack(layer.weight_int8) if backend == "onednn" else None
+    layer.use(backend)
     x = torch.randn(2, 9, 200).to(dtype)
     for act in (None, "gelu"):
         out = layer(x, act)
@@ -255,3 +255,48 @@ def test_the_embedded_model_keeps_its_held_out_captions_in_int8():
     out = model.generate(pixel_values=pix, max_new_tokens=20)
     captions = processor.batch_decode(out[:, 1:], skip_special_tokens=True)
     assert sum(c == ref for c, (_, ref) in zip(captions, data)) >= 99
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 7), (6, 768), (33, 1030)])
+def test_quantize_rows_u7_matches_the_reference(dtype, shape):
+    g = torch.Generator().manual_seed(shape[1] + 1)
+    x = (torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[0])[:, None]).to(dtype)
+    if shape[0] > 3:
+        x[1] = x[1].abs()   # all >= 0: zero point 0
+        x[2] = 0            # all zero: scale 0, zero point 0, q 0
+        x[3] = -x[3].abs()  # all <= 0: zero point 127
+    q, s, z = torch.ops.gitfast.quantize_rows_u7(x)
+    qr, sr, zr = Q.quantize_rows_u7_reference(x)
+    assert q.dtype == torch.uint8 and s.dtype == torch.float32 and z.dtype == torch.int32
+    assert int(q.max()) <= 127 and int(z.min()) >= 0 and int(z.max()) <= 127
+    assert (q.int() - qr.int()).abs().max() <= 1 and (z - zr).abs().max() <= 1  # a tie may round the other way
+    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+    back = s[:, None] * (q.float() - z[:, None].float())  # within a step of x, everywhere
+    assert ((back - x.float()).abs() <= s[:, None] * 1.0 + 1e-6).all()
+    if shape[0] > 3:
+        assert int(z[1]) == 0 and (int(s[2]), int(z[2]), int(q[2].max())) == (0, 0, 0) and int(z[3]) == 127
+
+
+def test_a_config_can_name_the_backends_and_a_run_hands_its_own_on(fresh_choice):
+    hf = make_hf_model("hd64_odd_tokens")
+    for name in [b for b in B.BACKENDS if _fit(b)]:
+        import gitfast
+
+        model = gitfast.GitForCausalLM.from_transformers(hf).model
+        Q.quantize(model, {"method": "dynamic", "backend": name, "vision_backend": "reference"})
+        layers = {n: m.backend for n, m in model.named_modules() if isinstance(m, Q.DynamicInt8Linear)}
+        assert {b for n, b in layers.items() if n.startswith("vision.")} == {"reference"}
+        assert {b for n, b in layers.items() if not n.startswith("vision.")} == {name}
+        described = Q.describe(model)
+        assert described.startswith("dynamic INT8 (reference, 8-bit activations: ")  # the vision layers come first
+        assert f"{name}, {B.activation_bits(name)}-bit activations: " in described
+    with pytest.raises(ValueError, match="not one of"):
+        Q.quantize(torch.nn.Sequential(ops.Linear(64, 32)), {"method": "dynamic", "backend": "mkl"})
+    assert Q.resolved(None) is None and Q.activation_bits(None) is None
+    text, vision = B.backend(), B.vision_backend()
+    assert Q.resolved("dynamic") == {"method": "dynamic", "backend": text, "vision_backend": vision}
+    assert text in B.EIGHT_BIT and vision in (text, *B.SEVEN_BIT)  # 7 bits never decide the tokens
+    assert Q.activation_bits("dynamic") == {"text": 8, "vision": 7 if vision in B.SEVEN_BIT else 8}
+    assert Q.activation_bits({"method": "dynamic", "backend": "reference"}) == {"text": 8, "vision": 8}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gitfast import bf16_backends, cli, devices
+from gitfast import bf16_backends, cli, devices, quantization
 from gitfast.captioning import cli as caption_cli
 from image_factory import small_images, write_files
 
@@ -54,3 +54,10 @@ def test_int8_head_precision_is_recorded_and_compared(photos, tmp_path, capsys, 
     assert caption(photos, "--out", out, "--resume", "--quantize", "dynamic") == 2
     was, now = ("bfloat16", "float32") if serves else ("float32", "bfloat16")
     assert f"int8_lm_head {now!r} (was {was!r})" in capsys.readouterr().err
+    monkeypatch.setattr(bf16_backends, "kernel_serves_logits", lambda: serves)
+    bits = quantization.activation_bits("dynamic")
+    assert settings["int8_activation_bits"] == bits and bits["text"] == 8
+    other = {"text": 8, "vision": 15 - bits["vision"]}  # a CPU where the vision encoder takes the other
+    monkeypatch.setattr(quantization, "activation_bits", lambda config: other)
+    assert caption(photos, "--out", out, "--resume", "--quantize", "dynamic") == 2
+    assert f"int8_activation_bits {other!r} (was {bits!r})" in capsys.readouterr().err

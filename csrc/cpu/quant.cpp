@@ -1,5 +1,6 @@
 // gitfast._C, CPU kernels of dynamic INT8's two passes around the int8 GEMM (gitfast/quantization.py):
-// quantize_rows (activations -> int8 with one scale per row, i.e. per token) and dequantize_rows
+// quantize_rows (activations -> int8 with one scale per row, i.e. per token), quantize_rows_u7 (the
+// same to 0..127 with a scale and zero point per row, for int8_mm_u7) and dequantize_rows
 // (the GEMM's int32 / fp32 accumulators -> act(acc * row scale * column scale + bias) in the output
 // dtype). One pass over the data each, rows split over threads; fp32 arithmetic. Checks live in
 // ../bindings.cpp.
@@ -32,6 +33,26 @@ GITFAST_CLONES float max_abs(const float* v, int64_t n) {
 GITFAST_CLONES void quantize_row(const float* v, float inv, int8_t* q, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int32_t>((v[i] * inv + 12582912.0f) - 12582912.0f));
+}
+
+GITFAST_CLONES void min_max(const float* v, int64_t n, float& lo, float& hi) {
+  float a = 0.0f, b = 0.0f;  // 0 is always representable: a row's padding and ReLU zeros stay exact
+#pragma omp simd reduction(min : a) reduction(max : b)
+  for (int64_t i = 0; i < n; ++i) {
+    a = std::min(a, v[i]);
+    b = std::max(b, v[i]);
+  }
+  lo = a;
+  hi = b;
+}
+
+// q = clamp(round-half-even(v * inv) + z, 0, 127), rounded as quantize_row.
+GITFAST_CLONES void quantize_row_u7(const float* v, float inv, float z, uint8_t* q, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float r = ((v[i] * inv + 12582912.0f) - 12582912.0f) + z;
+    q[i] = static_cast<uint8_t>(static_cast<int32_t>(std::min(127.0f, std::max(0.0f, r))));
+  }
 }
 
 GITFAST_CLONES void scale_row(const int32_t* acc, float s, const float* col, float* y, int64_t n) {
@@ -76,6 +97,33 @@ void quantize_rows(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
       const float m = max_abs(v, n);
       sp[r] = m / 127.0f;
       quantize_row(v, m > 0.0f ? 127.0f / m : 0.0f, qp + r * n, n);
+    }
+  });
+}
+
+void quantize_rows_u7(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, at::Tensor& zero) {
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  const at::ScalarType t = x.scalar_type();
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  const int64_t row_bytes = n * static_cast<int64_t>(x.element_size());
+  uint8_t* qp = q.mutable_data_ptr<uint8_t>();
+  float* sp = scale.mutable_data_ptr<float>();
+  int32_t* zp = zero.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> buf(t == at::kFloat ? nullptr : new float[n]);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* v = reinterpret_cast<const float*>(xp + r * row_bytes);
+      if (t != at::kFloat) {
+        row_to_f32(t, xp + r * row_bytes, buf.get(), n);
+        v = buf.get();
+      }
+      float lo, hi;
+      min_max(v, n, lo, hi);
+      const float span = hi - lo, inv = span > 0.0f ? 127.0f / span : 0.0f;
+      const float z = (-lo * inv + 12582912.0f) - 12582912.0f;
+      sp[r] = span / 127.0f;
+      zp[r] = static_cast<int32_t>(z);
+      quantize_row_u7(v, inv, z, qp + r * n, n);
     }
   });
 }

@@ -57,7 +57,7 @@ def captioner_options(args: argparse.Namespace, device, ranks: int = 1) -> dict:
     """The Captioner's keyword arguments for one device of this run."""
     workers = default_workers(device, ranks) if args.workers is None else args.workers
     return dict(device=device, dtype=args.dtype, max_batch_size=args.batch_size, num_workers=workers,
-                jpeg_draft=args.jpeg_draft, quantization_config=args.quantize)
+                jpeg_draft=args.jpeg_draft, quantization_config=quantization.resolved(args.quantize))
 
 
 def run(args) -> int:
@@ -111,9 +111,10 @@ def _caption_settings(args, devices=None) -> dict:
     settings = {"model": os.path.realpath(model), "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams,
                 "prompt": args.prompt, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "quantize": args.quantize}
     if quantization.method_of(args.quantize) is not None:
-        # quantization.quantize's choices: the GEMM's integers are the same on every backend (each is
-        # checked against them before it serves), so which one ran does not shape captions; the LM
-        # head's rounding does
+        # quantization.quantize's choices that shape captions: the activations' bits (the 8-bit
+        # backends give the same integers, each checked against them before it serves; a 7-bit one
+        # does not; captioner_options hands every rank this process's backend) and the LM head's rounding
+        settings["int8_activation_bits"] = quantization.activation_bits(args.quantize)
         settings["int8_lm_head"] = "bfloat16" if bf16_backends.kernel_serves_logits() else "float32"
     return settings
 

@@ -4,8 +4,8 @@ made under different ones.
 `--out FILE` records them in `FILE.settings.json`, `--out-dir DIR` in `DIR/gitfast-settings.json`:
 the model (its resolved folder), max_new_tokens, num_beams, prompt, the dtype `--dtype` resolved
 to on this run's devices (never "auto": that is bf16 on one CPU and fp32 on another) and, with
-`--quantize`, the LM head's precision this machine picked (the INT8 GEMM's integers are the same on
-every backend, so its choice is not recorded). A resume whose
+`--quantize`, the INT8 activations' bits and the LM head's precision this machine picked (the 8-bit
+GEMM backends give the same integers, so which of them ran is not recorded). A resume whose
 settings differ is refused, naming each difference, unless `--force`; an output made before
 settings were recorded is resumed as it is and gets its record then.
 """

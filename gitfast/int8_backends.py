@@ -1,0 +1,146 @@
+"""The int8 GEMM backends of dynamic INT8 (gitfast/quantization.py's module docstring says what each is
+and why), their check against the exact integers, and the choices among them, measured once per
+process on decoder- and vision-sized shapes (gitfast.backend_choice), `gitfast info` showing the times:
+- `backend()`: the text decoder's and the projection's, the fastest 8-bit one (GITFAST_INT8_BACKEND);
+- `vision_backend()`: the vision encoder's, that same backend or a 7-bit one where that measures
+  more than PREFERENCE_MARGIN faster (GITFAST_INT8_VISION_BACKEND).
+Why the vision encoder alone may take 7 bits (AMD Zen 3, git-base shapes, 40 images, greedy captions
+identical to transformers fp32): 7-bit activations everywhere 4/32 (the decoder's precision picks
+the tokens), in the vision encoder only 13/40 and 8-bit everywhere 10/40; transformers + torch's
+dynamic INT8 4/32. A rule by rows per call (7 bits for prefill, 8 for decode steps) did as well, but
+would make a row's result depend on what it is batched with.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from . import ops
+
+BACKENDS = ("onednn", "cpu ext", "cpu ext u7", "torch._int_mm", "reference")  # in order of preference
+SEVEN_BIT = ("cpu ext u7",)  # backends whose activations are quantized to 7 bits (quantize_rows_u7)
+EIGHT_BIT = tuple(name for name in BACKENDS if name not in SEVEN_BIT)
+
+
+def _onednn_pack(w_int8):
+    return torch.ops.onednn.qlinear_prepack(w_int8, None)
+
+
+def _onednn_mm(q, packed, w_scale, w_zero):
+    # activation scale 1, zero point 0: acc * w_scale in fp32; the per-row scale comes after
+    return torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, w_scale, w_zero, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+class Int8Weight:
+    """An int8 weight [N, K] made ready for one backend's GEMM: oneDNN's packing, or the row sums
+    that take a 7-bit backend's zero points back out."""
+
+    def __init__(self, backend: str, w_int8: torch.Tensor):
+        if backend == "cpu ext" and not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm")):
+            raise RuntimeError("gitfast._C is not built with int8_mm")
+        if backend in SEVEN_BIT and not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm_u7")):
+            raise RuntimeError("gitfast._C is not built with int8_mm_u7")
+        self.backend, self.w = backend, w_int8
+        n = w_int8.shape[0]
+        self.packed = _onednn_pack(w_int8) if backend == "onednn" else None
+        self.colsum = w_int8.sum(1, dtype=torch.int32) if backend in SEVEN_BIT else None
+        self._ones, self._zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+
+    def products(self, q: torch.Tensor, zero: Optional[torch.Tensor], w_scale: Optional[torch.Tensor] = None):
+        """(acc, column scale still to apply): acc holds the exact (q - zero) @ w^T (int32, or fp32
+        values; `zero` only for a 7-bit backend's uint8 rows), times `w_scale` already where the
+        backend applies it (oneDNN: the scale left is then None)."""
+        name = self.backend
+        if name == "onednn":
+            return _onednn_mm(q, self.packed, self._ones if w_scale is None else w_scale, self._zeros), None
+        if name == "cpu ext":
+            return torch.ops.gitfast.int8_mm(q, self.w), w_scale
+        if name in SEVEN_BIT:
+            return torch.ops.gitfast.int8_mm_u7(q, zero, self.w, self.colsum), w_scale
+        if name == "torch._int_mm":
+            return torch._int_mm(q, self.w.t()), w_scale
+        return q.float() @ self.w.float().t(), w_scale
+
+
+def gemm_for(name: str, w_int8: torch.Tensor):
+    """`(q, zero=None) -> (q - zero) @ w_int8^T` (int32-exact values, float or int32) through backend `name`."""
+    weight = Int8Weight(name, w_int8)
+    return lambda q, zero=None: weight.products(q, zero)[0]
+
+
+def check_rows(name: str, rows: int, k: int, generator: torch.Generator):
+    """Random (q, zero) of the kind backend `name` takes: int8 rows (zero None), or 0..127 uint8 rows
+    and their zero points for a 7-bit backend."""
+    if name in SEVEN_BIT:
+        return (torch.randint(0, 128, (rows, k), generator=generator, dtype=torch.uint8),
+                torch.randint(0, 128, (rows,), generator=generator, dtype=torch.int32))
+    return torch.randint(-127, 128, (rows, k), generator=generator, dtype=torch.int8), None
+
+
+def reference_products(q: torch.Tensor, zero: Optional[torch.Tensor], w_int8: torch.Tensor) -> torch.Tensor:
+    """(q - zero) @ w^T in float64: exact, the ground truth for every backend."""
+    x = q.double() if zero is None else q.double() - zero.double()[:, None]
+    return x @ w_int8.double().t()
+
+
+# (rows, in, out), cheapest first: a decode step's MLP GEMM at one sequence and its attention GEMM at
+# a batch of 32, then a vision encoder's MLP GEMM at one image (a pathological backend, 41M MAC/s,
+# costs 0.06 s on the first before it drops out)
+MEASURED_SHAPES = ((1, 768, 3072), (32, 768, 768), (256, 768, 3072))
+
+
+def prepare(name: str):
+    """backend_choice candidate: `name` must give the reference integers on a small odd case; then one
+    GEMM call per MEASURED_SHAPES."""
+    from .backend_choice import Unfit
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8)
+    q, zero = check_rows(name, 17, 40, g)
+    try:
+        got = gemm_for(name, w)(q, zero)
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:
+        raise Unfit(f"does not run here ({str(exc).splitlines()[0][:120]})") from exc
+    if not torch.equal(got.double(), reference_products(q, zero, w)):
+        raise Unfit("wrong integers on the check case")
+    calls = []
+    for rows, k, n in MEASURED_SHAPES:
+        mm = gemm_for(name, torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8))
+        calls.append(functools.partial(mm, *check_rows(name, rows, k, g)))
+    return calls
+
+
+def backend() -> str:
+    """The 8-bit int8 GEMM serving the text decoder's DynamicInt8Linear layers here: measured once per process."""
+    return decision().chosen
+
+
+def vision_backend() -> str:
+    """The int8 GEMM serving the vision encoder's layers: backend(), or a 7-bit one measured faster."""
+    return vision_decision().chosen
+
+
+def activation_bits(name: str) -> int:
+    """Bits per activation of backend `name`: 8, or 7 for a 7-bit backend."""
+    return 7 if name in SEVEN_BIT else 8
+
+
+def decision():
+    """backend_choice.Decision for the text side's int8 GEMM (its times and the candidates ruled out)."""
+    from .backend_choice import choose
+
+    return choose("int8_gemm", {name: functools.partial(prepare, name) for name in EIGHT_BIT},
+                  "GITFAST_INT8_BACKEND")
+
+
+def vision_decision():
+    """backend_choice.Decision for the vision encoder's int8 GEMM: the text side's backend first, so a
+    7-bit one must beat it by PREFERENCE_MARGIN."""
+    from .backend_choice import choose
+
+    names = (backend(), *SEVEN_BIT)
+    return choose("int8_gemm_vision", {name: functools.partial(prepare, name) for name in names},
+                  "GITFAST_INT8_VISION_BACKEND")
