@@ -6,7 +6,7 @@ it because it came first among those that worked. So `choose` prepares each cand
 itself on a small case (a wrong answer rules it out, with the reason kept), then times the ones that
 pass on representative shapes, cheapest shape first: a candidate whose first call on a shape is far
 slower than the best one's drops out there, so a pathological path costs one call, once. The rest
-are timed (median of a few calls per shape) and the fastest is kept, except that candidates come in
+are timed in turn (median of a few rounds per shape, each round running every candidate) and the fastest is kept, except that candidates come in
 order of preference and an earlier one within PREFERENCE_MARGIN of the fastest is kept instead: on a
 drifting machine two near-equal backends would otherwise swap between runs, and with them the last
 bits of results that near-ties can turn into other tokens.
@@ -114,8 +114,15 @@ def _decide(kind: str, candidates: Mapping[str, Candidate], env_var: str, floor:
         first = {name: _seconds(calls[shape]) for name, calls in alive.items()}
         best = min(first.values())
         alive = {name: alive[name] for name, t in first.items() if t <= max(best * GIVE_UP_FACTOR, floor)}
-    for name, calls in alive.items():
-        seconds[name] = sum(_seconds(run, REPEATS) for run in calls)
+    # timed in turn (each round runs every candidate once per shape), so that a machine that slows
+    # down for a while slows every candidate alike rather than the one timed then
+    rounds = {name: [[] for _ in calls] for name, calls in alive.items()}
+    for _ in range(REPEATS):
+        for name, calls in alive.items():
+            for shape, run in enumerate(calls):
+                rounds[name][shape].append(_seconds(run))
+    for name, per_shape in rounds.items():
+        seconds[name] = sum(statistics.median(times) for times in per_shape)
     fastest = min(seconds.values())
     chosen = next(name for name, t in seconds.items() if t <= fastest * PREFERENCE_MARGIN)
     return Decision(kind, chosen, "measured", seconds, unfit)

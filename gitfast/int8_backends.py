@@ -90,11 +90,13 @@ def reference_products(q: torch.Tensor, zero: Optional[torch.Tensor], w_int8: to
 # a batch of 32, then a vision encoder's MLP GEMM at one image (a pathological backend, 41M MAC/s,
 # costs 0.06 s on the first before it drops out)
 MEASURED_SHAPES = ((1, 768, 3072), (32, 768, 768), (256, 768, 3072))
+# the vision encoder's: its MLP's two GEMMs at about one image (197 tokens)
+VISION_SHAPES = ((256, 768, 3072), (256, 3072, 768))
 
 
-def prepare(name: str):
+def prepare(name: str, shapes=MEASURED_SHAPES):
     """backend_choice candidate: `name` must give the reference integers on a small odd case; then one
-    GEMM call per MEASURED_SHAPES."""
+    GEMM call per (rows, in, out) of `shapes`."""
     from .backend_choice import Unfit
 
     g = torch.Generator().manual_seed(0)
@@ -107,7 +109,7 @@ def prepare(name: str):
     if not torch.equal(got.double(), reference_products(q, zero, w)):
         raise Unfit("wrong integers on the check case")
     calls = []
-    for rows, k, n in MEASURED_SHAPES:
+    for rows, k, n in shapes:
         mm = gemm_for(name, torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8))
         calls.append(functools.partial(mm, *check_rows(name, rows, k, g)))
     return calls
@@ -142,5 +144,5 @@ def vision_decision():
     from .backend_choice import choose
 
     names = (backend(), *SEVEN_BIT)
-    return choose("int8_gemm_vision", {name: functools.partial(prepare, name) for name in names},
+    return choose("int8_gemm_vision", {name: functools.partial(prepare, name, VISION_SHAPES) for name in names},
                   "GITFAST_INT8_VISION_BACKEND")
