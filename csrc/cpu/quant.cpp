@@ -35,12 +35,14 @@ GITFAST_CLONES void quantize_row(const float* v, float inv, int8_t* q, int64_t n
   for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int32_t>((v[i] * inv + 12582912.0f) - 12582912.0f));
 }
 
+// The loops below are written with ?: rather than std::min / std::max, which GCC 12 left scalar
+// here (a branch per value: 13.5 ms for a 1576 x 3072 row pass where quantize_rows takes 4.1).
 GITFAST_CLONES void min_max(const float* v, int64_t n, float& lo, float& hi) {
   float a = 0.0f, b = 0.0f;  // 0 is always representable: a row's padding and ReLU zeros stay exact
 #pragma omp simd reduction(min : a) reduction(max : b)
   for (int64_t i = 0; i < n; ++i) {
-    a = std::min(a, v[i]);
-    b = std::max(b, v[i]);
+    a = v[i] < a ? v[i] : a;
+    b = v[i] > b ? v[i] : b;
   }
   lo = a;
   hi = b;
@@ -50,8 +52,10 @@ GITFAST_CLONES void min_max(const float* v, int64_t n, float& lo, float& hi) {
 GITFAST_CLONES void quantize_row_u7(const float* v, float inv, float z, uint8_t* q, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float r = ((v[i] * inv + 12582912.0f) - 12582912.0f) + z;
-    q[i] = static_cast<uint8_t>(static_cast<int32_t>(std::min(127.0f, std::max(0.0f, r))));
+    float r = ((v[i] * inv + 12582912.0f) - 12582912.0f) + z;
+    r = r < 0.0f ? 0.0f : r;
+    r = r > 127.0f ? 127.0f : r;
+    q[i] = static_cast<uint8_t>(static_cast<int32_t>(r));
   }
 }
 
