@@ -1,0 +1,205 @@
+"""The whole captioning job on a CPU (issue #25 item 2): `gitfast caption FOLDER` against the plain
+transformers loop (AutoProcessor + GitForCausalLM.generate in batches), as whole processes in turn.
+
+Inputs, made once under --workdir (default: `gitfast-bench-whole-job` in the temporary directory):
+`--images` photo-like 640x480 JPEGs (bench_pipeline's maker) and a git-base-shaped checkpoint with
+random weights (bench_pipeline's `checkpoint("git-base")`: vocab 30522, 224 px). Then:
+
+1. the transformers loop's batch size: one process times each of `--hf-batches` over the first
+   `--sweep-images` files, in turn, `--rounds` times (after a warm-up), and keeps the fastest per image;
+2. whole processes, A B A B: `gitfast caption FOLDER --dtype X --out F.jsonl` and the loop at that
+   batch size, `--rounds` pairs; the median of the per-pair ratios (loop seconds / gitfast seconds);
+3. gitfast's captions against gitfast's own `GitForCausalLM.generate` on the same pixels
+   (transformers' processor, batches of 8) and against the transformers loop's captions.
+
+Every process gets OMP_WAIT_POLICY=PASSIVE (gitfast sets it on import; the loop gets it too, as a
+user who shares the machine would want). Both write one JSONL record per image.
+
+    python -m gitfast.bench.whole_job --images 256 --dtype float32 --rounds 2
+    python -m gitfast.bench.whole_job --images 8 --dtype bfloat16 --rounds 3 --batch 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .bench_pipeline import checkpoint, photo_folder
+
+# The plain transformers loop a user would write: argv = checkpoint, list of files, dtype, new tokens,
+# then either `run BATCH OUT` (caption every file into OUT.jsonl) or `sweep N ROUNDS B1 B2 ...` (print
+# the seconds per image of each batch size over the first N files, in turn, as JSON).
+_HF_LOOP = r"""
+import json, sys, time, torch, transformers
+from PIL import Image
+folder, listing, dtype, new = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), int(sys.argv[4])
+paths = open(listing).read().split("\n")
+processor = transformers.AutoProcessor.from_pretrained(folder)
+model = transformers.GitForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+def captions(batch):
+    images = [Image.open(p).convert("RGB") for p in batch]
+    px = processor(images=images, return_tensors="pt").pixel_values.to(dtype)
+    with torch.inference_mode():
+        out = model.generate(pixel_values=px, max_new_tokens=new)
+    return processor.batch_decode(out, skip_special_tokens=True)
+
+if sys.argv[5] == "run":
+    size = int(sys.argv[6])
+    with open(sys.argv[7], "w") as f:
+        for i in range(0, len(paths), size):
+            batch = paths[i:i + size]
+            for p, text in zip(batch, captions(batch)):
+                f.write(json.dumps({"source": p, "caption": text}) + "\n")
+else:
+    n, rounds, sizes = int(sys.argv[6]), int(sys.argv[7]), [int(s) for s in sys.argv[8:]]
+    captions(paths[:sizes[0]])  # warm-up
+    per_image = {s: [] for s in sizes}
+    for _ in range(rounds):
+        for s in sizes:
+            t = time.perf_counter()
+            for i in range(0, n, s):
+                captions(paths[i:i + s])
+            per_image[s].append((time.perf_counter() - t) / n)
+    print(json.dumps(per_image))
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+def _loop_cmd(model: str, listing: Path, dtype: str, new_tokens: int, *tail) -> List[str]:
+    return [sys.executable, "-c", _HF_LOOP, model, str(listing), dtype, str(new_tokens), *map(str, tail)]
+
+
+def best_hf_batch(model: str, listing: Path, dtype: str, new_tokens: int, sizes: List[int], images: int,
+                  rounds: int, workdir: Path) -> tuple:
+    """(fastest batch size, {size: median seconds per image}) of the transformers loop, in one process."""
+    n = max(images - images % max(sizes), max(sizes))  # whole batches of every size
+    out = subprocess.run(_loop_cmd(model, listing, dtype, new_tokens, "sweep", n, rounds, *sizes), env=_env(),
+                         cwd=workdir, check=True, capture_output=True, text=True).stdout
+    per_image = {int(k): statistics.median(v) for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+    return min(per_image, key=per_image.get), per_image
+
+
+def gitfast_cmd(model: str, folder: Path, dtype: str, new_tokens: int, out: Path, batch: Optional[int],
+                workers: Optional[int]) -> List[str]:
+    cmd = [sys.executable, "-m", "gitfast.cli", "caption", str(folder), "--model", model, "--out", str(out),
+           "--overwrite", "--quiet", "--max-new-tokens", str(new_tokens), "--device", "cpu", "--dtype", dtype]
+    cmd += ["--batch-size", str(batch)] if batch else []
+    return cmd + (["--workers", str(workers)] if workers is not None else [])
+
+
+def timed(cmd: List[str], cwd: Path) -> float:
+    t = time.perf_counter()
+    done = subprocess.run(cmd, env=_env(), cwd=cwd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{cmd[:5]} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return time.perf_counter() - t
+
+
+def in_turn(runs: Dict[str, List[str]], rounds: int, cwd: Path) -> tuple:
+    """Each command once per round, in turn; ({name: [seconds]}, [load average after each round])."""
+    times: Dict[str, List[float]] = {k: [] for k in runs}
+    loads = []
+    for _ in range(rounds):
+        for name, cmd in runs.items():
+            times[name].append(timed(cmd, cwd))
+        loads.append(os.getloadavg()[0])
+    return times, loads
+
+
+def read_captions(path: Path) -> Dict[str, str]:
+    with open(path) as f:
+        return {r["source"]: r["caption"] for r in map(json.loads, f)}
+
+
+def gitfast_generate_captions(model: str, paths: List[str], dtype: str, new_tokens: int) -> Dict[str, str]:
+    """gitfast's own generate (the drop-in) on transformers' processor's pixels, batches of 8."""
+    import torch
+    import transformers
+
+    import gitfast
+
+    processor = transformers.AutoProcessor.from_pretrained(model)
+    net = gitfast.GitForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+    from PIL import Image
+
+    out = {}
+    for i in range(0, len(paths), 8):
+        batch = paths[i:i + 8]
+        px = processor(images=[Image.open(p).convert("RGB") for p in batch], return_tensors="pt").pixel_values
+        with torch.inference_mode():
+            ids = net.generate(pixel_values=px.to(getattr(torch, dtype)), max_new_tokens=new_tokens)
+        out.update(zip(batch, processor.batch_decode(ids, skip_special_tokens=True)))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--rounds", type=int, default=2, help="pairs of whole processes (and sweep rounds)")
+    p.add_argument("--batch", type=int, default=None, help="gitfast caption --batch-size (default: the CLI's)")
+    p.add_argument("--workers", type=int, default=None, help="gitfast caption --workers (default: the CLI's)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--hf-batches", type=int, nargs="+", default=[4, 8, 16, 32],
+                   help="the transformers loop's batch sizes to sweep (one value: no sweep)")
+    p.add_argument("--sweep-images", type=int, default=32)
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gitfast-bench-whole-job")
+    p.add_argument("--no-check", action="store_true", help="skip the captions check against gitfast's generate")
+    args = p.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model = checkpoint("git-base", str(args.workdir / "models"))
+    paths = photo_folder(args.images, root=str(args.workdir / "photos"))
+    folder = args.workdir / f"jpegs-{args.images}"  # exactly these files, linked
+    folder.mkdir(exist_ok=True)
+    for path in paths:
+        if not (folder / Path(path).name).exists():
+            os.symlink(path, folder / Path(path).name)
+    files = sorted(str(folder / Path(p).name) for p in paths)
+    listing = args.workdir / f"files-{args.images}.txt"
+    listing.write_text("\n".join(files))
+    load0 = os.getloadavg()[0]
+    if len(args.hf_batches) > 1:
+        hf_batch, sweep = best_hf_batch(model, listing, args.dtype, args.max_new_tokens, args.hf_batches,
+                                        args.sweep_images, args.rounds, args.workdir)
+        print("transformers loop, seconds per image by batch size: "
+              + ", ".join(f"{b}: {s:.3f}" for b, s in sweep.items()) + f" -> batch {hf_batch}", flush=True)
+    else:
+        hf_batch = args.hf_batches[0]
+    ours, theirs = args.workdir / "gitfast.jsonl", args.workdir / "transformers.jsonl"
+    runs = {"gitfast caption": gitfast_cmd(model, folder, args.dtype, args.max_new_tokens, ours, args.batch,
+                                           args.workers),
+            f"transformers loop B{hf_batch}": _loop_cmd(model, listing, args.dtype, args.max_new_tokens, "run",
+                                                        hf_batch, theirs)}
+    times, loads = in_turn(runs, args.rounds, args.workdir)
+    g, t = times.values()
+    ratio = statistics.median(b / a for a, b in zip(g, t))
+    ours_c, theirs_c = read_captions(ours), read_captions(theirs)
+    same_hf = sum(ours_c.get(f) == theirs_c.get(f) for f in files)
+    print(f"{args.images} JPEGs 640x480, {args.dtype}, {args.max_new_tokens} new tokens, {args.rounds} pairs, "
+          f"load {load0:.1f} then {', '.join(f'{x:.1f}' for x in loads)}, {os.cpu_count()} CPUs")
+    for name, secs in times.items():
+        print(f"  {name:28s} {', '.join(f'{s:.1f}' for s in secs)} s (median {statistics.median(secs):.1f})")
+    print(f"  transformers / gitfast, median of pair ratios: {ratio:.2f}x (pairs "
+          f"{', '.join(f'{b / a:.2f}' for a, b in zip(g, t))})")
+    print(f"  gitfast captions equal to the transformers loop's: {same_hf}/{len(files)}")
+    if not args.no_check:
+        own = gitfast_generate_captions(model, files, args.dtype, args.max_new_tokens)
+        same = sum(ours_c.get(f) == own[f] for f in files)
+        print(f"  gitfast captions equal to gitfast's own generate: {same}/{len(files)}")
+        return 0 if same == len(files) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
