@@ -6,9 +6,11 @@ Inputs, made once under --workdir (default: `gitfast-bench-whole-job` in the tem
 random weights (bench_pipeline's `checkpoint("git-base")`: vocab 30522, 224 px). Then:
 
 1. the transformers loop's batch size: one process times each of `--hf-batches` over the first
-   `--sweep-images` files, in turn, `--rounds` times (after a warm-up), and keeps the fastest per image;
+   `--sweep-images` files, in turn, `--sweep-rounds` times (after a warm-up), and keeps the one with the
+   least CPU time per image (the steadier measure on a shared machine);
 2. whole processes, A B A B: `gitfast caption FOLDER --dtype X --out F.jsonl` and the loop at that
-   batch size, `--rounds` pairs; the median of the per-pair ratios (loop seconds / gitfast seconds);
+   batch size, `--rounds` pairs; the median of the per-pair ratios (loop seconds / gitfast seconds), of
+   wall time and of the processes' CPU time (user + system);
 3. gitfast's captions against gitfast's own `GitForCausalLM.generate` on the same pixels
    (transformers' processor, batches of 8) and against the transformers loop's captions.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,7 +38,7 @@ from .bench_pipeline import checkpoint, photo_folder
 
 # The plain transformers loop a user would write: argv = checkpoint, list of files, dtype, new tokens,
 # then either `run BATCH OUT` (caption every file into OUT.jsonl) or `sweep N ROUNDS B1 B2 ...` (print
-# the seconds per image of each batch size over the first N files, in turn, as JSON).
+# the CPU seconds per image of each batch size over the first N files, in turn, as JSON).
 _HF_LOOP = r"""
 import json, sys, time, torch, transformers
 from PIL import Image
@@ -64,10 +67,10 @@ else:
     per_image = {s: [] for s in sizes}
     for _ in range(rounds):
         for s in sizes:
-            t = time.perf_counter()
+            t = time.process_time()  # CPU seconds of the process: steadier than wall on a shared machine
             for i in range(0, n, s):
                 captions(paths[i:i + s])
-            per_image[s].append((time.perf_counter() - t) / n)
+            per_image[s].append((time.process_time() - t) / n)
     print(json.dumps(per_image))
 """
 
@@ -83,7 +86,8 @@ def _loop_cmd(model: str, listing: Path, dtype: str, new_tokens: int, *tail) -> 
 def best_hf_batch(model: str, listing: Path, dtype: str, new_tokens: int, sizes: List[int], images: int,
                   rounds: int, workdir: Path) -> tuple:
     """(fastest batch size, {size: median seconds per image}) of the transformers loop, in one process."""
-    n = max(images - images % max(sizes), max(sizes))  # whole batches of every size
+    n = min(images, len(listing.read_text().split("\n")))
+    sizes = [s for s in sizes if s <= n] or [n]  # a batch larger than the files times the same as n
     out = subprocess.run(_loop_cmd(model, listing, dtype, new_tokens, "sweep", n, rounds, *sizes), env=_env(),
                          cwd=workdir, check=True, capture_output=True, text=True).stdout
     per_image = {int(k): statistics.median(v) for k, v in json.loads(out.strip().splitlines()[-1]).items()}
@@ -98,23 +102,32 @@ def gitfast_cmd(model: str, folder: Path, dtype: str, new_tokens: int, out: Path
     return cmd + (["--workers", str(workers)] if workers is not None else [])
 
 
-def timed(cmd: List[str], cwd: Path) -> float:
-    t = time.perf_counter()
+def timed(cmd: List[str], cwd: Path) -> tuple:
+    """(wall seconds, CPU seconds user+system) of one whole process: the wall time is what a user waits,
+    the CPU time the steadier measure on a shared machine (passive OpenMP waiting spends little)."""
+    before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run(cmd, env=_env(), cwd=cwd, capture_output=True, text=True)
+    wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         raise RuntimeError(f"{cmd[:5]} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return time.perf_counter() - t
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def in_turn(runs: Dict[str, List[str]], rounds: int, cwd: Path) -> tuple:
-    """Each command once per round, in turn; ({name: [seconds]}, [load average after each round])."""
-    times: Dict[str, List[float]] = {k: [] for k in runs}
+    """Each command once per round, in turn; ({name: [(wall, cpu)]}, [load average after each round])."""
+    times: Dict[str, List[tuple]] = {k: [] for k in runs}
     loads = []
     for _ in range(rounds):
         for name, cmd in runs.items():
             times[name].append(timed(cmd, cwd))
+            print(f"  {name}: wall {times[name][-1][0]:.1f} s, CPU {times[name][-1][1]:.1f} s", flush=True)
         loads.append(os.getloadavg()[0])
     return times, loads
+
+
+def pair_ratios(ours: List[tuple], theirs: List[tuple], which: int) -> List[float]:
+    """theirs / ours per pair, of wall (which=0) or CPU (which=1) seconds."""
+    return [b[which] / a[which] for a, b in zip(ours, theirs)]
 
 
 def read_captions(path: Path) -> Dict[str, str]:
@@ -147,13 +160,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--rounds", type=int, default=2, help="pairs of whole processes (and sweep rounds)")
+    p.add_argument("--rounds", type=int, default=2, help="pairs of whole processes")
     p.add_argument("--batch", type=int, default=None, help="gitfast caption --batch-size (default: the CLI's)")
     p.add_argument("--workers", type=int, default=None, help="gitfast caption --workers (default: the CLI's)")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--hf-batches", type=int, nargs="+", default=[4, 8, 16, 32],
                    help="the transformers loop's batch sizes to sweep (one value: no sweep)")
     p.add_argument("--sweep-images", type=int, default=32)
+    p.add_argument("--sweep-rounds", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gitfast-bench-whole-job")
     p.add_argument("--no-check", action="store_true", help="skip the captions check against gitfast's generate")
     args = p.parse_args(argv)
@@ -171,8 +185,8 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()[0]
     if len(args.hf_batches) > 1:
         hf_batch, sweep = best_hf_batch(model, listing, args.dtype, args.max_new_tokens, args.hf_batches,
-                                        args.sweep_images, args.rounds, args.workdir)
-        print("transformers loop, seconds per image by batch size: "
+                                        args.sweep_images, args.sweep_rounds, args.workdir)
+        print("transformers loop, CPU seconds per image by batch size: "
               + ", ".join(f"{b}: {s:.3f}" for b, s in sweep.items()) + f" -> batch {hf_batch}", flush=True)
     else:
         hf_batch = args.hf_batches[0]
@@ -183,15 +197,18 @@ def main(argv=None) -> int:
                                                         hf_batch, theirs)}
     times, loads = in_turn(runs, args.rounds, args.workdir)
     g, t = times.values()
-    ratio = statistics.median(b / a for a, b in zip(g, t))
     ours_c, theirs_c = read_captions(ours), read_captions(theirs)
     same_hf = sum(ours_c.get(f) == theirs_c.get(f) for f in files)
     print(f"{args.images} JPEGs 640x480, {args.dtype}, {args.max_new_tokens} new tokens, {args.rounds} pairs, "
           f"load {load0:.1f} then {', '.join(f'{x:.1f}' for x in loads)}, {os.cpu_count()} CPUs")
     for name, secs in times.items():
-        print(f"  {name:28s} {', '.join(f'{s:.1f}' for s in secs)} s (median {statistics.median(secs):.1f})")
-    print(f"  transformers / gitfast, median of pair ratios: {ratio:.2f}x (pairs "
-          f"{', '.join(f'{b / a:.2f}' for a, b in zip(g, t))})")
+        walls, cpus = [w for w, _ in secs], [c for _, c in secs]
+        print(f"  {name:28s} wall {', '.join(f'{s:.1f}' for s in walls)} s (median {statistics.median(walls):.1f}), "
+              f"CPU {', '.join(f'{s:.1f}' for s in cpus)} s (median {statistics.median(cpus):.1f})")
+    for which, what in ((0, "wall"), (1, "CPU")):
+        pairs = pair_ratios(g, t, which)
+        print(f"  transformers / gitfast, {what}, median of pair ratios: {statistics.median(pairs):.2f}x "
+              f"(pairs {', '.join(f'{r:.2f}' for r in pairs)})")
     print(f"  gitfast captions equal to the transformers loop's: {same_hf}/{len(files)}")
     if not args.no_check:
         own = gitfast_generate_captions(model, files, args.dtype, args.max_new_tokens)
