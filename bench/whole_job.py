@@ -190,7 +190,8 @@ def main(argv=None) -> int:
               + ", ".join(f"{b}: {s:.3f}" for b, s in sweep.items()) + f" -> batch {hf_batch}", flush=True)
     else:
         hf_batch = args.hf_batches[0]
-    ours, theirs = args.workdir / "gitfast.jsonl", args.workdir / "transformers.jsonl"
+    tag = f"{args.images}-{args.dtype}"  # runs of other sizes may share the workdir
+    ours, theirs = args.workdir / f"gitfast-{tag}.jsonl", args.workdir / f"transformers-{tag}.jsonl"
     runs = {"gitfast caption": gitfast_cmd(model, folder, args.dtype, args.max_new_tokens, ours, args.batch,
                                            args.workers),
             f"transformers loop B{hf_batch}": _loop_cmd(model, listing, args.dtype, args.max_new_tokens, "run",
