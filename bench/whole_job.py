@@ -135,8 +135,20 @@ def read_captions(path: Path) -> Dict[str, str]:
         return {r["source"]: r["caption"] for r in map(json.loads, f)}
 
 
-def gitfast_generate_captions(model: str, paths: List[str], dtype: str, new_tokens: int) -> Dict[str, str]:
-    """gitfast's own generate (the drop-in) on transformers' processor's pixels, batches of 8."""
+def cli_batch() -> int:
+    """`gitfast caption`'s --batch-size default, from its own parser."""
+    from gitfast.captioning.cli import configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    return parser.get_default("batch_size")
+
+
+def gitfast_generate_captions(model: str, paths: List[str], dtype: str, new_tokens: int,
+                              batch: int) -> Dict[str, str]:
+    """gitfast's own generate (the drop-in) on transformers' processor's pixels, in batches of the caption
+    run's size: the same row counts pick the same GEMM backends (fp32 rows at decode may go to gitfast's
+    kernel or MKL, equal to rounding, not bitwise; fp32_backends.py)."""
     import torch
     import transformers
 
@@ -147,13 +159,44 @@ def gitfast_generate_captions(model: str, paths: List[str], dtype: str, new_toke
     from PIL import Image
 
     out = {}
-    for i in range(0, len(paths), 8):
-        batch = paths[i:i + 8]
-        px = processor(images=[Image.open(p).convert("RGB") for p in batch], return_tensors="pt").pixel_values
+    for i in range(0, len(paths), batch):
+        chunk = paths[i:i + batch]
+        px = processor(images=[Image.open(p).convert("RGB") for p in chunk], return_tensors="pt").pixel_values
         with torch.inference_mode():
             ids = net.generate(pixel_values=px.to(getattr(torch, dtype)), max_new_tokens=new_tokens)
-        out.update(zip(batch, processor.batch_decode(ids, skip_special_tokens=True)))
+        out.update(zip(chunk, processor.batch_decode(ids, skip_special_tokens=True)))
     return out
+
+
+# where a `gitfast caption` process's time goes: (label, file suffix, function) summed from cProfile
+STAGES = (("load the checkpoint (Captioner())", "captioning/captioner.py", "__init__"),
+          ("read + decode + preprocess", "captioning/workers.py", "__call__"),
+          ("vision encoder + projection", "gitfast/model.py", "encode_images"),
+          ("decoder over image tokens (prefixes)", "serving/paged_runner.py", "encode_prefixes"),
+          ("prompt prefill", "serving/paged_runner.py", "prefill"),
+          ("decode steps", "serving/executor.py", "_decode"),
+          ("detokenize", "gitfast/bert_tokenizer.py", "decode"),
+          ("write records", "captioning/resumable.py", "write"),
+          ("finish the output", "captioning/resumable.py", "close"))
+
+
+def profile(cmd: List[str], cwd: Path, out: Path) -> None:
+    """One gitfast caption process under cProfile: seconds per stage, the rest (imports, start-up,
+    Python between stages) as what is left of the process's wall time."""
+    import pstats
+
+    t = time.perf_counter()
+    subprocess.run([cmd[0], "-m", "cProfile", "-o", str(out), *cmd[1:]], env=_env(), cwd=cwd, check=True,
+                   capture_output=True)
+    wall = time.perf_counter() - t
+    stats = pstats.Stats(str(out)).stats
+    print(f"gitfast caption under cProfile (its overhead included): {wall:.1f} s wall")
+    counted = 0.0
+    for label, suffix, name in STAGES:
+        secs = sum(v[3] for (f, _, fn), v in stats.items() if fn == name and f.endswith(suffix))
+        counted += secs
+        print(f"  {label:40s} {secs:7.2f} s {100 * secs / wall:5.1f}%")
+    print(f"  {'the rest (imports, start-up, glue)':40s} {wall - counted:7.2f} s {100 * (wall - counted) / wall:5.1f}%")
 
 
 def main(argv=None) -> int:
@@ -170,6 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-rounds", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gitfast-bench-whole-job")
     p.add_argument("--no-check", action="store_true", help="skip the captions check against gitfast's generate")
+    p.add_argument("--profile", action="store_true", help="instead: where one gitfast caption process's time goes")
     args = p.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = checkpoint("git-base", str(args.workdir / "models"))
@@ -183,6 +227,11 @@ def main(argv=None) -> int:
     listing = args.workdir / f"files-{args.images}.txt"
     listing.write_text("\n".join(files))
     load0 = os.getloadavg()[0]
+    if args.profile:
+        out = args.workdir / f"profile-{args.images}-{args.dtype}.jsonl"
+        profile(gitfast_cmd(model, folder, args.dtype, args.max_new_tokens, out, args.batch, args.workers),
+                args.workdir, out.with_suffix(".pstats"))
+        return 0
     if len(args.hf_batches) > 1:
         hf_batch, sweep = best_hf_batch(model, listing, args.dtype, args.max_new_tokens, args.hf_batches,
                                         args.sweep_images, args.sweep_rounds, args.workdir)
@@ -212,7 +261,7 @@ def main(argv=None) -> int:
               f"(pairs {', '.join(f'{r:.2f}' for r in pairs)})")
     print(f"  gitfast captions equal to the transformers loop's: {same_hf}/{len(files)}")
     if not args.no_check:
-        own = gitfast_generate_captions(model, files, args.dtype, args.max_new_tokens)
+        own = gitfast_generate_captions(model, files, args.dtype, args.max_new_tokens, args.batch or cli_batch())
         same = sum(ours_c.get(f) == own[f] for f in files)
         print(f"  gitfast captions equal to gitfast's own generate: {same}/{len(files)}")
         return 0 if same == len(files) else 1
