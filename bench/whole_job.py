@@ -183,13 +183,16 @@ STAGES = (("load the checkpoint (Captioner())", "captioning/captioner.py", "__in
 def profile(cmd: List[str], cwd: Path, out: Path) -> None:
     """One gitfast caption process under cProfile: seconds per stage, the rest (imports, start-up,
     Python between stages) as what is left of the process's wall time."""
-    import pstats
-
     t = time.perf_counter()
     subprocess.run([cmd[0], "-m", "cProfile", "-o", str(out), *cmd[1:]], env=_env(), cwd=cwd, check=True,
                    capture_output=True)
-    wall = time.perf_counter() - t
-    stats = pstats.Stats(str(out)).stats
+    print_profile(out, time.perf_counter() - t)
+
+
+def print_profile(stats_file: Path, wall: float) -> None:
+    import pstats
+
+    stats = pstats.Stats(str(stats_file)).stats
     print(f"gitfast caption under cProfile (its overhead included): {wall:.1f} s wall")
     counted = 0.0
     for label, suffix, name in STAGES:
