@@ -202,7 +202,37 @@ def print_profile(stats_file: Path, wall: float) -> None:
     print(f"  {'the rest (imports, start-up, glue)':40s} {wall - counted:7.2f} s {100 * (wall - counted) / wall:5.1f}%")
 
 
-def main(argv=None) -> int:
+def inputs(workdir: Path, images: int) -> tuple:
+    """(checkpoint folder, folder of exactly `images` JPEGs, their sorted paths, a file listing them), made
+    once under `workdir` and reused."""
+    model = checkpoint("git-base", str(workdir / "models"))
+    paths = photo_folder(images, root=str(workdir / "photos"))
+    folder = workdir / f"jpegs-{images}"  # exactly these files, linked (the photo cache may hold more)
+    folder.mkdir(exist_ok=True)
+    for path in paths:
+        if not (folder / Path(path).name).exists():
+            os.symlink(path, folder / Path(path).name)
+    files = sorted(str(folder / Path(p).name) for p in paths)
+    listing = workdir / f"files-{images}.txt"
+    listing.write_text("\n".join(files))
+    return model, folder, files, listing
+
+
+def report(args, times: Dict[str, List[tuple]], load0: float, loads: List[float]) -> None:
+    print(f"{args.images} JPEGs 640x480, {args.dtype}, {args.max_new_tokens} new tokens, {args.rounds} pairs, "
+          f"load {load0:.1f} then {', '.join(f'{x:.1f}' for x in loads)}, {os.cpu_count()} CPUs")
+    for name, secs in times.items():
+        walls, cpus = [w for w, _ in secs], [c for _, c in secs]
+        print(f"  {name:28s} wall {', '.join(f'{s:.1f}' for s in walls)} s (median {statistics.median(walls):.1f}), "
+              f"CPU {', '.join(f'{s:.1f}' for s in cpus)} s (median {statistics.median(cpus):.1f})")
+    g, t = times.values()
+    for which, what in ((0, "wall"), (1, "CPU")):
+        pairs = pair_ratios(g, t, which)
+        print(f"  transformers / gitfast, {what}, median of pair ratios: {statistics.median(pairs):.2f}x "
+              f"(pairs {', '.join(f'{r:.2f}' for r in pairs)})")
+
+
+def parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -217,31 +247,25 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gitfast-bench-whole-job")
     p.add_argument("--no-check", action="store_true", help="skip the captions check against gitfast's generate")
     p.add_argument("--profile", action="store_true", help="instead: where one gitfast caption process's time goes")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model = checkpoint("git-base", str(args.workdir / "models"))
-    paths = photo_folder(args.images, root=str(args.workdir / "photos"))
-    folder = args.workdir / f"jpegs-{args.images}"  # exactly these files, linked
-    folder.mkdir(exist_ok=True)
-    for path in paths:
-        if not (folder / Path(path).name).exists():
-            os.symlink(path, folder / Path(path).name)
-    files = sorted(str(folder / Path(p).name) for p in paths)
-    listing = args.workdir / f"files-{args.images}.txt"
-    listing.write_text("\n".join(files))
+    model, folder, files, listing = inputs(args.workdir, args.images)
     load0 = os.getloadavg()[0]
     if args.profile:
         out = args.workdir / f"profile-{args.images}-{args.dtype}.jsonl"
         profile(gitfast_cmd(model, folder, args.dtype, args.max_new_tokens, out, args.batch, args.workers),
                 args.workdir, out.with_suffix(".pstats"))
         return 0
+    hf_batch = args.hf_batches[0]
     if len(args.hf_batches) > 1:
         hf_batch, sweep = best_hf_batch(model, listing, args.dtype, args.max_new_tokens, args.hf_batches,
                                         args.sweep_images, args.sweep_rounds, args.workdir)
         print("transformers loop, CPU seconds per image by batch size: "
               + ", ".join(f"{b}: {s:.3f}" for b, s in sweep.items()) + f" -> batch {hf_batch}", flush=True)
-    else:
-        hf_batch = args.hf_batches[0]
     tag = f"{args.images}-{args.dtype}"  # runs of other sizes may share the workdir
     ours, theirs = args.workdir / f"gitfast-{tag}.jsonl", args.workdir / f"transformers-{tag}.jsonl"
     runs = {"gitfast caption": gitfast_cmd(model, folder, args.dtype, args.max_new_tokens, ours, args.batch,
@@ -249,26 +273,16 @@ def main(argv=None) -> int:
             f"transformers loop B{hf_batch}": _loop_cmd(model, listing, args.dtype, args.max_new_tokens, "run",
                                                         hf_batch, theirs)}
     times, loads = in_turn(runs, args.rounds, args.workdir)
-    g, t = times.values()
+    report(args, times, load0, loads)
     ours_c, theirs_c = read_captions(ours), read_captions(theirs)
-    same_hf = sum(ours_c.get(f) == theirs_c.get(f) for f in files)
-    print(f"{args.images} JPEGs 640x480, {args.dtype}, {args.max_new_tokens} new tokens, {args.rounds} pairs, "
-          f"load {load0:.1f} then {', '.join(f'{x:.1f}' for x in loads)}, {os.cpu_count()} CPUs")
-    for name, secs in times.items():
-        walls, cpus = [w for w, _ in secs], [c for _, c in secs]
-        print(f"  {name:28s} wall {', '.join(f'{s:.1f}' for s in walls)} s (median {statistics.median(walls):.1f}), "
-              f"CPU {', '.join(f'{s:.1f}' for s in cpus)} s (median {statistics.median(cpus):.1f})")
-    for which, what in ((0, "wall"), (1, "CPU")):
-        pairs = pair_ratios(g, t, which)
-        print(f"  transformers / gitfast, {what}, median of pair ratios: {statistics.median(pairs):.2f}x "
-              f"(pairs {', '.join(f'{r:.2f}' for r in pairs)})")
-    print(f"  gitfast captions equal to the transformers loop's: {same_hf}/{len(files)}")
-    if not args.no_check:
-        own = gitfast_generate_captions(model, files, args.dtype, args.max_new_tokens, args.batch or cli_batch())
-        same = sum(ours_c.get(f) == own[f] for f in files)
-        print(f"  gitfast captions equal to gitfast's own generate: {same}/{len(files)}")
-        return 0 if same == len(files) else 1
-    return 0
+    print(f"  gitfast captions equal to the transformers loop's: "
+          f"{sum(ours_c.get(f) == theirs_c.get(f) for f in files)}/{len(files)}")
+    if args.no_check:
+        return 0
+    own = gitfast_generate_captions(model, files, args.dtype, args.max_new_tokens, args.batch or cli_batch())
+    same = sum(ours_c.get(f) == own[f] for f in files)
+    print(f"  gitfast captions equal to gitfast's own generate: {same}/{len(files)}")
+    return 0 if same == len(files) else 1
 
 
 if __name__ == "__main__":
