@@ -223,7 +223,7 @@ def caption_rows(rounds: int, root=None, images: int = 32) -> list:
     }
     for dtype in ("float32", "bfloat16"):
         runs[f"gitfast caption --dtype {dtype}"] = [
-            sys.executable, "-m", "gitfast.cli", "caption", str(pictures), "--model", str(folder), "--out", out,
+            sys.executable, "-m", "gitfast.tools.cli", "caption", str(pictures), "--model", str(folder), "--out", out,
             "--overwrite", "--quiet", "--batch-size", "8", "--max-new-tokens", "20", "--device", "cpu", "--dtype", dtype]
     times = {k: [] for k in runs}
     loads = []

@@ -5,7 +5,7 @@
 #
 #   bash bench/fetch_wheels.sh [DIR]
 #
-# Today that is transformers 5.24.0, gitfast's oldest supported release (gitfast/compat.py): a GPU
+# Today that is transformers 5.24.0, gitfast's oldest supported release (gitfast/checkpoint/compat.py): a GPU
 # image with transformers 5.0-5.17 generates wrong GIT tokens once the KV cache is used. Only the wheel
 # itself is fetched (--no-deps); its dependencies (huggingface_hub, tokenizers) must already be on the
 # GPU machine, as they are wherever an older transformers 5 is installed.

@@ -4,8 +4,8 @@ A git-base-shaped random model (both implementations, same weights) captions `--
 - fp32: the share of gitfast's captions identical to transformers' (the contract says all);
 - each half dtype: how often gitfast's captions equal the fp32 reference against how often
   transformers' do in the same dtype (gitfast must agree at least as often), and
-  `gitfast.fidelity.compare_greedy`'s near-tie check of every divergence from transformers.
-transformers' own generate is the reference, so it must be 5.18 or newer (gitfast/compat.py: 5.24).
+  `gitfast.tools.fidelity.compare_greedy`'s near-tie check of every divergence from transformers.
+transformers' own generate is the reference, so it must be 5.18 or newer (gitfast/checkpoint/compat.py: 5.24).
 
     python -m gitfast.bench.fidelity_check --device cuda --out rows.jsonl
 """
@@ -23,8 +23,8 @@ def run(device: str, size: str, images: int, new_tokens: int, dtypes) -> dict:
     import transformers
 
     import gitfast
-    from gitfast.compat import check_transformers
-    from gitfast.fidelity import compare_greedy
+    from gitfast.checkpoint.compat import check_transformers
+    from gitfast.tools.fidelity import compare_greedy
 
     from .bench_e2e import SIZES, _config
 

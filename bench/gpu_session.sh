@@ -92,7 +92,7 @@ install() {  # the copied transformers wheel: 5.0-5.17 generate wrong GIT tokens
              "(bash bench/fetch_wheels.sh DIR where there is network, then copy DIR here)"
     fi
     "$py" -c "import transformers; print('transformers', transformers.__version__)
-from gitfast.compat import check_transformers; check_transformers()"
+from gitfast.checkpoint.compat import check_transformers; check_transformers()"
 }
 
 cuda_arch() {  # the device's own architecture only: 9.0 on an H100/H200
@@ -169,7 +169,7 @@ case $mode in
         stage install 120 install
         stage build 1800 build
         stage cuda_ext 60 cuda_extension
-        stage info 60 "$py" -c "from gitfast.cli import main; main(['info'])"
+        stage info 60 "$py" -c "from gitfast.tools.cli import main; main(['info'])"
         stage cuda_tests 1800 cuda_tests
         stage sync 300 "$py" -m gitfast.bench.sync_check --device "$dev" --out "$rows"
         stage fidelity 600 "$py" -m gitfast.bench.fidelity_check --device "$dev" --out "$rows" \
@@ -183,7 +183,7 @@ case $mode in
         stage install 120 install
         stage build 1800 build
         stage cuda_ext 60 cuda_extension
-        stage info 60 "$py" -c "from gitfast.cli import main; main(['info'])"
+        stage info 60 "$py" -c "from gitfast.tools.cli import main; main(['info'])"
         stage cuda_tests 1800 cuda_tests
         table
         ;;

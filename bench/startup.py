@@ -24,7 +24,7 @@ CAPTIONER = "from gitfast import Captioner; Captioner()"
 
 
 def commands(checkout: Path, picture: str, tag: str) -> dict:
-    cli = [sys.executable, "-m", "gitfast.cli", "caption", picture, "--quiet", "--out", os.devnull]
+    cli = [sys.executable, "-m", "gitfast.tools.cli", "caption", picture, "--quiet", "--out", os.devnull]
     return {f"Captioner() {tag}": ([sys.executable, "-c", CAPTIONER], checkout),
             f"gitfast caption one.png {tag}": (cli, checkout)}
 

@@ -96,7 +96,7 @@ def best_hf_batch(model: str, listing: Path, dtype: str, new_tokens: int, sizes:
 
 def gitfast_cmd(model: str, folder: Path, dtype: str, new_tokens: int, out: Path, batch: Optional[int],
                 workers: Optional[int]) -> List[str]:
-    cmd = [sys.executable, "-m", "gitfast.cli", "caption", str(folder), "--model", model, "--out", str(out),
+    cmd = [sys.executable, "-m", "gitfast.tools.cli", "caption", str(folder), "--model", model, "--out", str(out),
            "--overwrite", "--quiet", "--max-new-tokens", str(new_tokens), "--device", "cpu", "--dtype", dtype]
     cmd += ["--batch-size", str(batch)] if batch else []
     return cmd + (["--workers", str(workers)] if workers is not None else [])
@@ -175,7 +175,7 @@ STAGES = (("load the checkpoint (Captioner())", "captioning/captioner.py", "__in
           ("decoder over image tokens (prefixes)", "serving/paged_runner.py", "encode_prefixes"),
           ("prompt prefill", "serving/paged_runner.py", "prefill"),
           ("decode steps", "serving/executor.py", "_decode"),
-          ("detokenize", "gitfast/bert_tokenizer.py", "decode"),
+          ("detokenize", "gitfast/checkpoint/bert_tokenizer.py", "decode"),
           ("write records", "captioning/resumable.py", "write"),
           ("finish the output", "captioning/resumable.py", "close"))
 

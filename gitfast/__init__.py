@@ -19,7 +19,7 @@ _LAZY = {
     "register_auto_classes": ("gitfast.drop_in", "register_auto_classes"),
     "Captioner": ("gitfast.captioning.captioner", "Captioner"),
     "CaptionResult": ("gitfast.captioning.captioner", "CaptionResult"),
-    "CheckpointError": ("gitfast.loading", "CheckpointError"),
+    "CheckpointError": ("gitfast.checkpoint.loading", "CheckpointError"),
 }
 
 __all__ = list(_LAZY)

@@ -202,7 +202,7 @@ class GitModel(nn.Module):
     def save_pretrained(self, save_directory) -> None:
         """Writes this network as a transformers `GitForCausalLM` checkpoint (config.json, model.safetensors),
         which gitfast and transformers both load."""
-        from .hf_format import save
+        from .checkpoint.hf_format import save
 
         save(self, self.config, save_directory)
 

@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 def pytest_sessionstart(session):
     # The tests compare gitfast's tokens with transformers' generate; before 5.18 that is wrong for
     # GIT once its KV cache is used, so a run there would blame gitfast for transformers' bug (and
-    # before 5.24 the drop-in's API and sampling differ: gitfast/compat.py).
-    from gitfast.compat import transformers_problem
+    # before 5.24 the drop-in's API and sampling differ: gitfast/checkpoint/compat.py).
+    from gitfast.checkpoint.compat import transformers_problem
 
     problem = transformers_problem()
     if problem is not None:

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from gitfast import cli
+from gitfast.tools import cli
 from gitfast.captioning import cli as caption_cli
 from gitfast.defaults import EMBEDDED_MODEL, EXAMPLES
 
@@ -100,7 +100,7 @@ def test_a_malformed_weight_index_names_the_file_and_the_field(tmp_path, capsys,
 
 @pytest.mark.parametrize("where", ["relative", "absolute"])
 def test_shards_outside_the_checkpoint_folder_are_never_read(tmp_path, capsys, monkeypatch, where):
-    from gitfast import loading
+    from gitfast.checkpoint import loading
 
     outside = tmp_path / "outside.safetensors"
     model, weights = sharded_copy(tmp_path)

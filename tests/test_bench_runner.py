@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gitfast import cli
+from gitfast.tools import cli
 from gitfast.bench import ceilings, report, runner, timing
 
 STANDIN = '''

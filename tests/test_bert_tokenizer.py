@@ -1,4 +1,4 @@
-"""Issue #25 item 1: GIT's BERT tokenizer on the `tokenizers` library (gitfast/bert_tokenizer.py) encodes
+"""Issue #25 item 1: GIT's BERT tokenizer on the `tokenizers` library (gitfast/checkpoint/bert_tokenizer.py) encodes
 and decodes exactly as transformers' AutoTokenizer does — same pipeline, same ids, same texts, same
 special-token ids — on the test checkpoints, the embedded model, and tokenizer files with other
 settings; files with settings it does not reproduce are left to AutoTokenizer."""
@@ -9,8 +9,8 @@ import shutil
 import pytest
 from transformers import AutoTokenizer, BertTokenizer
 
-from gitfast import processor
-from gitfast.bert_tokenizer import BertWordPiece
+from gitfast.checkpoint import processor
+from gitfast.checkpoint.bert_tokenizer import BertWordPiece
 from gitfast.defaults import EMBEDDED_MODEL
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

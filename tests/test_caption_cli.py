@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from gitfast import Captioner, cli
+from gitfast import Captioner
+from gitfast.tools import cli
 from gitfast.captioning import cli as caption_cli
 from image_factory import broken_files, mode_images, write_files
 
@@ -218,8 +219,8 @@ def test_no_inputs_at_all_exit_2(checkpoint, capsys):
     assert "nothing to caption: give PATHs, or --files-from" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gitfast.info") is None,
-                    reason="gitfast/cli.py imports every subcommand and gitfast.info does not exist yet")
+@pytest.mark.skipif(importlib.util.find_spec("gitfast.tools.info") is None,
+                    reason="gitfast/tools/cli.py imports every subcommand and gitfast.tools.info does not exist yet")
 def test_dispatched_by_the_gitfast_command(checkpoint, tree, captions, capsys):
     _, photos, _ = tree
     good = str(photos / GOOD[0])

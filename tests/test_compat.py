@@ -1,12 +1,12 @@
 """The transformers floor: 5.0-5.17 generate wrong GIT tokens once the KV cache is used; the suite
-passes from 5.24 on (gitfast/compat.py says why)."""
+passes from 5.24 on (gitfast/checkpoint/compat.py says why)."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from gitfast import compat
+from gitfast.checkpoint import compat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Issue #25 item 1: config.json read without transformers (gitfast/config_reader.py) gives what
+"""Issue #25 item 1: config.json read without transformers (gitfast/checkpoint/config_reader.py) gives what
 transformers' GitConfig gives — its defaults where the file is silent, its refusals where a value has a
 type it does not take — on many files, and through loading.read_config as loading.load_config."""
 import dataclasses
@@ -8,8 +8,8 @@ import pytest
 from transformers import GitConfig, PreTrainedConfig
 from transformers.models.git.configuration_git import GitVisionConfig
 
-from gitfast import config_reader, loading
-from gitfast.config_reader import ConfigTypeError, GitSettings, VisionSettings, git_settings
+from gitfast.checkpoint import config_reader, loading
+from gitfast.checkpoint.config_reader import ConfigTypeError, GitSettings, VisionSettings, git_settings
 from gitfast.defaults import EMBEDDED_MODEL
 from gitfast.devices import resolve_dtype
 

@@ -6,7 +6,7 @@ import transformers
 
 import gitfast
 from git_factory import CONFIGS, make_config
-from gitfast.hf_format import to_hf_state_dict
+from gitfast.checkpoint.hf_format import to_hf_state_dict
 
 
 def both(cfg, seed=5):

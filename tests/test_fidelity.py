@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import gitfast
-from gitfast.fidelity import compare_greedy
+from gitfast.tools.fidelity import compare_greedy
 from git_factory import make_hf_model, pixels
 
 

@@ -11,7 +11,7 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from gitfast import cli
+from gitfast.tools import cli
 from gitfast.captioning import cli as caption_cli
 from image_factory import small_images, write_files
 
@@ -289,7 +289,7 @@ def test_a_checkpoint_without_its_tokenizer_or_with_another_image_size_is_refuse
 
     from gitfast import Captioner
     from gitfast.defaults import EMBEDDED_MODEL
-    from gitfast.loading import CheckpointError
+    from gitfast.checkpoint.loading import CheckpointError
 
     bare = tmp_path / "no-tokenizer"
     bare.mkdir()

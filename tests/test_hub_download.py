@@ -22,9 +22,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import gitfast
-from gitfast import loading
+from gitfast.checkpoint import loading
 from gitfast.defaults import EMBEDDED_MODEL
-from gitfast.loading import CheckpointError
+from gitfast.checkpoint.loading import CheckpointError
 
 MAIN_SHA, V1_SHA, SHARDED_SHA = "a" * 40, "b" * 40, "c" * 40
 TOKEN = "hf_localtesttoken"
@@ -234,7 +234,7 @@ def test_cli_downloads_with_the_environments_hub(hub, tmp_path):
     out = tmp_path / "captions.jsonl"
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "cli-home"))
     example = str(EMBEDDED_MODEL.parent / "examples" / "shapes_00.png")
-    run = subprocess.run([sys.executable, "-m", "gitfast.cli", "caption", example, "--model", "org/git-shapes",
+    run = subprocess.run([sys.executable, "-m", "gitfast.tools.cli", "caption", example, "--model", "org/git-shapes",
                           "--out", str(out), "--quiet"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert json.loads(out.read_text())["caption"] == "two small white triangles at the top"

@@ -7,7 +7,8 @@ import torch
 import transformers
 
 import gitfast
-from gitfast import cli, ops
+from gitfast import ops
+from gitfast.tools import cli
 
 
 FUSED = ("add_layer_norm", "bias_act", "mlp")
@@ -81,7 +82,7 @@ def test_a_subcommand_that_fails_to_import_breaks_only_itself(monkeypatch, capsy
 def test_a_gpu_without_cuda_kernels_is_an_error(capsys, monkeypatch):
     """A CUDA device with an extension built CPU-only: every fused op would silently run its
     reference, so `gitfast info` says so and exits 1."""
-    from gitfast import info
+    from gitfast.tools import info
 
     real = info.collect
 
@@ -98,7 +99,8 @@ def test_a_gpu_without_cuda_kernels_is_an_error(capsys, monkeypatch):
 
 _PROBE = r"""
 import json, torch
-from gitfast import info, ops
+from gitfast import ops
+from gitfast.tools import info
 
 calls = {"linear_bf16": 0, "_linear_pointwise": 0, "linear_fp32": 0}
 def spy(namespace, name):

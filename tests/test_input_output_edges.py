@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gitfast import cli
+from gitfast.tools import cli
 from gitfast.captioning import cli as caption_cli
 from gitfast.captioning.records import Source
 from image_factory import small_images, write_files

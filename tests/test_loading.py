@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import gitfast
-from gitfast.loading import CheckpointError
+from gitfast.checkpoint.loading import CheckpointError
 from git_factory import make_hf_model, pixels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_gitfast_save_loads_in_transformers(hf, saved, tmp_path):
 def test_core_model_save_pretrained(hf, saved, tmp_path):
     """gitfast's own `GitModel` (what the Captioner and the drop-in's `.model` / `base_model` hold) saves
     the whole network as a transformers checkpoint; both libraries load it back unchanged."""
-    core = gitfast.loading.load_checkpoint(saved).model
+    core = gitfast.checkpoint.loading.load_checkpoint(saved).model
     core.save_pretrained(tmp_path)
     back = transformers.GitForCausalLM.from_pretrained(tmp_path).eval()
     for k, v in hf.state_dict().items():

@@ -1,4 +1,4 @@
-"""Word maps (`gitfast.maps`, `Captioner(return_maps=True)`, `gitfast caption --maps`): the contract,
+"""Word maps (`gitfast.explain.maps`, `Captioner(return_maps=True)`, `gitfast caption --maps`): the contract,
 the pointing game on held-out drawn pictures with the embedded model, and the PNGs."""
 import json
 import random
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gitfast import maps
+from gitfast.explain import maps
 from gitfast.captioning.captioner import Captioner
 from gitfast.captioning.maps_png import safe_name
 from gitfast.defaults import EXAMPLES
@@ -198,7 +198,7 @@ def test_cli_writes_readable_maps(tmp_path):
     for name in ("shapes_00.png", "shapes_03.png"):
         (pics / name).write_bytes((EXAMPLES / name).read_bytes())
     (pics / "broken.png").write_bytes(b"not a picture")
-    run = subprocess.run([sys.executable, "-m", "gitfast.cli", "caption", str(pics), "--maps", str(out), "--quiet",
+    run = subprocess.run([sys.executable, "-m", "gitfast.tools.cli", "caption", str(pics), "--maps", str(out), "--quiet",
                           "--out", str(tmp_path / "c.jsonl")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr  # the broken file is an error record, the rest captioned
     records = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]

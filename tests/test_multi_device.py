@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import numpy as np
 import pytest
 
-from gitfast import Captioner, cli
+from gitfast import Captioner
+from gitfast.tools import cli
 from gitfast.captioning import cli as caption_cli
 from gitfast.captioning import cli_run
 from gitfast.captioning import multi_device
@@ -161,7 +162,7 @@ def test_two_ranks_equal_one_device_after_a_dead_rank_and_a_killed_run(checkpoin
         shutil.copyfile(small, slow / f"{2 * i + 1}-small.jpg")
     paths = [slow, inputs / "files", inputs / "00000.tar"]
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "gitfast.cli", "caption", *paths, "--out-dir", out, "--devices", "cpu,cpu",
+    argv = [sys.executable, "-m", "gitfast.tools.cli", "caption", *paths, "--out-dir", out, "--devices", "cpu,cpu",
             "--model", checkpoint, *ARGS]
     argv = [str(a) for a in argv]
     every = [s.id for s in sources.expand(paths)]

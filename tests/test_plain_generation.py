@@ -1,4 +1,4 @@
-"""Issue #25 item 1: the Captioner's generation config without transformers (gitfast/plain_generation.py)
+"""Issue #25 item 1: the Captioner's generation config without transformers (gitfast/checkpoint/plain_generation.py)
 resolves to the same generation settings, and refuses the same calls, as transformers' GenerationConfig
 read from the same generation_config.json."""
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 from transformers import GenerationConfig
 
-from gitfast import loading, plain_generation
+from gitfast.checkpoint import loading, plain_generation
 from gitfast.defaults import EMBEDDED_MODEL
-from gitfast.plain_generation import FIELDS, PlainGenerationConfig
+from gitfast.checkpoint.plain_generation import FIELDS, PlainGenerationConfig
 from gitfast.serving.generation import SUPPORTED, resolve_settings
 
 CALLS = [

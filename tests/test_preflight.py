@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from gitfast import loading
+from gitfast.checkpoint import loading
 from gitfast.captioning import preflight
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import gitfast
 from gitfast.defaults import EMBEDDED_MODEL
-from gitfast.loading import CheckpointError
+from gitfast.checkpoint.loading import CheckpointError
 from test_hub_download import MAIN_SHA, NEEDED, Hub, _embedded_files
 from test_hub_download import hub  # noqa: F401 - the fixture, over this module's `served`
 

@@ -1,4 +1,4 @@
-"""gitfast.processor: transformers' pixels without transformers' processing stack, and a captioning path
+"""gitfast.checkpoint.processor: transformers' pixels without transformers' processing stack, and a captioning path
 that stays light (issue #25: seconds of start-up were transformers' modeling stack)."""
 import json
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gitfast import loading, processor
+from gitfast.checkpoint import loading, processor
 from gitfast.captioning import images
 from gitfast.defaults import EMBEDDED_MODEL, EXAMPLES
 from image_factory import mode_images

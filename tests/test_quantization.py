@@ -234,7 +234,7 @@ def test_captioner_and_cli_take_dynamic_int8_and_auto_dtype(tmp_path):
     assert isinstance(cap.model.layers[0].qkv, Q.DynamicInt8Linear)
     assert next(cap.model.parameters()).dtype == default_dtype("cpu")
     out = tmp_path / "c.jsonl"
-    subprocess.run([sys.executable, "-m", "gitfast.cli", "caption", str(EXAMPLES), "--quantize", "dynamic",
+    subprocess.run([sys.executable, "-m", "gitfast.tools.cli", "caption", str(EXAMPLES), "--quantize", "dynamic",
                     "--device", "cpu", "--out", str(out), "--quiet"], check=True, capture_output=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == len(list(EXAMPLES.glob("*.png"))) and all(r.get("caption") for r in rows)

@@ -7,7 +7,7 @@ Each run is a real `gitfast caption` process: `cli.main(argv)` in a child forked
 that has already imported torch and transformers (8 s per cold start on the CI machine would leave
 room for only a couple of kills; a fork starts in a few milliseconds). The launcher runs with one
 thread, so forking it is safe. The `slow` variant (GITFAST_SLOW=1; GITFAST_KILL_TRIALS=N, default 12) runs
-more seeded trials, each run a cold `python -m gitfast.cli` subprocess.
+more seeded trials, each run a cold `python -m gitfast.tools.cli` subprocess.
 """
 import json
 import os
@@ -28,7 +28,7 @@ ARGS = ["--max-new-tokens", "8", "--batch-size", "4", "--device", "cpu", "--quie
 
 LAUNCHER = textwrap.dedent("""
     import json, os, sys, traceback
-    import gitfast.cli, gitfast.captioning.cli, gitfast.captioning.cli_run, gitfast.captioning.multi_device, gitfast.captioning.shards
+    import gitfast.tools.cli, gitfast.captioning.cli, gitfast.captioning.cli_run, gitfast.captioning.multi_device, gitfast.captioning.shards
     from gitfast.captioning.captioner import Captioner
     Captioner(sys.argv[1], device="cpu")  # imports everything a run needs; runs nothing on many threads
     print(json.dumps({"ready": True}), flush=True)
@@ -41,7 +41,7 @@ LAUNCHER = textwrap.dedent("""
                 os.dup2(log, 1)
                 os.dup2(log, 2)
                 try:
-                    rc = gitfast.cli.main(req["argv"])
+                    rc = gitfast.tools.cli.main(req["argv"])
                 except SystemExit as exc:
                     rc = exc.code
                 except BaseException:
@@ -82,14 +82,14 @@ class Launcher:
 
 
 class ColdRunner:
-    """Each run a fresh `python -m gitfast.cli` process (the slow variant)."""
+    """Each run a fresh `python -m gitfast.tools.cli` process (the slow variant)."""
 
     def __init__(self):
         self.procs = {}
 
     def start(self, argv, log):
         with open(log, "w") as f:
-            p = subprocess.Popen([sys.executable, "-m", "gitfast.cli", *map(str, argv)], stdout=f, stderr=f)
+            p = subprocess.Popen([sys.executable, "-m", "gitfast.tools.cli", *map(str, argv)], stdout=f, stderr=f)
         self.procs[p.pid] = p
         return p.pid
 

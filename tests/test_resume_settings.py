@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from gitfast import bf16_backends, cli, devices, quantization
+from gitfast import bf16_backends, devices, quantization
+from gitfast.tools import cli
 from gitfast.captioning import cli as caption_cli
 from image_factory import small_images, write_files
 

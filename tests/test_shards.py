@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gitfast import Captioner, cli
+from gitfast import Captioner
+from gitfast.tools import cli
 from gitfast.captioning import cli as caption_cli
 from gitfast.captioning import shards
 from gitfast.captioning import records, sources

@@ -24,7 +24,7 @@ print(json.dumps({"transformers": sorted(m for m in sys.modules if m.split(".")[
 """
 CLI = """
 import sys
-from gitfast.cli import main
+from gitfast.tools.cli import main
 status = main(["caption", *sys.argv[1:]])
 print("transformers imported:", sorted(m for m in sys.modules if m.split(".")[0] == "transformers"), file=sys.stderr)
 sys.exit(status)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import loading, quantization
+from .. import quantization
+from ..checkpoint import loading
 from ..defaults import EMBEDDED_MODEL
 from ..devices import caption_dtype, resolve_device
 from ..serving import stopping
@@ -40,7 +41,7 @@ class CaptionResult:
     token_ids: Tuple[int, ...]      # generated ids after the prompt, without the final EOS or padding
     error: Optional[str] = None     # None, or why this input failed
     prompt: Optional[str] = None
-    maps: Optional[torch.Tensor] = None  # with return_maps=True: [len(token_ids), grid_h, grid_w] (gitfast.maps)
+    maps: Optional[torch.Tensor] = None  # with return_maps=True: [len(token_ids), grid_h, grid_w] (gitfast.explain.maps)
 
     @property
     def ok(self) -> bool:

@@ -14,10 +14,11 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from .. import bf16_backends, loading, quantization
+from .. import bf16_backends, quantization
+from ..checkpoint import loading
 from ..defaults import EMBEDDED_MODEL
 from ..devices import caption_dtype
-from ..loading import CheckpointError
+from ..checkpoint.loading import CheckpointError
 from ..serving.engine import KVCacheTooSmall
 from . import captioner, locking, preflight, run_settings, sources
 from .formats import OutputError, infer_format

@@ -1,5 +1,5 @@
 """Word maps as pictures: `gitfast caption --maps DIR` writes one PNG per image, the picture first, then
-one panel per generated word with its map (`CaptionResult.maps`, `gitfast.maps`) over it.
+one panel per generated word with its map (`CaptionResult.maps`, `gitfast.explain.maps`) over it.
 
 The map covers the square the processor keeps (GIT's CLIP processor resizes the shortest edge and
 crops the centre), so the picture is centre-cropped to a square for display. Matplotlib's Agg

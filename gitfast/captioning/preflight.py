@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .. import loading
+from ..checkpoint import loading
 from ..defaults import EMBEDDED_MODEL
 from .captioner import check_prompt_length
 from .workers import Preparer

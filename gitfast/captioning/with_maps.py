@@ -1,4 +1,4 @@
-"""`Captioner.caption(..., return_maps=True)`: each result gets `.maps` (`gitfast.maps.word_maps`).
+"""`Captioner.caption(..., return_maps=True)`: each result gets `.maps` (`gitfast.explain.maps.word_maps`).
 
 Each input is read, preprocessed and encoded once, by the captioning pass; maps reuse what it made:
 - its `Prepared` inputs are tapped as the model takes them (`Captioner._results(..., tap=)`): the prompt
@@ -99,7 +99,7 @@ def with_maps(model, results: Iterable, kept: Deque[Kept], batch: int) -> Iterat
 
 
 def _mapped(model, pending) -> Iterator:
-    from .. import maps
+    from ..explain import maps
 
     todo = [(n, result, item) for n, (result, item) in enumerate(pending)
             if result.ok and item.ok and (item.image is not None or item.pixel_values is not None)]

@@ -61,7 +61,7 @@ class PrepareSpec:
 
 class Preparer:
     """read → decode → processor → prompt ids for one input; the same code inline and in workers.
-    `processor`: the checkpoint's `gitfast.processor.Processor` (`loading.load_processor`)."""
+    `processor`: the checkpoint's `gitfast.checkpoint.processor.Processor` (`loading.load_processor`)."""
 
     def __init__(self, processor, bos: int, max_positions: int, jpeg_draft: bool = False):
         self.processor = processor
@@ -73,7 +73,7 @@ class Preparer:
 
     @classmethod
     def from_spec(cls, spec: PrepareSpec) -> "Preparer":
-        from ..loading import load_processor
+        from ..checkpoint.loading import load_processor
 
         return cls(load_processor(Path(spec.folder)), spec.bos, spec.max_positions, spec.jpeg_draft)
 

@@ -2,7 +2,7 @@
 forward (forward.py), generate routing (generate.py), from_pretrained (pretrained.py) and the
 transformers-equal initial weights (init.py), gradient checkpointing through transformers'
 layer class (checkpointing.py) and the opt-in for transformers' Auto classes (auto.py)."""
-from ..compat import check_transformers
+from ..checkpoint.compat import check_transformers
 
 check_transformers()  # an older transformers than gitfast needs: an ImportError naming the fix, not wrong tokens
 

@@ -16,7 +16,8 @@ from transformers import GenerationConfig, GitConfig, PreTrainedModel
 from transformers.generation import GenerationMixin
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .. import hf_format, loading, quantization
+from .. import quantization
+from ..checkpoint import hf_format, loading
 from ..devices import placement
 from ..model import GitModel, num_image_tokens
 from .engine_calls import BLOCK_SIZE
@@ -114,7 +115,7 @@ class GitForCausalLM(PreTrainedModel, GenerationMixin):
         `torch.device("meta")` context this raises, as transformers does. `quantization_config="dynamic"`
         makes the Linear layers dynamic INT8 (CPU only; gitfast.quantization). `subfolder`,
         `force_download` and `use_safetensors` (None: safetensors, else `.bin`; True: safetensors only;
-        False: `.bin` only) as transformers reads them, through huggingface_hub (gitfast.hub).
+        False: `.bin` only) as transformers reads them, through huggingface_hub (gitfast.checkpoint.hub).
         """
         quantization.method_of(quantization_config)  # an unknown method fails before any loading
         # transformers' Auto classes always pass adapter_kwargs (hub arguments for a PEFT adapter search);

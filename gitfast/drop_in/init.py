@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .. import hf_format
+from ..checkpoint import hf_format
 
 # One draw: (what, hf name or None for a scratch tensor, shape, std). `what` is "uniform" (a default
 # init: only its RNG use matters), "normal", "zero_row" (the padding row of an embedding).

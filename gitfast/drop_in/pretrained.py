@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .. import hf_format, loading
+from ..checkpoint import hf_format, loading
 from ..devices import resolve_device, resolve_dtype
 
 _BASE_PREFIXES = ("embeddings.", "image_encoder.", "encoder.", "visual_projection.", "img_temporal_embedding.")

@@ -1,4 +1,4 @@
-"""Pointing game for word maps (`gitfast.maps`): does each word's map peak where the shapes are?
+"""Pointing game for word maps (`gitfast.explain.maps`): does each word's map peak where the shapes are?
 
     python -m gitfast.training.pointing                  # 200 held-out pictures, every method
     python -m gitfast.training.pointing --n 50 --methods rollout:predicting
@@ -72,7 +72,7 @@ def score(maps, words: Sequence[str], cells) -> List[Tuple[str, bool]]:
 
 def play(captioner, pictures, variants: Sequence[Tuple[str, str]], batch: int = 25) -> Dict:
     """Per variant `method:position`, per slot: hits / words; plus chance per slot and caption timing."""
-    from .. import maps
+    from ..explain import maps
 
     hits = {f"{m}:{p}": defaultdict(lambda: [0, 0]) for m, p in variants}
     chance = defaultdict(lambda: [0.0, 0])
@@ -110,7 +110,7 @@ def play(captioner, pictures, variants: Sequence[Tuple[str, str]], batch: int = 
 
 
 def all_variants() -> List[Tuple[str, str]]:
-    from ..maps import GRADIENT, METHODS, POSITIONS
+    from ..explain.maps import GRADIENT, METHODS, POSITIONS
 
     return [(m, p) for m in METHODS for p in POSITIONS if m not in GRADIENT or p == "predicting"]
 

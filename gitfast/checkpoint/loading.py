@@ -27,7 +27,7 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None, cache_
             token: str | bool | None = None, local_files_only: bool = False, subfolder: str = "",
             force_download: bool = False, use_safetensors: bool | None = None) -> Path:
     """A local folder, or the snapshot folder of a hub id: downloaded into the Hugging Face cache on
-    first use (only the files gitfast reads; `gitfast.hub`), from the cache when offline
+    first use (only the files gitfast reads; `gitfast.checkpoint.hub`), from the cache when offline
     (`local_files_only=True` or `HF_HUB_OFFLINE=1`). With `subfolder`, that folder inside either."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -197,8 +197,8 @@ def build_model(config, hf_weights: Dict[str, torch.Tensor], dtype=None, device=
     """A `GitModel` from Hugging Face-named tensors: built on the meta device, then the (mapped)
     tensors are assigned, so no second copy is allocated; placed and in eval mode. `origin` (the
     checkpoint folder) is named in errors."""
-    from .devices import resolve_device, resolve_dtype
-    from .model import GitModel
+    from ..devices import resolve_device, resolve_dtype
+    from ..model import GitModel
 
     check_config(config, f"{origin}/config.json" if origin is not None else "the config")
     check_layer_counts(config, hf_weights, str(origin) if origin is not None else "the checkpoint")

@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import attention
+from .. import attention
 
 METHODS = ("raw", "mean", "rollout", "grad", "rollout_vit", "input_grad")
 POSITIONS = ("own", "predicting", "both")

@@ -10,7 +10,7 @@ from typing import Optional
 COMMANDS = {
     "caption": ("gitfast.captioning.cli", "caption images, folders, globs and tar shards"),
     "bench": ("gitfast.bench.runner", "benchmark gitfast's kernels and end-to-end captioning"),
-    "info": ("gitfast.info", "show versions, devices and which backend serves each op"),
+    "info": ("gitfast.tools.info", "show versions, devices and which backend serves each op"),
 }
 
 

@@ -132,7 +132,7 @@ def save(model, config, save_directory, generation_config=None) -> None:
     from safetensors.torch import save_file
 
     from .hub import SAFE_SINGLE
-    from .quantization import describe
+    from ..quantization import describe
 
     if describe(model) is not None:
         raise NotImplementedError("a dynamically quantized model cannot be saved as a transformers checkpoint "

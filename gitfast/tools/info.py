@@ -42,7 +42,7 @@ def _devices() -> list[dict]:
 
 def collect() -> dict:
     """Everything `gitfast info` reports, as plain data."""
-    from . import __version__, ops
+    from .. import __version__, ops
 
     loaded = ops.extension_loaded()
     return {
@@ -74,7 +74,7 @@ def _linear_backends() -> dict:
     model's fp32 logits and dynamic INT8's; each row from the decision the layer itself reads
     (fp32_backends.describe, ops.linear_backend, ops.logits_backend, int8_backends.decision:
     gitfast.backend_choice's measurements)."""
-    from . import fp32_backends, int8_backends, ops
+    from .. import fp32_backends, int8_backends, ops
 
     return {"linear_fp32": {"cpu": fp32_backends.describe("cpu"), "cuda": "torch"},
             "linear_bf16": {"cpu": ops.linear_backend("cpu", torch.bfloat16), "cuda": "torch"},
@@ -84,21 +84,21 @@ def _linear_backends() -> dict:
 
 
 def _build_note():
-    from . import ops
+    from .. import ops
 
     return getattr(ops.extension(), "cuda_build_note", None)
 
 
 def _cpu_isa():
     """The vector ISA the extension's CPU attention runs (None without the extension)."""
-    from .attention import cpu_backend
+    from ..attention import cpu_backend
 
     return cpu_backend.isa() if cpu_backend.available() else None
 
 
 def _cpu_isa_choice():
     """How that ISA was chosen, with the measured times (None without the extension)."""
-    from .attention import cpu_backend
+    from ..attention import cpu_backend
 
     return cpu_backend.decision().summary() if cpu_backend.available() else None
 
@@ -107,7 +107,7 @@ def _attention_backends() -> dict:
     """Attention: Triton kernels on CUDA when triton imports, the extension's C++ kernels on the CPU
     when built (the vision encoder's unmasked attention stays on SDPA there), PyTorch otherwise."""
     try:
-        from .kernels.api import triton_importable
+        from ..kernels.api import triton_importable
         triton_ok = triton_importable()
     except Exception:  # noqa: BLE001 - reporting only
         triton_ok = False
