@@ -4,8 +4,8 @@
 captions files, folders and shards. Both are imported on first use, so `import gitfast` stays cheap.
 
 The package's root is the model runtime: `model` (GIT, declarative), what its calls run on (`attention/`,
-`ops`, `quantization`'s INT8 layers, the backends measured on first use: `backend_choice`,
-`bf16_backends`, `fp32_backends`), `devices`, and `defaults` (the shipped `assets/`). Every other job has
+`ops` with `op_fakes`, `quantization`'s INT8 layers, the backends measured on first use: `backend_choice`,
+`bf16_backends`, `fp32_backends`, `int8_backends`), `devices`, and `defaults` (the shipped `assets/`). Every other job has
 a room of its own: `checkpoint/` (checkpoint I/O), `serving/` (pixels to tokens), `drop_in/`,
 `captioning/`, `explain/` (word maps), `tools/` (the `gitfast` command, `gitfast info`, fidelity),
 `training/`; the Triton kernels are `gitfast.kernels` (ARCHITECTURE.md draws the map).
