@@ -1,14 +1,16 @@
 """The int8 GEMM backends of dynamic INT8 (gitfast/quantization.py's module docstring says what each is
 and why), their check against the exact integers, and the choices among them, measured once per
 process on decoder- and vision-sized shapes (gitfast.backend_choice), `gitfast info` showing the times:
-- `backend()`: the text decoder's and the projection's, the fastest 8-bit one (GITFAST_INT8_BACKEND);
-- `vision_backend()`: the vision encoder's, that same backend or a 7-bit one where that measures
-  more than PREFERENCE_MARGIN faster (GITFAST_INT8_VISION_BACKEND).
-Why the vision encoder alone may take 7 bits (AMD Zen 3, git-base shapes, 40 images, greedy captions
-identical to transformers fp32): 7-bit activations everywhere 4/32 (the decoder's precision picks
-the tokens), in the vision encoder only 13/40 and 8-bit everywhere 10/40; transformers + torch's
-dynamic INT8 4/32. A rule by rows per call (7 bits for prefill, 8 for decode steps) did as well, but
-would make a row's result depend on what it is batched with.
+- `backend()`: text tokens' rows (the decoder's prompt and decode passes), the fastest 8-bit one
+  (GITFAST_INT8_BACKEND);
+- `image_backend()`: image tokens' rows (the vision encoder, the projection, the decoder's pass over
+  an image prefix), that same backend or a 7-bit one where that measures more than
+  PREFERENCE_MARGIN faster (GITFAST_INT8_IMAGE_BACKEND).
+Why image tokens alone may take 7 bits (AMD Zen 3, git-base shapes, 40 images, greedy captions
+identical to transformers fp32): 7-bit activations everywhere 4/32 (the text rows' precision picks
+the tokens); 7 bits in the vision encoder only 13/40, in every pass of 64 rows or more (vision,
+image prefix, prompt) 14/40; 8-bit everywhere 10/40; transformers + torch's dynamic INT8 4/32. The
+split is by token kind, never by rows per call, so a row's result does not depend on its batch.
 """
 from __future__ import annotations
 
@@ -90,8 +92,8 @@ def reference_products(q: torch.Tensor, zero: Optional[torch.Tensor], w_int8: to
 # a batch of 32, then a vision encoder's MLP GEMM at one image (a pathological backend, 41M MAC/s,
 # costs 0.06 s on the first before it drops out)
 MEASURED_SHAPES = ((1, 768, 3072), (32, 768, 768), (256, 768, 3072))
-# the vision encoder's: its MLP's two GEMMs at about one image (197 tokens)
-VISION_SHAPES = ((256, 768, 3072), (256, 3072, 768))
+# image rows': an MLP's two GEMMs at about one image (197 tokens)
+IMAGE_SHAPES = ((256, 768, 3072), (256, 3072, 768))
 
 
 def prepare(name: str, shapes=MEASURED_SHAPES):
@@ -116,13 +118,13 @@ def prepare(name: str, shapes=MEASURED_SHAPES):
 
 
 def backend() -> str:
-    """The 8-bit int8 GEMM serving the text decoder's DynamicInt8Linear layers here: measured once per process."""
+    """The 8-bit int8 GEMM serving text tokens' rows here: measured once per process."""
     return decision().chosen
 
 
-def vision_backend() -> str:
-    """The int8 GEMM serving the vision encoder's layers: backend(), or a 7-bit one measured faster."""
-    return vision_decision().chosen
+def image_backend() -> str:
+    """The int8 GEMM serving image tokens' rows: backend(), or a 7-bit one measured faster."""
+    return image_decision().chosen
 
 
 def activation_bits(name: str) -> int:
@@ -131,18 +133,18 @@ def activation_bits(name: str) -> int:
 
 
 def decision():
-    """backend_choice.Decision for the text side's int8 GEMM (its times and the candidates ruled out)."""
+    """backend_choice.Decision for text rows' int8 GEMM (its times and the candidates ruled out)."""
     from .backend_choice import choose
 
     return choose("int8_gemm", {name: functools.partial(prepare, name) for name in EIGHT_BIT},
                   "GITFAST_INT8_BACKEND")
 
 
-def vision_decision():
-    """backend_choice.Decision for the vision encoder's int8 GEMM: the text side's backend first, so a
-    7-bit one must beat it by PREFERENCE_MARGIN."""
+def image_decision():
+    """backend_choice.Decision for image rows' int8 GEMM: the text rows' backend first, so a 7-bit one
+    must beat it by PREFERENCE_MARGIN."""
     from .backend_choice import choose
 
     names = (backend(), *SEVEN_BIT)
-    return choose("int8_gemm_vision", {name: functools.partial(prepare, name, VISION_SHAPES) for name in names},
-                  "GITFAST_INT8_VISION_BACKEND")
+    return choose("int8_gemm_image", {name: functools.partial(prepare, name, IMAGE_SHAPES) for name in names},
+                  "GITFAST_INT8_IMAGE_BACKEND")

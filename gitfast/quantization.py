@@ -27,8 +27,8 @@ says which, `gitfast info` shows the times, GITFAST_INT8_BACKEND=<name> forces o
   VPMADDUBSW, 32 per instruction, exact because a pair of them fits int16: 3 instructions per 32
   products where the exact 8-bit kernel needs 4 without VNNI (AMD Zen 3: the 1576x768x3072 GEMM
   48 ms against 64 for "cpu ext" and 52 for fbgemm's dynamic Linear, thread CPU time). Its captions
-  differ from the 8-bit ones', so it serves the vision encoder only, and only where it measures more
-  than backend_choice.PREFERENCE_MARGIN faster than the 8-bit backend chosen for the rest
+  differ from the 8-bit ones', so it serves image tokens' rows only, and only where it measures more
+  than backend_choice.PREFERENCE_MARGIN faster than the 8-bit backend chosen for text rows
   (int8_backends says why); `activation_bits(config)` says which, `gitfast caption --resume` records it;
 - "torch._int_mm": PyTorch's int8 x int8 -> int32 GEMM, weight scales applied in the row pass;
 - "reference": the same integers through an fp32 matmul (exact for |acc| < 2^24).
@@ -47,6 +47,7 @@ CUDA is refused: use dtype=float16 / bfloat16 there.
 """
 from __future__ import annotations
 
+import contextvars
 from typing import Optional, Tuple
 
 import torch
@@ -56,7 +57,7 @@ from . import bf16_backends, int8_backends, ops
 
 METHODS = ("dynamic",)
 KEEP = ("lm_head",)  # module names left in the model's precision (see the module docstring)
-VISION = "vision."  # GitModel's vision encoder: its layers may take a 7-bit backend (int8_backends)
+IMAGE_ONLY = ("vision.", "proj")  # GitModel's layers that see image tokens only (the vision encoder, projection)
 
 
 def _field(quantization_config, *names):
@@ -95,32 +96,49 @@ def _named_backend(quantization_config, key: str) -> Optional[str]:
 
 
 def backends_of(quantization_config) -> Tuple[str, str]:
-    """(text, vision) int8 GEMM backends: those a dict / object config names under "backend" (every
-    layer) and "vision_backend" (the vision encoder's), else the ones measured here; a name that is
-    unknown, or whose backend cannot serve here, is refused."""
+    """(text, image) int8 GEMM backends, for text tokens' and image tokens' rows: those a dict / object
+    config names under "backend" (all rows) and "image_backend", else the ones measured here; a name
+    that is unknown, or whose backend cannot serve here, is refused."""
     text = _named_backend(quantization_config, "backend")
-    vision = _named_backend(quantization_config, "vision_backend") or text
-    return text or int8_backends.backend(), vision or int8_backends.vision_backend()
+    image = _named_backend(quantization_config, "image_backend") or text
+    return text or int8_backends.backend(), image or int8_backends.image_backend()
 
 
 def resolved(quantization_config):
     """`quantization_config` with the backends it will run on written in ({"method", "backend",
-    "vision_backend"}; None stays None): what a run hands its other processes so that all of them
+    "image_backend"}; None stays None): what a run hands its other processes so that all of them
     quantize alike."""
     method = method_of(quantization_config)
     if method is None:
         return None
-    text, vision = backends_of(quantization_config)
-    return {"method": method, "backend": text, "vision_backend": vision}
+    text, image = backends_of(quantization_config)
+    return {"method": method, "backend": text, "image_backend": image}
 
 
 def activation_bits(quantization_config) -> Optional[dict]:
-    """{"text": bits, "vision": bits} of the activations under `quantization_config` (None without
+    """{"text": bits, "image": bits} of the activations under `quantization_config` (None without
     quantization): what shapes captions beyond the integers, recorded by `gitfast caption --resume`."""
     if method_of(quantization_config) is None:
         return None
-    text, vision = backends_of(quantization_config)
-    return {"text": int8_backends.activation_bits(text), "vision": int8_backends.activation_bits(vision)}
+    text, image = backends_of(quantization_config)
+    return {"text": int8_backends.activation_bits(text), "image": int8_backends.activation_bits(image)}
+
+
+def image_rows():
+    """A context in which DynamicInt8Linear layers serve image tokens' rows (their image backend): the
+    decoder's pass over an image prefix (serving.paged_runner.encode_prefixes). Per thread and task."""
+    return _ImageRows()
+
+
+class _ImageRows:
+    def __enter__(self):
+        self._token = _IMAGE_ROWS.set(True)
+
+    def __exit__(self, *exc):
+        _IMAGE_ROWS.reset(self._token)
+
+
+_IMAGE_ROWS = contextvars.ContextVar("gitfast_int8_image_rows", default=False)
 
 
 # -- the row passes -------------------------------------------------------------------------------
@@ -183,46 +201,54 @@ class DynamicInt8Linear(nn.Module):
     at each call; outputs in x's dtype. Inference only (no autograd)."""
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                 backend_name: Optional[str] = None):
+                 backend_name: Optional[str] = None, image_backend: Optional[str] = None):
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
         self.register_buffer("weight_int8", weight_int8.contiguous())
         self.register_buffer("weight_scale", weight_scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
-        self.use(backend_name or int8_backends.backend())
+        self.use(backend_name or int8_backends.backend(), image_backend)
 
-    def use(self, name: str) -> None:
-        """Serve this layer with backend `name` (tests and benchmarks compare them on one layer)."""
-        self.backend, self._weight = name, int8_backends.Int8Weight(name, self.weight_int8)
+    def use(self, name: str, image: Optional[str] = None) -> None:
+        """Serve this layer's rows with backend `name`, image tokens' rows (see image_rows) with `image`
+        (default: the same); tests and benchmarks compare backends on one layer."""
+        self.backend, self.image_backend = name, image or name
+        self._weights = {b: int8_backends.Int8Weight(b, self.weight_int8) for b in {self.backend, self.image_backend}}
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend_name: Optional[str] = None) -> "DynamicInt8Linear":
+    def from_linear(cls, linear: nn.Linear, backend_name: Optional[str] = None,
+                    image_backend: Optional[str] = None) -> "DynamicInt8Linear":
         w = linear.weight.detach().float()
         amax = w.abs().amax(1)
         scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
         w_int8 = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls(w_int8, scale, linear.bias, backend_name)
+        return cls(w_int8, scale, linear.bias, backend_name, image_backend)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
+        image = "" if self.image_backend == self.backend else f", image_backend={self.image_backend}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}{image}"
+
+    def serving(self) -> str:
+        """The backend serving this call's rows."""
+        return self.image_backend if _IMAGE_ROWS.get() else self.backend
 
     def forward(self, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
         if x.device.type != "cpu":
             raise RuntimeError(f"DynamicInt8Linear runs on the CPU only; got input on {x.device}")
         shape = x.shape
-        rows = x.reshape(-1, self.in_features)
-        if self.backend in int8_backends.SEVEN_BIT:
+        rows, name = x.reshape(-1, self.in_features), self.serving()
+        if name in int8_backends.SEVEN_BIT:
             q, s, zero = quantize_rows_u7(rows)
         else:
             (q, s), zero = quantize_rows(rows), None
-        acc, col = self._weight.products(q, zero, self.weight_scale)
+        acc, col = self._weights[name].products(q, zero, self.weight_scale)
         y = dequantize_rows(acc, s, col, self.bias, activation, x.dtype)
         return y.view(*shape[:-1], self.out_features)
 
     def reference(self, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
-        """The same layer in plain torch (tests' ground truth), with this layer's activation bits."""
+        """The same layer in plain torch (tests' ground truth), with this call's activation bits."""
         rows = x.reshape(-1, self.in_features)
-        if self.backend in int8_backends.SEVEN_BIT:
+        if self.serving() in int8_backends.SEVEN_BIT:
             q, s, zero = quantize_rows_u7_reference(rows)
         else:
             (q, s), zero = quantize_rows_reference(rows), None
@@ -234,19 +260,20 @@ class DynamicInt8Linear(nn.Module):
 def quantize(model: nn.Module, quantization_config="dynamic", keep=KEEP) -> nn.Module:
     """Swaps every `ops.Linear` of `model` (a GitModel, on the CPU) whose name is not in `keep` for a
     DynamicInt8Linear, in place; returns `model`. None leaves it as it is. The GEMM backends are those
-    measured here (int8_backends: one for the vision encoder, one for the rest), or those the config
-    names (`{"method": "dynamic", "backend": ..., "vision_backend": ...}`)."""
+    measured here (int8_backends: one for text tokens' rows, one for image tokens'), or those the
+    config names (`{"method": "dynamic", "backend": ..., "image_backend": ...}`)."""
     if method_of(quantization_config) is None:
         return model
     p = next(model.parameters())
     if p.device.type != "cpu":
         raise ValueError(f"quantization_config={quantization_config!r} (dynamic INT8) runs on the CPU only, but the "
                          f"model is on {p.device}; on a GPU use dtype=torch.float16 or torch.bfloat16 instead")
-    text, vision = backends_of(quantization_config)
+    text, image = backends_of(quantization_config)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, ops.Linear) and name not in keep]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
-        layer = DynamicInt8Linear.from_linear(linear, vision if name.startswith(VISION) else text)
+        only_images = name.startswith(IMAGE_ONLY)
+        layer = DynamicInt8Linear.from_linear(linear, image if only_images else text, image)
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
     for name, m in model.named_modules():
         if isinstance(m, ops.Logits) and name in keep:
@@ -255,13 +282,13 @@ def quantize(model: nn.Module, quantization_config="dynamic", keep=KEEP) -> nn.M
 
 
 def describe(model: nn.Module) -> Optional[str]:
-    """"dynamic INT8 (<backend>, <bits>-bit activations: <n> layers; ...)" when `model` holds
-    DynamicInt8Linear layers, else None."""
-    counts = {}
-    for m in model.modules():
-        if isinstance(m, DynamicInt8Linear):
-            counts[m.backend] = counts.get(m.backend, 0) + 1
-    if not counts:
+    """"dynamic INT8 (<n> layers; text rows: <backend>, <bits>-bit activations; image rows: ...)" when
+    `model` holds DynamicInt8Linear layers, else None."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicInt8Linear)]
+    if not layers:
         return None
-    parts = [f"{name}, {int8_backends.activation_bits(name)}-bit activations: {n} layers" for name, n in counts.items()]
-    return f"dynamic INT8 ({'; '.join(parts)})"
+    text = sorted({m.backend for n, m in layers if not n.startswith(IMAGE_ONLY)})
+    image = sorted({m.image_backend for _, m in layers})
+    rows = [f"{kind} rows: {', '.join(f'{b} ({int8_backends.activation_bits(b)}-bit activations)' for b in names)}"
+            for kind, names in (("text", text), ("image", image))]
+    return f"dynamic INT8 ({len(layers)} layers; {'; '.join(rows)})"

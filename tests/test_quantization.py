@@ -63,7 +63,7 @@ def test_dequantize_rows_names_a_bad_scale():
 def fresh_choice(fresh_decision):
     """The int8 GEMMs decided anew in the test, and again after it (the process's real decisions)."""
     fresh_decision("int8_gemm", "GITFAST_INT8_BACKEND")
-    fresh_decision("int8_gemm_vision", "GITFAST_INT8_VISION_BACKEND")
+    fresh_decision("int8_gemm_image", "GITFAST_INT8_IMAGE_BACKEND")
 
 
 def _fit(name):
@@ -280,23 +280,57 @@ def test_quantize_rows_u7_matches_the_reference(dtype, shape):
 
 
 def test_a_config_can_name_the_backends_and_a_run_hands_its_own_on(fresh_choice):
+    import gitfast
+
     hf = make_hf_model("hd64_odd_tokens")
     for name in [b for b in B.BACKENDS if _fit(b)]:
-        import gitfast
-
         model = gitfast.GitForCausalLM.from_transformers(hf).model
-        Q.quantize(model, {"method": "dynamic", "backend": name, "vision_backend": "reference"})
-        layers = {n: m.backend for n, m in model.named_modules() if isinstance(m, Q.DynamicInt8Linear)}
-        assert {b for n, b in layers.items() if n.startswith("vision.")} == {"reference"}
-        assert {b for n, b in layers.items() if not n.startswith("vision.")} == {name}
-        described = Q.describe(model)
-        assert described.startswith("dynamic INT8 (reference, 8-bit activations: ")  # the vision layers come first
-        assert f"{name}, {B.activation_bits(name)}-bit activations: " in described
+        Q.quantize(model, {"method": "dynamic", "backend": name, "image_backend": "reference"})
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, Q.DynamicInt8Linear)}
+        image_only = {n for n in layers if n.startswith(Q.IMAGE_ONLY)}
+        assert "proj" in image_only and "vision.layers.0.fc1" in image_only and "layers.0.qkv" not in image_only
+        assert {(m.backend, m.image_backend) for n, m in layers.items() if n in image_only} == {("reference", "reference")}
+        assert {(m.backend, m.image_backend) for n, m in layers.items() if n not in image_only} == {(name, "reference")}
+        text_rows = f"text rows: {name} ({B.activation_bits(name)}-bit activations)"
+        assert Q.describe(model) == f"dynamic INT8 ({len(layers)} layers; {text_rows}; image rows: reference (8-bit activations))"
     with pytest.raises(ValueError, match="not one of"):
         Q.quantize(torch.nn.Sequential(ops.Linear(64, 32)), {"method": "dynamic", "backend": "mkl"})
     assert Q.resolved(None) is None and Q.activation_bits(None) is None
-    text, vision = B.backend(), B.vision_backend()
-    assert Q.resolved("dynamic") == {"method": "dynamic", "backend": text, "vision_backend": vision}
-    assert text in B.EIGHT_BIT and vision in (text, *B.SEVEN_BIT)  # 7 bits never decide the tokens
-    assert Q.activation_bits("dynamic") == {"text": 8, "vision": 7 if vision in B.SEVEN_BIT else 8}
-    assert Q.activation_bits({"method": "dynamic", "backend": "reference"}) == {"text": 8, "vision": 8}
+    text, image = B.backend(), B.image_backend()
+    assert Q.resolved("dynamic") == {"method": "dynamic", "backend": text, "image_backend": image}
+    assert text in B.EIGHT_BIT and image in (text, *B.SEVEN_BIT)  # 7 bits never serve text rows
+    assert Q.activation_bits("dynamic") == {"text": 8, "image": 7 if image in B.SEVEN_BIT else 8}
+    assert Q.activation_bits({"method": "dynamic", "backend": "reference"}) == {"text": 8, "image": 8}
+
+
+@needs_ext
+def test_image_rows_take_the_image_backend_only_inside_their_pass():
+    torch.manual_seed(0)
+    layer = Q.DynamicInt8Linear.from_linear(ops.Linear(96, 40), "cpu ext", "cpu ext u7")
+    x = torch.randn(5, 96)
+    text = layer(x)
+    with Q.image_rows():
+        assert layer.serving() == "cpu ext u7"
+        image = layer(x)
+        torch.testing.assert_close(image, layer.reference(x), rtol=1e-5, atol=1e-5)  # the 7-bit reference
+    assert layer.serving() == "cpu ext" and torch.equal(layer(x), text)
+    torch.testing.assert_close(text, layer.reference(x), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(text, image)  # 7 and 8 bits round differently
+
+
+def test_the_engine_runs_the_decoders_image_prefix_as_image_rows(monkeypatch):
+    import gitfast
+
+    fm = gitfast.GitForCausalLM.from_transformers(make_hf_model("hd64_odd_tokens"))
+    Q.quantize(fm.model, {"method": "dynamic", "backend": "reference"})
+    seen = []
+    forward = Q.DynamicInt8Linear.forward
+
+    def spy(self, x, activation=None):
+        seen.append((self.serving() == self.image_backend and Q._IMAGE_ROWS.get(), x.shape[-2]))
+        return forward(self, x, activation)
+    monkeypatch.setattr(Q.DynamicInt8Linear, "forward", spy)
+    fm.generate(pixel_values=torch.randn(1, 3, fm.config.vision_config.image_size, fm.config.vision_config.image_size),
+                max_new_tokens=3)
+    image_pass = [rows for inside, rows in seen if inside]
+    assert image_pass and len(image_pass) < len(seen)  # the decoder's prefix pass, and not the prompt / decode steps

@@ -58,7 +58,7 @@ def test_int8_head_precision_is_recorded_and_compared(photos, tmp_path, capsys, 
     monkeypatch.setattr(bf16_backends, "kernel_serves_logits", lambda: serves)
     bits = quantization.activation_bits("dynamic")
     assert settings["int8_activation_bits"] == bits and bits["text"] == 8
-    other = {"text": 8, "vision": 15 - bits["vision"]}  # a CPU where the vision encoder takes the other
+    other = {"text": 8, "image": 15 - bits["image"]}  # a CPU where image rows take the other
     monkeypatch.setattr(quantization, "activation_bits", lambda config: other)
     assert caption(photos, "--out", out, "--resume", "--quantize", "dynamic") == 2
     assert f"int8_activation_bits {other!r} (was {bits!r})" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import attention
+from .. import attention, quantization
 from ..attention import AttentionMetadata
 from .paged_cache import PagedKVCache, Prefix, SeqBlocks
 
@@ -50,8 +50,10 @@ class PagedRunner:
         def store(layer, k, v):  # the last layer's keys and values: nothing reads its outputs
             attention.write_kv(k.flatten(0, 1), v.flatten(0, 1), cache.k[layer], cache.v[layer], slots)
 
-        self.model.decode_prefix(
-            image_tokens, lambda layer, q, k, v: attention.paged(q, k, v, cache.k[layer], cache.v[layer], meta), store)
+        with quantization.image_rows():  # INT8 layers serve these rows with their image backend
+            self.model.decode_prefix(
+                image_tokens, lambda layer, q, k, v: attention.paged(q, k, v, cache.k[layer], cache.v[layer], meta),
+                store)
         return prefixes
 
     def prefill(self, seqs: List[SeqBlocks], prompts: Sequence[Sequence[int]], num_image: int) -> torch.Tensor:

@@ -80,7 +80,7 @@ def _linear_backends() -> dict:
             "linear_bf16": {"cpu": ops.linear_backend("cpu", torch.bfloat16), "cuda": "torch"},
             "logits_bf16": {"cpu": ops.logits_backend("cpu"), "cuda": ops.logits_backend("cuda")},
             "linear_int8": {"cpu": int8_backends.decision().summary(), "cuda": "refused (CPU only)"},
-            "linear_int8_vision": {"cpu": int8_backends.vision_decision().summary(), "cuda": "refused (CPU only)"}}
+            "linear_int8_image": {"cpu": int8_backends.image_decision().summary(), "cuda": "refused (CPU only)"}}
 
 
 def _build_note():
