@@ -79,56 +79,53 @@ GITFAST_CLONES void scale_row(const float* acc, float s, const float* col, float
   }
 }
 
+// fn(r, row, n) for each row r of x ([..., n]) as fp32, rows split over threads: x's own memory for
+// float32, a per-thread fp32 copy of the row for float16 / bfloat16.
+template <typename Fn>
+void for_each_row_f32(const at::Tensor& x, const Fn& fn) {
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  const at::ScalarType t = x.scalar_type();
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  const int64_t row_bytes = n * static_cast<int64_t>(x.element_size());
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> buf(t == at::kFloat ? nullptr : new float[n]);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* v = reinterpret_cast<const float*>(xp + r * row_bytes);
+      if (t != at::kFloat) {
+        cpu_kernels::row_to_f32(t, xp + r * row_bytes, buf.get(), n);
+        v = buf.get();
+      }
+      fn(r, v, n);
+    }
+  });
+}
+
 }  // namespace
 
 namespace cpu_kernels {
 
 void quantize_rows(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
-  const int64_t n = x.size(-1), rows = x.numel() / n;
-  const at::ScalarType t = x.scalar_type();
-  const char* xp = static_cast<const char*>(x.const_data_ptr());
-  const int64_t row_bytes = n * static_cast<int64_t>(x.element_size());
   int8_t* qp = q.mutable_data_ptr<int8_t>();
   float* sp = scale.mutable_data_ptr<float>();
-  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> buf(t == at::kFloat ? nullptr : new float[n]);
-    for (int64_t r = begin; r < end; ++r) {
-      const float* v = reinterpret_cast<const float*>(xp + r * row_bytes);
-      if (t != at::kFloat) {
-        row_to_f32(t, xp + r * row_bytes, buf.get(), n);
-        v = buf.get();
-      }
-      const float m = max_abs(v, n);
-      sp[r] = m / 127.0f;
-      quantize_row(v, m > 0.0f ? 127.0f / m : 0.0f, qp + r * n, n);
-    }
+  for_each_row_f32(x, [&](int64_t r, const float* v, int64_t n) {
+    const float m = max_abs(v, n);
+    sp[r] = m / 127.0f;
+    quantize_row(v, m > 0.0f ? 127.0f / m : 0.0f, qp + r * n, n);
   });
 }
 
 void quantize_rows_u7(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, at::Tensor& zero) {
-  const int64_t n = x.size(-1), rows = x.numel() / n;
-  const at::ScalarType t = x.scalar_type();
-  const char* xp = static_cast<const char*>(x.const_data_ptr());
-  const int64_t row_bytes = n * static_cast<int64_t>(x.element_size());
   uint8_t* qp = q.mutable_data_ptr<uint8_t>();
   float* sp = scale.mutable_data_ptr<float>();
   int32_t* zp = zero.mutable_data_ptr<int32_t>();
-  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> buf(t == at::kFloat ? nullptr : new float[n]);
-    for (int64_t r = begin; r < end; ++r) {
-      const float* v = reinterpret_cast<const float*>(xp + r * row_bytes);
-      if (t != at::kFloat) {
-        row_to_f32(t, xp + r * row_bytes, buf.get(), n);
-        v = buf.get();
-      }
-      float lo, hi;
-      min_max(v, n, lo, hi);
-      const float span = hi - lo, inv = span > 0.0f ? 127.0f / span : 0.0f;
-      const float z = (-lo * inv + 12582912.0f) - 12582912.0f;
-      sp[r] = span / 127.0f;
-      zp[r] = static_cast<int32_t>(z);
-      quantize_row_u7(v, inv, z, qp + r * n, n);
-    }
+  for_each_row_f32(x, [&](int64_t r, const float* v, int64_t n) {
+    float lo, hi;
+    min_max(v, n, lo, hi);
+    const float span = hi - lo, inv = span > 0.0f ? 127.0f / span : 0.0f;
+    const float z = (-lo * inv + 12582912.0f) - 12582912.0f;
+    sp[r] = span / 127.0f;
+    zp[r] = static_cast<int32_t>(z);
+    quantize_row_u7(v, inv, z, qp + r * n, n);
   });
 }
 
