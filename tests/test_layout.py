@@ -1,5 +1,6 @@
 """The house's shape: every module imports on its own, no import cycle (function-local imports
-included), and no module grows past the size a newcomer can read in one sitting."""
+included), no module grows past the size a newcomer can read in one sitting, and no function past
+what one screen shows (the training tools aside)."""
 import ast
 import os
 import subprocess
@@ -12,6 +13,7 @@ import gitfast
 
 PACKAGE = Path(gitfast.__file__).parent
 MAX_LINES = 350
+MAX_FUNCTION_LINES = 60
 
 
 def _modules():
@@ -118,3 +120,16 @@ def test_the_import_check_catches_a_module_that_needs_another_first(tmp_path):
 def test_modules_stay_small():
     big = {m: n for m, p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not big, f"modules over {MAX_LINES} lines (split them by idea): {big}"
+
+
+def test_functions_stay_short():
+    long = {}
+    for name, path in _modules():
+        if name.startswith("gitfast.training"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - first + 1 > MAX_FUNCTION_LINES:
+                    long[f"{name}.{node.name}"] = node.end_lineno - first + 1
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into steps): {long}"
