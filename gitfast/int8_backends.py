@@ -46,10 +46,10 @@ class Int8Weight:
         if backend in SEVEN_BIT and not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm_u7")):
             raise RuntimeError("gitfast._C is not built with int8_mm_u7")
         self.backend, self.w = backend, w_int8
-        n = w_int8.shape[0]
-        self.packed = _onednn_pack(w_int8) if backend == "onednn" else None
         self.colsum = w_int8.sum(1, dtype=torch.int32) if backend in SEVEN_BIT else None
-        self._ones, self._zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
+        if backend == "onednn":  # its packed weight, unit scales and zero points (the layer's scales come after)
+            n = w_int8.shape[0]
+            self.packed, self._ones, self._zeros = _onednn_pack(w_int8), torch.ones(n), torch.zeros(n, dtype=torch.int64)
 
     def products(self, q: torch.Tensor, zero: Optional[torch.Tensor], w_scale: Optional[torch.Tensor] = None):
         """(acc, column scale still to apply): acc holds the exact (q - zero) @ w^T (int32, or fp32
@@ -98,7 +98,7 @@ IMAGE_SHAPES = ((256, 768, 3072), (256, 3072, 768))
 
 def prepare(name: str, shapes=MEASURED_SHAPES):
     """backend_choice candidate: `name` must give the reference integers on a small odd case; then one
-    GEMM call per (rows, in, out) of `shapes`."""
+    GEMM call per (rows, in, out) of `shapes` (none: the check alone)."""
     from .backend_choice import Unfit
 
     g = torch.Generator().manual_seed(0)

@@ -89,7 +89,7 @@ def _named_backend(quantization_config, key: str) -> Optional[str]:
     if name not in int8_backends.BACKENDS:
         raise ValueError(f"quantization_config {key} {name!r} is not one of {', '.join(int8_backends.BACKENDS)}")
     try:
-        int8_backends.prepare(name)
+        int8_backends.prepare(name, shapes=())  # the check, without the timed shapes' weights
     except Unfit as exc:
         raise ValueError(f"quantization_config {key} {name!r} cannot serve here: {exc}") from exc
     return name
