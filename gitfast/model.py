@@ -61,7 +61,7 @@ class VisionEmbeddings(nn.Module):
             raise ValueError(f"input image size ({height}*{width}) doesn't match the model "
                              f"({self.image_size}*{self.image_size}); pass interpolate_pos_encoding=True")
         w = self.patch_embedding
-        patches = F.conv2d(pixel_values.to(w.dtype), w, stride=self.patch_size).flatten(2).transpose(1, 2)
+        patches = ops.patch_conv(pixel_values.to(w.dtype), w, self.patch_size).flatten(2).transpose(1, 2)
         cls = self.class_embedding.expand(patches.shape[0], 1, -1)
         return torch.cat([cls, patches], dim=1) + self.positions(height, width)
 

@@ -158,12 +158,20 @@ def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation):
 
 
 def linear_backend(device, dtype) -> str:
-    """What serves `Linear` for `dtype` weights on `device`: "onednn packed" (with the extension's
-    kernel at up to `Linear.KERNEL_MAX_ROWS` rows where it measured faster) or "torch"."""
-    if torch.device(device).type != "cpu" or dtype != torch.bfloat16 or not bf16_backends.packs_linear():
+    """What serves `Linear` for `dtype` weights on `device`: "onednn packed" or "fp32 upcast" (with the
+    extension's kernel at up to `bf16_backends.narrow_rows()` rows where it measured faster) or "torch"."""
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
         return "torch"
+    wide = bf16_backends.wide_linear()
     narrow = bf16_backends.kernel_serves_narrow_linear()
-    return f"onednn packed; cpu ext at <= {Linear.KERNEL_MAX_ROWS} rows" if narrow else "onednn packed"
+    return f"{wide}; cpu ext at <= {bf16_backends.narrow_rows()} rows" if narrow else wide
+
+
+def _bf16_served(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a bf16 CPU inference call takes a measured bf16 backend rather than plain F.linear."""
+    return x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu" \
+        and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
+        and not torch.compiler.is_compiling() and bf16_backends.wide_linear() != "torch"
 
 
 def _fp32_narrow(x: torch.Tensor, w: torch.Tensor, b) -> bool:
@@ -189,8 +197,9 @@ def logits_backend(device) -> str:
 
 class Linear(nn.Linear):
     """`nn.Linear` with an optional fused activation, `act(x W^T + b)`, whose CPU bf16 inference GEMM
-    reads a oneDNN pre-packed copy of the weight, made once and remade only when the weight changes,
-    where that measured faster than F.linear (gitfast.bf16_backends, decided once per process).
+    takes the backend measured fastest here (gitfast.bf16_backends, decided once per process): a oneDNN
+    pre-packed copy of the weight, made once and remade only when the weight changes; MKL's fp32 GEMM
+    on the values widened for the call (CPUs without bf16 arithmetic); or plain F.linear.
 
     Plain `F.linear` on a bf16 CPU tensor hands oneDNN the weight in nn.Linear's layout, and oneDNN
     re-lays it out on every call: 1.3-1.9x slower per GEMM at git-base's shapes (M = 8 decode rows
@@ -202,34 +211,40 @@ class Linear(nn.Linear):
     fp32 kernel where it measured faster than MKL (csrc/cpu/linear_fp32.cpp: the weight read once per
     call at any row count), with the activation fused.
 
-    At one to four rows (decode steps of up to four sequences) the extension's bf16 kernel on its own
-    packed copy serves instead, where it measured faster (on AVX512-BF16): oneDNN reads the weights slower there
-    (one decode step's 24 GEMMs, 85 MB, caches flushed: 6.3-8.3 ms oneDNN, 4.4-5.2 ms the kernel at one
-    row; 1.29x at two rows, 1.18x at four, oneDNN faster from eight). Layers that also run wider (the
-    decoder's, for prompts and image prefixes) then hold both packed copies.
+    At up to `bf16_backends.narrow_rows()` rows (decode steps) the extension's bf16 kernel on its own
+    packed copy serves instead, where it measured faster: on AVX512-BF16 oneDNN reads the weights slower at
+    one to four rows (one decode step's 24 GEMMs, 85 MB, caches flushed: 6.3-8.3 ms oneDNN, 4.4-5.2 ms the
+    kernel at one row; 1.29x at two rows, 1.18x at four, oneDNN faster from eight); without bf16
+    arithmetic it beats the upcast GEMM up to about 64 rows. Layers that also run wider (the decoder's,
+    for prompts and image prefixes) then hold both copies.
     """
 
     _packed = None  # (weight identity, packed mkldnn tensor); a class default, so meta init stays free
     _narrow = None  # (weight identity, packed bf16 weight for the extension's kernel, fp32 bias)
-    KERNEL_MAX_ROWS = 4
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         w = self.weight
-        if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu" \
-                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
-                and not torch.compiler.is_compiling() and bf16_backends.packs_linear():
-            if x.numel() <= self.KERNEL_MAX_ROWS * x.shape[-1] and type(self) is Linear \
-                    and bf16_backends.kernel_serves_narrow_linear():
-                y = torch.ops.gitfast.linear_bf16(x.contiguous(), self._kernel_weight(), w.shape[0], self._narrow[2],
-                                                  False)
-                return y if activation is None else bias_act(y, None, activation)
-            if activation == "gelu":  # oneDNN's erf GELU post-op: one pass less over the output
-                return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "gelu", [], "none")
-            y = torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
-        elif _fp32_narrow(x, w, self.bias):
+        if _bf16_served(x, w):
+            return self._bf16(x, activation)
+        if _fp32_narrow(x, w, self.bias):
             return torch.ops.gitfast.linear_fp32(x.contiguous(), w, self.bias, activation)
-        else:
-            y = F.linear(x, w, self.bias)
+        y = F.linear(x, w, self.bias)
+        return y if activation is None else bias_act(y, None, activation)
+
+    def _bf16(self, x: torch.Tensor, activation: str | None) -> torch.Tensor:
+        """A bf16 CPU inference call through the measured backends (bf16_backends)."""
+        w, wide = self.weight, bf16_backends.wide_linear()
+        if x.numel() <= bf16_backends.narrow_rows() * x.shape[-1] and type(self) is Linear \
+                and bf16_backends.kernel_serves_narrow_linear():
+            y = torch.ops.gitfast.linear_bf16(x.contiguous(), self._kernel_weight(), w.shape[0], self._narrow[2],
+                                              False)
+            return y if activation is None else bias_act(y, None, activation)
+        if wide == "fp32 upcast":  # activation in fp32, one rounding to bf16
+            y = bf16_backends.upcast_linear(x, w, self.bias)
+            return (y if activation is None else bias_act(y, None, activation)).bfloat16()
+        if activation == "gelu":  # oneDNN's erf GELU post-op: one pass less over the output
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "gelu", [], "none")
+        y = torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
         return y if activation is None else bias_act(y, None, activation)
 
     def _kernel_weight(self) -> torch.Tensor:
@@ -295,12 +310,21 @@ class Logits(Linear):
         return None if self.bias is None else self.bias.detach().float()
 
 
+def patch_conv(x: torch.Tensor, w: torch.Tensor, stride: int) -> torch.Tensor:
+    """The vision embedding's strided convolution. Where bf16 Linear layers take the fp32 upcast (a
+    CPU without bf16 arithmetic), the convolution is widened the same way and rounded once: on AMD
+    Zen 3, 8 images at 224 px take 530 ms in bf16 and 16 ms widened (2 threads)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and bf16_backends.wide_linear() == "fp32 upcast":
+        return F.conv2d(x.float(), w.float(), stride=stride).bfloat16()
+    return F.conv2d(x, w, stride=stride)
+
+
 def feed_forward(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: str) -> torch.Tensor:
     """`fc2(act(fc1(x)))` over linear layers: the fused `mlp` op when both are plain `Linear`s whose
     weights it serves best (fp32, fp16, CUDA), else each layer's own forward with the activation
     fused into the first (packed bf16, fp32 decode rows, INT8 layers from gitfast.quantization)."""
-    if type(fc1) is Linear and type(fc2) is Linear and not (
-            x.dtype == torch.bfloat16 and x.device.type == "cpu" and bf16_backends.packs_linear()) \
+    if type(fc1) is Linear and type(fc2) is Linear and not _bf16_served(x, fc1.weight) \
             and not _fp32_narrow(x, fc1.weight, fc1.bias):
         return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation)
     return fc2(fc1(x, activation))

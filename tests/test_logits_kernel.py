@@ -1,6 +1,6 @@
 """gitfast._C's bf16 x bf16 kernel (linear_bf16 on pack_bf16_cols weights): the bf16 LM head's fp32
-logits (ops.Logits) and bf16 Linear layers at one to four rows (ops.Linear), vs an fp64 oracle on the
-same bf16 values.
+logits (ops.Logits) and bf16 Linear layers at decode rows (ops.Linear), vs an fp64 oracle on the
+same bf16 values; the fp32 upcast that serves wider bf16 calls on CPUs without bf16 arithmetic.
 
 Odd shapes on purpose: an odd hidden size (a zero-padded k pair), vocabularies that are not a whole
 number of 16-column tiles (or of tile pairs), row counts across the kernel's 8-row chunks, 1-row
@@ -152,6 +152,43 @@ def test_bf16_linear_takes_the_kernel_at_up_to_4_rows(monkeypatch, forced):
         torch.testing.assert_close(lin(x).float(), torch.nn.functional.linear(x.float(), lin.weight.float(),
                                                                              lin.bias.float()), rtol=2e-2, atol=2e-2)
     assert [tuple(s) for s in calls] == [(1, 48), (1, 48), (2, 2, 48), (2, 2, 48), (1, 48)]
+
+
+def test_bf16_linear_upcast_takes_the_kernel_at_up_to_32_rows(monkeypatch, forced):
+    """"fp32 upcast" (CPUs without bf16 arithmetic): up to 32 rows the kernel, beyond an fp32 GEMM on
+    the widened values with the activation in fp32 and one rounding to bf16."""
+    forced("linear_bf16", "fp32 upcast")
+    forced("linear_bf16_narrow", "cpu ext")
+    assert bf16_backends.narrow_rows() == 32
+    lin = ops.Linear(48, 70).bfloat16()
+    calls = []
+    real = g.linear_bf16
+    monkeypatch.setattr(torch.ops.gitfast, "linear_bf16", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with torch.inference_mode():
+        for rows in (1, 32, 33, 40):
+            x = _bf16(rows, 48, seed=rows)
+            for activation in (None, "gelu", "quick_gelu"):
+                y = lin(x, activation)
+                ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+                ref = ref if activation is None else ops.activation_reference(ref, activation)
+                assert y.dtype == torch.bfloat16 and y.shape == (rows, 70)
+                if rows > 32:  # the same fp32 GEMM, rounded once: within one bf16 step of the fp32 result
+                    torch.testing.assert_close(y.float(), ref, rtol=2.0**-8, atol=1e-6)
+                else:
+                    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    assert calls == [1, 1, 1, 32, 32, 32]
+    assert ops.linear_backend("cpu", torch.bfloat16) == "fp32 upcast; cpu ext at <= 32 rows"
+
+
+def test_patch_conv_widens_with_the_upcast(forced):
+    x, w = _bf16(2, 3, 32, 32, seed=3), _bf16(24, 3, 16, 16, seed=4)
+    forced("linear_bf16", "fp32 upcast")
+    widened = torch.nn.functional.conv2d(x.float(), w.float(), stride=16)
+    assert torch.equal(ops.patch_conv(x, w, 16), widened.bfloat16())
+    forced("linear_bf16", "torch")
+    y = ops.patch_conv(x, w, 16)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), widened, rtol=2e-2, atol=2e-2)
 
 
 def test_isa_reported():
