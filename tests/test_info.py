@@ -39,7 +39,7 @@ def test_text_names_versions_devices_and_backends(capsys):
     want = _expected_backends()
     for op in FUSED:
         row = next(line for line in out.splitlines() if line.strip().startswith(op))
-        assert row.split()[1:] == [*want["cpu"].split(), *want["cuda"].split()]
+        assert row.split()[1:] == [*want["cuda"].split(), *want["cpu"].split()]
     if want["cpu"] == "cpu ext":
         assert "extension gitfast._C: loaded" in out
 
@@ -99,10 +99,10 @@ def test_a_gpu_without_cuda_kernels_is_an_error(capsys, monkeypatch):
 
 _PROBE = r"""
 import json, torch
-from gitfast import ops
+from gitfast import bf16_backends, ops
 from gitfast.tools import info
 
-calls = {"linear_bf16": 0, "_linear_pointwise": 0, "linear_fp32": 0}
+calls = {"linear_bf16": 0, "_linear_pointwise": 0, "linear_fp32": 0, "upcast_linear": 0}
 def spy(namespace, name):
     real = getattr(namespace, name, None)
     if real is None:
@@ -116,10 +116,11 @@ ops.extension_loaded()
 spy(torch.ops.gitfast, "linear_bf16")
 spy(torch.ops.mkldnn, "_linear_pointwise")
 spy(torch.ops.gitfast, "linear_fp32")
+spy(bf16_backends, "upcast_linear")
 ran = {}
 with torch.no_grad():
     for name, layer, rows in (("logits", ops.Logits(64, 96), 1), ("linear_narrow", ops.Linear(64, 96), 1),
-                              ("linear_wide", ops.Linear(64, 96), 16)):
+                              ("linear_wide", ops.Linear(64, 96), 40)):  # 40: past every narrow limit
         layer = layer.bfloat16()
         before = dict(calls)
         layer(torch.randn(rows, 64).bfloat16())
@@ -154,6 +155,7 @@ def test_linear_and_logits_rows_name_what_runs(forced_isa):
     linear_row = rows["linear_bf16"]["cpu"]
     assert ("cpu ext" in linear_row) == ("linear_bf16" in ran["linear_narrow"]), (linear_row, ran)
     assert ("onednn packed" in linear_row) == ("_linear_pointwise" in ran["linear_wide"]), (linear_row, ran)
+    assert ("fp32 upcast" in linear_row) == ("upcast_linear" in ran["linear_wide"]), (linear_row, ran)
     fp32_row = rows["linear_fp32"]["cpu"]
     assert fp32_row.startswith("cpu ext") == ("linear_fp32" in ran["fp32_narrow"]), (fp32_row, ran)
     assert "linear_fp32" not in ran["fp32_wide"], (fp32_row, ran)

@@ -154,9 +154,12 @@ def _text(info: dict) -> str:
     if ext.get("cpu_isa"):
         lines.append(f"  CPU attention ISA: {ext.get('cpu_isa_choice') or ext['cpu_isa']}")
     lines.append("ops (backend per device):")
-    lines.append(f"  {'op':<16} {'cpu':<10} cuda")
-    for op, by_device in {**info["ops"], **info["attention"], **info.get("linear", {})}.items():
-        lines.append(f"  {op:<16} {by_device['cpu']:<10} {by_device['cuda']}")
+    rows = {**info["ops"], **info["attention"], **info.get("linear", {})}
+    # cpu last: its measured decisions run long
+    op_w, cuda_w = max(map(len, [*rows, "op"])), max(len(r["cuda"]) for r in rows.values())
+    lines.append(f"  {'op':<{op_w}} {'cuda':<{cuda_w}} cpu")
+    for op, by_device in rows.items():
+        lines.append(f"  {op:<{op_w}} {by_device['cuda']:<{cuda_w}} {by_device['cpu']}")
     return "\n".join(lines) + "\n"
 
 
