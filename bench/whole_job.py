@@ -19,6 +19,7 @@ user who shares the machine would want). Both write one JSONL record per image.
 
     python -m gitfast.bench.whole_job --images 256 --dtype float32 --rounds 2
     python -m gitfast.bench.whole_job --images 8 --dtype bfloat16 --rounds 3 --batch 8
+    python -m gitfast.bench.whole_job --images 64 --dtype int8 --rounds 2   # --quantize dynamic vs torch.ao INT8
 """
 from __future__ import annotations
 
@@ -36,16 +37,19 @@ from typing import Dict, List, Optional
 
 from .bench_pipeline import checkpoint, photo_folder
 
-# The plain transformers loop a user would write: argv = checkpoint, list of files, dtype, new tokens,
-# then either `run BATCH OUT` (caption every file into OUT.jsonl) or `sweep N ROUNDS B1 B2 ...` (print
+# The plain transformers loop a user would write: argv = checkpoint, list of files, dtype (or "int8":
+# fp32 weights through torch's dynamic INT8 of every Linear, torch.ao's quantize_dynamic), new tokens, then either `run BATCH OUT` (caption every file into OUT.jsonl) or `sweep N ROUNDS B1 B2 ...` (print
 # the CPU seconds per image of each batch size over the first N files, in turn, as JSON).
 _HF_LOOP = r"""
 import json, sys, time, torch, transformers
 from PIL import Image
-folder, listing, dtype, new = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), int(sys.argv[4])
+folder, listing, new = sys.argv[1], sys.argv[2], int(sys.argv[4])
+dtype = torch.float32 if sys.argv[3] == "int8" else getattr(torch, sys.argv[3])
 paths = open(listing).read().split("\n")
 processor = transformers.AutoProcessor.from_pretrained(folder)
 model = transformers.GitForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+if sys.argv[3] == "int8":
+    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 def captions(batch):
     images = [Image.open(p).convert("RGB") for p in batch]
@@ -97,9 +101,22 @@ def best_hf_batch(model: str, listing: Path, dtype: str, new_tokens: int, sizes:
 def gitfast_cmd(model: str, folder: Path, dtype: str, new_tokens: int, out: Path, batch: Optional[int],
                 workers: Optional[int]) -> List[str]:
     cmd = [sys.executable, "-m", "gitfast.tools.cli", "caption", str(folder), "--model", model, "--out", str(out),
-           "--overwrite", "--quiet", "--max-new-tokens", str(new_tokens), "--device", "cpu", "--dtype", dtype]
+           "--overwrite", "--quiet", "--max-new-tokens", str(new_tokens), "--device", "cpu"]
+    cmd += ["--dtype", "float32", "--quantize", "dynamic"] if dtype == "int8" else ["--dtype", dtype]
     cmd += ["--batch-size", str(batch)] if batch else []
     return cmd + (["--workers", str(workers)] if workers is not None else [])
+
+
+def pin_int8_backends() -> str:
+    """Decide dynamic INT8's GEMM backends once, here, and hand them to every process this run starts
+    (GITFAST_INT8_BACKEND / GITFAST_INT8_IMAGE_BACKEND, unless set): image rows may take 7 or 8 bits by
+    measurement, and two processes that measured differently would caption differently."""
+    from gitfast import int8_backends
+
+    os.environ.setdefault("GITFAST_INT8_BACKEND", int8_backends.backend())
+    os.environ.setdefault("GITFAST_INT8_IMAGE_BACKEND", int8_backends.image_backend())
+    return f"INT8 backends: text rows {os.environ['GITFAST_INT8_BACKEND']}, " \
+           f"image rows {os.environ['GITFAST_INT8_IMAGE_BACKEND']}"
 
 
 def timed(cmd: List[str], cwd: Path) -> tuple:
@@ -155,7 +172,9 @@ def gitfast_generate_captions(model: str, paths: List[str], dtype: str, new_toke
     import gitfast
 
     processor = transformers.AutoProcessor.from_pretrained(model)
-    net = gitfast.GitForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+    torch_dtype = torch.float32 if dtype == "int8" else getattr(torch, dtype)
+    net = gitfast.GitForCausalLM.from_pretrained(model, dtype=torch_dtype,
+                                                 quantization_config="dynamic" if dtype == "int8" else None).eval()
     from PIL import Image
 
     out = {}
@@ -163,7 +182,7 @@ def gitfast_generate_captions(model: str, paths: List[str], dtype: str, new_toke
         chunk = paths[i:i + batch]
         px = processor(images=[Image.open(p).convert("RGB") for p in chunk], return_tensors="pt").pixel_values
         with torch.inference_mode():
-            ids = net.generate(pixel_values=px.to(getattr(torch, dtype)), max_new_tokens=new_tokens)
+            ids = net.generate(pixel_values=px.to(torch_dtype), max_new_tokens=new_tokens)
         out.update(zip(chunk, processor.batch_decode(ids, skip_special_tokens=True)))
     return out
 
@@ -235,7 +254,8 @@ def report(args, times: Dict[str, List[tuple]], load0: float, loads: List[float]
 def parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=256)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "int8"),
+                   help="int8: gitfast caption --quantize dynamic against the loop with torch's dynamic INT8")
     p.add_argument("--rounds", type=int, default=2, help="pairs of whole processes")
     p.add_argument("--batch", type=int, default=None, help="gitfast caption --batch-size (default: the CLI's)")
     p.add_argument("--workers", type=int, default=None, help="gitfast caption --workers (default: the CLI's)")
@@ -255,6 +275,8 @@ def main(argv=None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     model, folder, files, listing = inputs(args.workdir, args.images)
     load0 = os.getloadavg()[0]
+    if args.dtype == "int8":
+        print(pin_int8_backends(), flush=True)
     if args.profile:
         out = args.workdir / f"profile-{args.images}-{args.dtype}.jsonl"
         profile(gitfast_cmd(model, folder, args.dtype, args.max_new_tokens, out, args.batch, args.workers),
