@@ -120,7 +120,7 @@ def test_shared_image_prefix_is_encoded_once(models, monkeypatch):
     questions = [[101, 5, 6], [101, 7], [101, 8, 9, 10], [101, 11]]
     calls = []
     real = fm.model.encode_images
-    monkeypatch.setattr(fm.model, "encode_images", lambda p: calls.append(p.shape[0]) or real(p))
+    monkeypatch.setattr(fm.model, "encode_images", lambda p, *a: calls.append(p.shape[0]) or real(p, *a))
     reqs = [Request(px[i // 4], questions[i % 4], image_key=i // 4) for i in range(8)]
     outs = Engine(fm.model, max_batch_size=8, block_size=8).generate(reqs, settings(fm, max_length=12))
     assert sum(calls) == 2  # two images, eight questions

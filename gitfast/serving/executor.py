@@ -1,7 +1,8 @@
 """Runs a scheduler's `Plan` on the model: the device side of one engine step.
 
-For each plan: the new images through the vision encoder in one batch and into the prefix blocks the
-scheduler took (one decoder pass over their tokens), the admitted sequences' prompts prefilled and
+For each plan: the new images through the vision encoder in one batch (on the CPU, in chunks small
+enough for the allocator: image_chunks) and into the prefix blocks the scheduler took (one decoder
+pass over their tokens, chunked alike), the admitted sequences' prompts prefilled and
 their first tokens chosen, then one decode step for every sequence the plan names (the new ones too:
 their first token already sits in `SlotState`). Nothing here waits for the device: a step's inputs
 are gathered and advanced on the device, and its tokens are read back one step late (`run` returns
@@ -14,6 +15,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 
 from ..devices import placement
+from . import image_chunks
 from .paged_runner import PagedRunner, SlotState
 from .scheduler import Plan, Sequence
 from .selection import Selector, request_seed
@@ -54,7 +56,7 @@ class PlanExecutor:
         tokens chosen (left on the device)."""
         if plan.encode:
             pixels = torch.stack([px for _, px in plan.encode]).to(self.device, self.dtype)
-            self.runner.encode_prefixes(self.model.encode_images(pixels), [p for p, _ in plan.encode])
+            self.runner.encode_prefixes(image_chunks.encode_images(self.model, pixels), [p for p, _ in plan.encode])
         new = plan.prefill
         for s in new:
             self.cache.copy_partial(s.prefix, s.blocks)

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Hashable, List, NamedTuple, Optional
 import torch
 
 from ..devices import placement
-from . import generation
+from . import generation, image_chunks
 from .paged_runner import PagedRunner, PagedStepper
 from .scheduler import Output, Request, prefix_key
 
@@ -61,7 +61,7 @@ def encode_images(model, requests: List[Request], interpolate_pos_encoding: bool
     if any(r.pixel_values is None for r in requests):
         raise ValueError("one lockstep run takes either image requests or text-only requests, not both")
     pixels = torch.stack([requests[i].pixel_values for i in first.values()])
-    return Images(model.encode_images(pixels.to(device, dtype), interpolate_pos_encoding), which)
+    return Images(image_chunks.encode_images(model, pixels.to(device, dtype), interpolate_pos_encoding), which)
 
 
 def _padded(requests: List[Request], mode: Lockstep, pad: int, device):

@@ -18,6 +18,7 @@ import torch
 
 from .. import attention, quantization
 from ..attention import AttentionMetadata
+from . import image_chunks
 from .paged_cache import PagedKVCache, Prefix, SeqBlocks
 
 
@@ -37,13 +38,19 @@ class PagedRunner:
 
     def encode_prefixes(self, image_tokens: torch.Tensor, prefixes: Optional[List[Prefix]] = None) -> List[Prefix]:
         """Decoder pass over `[N, I, hidden]` image tokens into one prefix per image: `prefixes` (blocks
-        the scheduler took), else new ones. Returns the prefixes."""
+        the scheduler took), else new ones; on the CPU in chunks of images (image_chunks). Returns the prefixes."""
         n, length = image_tokens.shape[:2]
         if prefixes is None:
             prefixes = [self.cache.new_prefix(length) for _ in range(n)]
         if length == 0:
             return prefixes
-        bs = self.cache.block_size
+        step = image_chunks.per_pass(self.model, length, self.device) or n
+        for i in range(0, n, step):
+            self._prefix_pass(image_tokens[i:i + step], prefixes[i:i + step])
+        return prefixes
+
+    def _prefix_pass(self, image_tokens: torch.Tensor, prefixes: List[Prefix]) -> None:
+        length, bs = image_tokens.shape[1], self.cache.block_size
         slots = self._tensor([p.blocks[t // bs] * bs + t % bs for p in prefixes for t in range(length)])
         meta, cache = AttentionMetadata(attention.PREFIX, slots, num_image=length), self.cache
 
@@ -54,7 +61,6 @@ class PagedRunner:
             self.model.decode_prefix(
                 image_tokens, lambda layer, q, k, v: attention.paged(q, k, v, cache.k[layer], cache.v[layer], meta),
                 store)
-        return prefixes
 
     def prefill(self, seqs: List[SeqBlocks], prompts: Sequence[Sequence[int]], num_image: int) -> torch.Tensor:
         """Writes each sequence's prompt after its prefix; returns next-token logits [len(seqs), vocab]."""
