@@ -38,7 +38,8 @@ What stays in the model's own precision, and why (greedy captions vs fp32, bench
 - attention itself (scores and softmax; its projections are INT8);
 - the LM head (`KEEP`): its logits pick each token, and quantizing it costs caption agreement
   (bench/RESULTS.md). Where the extension's bf16 x bf16 -> fp32 kernel measured faster than an fp32 GEMM
-  (gitfast.bf16_backends: CPUs with AVX512-BF16) it reads its weight rounded to bf16 once, through that kernel
+  (gitfast.bf16_backends: CPUs with AVX512-BF16, and AMD Zen 3's AVX2 path) it reads its weight rounded to bf16
+  once, through that kernel
   (`ops.Logits.reads_bf16`): half the bytes of the fp32 weight
   it reads every decode step, 26% of INT8's time at batch 8 before (profile). Measured: INT8 generate
   1.34x faster at batch 8, 1.16x at batch 1; greedy captions identical to fp32's 11/32 with the bf16
