@@ -7,7 +7,8 @@ image (agreement is then meaningful). Every call decodes exactly 20 new tokens.
 
 Providers per precision:
 - fp32: ``gitfast`` and ``transformers`` (tokens identical by contract);
-- bf16: ``gitfast`` (oneDNN pre-packed bf16 GEMMs) and ``transformers`` in bf16;
+- bf16: ``gitfast`` (its measured bf16 GEMMs: oneDNN pre-packed, or MKL fp32 on widened values where the CPU has no
+  bf16 arithmetic) and ``transformers`` in bf16;
 - int8: ``gitfast`` with ``quantization_config="dynamic"`` (gitfast.quantization) and
   ``transformers`` + PyTorch dynamic INT8 of every Linear (``torch.ao.quantization.quantize_dynamic``).
 ``agree`` is the share of captions identical to transformers' fp32 captions of the same images.
