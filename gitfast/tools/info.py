@@ -77,10 +77,19 @@ def _linear_backends() -> dict:
     from .. import fp32_backends, int8_backends, ops
 
     return {"linear_fp32": {"cpu": fp32_backends.describe("cpu"), "cuda": "torch"},
-            "linear_bf16": {"cpu": ops.linear_backend("cpu", torch.bfloat16), "cuda": "torch"},
+            "linear_bf16": {"cpu": _with_times(ops.linear_backend("cpu", torch.bfloat16), "linear_bf16"),
+                            "cuda": "torch"},
             "logits_bf16": {"cpu": ops.logits_backend("cpu"), "cuda": ops.logits_backend("cuda")},
             "linear_int8": {"cpu": int8_backends.decision().summary(), "cuda": "refused (CPU only)"},
             "linear_int8_image": {"cpu": int8_backends.image_decision().summary(), "cuda": "refused (CPU only)"}}
+
+
+def _with_times(row: str, kind: str) -> str:
+    """`row`, then the measurement behind `kind`'s decision where one was made: "(measured; ...)"."""
+    from ..backend_choice import decided
+
+    made = decided(kind)
+    return row if made is None else f"{row} {made.summary()[len(made.chosen):].strip()}"
 
 
 def _build_note():
