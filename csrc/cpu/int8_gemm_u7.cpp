@@ -57,7 +57,8 @@ void packed_tile_generic(const uint8_t* const* a, const int8_t* b, int64_t k, co
   for (int r = 0; r < kPackRows; ++r) {
     for (int64_t c = 0; c < kPackCols; ++c) {
       int32_t s = 0;
-      for (int64_t i = 0; i < k; ++i) s += static_cast<int32_t>(a[r][i]) * b[(i / kQuad * kPackCols + c) * kQuad + i % kQuad];
+      for (int64_t i = 0; i < k; ++i)
+        s += static_cast<int32_t>(a[r][i]) * b[(i / kQuad * kPackCols + c) * kQuad + i % kQuad];
       out[r * ldo + c] = s - zero[r] * colsum[c];
     }
   }
@@ -248,7 +249,8 @@ const U7Path& chosen_path() {
   static const U7Path path = [] {
     const std::string isa = cpu_kernels::widest_isa();
 #if GITFAST_X86
-    if (isa == "avx512" || isa == "avx2") return U7Path{"avx2", &tile_avx2, &packed_tile_avx2};  // AVX-512 CPUs have AVX2
+    // AVX-512 CPUs have AVX2
+    if (isa == "avx512" || isa == "avx2") return U7Path{"avx2", &tile_avx2, &packed_tile_avx2};
 #endif
     return U7Path{"generic", &tile_generic, &packed_tile_generic};
   }();
@@ -318,7 +320,8 @@ void int8_mm_u7_packed(const at::Tensor& q, const at::Tensor& zero, const at::Te
   std::vector<int32_t> cs(static_cast<size_t>(blocks * kPackCols), 0);  // zeros past N, as the packing
   std::memcpy(cs.data(), colsum.const_data_ptr<int32_t>(), static_cast<size_t>(n) * sizeof(int32_t));
 
-  const int64_t rows_per_pass = std::max<int64_t>(kPackRows, kQPassBytes / std::max<int64_t>(k, 1) / kPackRows * kPackRows);
+  const int64_t rows_per_pass =
+      std::max<int64_t>(kPackRows, kQPassBytes / std::max<int64_t>(k, 1) / kPackRows * kPackRows);
   at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / (k * kPackCols)), [&](int64_t begin, int64_t end) {
     for (int64_t r0 = 0; r0 < m; r0 += rows_per_pass) {
       const int64_t r1 = std::min(m, r0 + rows_per_pass);
