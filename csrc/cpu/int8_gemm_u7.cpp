@@ -194,7 +194,8 @@ void quads_avx2(const uint8_t* const* a, const int8_t* b, int64_t bytes, __m256i
 #undef GITFAST_U7_ROW
 
 // packed_tile_generic's tile: per k-quad 2 weight vectors, 4 broadcasts, 8 VPMADDUBSW + 8 VPMADDWD +
-// 8 VPADDD for 256 products (the dot-product tile's ratio), then the zero points taken back in vectors.
+// 8 VPADDD for 256 products (the dot-product tile's ratio); the whole quads in quads_avx2, a last
+// partial one in `step`, then the zero points taken back in vectors.
 void packed_tile_avx2(const uint8_t* const* a, const int8_t* b, int64_t k, const int32_t* zero,
                       const int32_t* colsum, int32_t* out, int64_t ldo) {
   static_assert(kPackRows == 4 && kPackCols == 16, "the tile below is 4 rows x 2 vectors");
