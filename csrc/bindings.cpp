@@ -468,6 +468,44 @@ at::Tensor int8_mm_u7(const at::Tensor& q, const at::Tensor& zero, const at::Ten
 
 std::string int8_u7_isa() { return cpu_kernels::int8_u7_isa(); }
 
+at::Tensor pack_u7_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.is_cpu() && w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar,
+              "gitfast.pack_u7_weight: w must be a contiguous 2-D int8 CPU tensor, got ", w.scalar_type(), " ",
+              w.sizes(), " on ", w.device());
+  at::Tensor packed = at::empty({(w.size(0) + 15) / 16, (w.size(1) + 3) / 4, 16, 4}, w.options());
+  if (packed.numel() > 0) cpu_kernels::pack_u7_weight(w, packed);
+  return packed;
+}
+
+at::Tensor int8_mm_u7_packed(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& packed,
+                             const at::Tensor& colsum) {
+  const char* op = "int8_mm_u7_packed";
+  TORCH_CHECK(q.is_cpu() && q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kByte,
+              "gitfast.", op, ": q must be a contiguous 2-D uint8 CPU tensor, got ", q.scalar_type(), " ", q.sizes(),
+              " on ", q.device());
+  TORCH_CHECK(zero.is_cpu() && zero.is_contiguous() && zero.scalar_type() == at::kInt && zero.dim() == 1 &&
+                  zero.size(0) == q.size(0),
+              "gitfast.", op, ": zero must be a contiguous [", q.size(0), "] int32 CPU tensor, got ",
+              zero.scalar_type(), " ", zero.sizes());
+  TORCH_CHECK(colsum.is_cpu() && colsum.dim() == 1 && colsum.is_contiguous() && colsum.scalar_type() == at::kInt,
+              "gitfast.", op, ": colsum must be a contiguous 1-D int32 CPU tensor, got ", colsum.scalar_type(), " ",
+              colsum.sizes());
+  const int64_t n = colsum.size(0);
+  const std::vector<int64_t> want{(n + 15) / 16, (q.size(1) + 3) / 4, 16, 4};
+  TORCH_CHECK(packed.is_cpu() && packed.is_contiguous() && packed.scalar_type() == at::kChar &&
+                  packed.sizes() == at::IntArrayRef(want),
+              "gitfast.", op, ": packed must be pack_u7_weight's contiguous ", at::IntArrayRef(want),
+              " int8 CPU tensor (N = colsum's ", n, ", K = q's ", q.size(1), "), got ", packed.scalar_type(), " ",
+              packed.sizes());
+  at::Tensor acc = at::empty({q.size(0), n}, q.options().dtype(at::kInt));
+  if (acc.numel() == 0) return acc;
+  if (q.size(1) == 0) return acc.zero_();
+  // 128..255 would saturate VPMADDUBSW's int16 pair sums: a wrong answer, so refused (one pass over q)
+  TORCH_CHECK(q.max().item<uint8_t>() <= 127, "gitfast.", op, ": q holds values above 127 (7-bit activations only)");
+  cpu_kernels::int8_mm_u7_packed(q, zero, packed, colsum, acc);
+  return acc;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The bf16 LM head with fp32 logits (CPU kernels only)
 // ---------------------------------------------------------------------------------------------
@@ -577,6 +615,8 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
   m.def("quantize_rows_u7(Tensor x) -> (Tensor, Tensor, Tensor)", tags);
   m.def("int8_mm_u7(Tensor q, Tensor zero, Tensor w, Tensor colsum) -> Tensor", tags);
   m.def("int8_u7_isa() -> str", &gitfast::int8_u7_isa);
+  m.def("pack_u7_weight(Tensor w) -> Tensor", tags);
+  m.def("int8_mm_u7_packed(Tensor q, Tensor zero, Tensor packed, Tensor colsum) -> Tensor", tags);
   m.def("pack_bf16_cols(Tensor w) -> Tensor", tags);
   m.def("linear_bf16(Tensor x, Tensor packed, int n, Tensor? bias, bool fp32_out=True) -> Tensor", tags);
   m.def("logits_isa() -> str", &gitfast::logits_isa);
@@ -602,6 +642,8 @@ TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
   m.impl("int8_mm", &gitfast::int8_mm);
   m.impl("quantize_rows_u7", &gitfast::quantize_rows_u7);
   m.impl("int8_mm_u7", &gitfast::int8_mm_u7);
+  m.impl("pack_u7_weight", &gitfast::pack_u7_weight);
+  m.impl("int8_mm_u7_packed", &gitfast::int8_mm_u7_packed);
   m.impl("pack_bf16_cols", &gitfast::pack_bf16_cols);
   m.impl("linear_bf16", &gitfast::linear_bf16);
   m.impl("linear_fp32", &gitfast::linear_fp32);

@@ -38,7 +38,8 @@ def _onednn_mm(q, packed, w_scale, w_zero):
 
 class Int8Weight:
     """An int8 weight [N, K] made ready for one backend's GEMM: oneDNN's packing, or the row sums
-    that take a 7-bit backend's zero points back out."""
+    that take a 7-bit backend's zero points back out and its packed copy (pack_u7_weight: +1 byte
+    per weight, N and K padded to 16 and 4)."""
 
     def __init__(self, backend: str, w_int8: torch.Tensor):
         if backend == "cpu ext" and not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm")):
@@ -47,6 +48,9 @@ class Int8Weight:
             raise RuntimeError("gitfast._C is not built with int8_mm_u7")
         self.backend, self.w = backend, w_int8
         self.colsum = w_int8.sum(1, dtype=torch.int32) if backend in SEVEN_BIT else None
+        # the 7-bit GEMM's outer-product layout, packed once (a builds without it: the plain weight)
+        self.packed_u7 = (torch.ops.gitfast.pack_u7_weight(w_int8)
+                          if backend in SEVEN_BIT and hasattr(torch.ops.gitfast, "int8_mm_u7_packed") else None)
         if backend == "onednn":  # its packed weight, unit scales and zero points (the layer's scales come after)
             n = w_int8.shape[0]
             self.packed, self._ones, self._zeros = _onednn_pack(w_int8), torch.ones(n), torch.zeros(n, dtype=torch.int64)
@@ -60,6 +64,8 @@ class Int8Weight:
             return _onednn_mm(q, self.packed, self._ones if w_scale is None else w_scale, self._zeros), None
         if name == "cpu ext":
             return torch.ops.gitfast.int8_mm(q, self.w), w_scale
+        if name in SEVEN_BIT and self.packed_u7 is not None:
+            return torch.ops.gitfast.int8_mm_u7_packed(q, zero, self.packed_u7, self.colsum), w_scale
         if name in SEVEN_BIT:
             return torch.ops.gitfast.int8_mm_u7(q, zero, self.w, self.colsum), w_scale
         if name == "torch._int_mm":

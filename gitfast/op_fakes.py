@@ -35,6 +35,15 @@ def register() -> None:
         def _(q, zero, w, colsum):
             return q.new_empty((q.shape[0], w.shape[0]), dtype=torch.int32)
 
+    if hasattr(torch.ops.gitfast, "int8_mm_u7_packed"):
+        @torch.library.register_fake("gitfast::pack_u7_weight")
+        def _(w):
+            return w.new_empty(((w.shape[0] + 15) // 16, (w.shape[1] + 3) // 4, 16, 4))
+
+        @torch.library.register_fake("gitfast::int8_mm_u7_packed")
+        def _(q, zero, packed, colsum):
+            return q.new_empty((q.shape[0], colsum.shape[0]), dtype=torch.int32)
+
     if hasattr(torch.ops.gitfast, "linear_fp32"):
         @torch.library.register_fake("gitfast::linear_fp32")
         def _(x, w, bias, activation=None):
