@@ -48,7 +48,7 @@ class Int8Weight:
             raise RuntimeError("gitfast._C is not built with int8_mm_u7")
         self.backend, self.w = backend, w_int8
         self.colsum = w_int8.sum(1, dtype=torch.int32) if backend in SEVEN_BIT else None
-        # the 7-bit GEMM's outer-product layout, packed once (a builds without it: the plain weight)
+        # the 7-bit GEMM's outer-product layout, packed once (builds without the op: the plain weight)
         self.packed_u7 = (torch.ops.gitfast.pack_u7_weight(w_int8)
                           if backend in SEVEN_BIT and hasattr(torch.ops.gitfast, "int8_mm_u7_packed") else None)
         if backend == "onednn":  # its packed weight, unit scales and zero points (the layer's scales come after)
