@@ -440,8 +440,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_u7(const at::Tensor
   return {q, scale, zero};
 }
 
-at::Tensor int8_mm_u7(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& w, const at::Tensor& colsum) {
-  const char* op = "int8_mm_u7";
+// The 7-bit GEMMs' activations: q [M, K] uint8 and its per-row zero points [M] int32.
+void check_u7_rows(const char* op, const at::Tensor& q, const at::Tensor& zero) {
   TORCH_CHECK(q.is_cpu() && q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kByte,
               "gitfast.", op, ": q must be a contiguous 2-D uint8 CPU tensor, got ", q.scalar_type(), " ", q.sizes(),
               " on ", q.device());
@@ -449,6 +449,11 @@ at::Tensor int8_mm_u7(const at::Tensor& q, const at::Tensor& zero, const at::Ten
                   zero.size(0) == q.size(0),
               "gitfast.", op, ": zero must be a contiguous [", q.size(0), "] int32 CPU tensor, got ",
               zero.scalar_type(), " ", zero.sizes());
+}
+
+at::Tensor int8_mm_u7(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& w, const at::Tensor& colsum) {
+  const char* op = "int8_mm_u7";
+  check_u7_rows(op, q, zero);
   TORCH_CHECK(w.is_cpu() && w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar &&
                   w.size(1) == q.size(1),
               "gitfast.", op, ": w must be a contiguous [N, ", q.size(1), "] int8 CPU tensor, got ", w.scalar_type(),
@@ -480,13 +485,7 @@ at::Tensor pack_u7_weight(const at::Tensor& w) {
 at::Tensor int8_mm_u7_packed(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& packed,
                              const at::Tensor& colsum) {
   const char* op = "int8_mm_u7_packed";
-  TORCH_CHECK(q.is_cpu() && q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kByte,
-              "gitfast.", op, ": q must be a contiguous 2-D uint8 CPU tensor, got ", q.scalar_type(), " ", q.sizes(),
-              " on ", q.device());
-  TORCH_CHECK(zero.is_cpu() && zero.is_contiguous() && zero.scalar_type() == at::kInt && zero.dim() == 1 &&
-                  zero.size(0) == q.size(0),
-              "gitfast.", op, ": zero must be a contiguous [", q.size(0), "] int32 CPU tensor, got ",
-              zero.scalar_type(), " ", zero.sizes());
+  check_u7_rows(op, q, zero);
   TORCH_CHECK(colsum.is_cpu() && colsum.dim() == 1 && colsum.is_contiguous() && colsum.scalar_type() == at::kInt,
               "gitfast.", op, ": colsum must be a contiguous 1-D int32 CPU tensor, got ", colsum.scalar_type(), " ",
               colsum.sizes());
