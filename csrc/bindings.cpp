@@ -451,26 +451,6 @@ void check_u7_rows(const char* op, const at::Tensor& q, const at::Tensor& zero) 
               zero.scalar_type(), " ", zero.sizes());
 }
 
-at::Tensor int8_mm_u7(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& w, const at::Tensor& colsum) {
-  const char* op = "int8_mm_u7";
-  check_u7_rows(op, q, zero);
-  TORCH_CHECK(w.is_cpu() && w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar &&
-                  w.size(1) == q.size(1),
-              "gitfast.", op, ": w must be a contiguous [N, ", q.size(1), "] int8 CPU tensor, got ", w.scalar_type(),
-              " ", w.sizes(), " on ", w.device());
-  TORCH_CHECK(colsum.is_cpu() && colsum.dim() == 1 && colsum.is_contiguous() && colsum.scalar_type() == at::kInt &&
-                  colsum.size(0) == w.size(0),
-              "gitfast.", op, ": colsum must be a contiguous [", w.size(0), "] int32 CPU tensor, got ",
-              colsum.scalar_type(), " ", colsum.sizes());
-  at::Tensor acc = at::empty({q.size(0), w.size(0)}, q.options().dtype(at::kInt));
-  if (acc.numel() == 0) return acc;
-  if (q.size(1) == 0) return acc.zero_();
-  // 128..255 would saturate VPMADDUBSW's int16 pair sums: a wrong answer, so refused (one pass over q)
-  TORCH_CHECK(q.max().item<uint8_t>() <= 127, "gitfast.", op, ": q holds values above 127 (7-bit activations only)");
-  cpu_kernels::int8_mm_u7(q, zero, w, colsum, acc);
-  return acc;
-}
-
 std::string int8_u7_isa() { return cpu_kernels::int8_u7_isa(); }
 
 at::Tensor pack_u7_weight(const at::Tensor& w) {
@@ -612,7 +592,6 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
   m.def("int8_mm(Tensor q, Tensor w) -> Tensor", tags);
   m.def("int8_isa() -> str", &gitfast::int8_isa);
   m.def("quantize_rows_u7(Tensor x) -> (Tensor, Tensor, Tensor)", tags);
-  m.def("int8_mm_u7(Tensor q, Tensor zero, Tensor w, Tensor colsum) -> Tensor", tags);
   m.def("int8_u7_isa() -> str", &gitfast::int8_u7_isa);
   m.def("pack_u7_weight(Tensor w) -> Tensor", tags);
   m.def("int8_mm_u7_packed(Tensor q, Tensor zero, Tensor packed, Tensor colsum) -> Tensor", tags);
@@ -640,7 +619,6 @@ TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
   m.impl("dequantize_rows", &gitfast::dequantize_rows);
   m.impl("int8_mm", &gitfast::int8_mm);
   m.impl("quantize_rows_u7", &gitfast::quantize_rows_u7);
-  m.impl("int8_mm_u7", &gitfast::int8_mm_u7);
   m.impl("pack_u7_weight", &gitfast::pack_u7_weight);
   m.impl("int8_mm_u7_packed", &gitfast::int8_mm_u7_packed);
   m.impl("pack_bf16_cols", &gitfast::pack_bf16_cols);

@@ -9,8 +9,8 @@
 //   mlp(x, w1, b1?, w2, b2?, activation)     -> act(x @ w1^T + b1) @ w2^T + b2
 // dynamic INT8's per-row (per-token) quantize / dequantize passes around an int8 GEMM (CPU only):
 //   quantize_rows, dequantize_rows, int8_mm (the exact int8 GEMM between them), int8_isa,
-//   quantize_rows_u7 and int8_mm_u7 (7-bit activations, a faster GEMM without VNNI), int8_u7_isa,
-//   pack_u7_weight and int8_mm_u7_packed (the same GEMM from a weight packed once)
+//   quantize_rows_u7, pack_u7_weight and int8_mm_u7_packed (7-bit activations, a faster GEMM
+//   without VNNI, over a weight packed once), int8_u7_isa
 // and GIT attention on the CPU (cpu/attention.cpp; contracts of kernels/api.py):
 //   git_attention, paged_decode_attention, paged_prefill_attention, cpu_isa
 // and the bf16 LM head with fp32 logits (cpu/logits.cpp): pack_bf16_cols, linear_bf16, logits_isa
@@ -60,15 +60,13 @@ const char* int8_isa();
 //   quantize_rows_u7: q[m, :] = clamp(round(x[m, :] / scale[m]) + zero[m], 0, 127) as uint8, with
 //                    lo = min(x[m, :], 0), hi = max(x[m, :], 0), scale = (hi - lo) / 127, zero =
 //                    round(-lo / scale) (0 and 0 for an all-zero row)
-//   int8_mm_u7:      acc [M, N] int32 = (q [M, K] uint8 - zero [M]) @ w [N, K]^T int8, exact for q <= 127;
-//                    colsum [N] int32 = w's row sums (int8_gemm_u7.cpp: VPMADDUBSW where the CPU has AVX2)
-//   int8_u7_isa:     "avx2" or "generic"
 //   pack_u7_weight:  w [N, K] int8 -> packed [ceil(N/16), ceil(K/4), 16, 4] int8 (zeros past N and K),
 //                    packed[b][j][c][i] = w[16b + c][4j + i]: the layout int8_mm_u7_packed reads
-//   int8_mm_u7_packed: int8_mm_u7's integers from the packed weight (acc's N = colsum's length)
+//   int8_mm_u7_packed: acc [M, N] int32 = (q [M, K] uint8 - zero [M]) @ w [N, K]^T int8 from w packed,
+//                    exact for q <= 127; colsum [N] int32 = w's row sums (acc's N = colsum's length;
+//                    int8_gemm_u7.cpp: VPMADDUBSW where the CPU has AVX2)
+//   int8_u7_isa:     "avx2" or "generic"
 void quantize_rows_u7(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, at::Tensor& zero);
-void int8_mm_u7(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& w, const at::Tensor& colsum,
-                at::Tensor& acc);
 void pack_u7_weight(const at::Tensor& w, at::Tensor& packed);
 void int8_mm_u7_packed(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& packed,
                        const at::Tensor& colsum, at::Tensor& acc);

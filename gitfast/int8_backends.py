@@ -44,13 +44,12 @@ class Int8Weight:
     def __init__(self, backend: str, w_int8: torch.Tensor):
         if backend == "cpu ext" and not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm")):
             raise RuntimeError("gitfast._C is not built with int8_mm")
-        if backend in SEVEN_BIT and not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm_u7")):
-            raise RuntimeError("gitfast._C is not built with int8_mm_u7")
+        if backend in SEVEN_BIT and not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm_u7_packed")):
+            raise RuntimeError("gitfast._C is not built with int8_mm_u7_packed")
         self.backend, self.w = backend, w_int8
         self.colsum = w_int8.sum(1, dtype=torch.int32) if backend in SEVEN_BIT else None
-        # the 7-bit GEMM's outer-product layout, packed once (builds without the op: the plain weight)
-        self.packed_u7 = (torch.ops.gitfast.pack_u7_weight(w_int8)
-                          if backend in SEVEN_BIT and hasattr(torch.ops.gitfast, "int8_mm_u7_packed") else None)
+        # the 7-bit GEMM's outer-product layout, packed once
+        self.packed_u7 = torch.ops.gitfast.pack_u7_weight(w_int8) if backend in SEVEN_BIT else None
         if backend == "onednn":  # its packed weight, unit scales and zero points (the layer's scales come after)
             n = w_int8.shape[0]
             self.packed, self._ones, self._zeros = _onednn_pack(w_int8), torch.ones(n), torch.zeros(n, dtype=torch.int64)
@@ -64,10 +63,8 @@ class Int8Weight:
             return _onednn_mm(q, self.packed, self._ones if w_scale is None else w_scale, self._zeros), None
         if name == "cpu ext":
             return torch.ops.gitfast.int8_mm(q, self.w), w_scale
-        if name in SEVEN_BIT and self.packed_u7 is not None:
-            return torch.ops.gitfast.int8_mm_u7_packed(q, zero, self.packed_u7, self.colsum), w_scale
         if name in SEVEN_BIT:
-            return torch.ops.gitfast.int8_mm_u7(q, zero, self.w, self.colsum), w_scale
+            return torch.ops.gitfast.int8_mm_u7_packed(q, zero, self.packed_u7, self.colsum), w_scale
         if name == "torch._int_mm":
             return torch._int_mm(q, self.w.t()), w_scale
         return q.float() @ self.w.float().t(), w_scale

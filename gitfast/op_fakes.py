@@ -30,11 +30,6 @@ def register() -> None:
         def _(q, w):
             return q.new_empty((q.shape[0], w.shape[0]), dtype=torch.int32)
 
-    if hasattr(torch.ops.gitfast, "int8_mm_u7"):
-        @torch.library.register_fake("gitfast::int8_mm_u7")
-        def _(q, zero, w, colsum):
-            return q.new_empty((q.shape[0], w.shape[0]), dtype=torch.int32)
-
     if hasattr(torch.ops.gitfast, "int8_mm_u7_packed"):
         @torch.library.register_fake("gitfast::pack_u7_weight")
         def _(w):

@@ -1,7 +1,8 @@
 // gitfast._C, CPU kernel of dynamic INT8's GEMM for 7-bit activations (gitfast/quantization.py,
 // backend "cpu ext u7"):
 //   acc [M, N] int32 = (q [M, K] uint8 - zero [M]) @ w [N, K]^T int8, exact for q <= 127;
-//   colsum [N] int32 = sum_k w[n, k] (the caller's, computed once per weight).
+//   colsum [N] int32 = sum_k w[n, k] (the caller's, computed once per weight);
+// w is packed once (pack_u7_weight, layout below) and read by int8_mm_u7_packed.
 //
 // Why: on a CPU without VNNI the exact 8-bit x 8-bit kernel (int8_gemm.cpp) needs one VPMADDWD and
 // one VPADDD per 16 products. VPMADDUBSW multiplies unsigned by signed bytes and adds neighbouring
@@ -14,13 +15,11 @@
 // symmetric), which is why this is a backend of its own, chosen by measurement after the exact 8-bit
 // ones and recorded in resume settings; quantize_rows_u7 (quant.cpp) makes q and zero.
 //
-// Layout: q's rows are read in place; the last K % 32 values one by one. A register tile of 2 rows
-// x 4 weight rows keeps 8 accumulators; threads split the weight's rows; q's rows are walked in
-// passes that stay in L2. ISA: widest_isa() (avx2 on AVX2 and AVX-512 CPUs; generic elsewhere).
-// int8_mm_u7_packed gives the same integers from a weight packed once (pack_u7_weight, layout below):
-// a 4-row x 16-column "outer product" tile whose accumulators are output columns, so it skips the
-// dot-product tile's horizontal sums and scalar epilogue (1.09-1.26x faster on git-base's image
-// GEMMs, one Zen 3 thread); int8_mm_u7 stays for callers holding only the plain weight.
+// Layout: q's rows are read in place; a 4-row x 16-column "outer product" tile whose accumulators
+// are output columns (no horizontal sums or scalar epilogue per tile: 1.09-1.26x faster on git-base's
+// image GEMMs, one Zen 3 thread, than the dot-product 2 x 4 tile it replaced, whose sums cost ~15%
+// at K = 768); threads split the weight's column blocks; q's rows are walked in passes that stay in
+// L2. ISA: widest_isa() (avx2 on AVX2 and AVX-512 CPUs; generic elsewhere).
 
 #include <ATen/Parallel.h>
 
@@ -35,16 +34,13 @@
 namespace gitfast {
 namespace {
 
-constexpr int kCols = 4;       // weight rows (output columns) per register tile
-constexpr int kRowsTile = 2;   // q rows per register tile
-constexpr int64_t kVec = 32;   // bytes per ymm
 constexpr int64_t kQPassBytes = 256 * 1024;  // q rows walked per pass over the weights: ~L2/2
 
 // The packed ("outer product") layout of int8_mm_u7_packed: packed [ceil(N/16), ceil(K/4), 16, 4] int8,
 // packed[b][j][c][i] = w[16b + c][4j + i], zeros past N and K. One k-quad of a 16-column block is two
 // ymm (8 columns x 4 k each): VPMADDUBSW against q's 4 bytes broadcast, then VPMADDWD by ones, leave
 // 8 int32 sums, one per output column, so the accumulators are the output columns themselves (no
-// horizontal sums per tile, which cost ~15% at K = 768 in the dot-product tile above).
+// horizontal sums per tile).
 constexpr int64_t kPackCols = 16;  // output columns per packed block
 constexpr int64_t kQuad = 4;       // k values per packed group (VPMADDWD's 4 bytes per int32 lane)
 constexpr int kPackRows = 4;       // q rows per register tile: 4 x 16 columns, 8 accumulators
@@ -64,90 +60,11 @@ void packed_tile_generic(const uint8_t* const* a, const int8_t* b, int64_t k, co
   }
 }
 
-// out[r][c] = sum_k a[r][k] * b[c][k] over the first k values (a unsigned, b signed): the portable
-// path and the reference for the vector one.
-void tile_generic(const uint8_t* const* a, const int8_t* const* b, int64_t k, int32_t out[kRowsTile][kCols]) {
-  for (int r = 0; r < kRowsTile; ++r) {
-    for (int c = 0; c < kCols; ++c) {
-      int32_t s = 0;
-      for (int64_t i = 0; i < k; ++i) s += static_cast<int32_t>(a[r][i]) * b[c][i];
-      out[r][c] = s;
-    }
-  }
-}
-
 }  // namespace
 
 #if GITFAST_X86
 GITFAST_TARGET_BEGIN("avx2")
 namespace {
-
-// The four column sums of one row's accumulators, in column order (VPHADDD pairs them up twice,
-// then the two 128-bit halves are added): 5 instructions where four separate sums take 28.
-__m128i row_sums(__m256i c0, __m256i c1, __m256i c2, __m256i c3) {
-  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(c0, c1), _mm256_hadd_epi32(c2, c3));
-  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-}
-
-// The whole vectors of the tile in assembly, as int8_gemm.cpp's tile and for the same reason (GCC 12
-// reloads and copies around the intrinsics). Registers: ymm8-9 q's rows, ymm10 one weight vector,
-// ymm11-14 products, ymm15 int16 ones; `bytes` is a whole number of vectors.
-void tile_avx2(const uint8_t* const* a, const int8_t* const* b, int64_t k, int32_t out[kRowsTile][kCols]) {
-  static_assert(kRowsTile == 2 && kCols == 4, "the assembly below is a 2 x 4 tile");
-  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t bytes = k / kVec * kVec;
-  int64_t at = 0;
-  if (bytes > 0)  // the loop tests at its end
-  asm volatile(
-      "vmovdqa %[ones], %%ymm15\n\t"
-      "1:\n\t"
-      "vmovdqu (%[a0],%[at]), %%ymm8\n\t"
-      "vmovdqu (%[a1],%[at]), %%ymm9\n\t"
-      "vmovdqu (%[b0],%[at]), %%ymm10\n\t"
-      "vpmaddubsw %%ymm10, %%ymm8, %%ymm11\n\t"
-      "vpmaddubsw %%ymm10, %%ymm9, %%ymm12\n\t"
-      "vpmaddwd %%ymm15, %%ymm11, %%ymm11\n\t"
-      "vpmaddwd %%ymm15, %%ymm12, %%ymm12\n\t"
-      "vpaddd %%ymm11, %[c00], %[c00]\n\t"
-      "vpaddd %%ymm12, %[c10], %[c10]\n\t"
-      "vmovdqu (%[b1],%[at]), %%ymm10\n\t"
-      "vpmaddubsw %%ymm10, %%ymm8, %%ymm13\n\t"
-      "vpmaddubsw %%ymm10, %%ymm9, %%ymm14\n\t"
-      "vpmaddwd %%ymm15, %%ymm13, %%ymm13\n\t"
-      "vpmaddwd %%ymm15, %%ymm14, %%ymm14\n\t"
-      "vpaddd %%ymm13, %[c01], %[c01]\n\t"
-      "vpaddd %%ymm14, %[c11], %[c11]\n\t"
-      "vmovdqu (%[b2],%[at]), %%ymm10\n\t"
-      "vpmaddubsw %%ymm10, %%ymm8, %%ymm11\n\t"
-      "vpmaddubsw %%ymm10, %%ymm9, %%ymm12\n\t"
-      "vpmaddwd %%ymm15, %%ymm11, %%ymm11\n\t"
-      "vpmaddwd %%ymm15, %%ymm12, %%ymm12\n\t"
-      "vpaddd %%ymm11, %[c02], %[c02]\n\t"
-      "vpaddd %%ymm12, %[c12], %[c12]\n\t"
-      "vmovdqu (%[b3],%[at]), %%ymm10\n\t"
-      "vpmaddubsw %%ymm10, %%ymm8, %%ymm13\n\t"
-      "vpmaddubsw %%ymm10, %%ymm9, %%ymm14\n\t"
-      "vpmaddwd %%ymm15, %%ymm13, %%ymm13\n\t"
-      "vpmaddwd %%ymm15, %%ymm14, %%ymm14\n\t"
-      "vpaddd %%ymm13, %[c03], %[c03]\n\t"
-      "vpaddd %%ymm14, %[c13], %[c13]\n\t"
-      "add $32, %[at]\n\t"
-      "cmp %[bytes], %[at]\n\t"
-      "jb 1b\n\t"
-      : [c00] "+x"(c00), [c01] "+x"(c01), [c02] "+x"(c02), [c03] "+x"(c03), [c10] "+x"(c10), [c11] "+x"(c11),
-        [c12] "+x"(c12), [c13] "+x"(c13), [at] "+r"(at)
-      : [a0] "r"(a[0]), [a1] "r"(a[1]), [b0] "r"(b[0]), [b1] "r"(b[1]), [b2] "r"(b[2]), [b3] "r"(b[3]),
-        [bytes] "r"(bytes), [ones] "m"(ones)
-      : "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc");
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out[0]), row_sums(c00, c01, c02, c03));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out[1]), row_sums(c10, c11, c12, c13));
-  for (int64_t i = bytes; i < k; ++i) {  // K % 32 last values
-    for (int r = 0; r < kRowsTile; ++r)
-      for (int c = 0; c < kCols; ++c) out[r][c] += static_cast<int32_t>(a[r][i]) * b[c][i];
-  }
-}
-
 
 // q's 4 bytes at k-quad `j` of row `a` in every int32 lane; the last quad of a row whose K is not a
 // multiple of 4 is read byte by byte (zeros after), so q is never read past its end.
@@ -157,8 +74,8 @@ GITFAST_INLINE __m256i quad_of(const uint8_t* a, int64_t j, int64_t k) {
   return _mm256_set1_epi32(v);
 }
 
-// The whole k-quads (bytes = 4 * quads > 0) in assembly, for the reason tile_avx2 gives (GCC 12 adds
-// a register copy per accumulator per quad around the intrinsics). Registers: ymm8-9 the two weight
+// The whole k-quads (bytes = 4 * quads > 0) in assembly, as int8_gemm.cpp's tile: GCC 12 adds a
+// register copy per accumulator per quad around the intrinsics. Registers: ymm8-9 the two weight
 // vectors, ymm10 int16 ones, ymm11-12 and ymm13-14 one row's broadcast and products each (alternate
 // rows, so neighbouring rows' work overlaps).
 #define GITFAST_U7_ROW(row, x, y, c0, c1)                         \
@@ -236,13 +153,11 @@ GITFAST_TARGET_END
 
 namespace {
 
-using TileFn = void (*)(const uint8_t* const*, const int8_t* const*, int64_t, int32_t[kRowsTile][kCols]);
 using PackedTileFn = void (*)(const uint8_t* const*, const int8_t*, int64_t, const int32_t*, const int32_t*,
                               int32_t*, int64_t);
 
 struct U7Path {
   const char* name;
-  TileFn tile;
   PackedTileFn packed_tile;
 };
 
@@ -251,9 +166,9 @@ const U7Path& chosen_path() {
     const std::string isa = cpu_kernels::widest_isa();
 #if GITFAST_X86
     // AVX-512 CPUs have AVX2
-    if (isa == "avx512" || isa == "avx2") return U7Path{"avx2", &tile_avx2, &packed_tile_avx2};
+    if (isa == "avx512" || isa == "avx2") return U7Path{"avx2", &packed_tile_avx2};
 #endif
-    return U7Path{"generic", &tile_generic, &packed_tile_generic};
+    return U7Path{"generic", &packed_tile_generic};
   }();
   return path;
 }
@@ -263,40 +178,6 @@ const U7Path& chosen_path() {
 namespace cpu_kernels {
 
 const char* int8_u7_isa() { return chosen_path().name; }
-
-void int8_mm_u7(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& w, const at::Tensor& colsum,
-                at::Tensor& out) {
-  const U7Path& path = chosen_path();
-  const int64_t m = q.size(0), k = q.size(1), n = w.size(0);
-  const uint8_t* qp = q.const_data_ptr<uint8_t>();
-  const int32_t* zp = zero.const_data_ptr<int32_t>();
-  const int8_t* wp = w.const_data_ptr<int8_t>();
-  const int32_t* cs = colsum.const_data_ptr<int32_t>();
-  int32_t* op = out.mutable_data_ptr<int32_t>();
-
-  const int64_t blocks = (n + kCols - 1) / kCols;
-  const int64_t rows_per_pass = std::max<int64_t>(kRowsTile, kQPassBytes / std::max<int64_t>(k, 1) / kRowsTile * kRowsTile);
-  // a grain of a few weight blocks: a decode step's small GEMMs still use every thread
-  at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / (k * kCols)), [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = 0; r0 < m; r0 += rows_per_pass) {
-      const int64_t r1 = std::min(m, r0 + rows_per_pass);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t c0 = blk * kCols, cols = std::min<int64_t>(kCols, n - c0);
-        const int8_t* b[kCols];
-        for (int c = 0; c < kCols; ++c) b[c] = wp + (c0 + std::min<int64_t>(c, cols - 1)) * k;  // past n: a repeat, dropped
-        for (int64_t r = r0; r < r1; r += kRowsTile) {
-          const uint8_t* a[kRowsTile];
-          for (int i = 0; i < kRowsTile; ++i) a[i] = qp + std::min<int64_t>(r + i, m - 1) * k;  // past m: likewise
-          int32_t tile[kRowsTile][kCols];
-          path.tile(a, b, k, tile);
-          for (int i = 0; i < kRowsTile && r + i < m; ++i) {
-            for (int c = 0; c < cols; ++c) op[(r + i) * n + c0 + c] = tile[i][c] - zp[r + i] * cs[c0 + c];
-          }
-        }
-      }
-    }
-  });
-}
 
 void pack_u7_weight(const at::Tensor& w, at::Tensor& packed) {
   const int64_t n = w.size(0), k = w.size(1), quads = packed.size(1);

@@ -1,6 +1,6 @@
 // gitfast._C, CPU kernels of dynamic INT8's two passes around the int8 GEMM (gitfast/quantization.py):
 // quantize_rows (activations -> int8 with one scale per row, i.e. per token), quantize_rows_u7 (the
-// same to 0..127 with a scale and zero point per row, for int8_mm_u7) and dequantize_rows
+// same to 0..127 with a scale and zero point per row, for int8_mm_u7_packed) and dequantize_rows
 // (the GEMM's int32 / fp32 accumulators -> act(acc * row scale * column scale + bias) in the output
 // dtype). One pass over the data each, rows split over threads; fp32 arithmetic. Checks live in
 // ../bindings.cpp.
