@@ -174,14 +174,17 @@ def _bf16_served(x: torch.Tensor, w: torch.Tensor) -> bool:
         and not torch.compiler.is_compiling() and bf16_backends.wide_linear() != "torch"
 
 
-def _fp32_narrow(x: torch.Tensor, w: torch.Tensor, b) -> bool:
-    """Whether an fp32 Linear on `x` takes the extension's few-row kernel: CPU inference at up to
-    NARROW_MAX_ROWS rows (decode steps; prefill and image rows stay on F.linear), where it measured faster."""
-    return x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" \
-        and 0 < x.numel() <= fp32_backends.NARROW_MAX_ROWS * x.shape[-1] and w.is_contiguous() \
-        and (b is None or (b.dtype == torch.float32 and b.is_contiguous())) \
-        and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
-        and not torch.compiler.is_compiling() and fp32_backends.kernel_serves_narrow_linear()
+def _fp32_backend(x: torch.Tensor, w: torch.Tensor, b) -> str:
+    """The backend an fp32 Linear on `x` takes (fp32_backends): CPU inference at up to
+    MIDDLE_MAX_ROWS rows (decode steps) takes its row band's measured one; anything else, and prefill
+    and image rows, F.linear ("torch")."""
+    if x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" \
+            and 0 < x.numel() <= fp32_backends.MIDDLE_MAX_ROWS * x.shape[-1] and w.is_contiguous() \
+            and (b is None or (b.dtype == torch.float32 and b.is_contiguous())) \
+            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
+            and not torch.compiler.is_compiling():
+        return fp32_backends.backend(x.numel() // x.shape[-1])
+    return "torch"
 
 
 def logits_backend(device) -> str:
@@ -207,9 +210,9 @@ class Linear(nn.Linear):
     again (bf16 only). CUDA, autograd and tracing take `F.linear` unchanged, and so does fp32 beyond
     decode rows.
 
-    fp32 CPU inference at up to `fp32_backends.NARROW_MAX_ROWS` rows (decode steps) takes the extension's
-    fp32 kernel where it measured faster than MKL (csrc/cpu/linear_fp32.cpp: the weight read once per
-    call at any row count), with the activation fused.
+    fp32 CPU inference at up to `fp32_backends.MIDDLE_MAX_ROWS` rows (decode steps) takes the backend its
+    row band measured fastest: the extension's fp32 kernel (csrc/cpu/linear_fp32.cpp: the weight read once
+    per call at any row count, the activation fused), MKL called with the operands swapped, or F.linear.
 
     At up to `bf16_backends.narrow_rows()` rows (decode steps) the extension's bf16 kernel on its own
     packed copy serves instead, where it measured faster: on AVX512-BF16 oneDNN reads the weights slower at
@@ -226,9 +229,10 @@ class Linear(nn.Linear):
         w = self.weight
         if _bf16_served(x, w):
             return self._bf16(x, activation)
-        if _fp32_narrow(x, w, self.bias):
+        how = _fp32_backend(x, w, self.bias)
+        if how == "cpu ext":
             return torch.ops.gitfast.linear_fp32(x.contiguous(), w, self.bias, activation)
-        y = F.linear(x, w, self.bias)
+        y = fp32_backends.swapped_linear(x, w, self.bias) if how == "torch swapped" else F.linear(x, w, self.bias)
         return y if activation is None else bias_act(y, None, activation)
 
     def _bf16(self, x: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -325,7 +329,7 @@ def feed_forward(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: st
     weights it serves best (fp32, fp16, CUDA), else each layer's own forward with the activation
     fused into the first (packed bf16, fp32 decode rows, INT8 layers from gitfast.quantization)."""
     if type(fc1) is Linear and type(fc2) is Linear and not _bf16_served(x, fc1.weight) \
-            and not _fp32_narrow(x, fc1.weight, fc1.bias):
+            and _fp32_backend(x, fc1.weight, fc1.bias) == "torch":
         return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation)
     return fc2(fc1(x, activation))
 

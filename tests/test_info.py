@@ -1,6 +1,7 @@
 """`gitfast info`: versions, devices and the backend of each op, as text and as JSON."""
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -99,10 +100,10 @@ def test_a_gpu_without_cuda_kernels_is_an_error(capsys, monkeypatch):
 
 _PROBE = r"""
 import json, torch
-from gitfast import bf16_backends, ops
+from gitfast import bf16_backends, fp32_backends, ops
 from gitfast.tools import info
 
-calls = {"linear_bf16": 0, "_linear_pointwise": 0, "linear_fp32": 0, "upcast_linear": 0}
+calls = {"linear_bf16": 0, "_linear_pointwise": 0, "linear_fp32": 0, "upcast_linear": 0, "swapped_linear": 0}
 def spy(namespace, name):
     real = getattr(namespace, name, None)
     if real is None:
@@ -117,6 +118,7 @@ spy(torch.ops.gitfast, "linear_bf16")
 spy(torch.ops.mkldnn, "_linear_pointwise")
 spy(torch.ops.gitfast, "linear_fp32")
 spy(bf16_backends, "upcast_linear")
+spy(fp32_backends, "swapped_linear")
 ran = {}
 with torch.no_grad():
     for name, layer, rows in (("logits", ops.Logits(64, 96), 1), ("linear_narrow", ops.Linear(64, 96), 1),
@@ -125,7 +127,10 @@ with torch.no_grad():
         before = dict(calls)
         layer(torch.randn(rows, 64).bfloat16())
         ran[name] = [k for k in calls if calls[k] > before[k]]
-    for name, rows in (("fp32_narrow", 1), ("fp32_wide", 17)):  # 17: past fp32_backends.NARROW_MAX_ROWS
+    # 17: past fp32_backends.NARROW_MAX_ROWS; 65: past MIDDLE_MAX_ROWS. Decided first: timing the
+    # candidates calls each of them
+    fp32_backends.backend(1), fp32_backends.backend(17)
+    for name, rows in (("fp32_narrow", 1), ("fp32_middle", 17), ("fp32_wide", 65)):
         before = dict(calls)
         ops.Linear(64, 96)(torch.randn(rows, 64))
         ran[name] = [k for k in calls if calls[k] > before[k]]
@@ -158,5 +163,9 @@ def test_linear_and_logits_rows_name_what_runs(forced_isa):
     assert ("onednn packed" in linear_row) == ("_linear_pointwise" in ran["linear_wide"]), (linear_row, ran)
     assert ("fp32 upcast" in linear_row) == ("upcast_linear" in ran["linear_wide"]), (linear_row, ran)
     fp32_row = rows["linear_fp32"]["cpu"]
-    assert fp32_row.startswith("cpu ext") == ("linear_fp32" in ran["fp32_narrow"]), (fp32_row, ran)
-    assert "linear_fp32" not in ran["fp32_wide"], (fp32_row, ran)
+    bands = dict((rows, name) for name, rows in re.findall(r"(torch swapped|cpu ext|torch) at (<= 16|17-64) rows", fp32_row))
+    assert list(bands) == ["<= 16", "17-64"] and fp32_row.endswith("; torch above"), fp32_row
+    for band, probe in (("<= 16", "fp32_narrow"), ("17-64", "fp32_middle")):
+        served = {"cpu ext": ["linear_fp32"], "torch swapped": ["swapped_linear"], "torch": []}[bands[band]]
+        assert ran[probe] == served, (fp32_row, ran)
+    assert ran["fp32_wide"] == [], (fp32_row, ran)

@@ -123,59 +123,83 @@ def test_other_isa_paths(isa):
 # -- the layers and the decision --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shape", [(5, 53), (2, 3, 53), (33, 53)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_swapped_linear_against_fp64(shape, bias):
+    """The "torch swapped" backend, (w @ x^T + b)^T: within the summation bound of the exact product,
+    contiguous and shaped like F.linear's output."""
+    w, x = _randn(37, 53, seed=10), _randn(*shape, seed=11)
+    b = _randn(37, seed=12) if bias else None
+    y = fp32_backends.swapped_linear(x, w, b)
+    assert y.is_contiguous()
+    _check(y, x, w, b)
+
+
 @pytest.fixture
 def forced(monkeypatch):
-    """force(name): the decision made as GITFAST_LINEAR_FP32_NARROW_BACKEND=name does; the process's own
-    decision comes back afterwards."""
-    def force(name):
-        monkeypatch.setenv(fp32_backends.ENV, name)
-        BC.forget(fp32_backends.KIND)
-        assert fp32_backends.decide() == name
+    """force(name, band): the band's decision made as its environment variable naming `name` does; the
+    process's own decisions come back afterwards."""
+    def force(name, band=fp32_backends.NARROW):
+        monkeypatch.setenv(band.env, name)
+        BC.forget(band.kind)
+        assert fp32_backends.decide(band) == name
     yield force
-    BC.forget(fp32_backends.KIND)
+    for band in fp32_backends.BANDS:
+        BC.forget(band.kind)
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
+    """Row shapes given to the extension's kernel ("ext", shape) and to the swapped GEMM ("swapped", shape)."""
     calls = []
-    real = g.linear_fp32
-    monkeypatch.setattr(torch.ops.gitfast, "linear_fp32", lambda *a: calls.append(tuple(a[0].shape)) or real(*a))
+    real, swapped = g.linear_fp32, fp32_backends.swapped_linear
+    monkeypatch.setattr(torch.ops.gitfast, "linear_fp32", lambda *a: calls.append(("ext", tuple(a[0].shape))) or real(*a))
+    monkeypatch.setattr(fp32_backends, "swapped_linear",
+                        lambda *a: calls.append(("swapped", tuple(a[0].shape))) or swapped(*a))
     return calls
 
 
-@pytest.mark.parametrize("backend", ["cpu ext", "torch"])
-def test_linear_takes_the_chosen_backend_at_decode_rows(forced, kernel_calls, backend):
-    forced(backend)
-    kernel_calls.clear()  # the forced candidate's own check
+@pytest.mark.parametrize("band", fp32_backends.BANDS, ids=lambda band: band.name)
+@pytest.mark.parametrize("backend", ["cpu ext", "torch swapped", "torch"])
+def test_linear_takes_the_chosen_backend_at_decode_rows(forced, kernel_calls, band, backend):
+    """Rows in the band go to its forced backend (the other band to plain F.linear here), rows past
+    both bands to F.linear; the results match F.linear (with the activation) to fp32 rounding."""
+    for other in fp32_backends.BANDS:
+        forced(backend if other is band else "torch", other)
+    kernel_calls.clear()  # the forced candidates' own checks
     lin, head = ops.Linear(48, 70), ops.Logits(48, 101)
-    most = fp32_backends.NARROW_MAX_ROWS
+    low = 1 if band is fp32_backends.NARROW else fp32_backends.NARROW_MAX_ROWS + 1
+    inside = [(low, 48), (2, low, 48) if low > 1 else (2, 3, 48), (band.most_rows, 48)]
+    outside = [(fp32_backends.MIDDLE_MAX_ROWS + 1, 48)] + ([(low - 1, 48)] if low > 1 else [])
     with torch.inference_mode():
-        for shape in ((1, 48), (2, 3, 48), (most, 48), (most + 1, 48)):
+        for shape in inside + outside:
             x = _randn(*shape, seed=len(shape))
             for activation in (None, "gelu"):
                 want = F.linear(x, lin.weight, lin.bias)
                 want = want if activation is None else ops.activation_reference(want, activation)
                 torch.testing.assert_close(lin(x, activation), want, rtol=1e-5, atol=1e-5)
             _check(head(x), x, head.weight, head.bias)
-    expected = [(1, 48)] * 3 + [(2, 3, 48)] * 3 + [(most, 48)] * 3
-    assert kernel_calls == (expected if backend == "cpu ext" else [])
+    tag = {"cpu ext": "ext", "torch swapped": "swapped"}.get(backend)
+    assert kernel_calls == ([(tag, shape) for shape in inside for _ in range(3)] if tag else [])
 
 
 def test_feed_forward_at_decode_rows_goes_through_the_kernel(forced, kernel_calls, monkeypatch):
-    """fp32 decode rows: fc1 with the activation fused, then fc2, in the kernel; wider inputs keep the
-    fused mlp op (MKL), as before."""
-    forced("cpu ext")
+    """fp32 decode rows of either band: fc1 with the activation fused, then fc2, in the kernel; wider
+    inputs keep the fused mlp op (MKL), as before."""
+    for band in fp32_backends.BANDS:
+        forced("cpu ext", band)
     kernel_calls.clear()
     fc1, fc2 = ops.Linear(40, 96), ops.Linear(96, 40)
     mlp_calls = []
     real_mlp = g.mlp
     monkeypatch.setattr(torch.ops.gitfast, "mlp", lambda *a: mlp_calls.append(a[0].shape) or real_mlp(*a))
     with torch.no_grad():
-        for rows in (3, 40):
+        for rows in (3, 40, 70):
             x = _randn(rows, 40, seed=rows)
             want = ops.mlp_reference(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu")
             torch.testing.assert_close(ops.feed_forward(x, fc1, fc2, "gelu"), want, rtol=1e-5, atol=1e-5)
-    assert kernel_calls == [(3, 40), (3, 96)] and [tuple(s) for s in mlp_calls] == [(40, 40)]
+    assert kernel_calls == [("ext", (3, 40)), ("ext", (3, 96)), ("ext", (40, 40)), ("ext", (40, 96))]
+    assert [tuple(s) for s in mlp_calls] == [(70, 40)]
 
 
 def test_training_keeps_autograd(forced, kernel_calls):
@@ -196,18 +220,38 @@ def _slow_kernel(w):
     return slow
 
 
-def test_a_slow_kernel_is_not_chosen(monkeypatch):
-    """The decision times both candidates: a kernel that is right but pathologically slow loses after
+@pytest.mark.parametrize("band", fp32_backends.BANDS, ids=lambda band: band.name)
+def test_a_slow_kernel_is_not_chosen(monkeypatch, band):
+    """The decision times every candidate: a kernel that is right but pathologically slow loses after
     one call, and a wrong one is ruled out by the check before it is timed."""
-    monkeypatch.delenv(fp32_backends.ENV, raising=False)
+    monkeypatch.delenv(band.env, raising=False)
     monkeypatch.setitem(fp32_backends._MAKERS, "cpu ext", _slow_kernel)
-    BC.forget(fp32_backends.KIND)
+    BC.forget(band.kind)
     try:
-        made = fp32_backends.decision()
-        assert made.chosen == "torch" and made.seconds["cpu ext"] == float("inf"), made
-        BC.forget(fp32_backends.KIND)
+        made = fp32_backends.decision(band)
+        assert made.chosen != "cpu ext" and made.seconds["cpu ext"] == float("inf"), made
+        BC.forget(band.kind)
         monkeypatch.setitem(fp32_backends._MAKERS, "cpu ext", lambda w: (lambda x: F.linear(x, w) * (1 + 1e-4)))
-        made = fp32_backends.decision()
-        assert made.chosen == "torch" and "wrong results" in made.unfit["cpu ext"], made
+        made = fp32_backends.decision(band)
+        assert made.chosen != "cpu ext" and "wrong results" in made.unfit["cpu ext"], made
     finally:
-        BC.forget(fp32_backends.KIND)
+        BC.forget(band.kind)
+
+
+@pytest.mark.parametrize("backend", ["cpu ext", "torch swapped"])
+def test_decode_batches_of_the_middle_band_give_transformers_tokens(forced, kernel_calls, backend):
+    """A batch of 24 sequences decodes through the middle band's backend (greedy, fp32): the same
+    tokens as transformers, as at every other batch size."""
+    import gitfast
+    from git_factory import make_hf_model, pixels
+
+    forced(backend, fp32_backends.MIDDLE)
+    hf = make_hf_model("hd64_odd_tokens")
+    fm = gitfast.GitForCausalLM.from_transformers(hf)
+    px = pixels("hd64_odd_tokens", 24, seed=5)
+    kernel_calls.clear()
+    with torch.inference_mode():
+        want = hf.generate(pixel_values=px, max_new_tokens=8)
+        got = fm.generate(pixel_values=px, max_new_tokens=8)
+    assert torch.equal(got, want)
+    assert any(rows == (24, 128) for _, rows in kernel_calls), kernel_calls[:5]

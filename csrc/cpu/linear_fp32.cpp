@@ -177,7 +177,7 @@ void linear_fp32(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bia
         const int rows = static_cast<int>(std::min<int64_t>(path.rows, m - r0));
         const float* xr[kMaxRows];
         for (int i = 0; i < rows; ++i) xr[i] = xp + (r0 + i) * k;
-        path.tile(xr, rows, wr, k, kCols * k, out);
+        path.tile(xr, rows, wr, k, r0 == 0 ? kCols * k : 0, out);  // the first pass prefetches the next tile
         for (int i = 0; i < rows; ++i) std::memcpy(yp + (r0 + i) * n + c0, out + i * kCols, cols * sizeof(float));
       }
     }

@@ -14,8 +14,10 @@
 constexpr int kRows = Vec::kRegs >= 32 ? 4 : 3;
 
 // `ahead`: how far past each weight row (in floats) to prefetch as the tile goes: the next tile's rows,
-// fetched from memory while this tile's rows of x are multiplied from cache.
-template <int R>
+// fetched from memory while this tile's rows of x are multiplied from cache. Only the first pass over a
+// weight tile prefetches (ahead > 0): later passes, over more rows of x, would repeat the same hints, and
+// the hints take load slots the FMAs' operands need.
+template <int R, bool kPrefetch>
 GITFAST_INLINE void dot_tile(const float* const* x, const float* const* w, int64_t k, int64_t ahead, float* out) {
   Vec acc[R][kCols];
   for (int r = 0; r < R; ++r)
@@ -25,7 +27,7 @@ GITFAST_INLINE void dot_tile(const float* const* x, const float* const* w, int64
     Vec xv[R];
     for (int r = 0; r < R; ++r) xv[r] = Vec::load(x[r] + i);
     for (int c = 0; c < kCols; ++c) {
-      prefetch(w[c] + i + ahead);
+      if (kPrefetch) prefetch(w[c] + i + ahead);
       const Vec wv = Vec::load(w[c] + i);
       for (int r = 0; r < R; ++r) acc[r][c] = Vec::fma(xv[r], wv, acc[r][c]);
     }
@@ -43,10 +45,18 @@ GITFAST_INLINE void dot_tile(const float* const* x, const float* const* w, int64
 // so a one-row decode step pays for one row of FMAs.
 GITFAST_TILE_ATTR void tile(const float* const* x, int rows, const float* const* w, int64_t k, int64_t ahead,
                             float* out) {
+  if (ahead > 0) {
+    switch (rows) {
+      case 1: return dot_tile<1, true>(x, w, k, ahead, out);
+      case 2: return dot_tile<2, true>(x, w, k, ahead, out);
+      case 3: return dot_tile<3, true>(x, w, k, ahead, out);
+      default: return dot_tile<kRows, true>(x, w, k, ahead, out);
+    }
+  }
   switch (rows) {
-    case 1: return dot_tile<1>(x, w, k, ahead, out);
-    case 2: return dot_tile<2>(x, w, k, ahead, out);
-    case 3: return dot_tile<3>(x, w, k, ahead, out);
-    default: return dot_tile<kRows>(x, w, k, ahead, out);
+    case 1: return dot_tile<1, false>(x, w, k, ahead, out);
+    case 2: return dot_tile<2, false>(x, w, k, ahead, out);
+    case 3: return dot_tile<3, false>(x, w, k, ahead, out);
+    default: return dot_tile<kRows, false>(x, w, k, ahead, out);
   }
 }
