@@ -16,8 +16,12 @@ preference:
 The bands: "narrow", 1 to NARROW_MAX_ROWS rows (one sequence, and decode batches up to 16), timed on
 weights that stay in cache (cheap: `gitfast caption one.png` makes this decision); "middle", up to
 MIDDLE_MAX_ROWS rows (the Captioner's batch of 32), timed at 32 rows on weights larger than a 32 MiB
-last-level cache, as a decode step streams its weights (git-base reads 264 MB per step). Beyond
-MIDDLE_MAX_ROWS, F.linear (at 128 rows and up MKL's own call was the fastest measured).
+last-level cache, as a decode step streams its weights (git-base reads 264 MB per step); it serves
+weights of at least MIDDLE_MIN_WEIGHT elements (1 MiB: git-base's smallest decoder weight is 2.25 MiB),
+and smaller ones, which stay in cache where the band was not measured, keep F.linear (this also spares
+a small model, such as the embedded one, whose 26 image tokens per image fall in the band, the band's
+0.3 s measurement). Beyond MIDDLE_MAX_ROWS, F.linear (at 128 rows and up MKL's own call was the fastest
+measured).
 GITFAST_LINEAR_FP32_NARROW_BACKEND / GITFAST_LINEAR_FP32_MIDDLE_BACKEND force one.
 
 "torch" comes first: the others sum in another order than F.linear (results agree to fp32 rounding,
@@ -55,6 +59,7 @@ MIDDLE = Band("middle", 64, "linear_fp32_middle", "GITFAST_LINEAR_FP32_MIDDLE_BA
               ((32, 768, 32 * 768), (32, 3072, 2 * 768)))
 BANDS = (NARROW, MIDDLE)
 NARROW_MAX_ROWS, MIDDLE_MAX_ROWS = NARROW.most_rows, MIDDLE.most_rows
+MIDDLE_MIN_WEIGHT = 2**18
 KIND, ENV = NARROW.kind, NARROW.env  # the narrow band's, by their earlier names
 
 
@@ -120,12 +125,13 @@ def decide(band: Band = NARROW) -> str:
                   band.env).chosen
 
 
-def backend(rows: int) -> str:
+def backend(rows: int, weight_elements: int) -> str:
     """The backend for an fp32 CPU inference Linear over `rows` rows: its band's decision, or "torch"
-    past the last band."""
-    for band in BANDS:
-        if rows <= band.most_rows:
-            return decide(band)
+    past the last band (and in the middle band for a weight under MIDDLE_MIN_WEIGHT elements)."""
+    if rows <= NARROW.most_rows:
+        return decide(NARROW)
+    if rows <= MIDDLE.most_rows and weight_elements >= MIDDLE_MIN_WEIGHT:
+        return decide(MIDDLE)
     return "torch"
 
 
@@ -142,14 +148,15 @@ def kernel_serves_narrow_linear() -> bool:
 
 def describe(device) -> str:
     """What serves an fp32 `ops.Linear` (and `ops.Logits`) on `device`, band by band, with the
-    measurements: e.g. "cpu ext at <= 16 rows (measured; ...); cpu ext at 17-64 rows (...); torch above"."""
+    measurements: e.g. "cpu ext at <= 16 rows (measured; ...); cpu ext at 17-64 rows of weights >= 1 MiB
+    (...); torch above"."""
     if torch.device(device).type != "cpu":
         return "torch"
     parts, low = [], 1
     for band in BANDS:
         made = decision(band)
         how = made.summary()[len(made.chosen):].strip()  # "(measured; cpu ext 2.1 ms, torch 3.4 ms)"
-        rows = f"<= {band.most_rows}" if low == 1 else f"{low}-{band.most_rows}"
-        parts.append(f"{made.chosen} at {rows} rows {how}")
+        rows = f"<= {band.most_rows} rows" if low == 1 else f"{low}-{band.most_rows} rows of weights >= 1 MiB"
+        parts.append(f"{made.chosen} at {rows} {how}")
         low = band.most_rows + 1
     return "; ".join(parts) + "; torch above"

@@ -176,14 +176,14 @@ def _bf16_served(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _fp32_backend(x: torch.Tensor, w: torch.Tensor, b) -> str:
     """The backend an fp32 Linear on `x` takes (fp32_backends): CPU inference at up to
-    MIDDLE_MAX_ROWS rows (decode steps) takes its row band's measured one; anything else, and prefill
-    and image rows, F.linear ("torch")."""
+    MIDDLE_MAX_ROWS rows (decode steps) takes its row band's measured one (fp32_backends.backend); anything
+    else, and prefill and image rows, F.linear ("torch")."""
     if x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" \
             and 0 < x.numel() <= fp32_backends.MIDDLE_MAX_ROWS * x.shape[-1] and w.is_contiguous() \
             and (b is None or (b.dtype == torch.float32 and b.is_contiguous())) \
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
             and not torch.compiler.is_compiling():
-        return fp32_backends.backend(x.numel() // x.shape[-1])
+        return fp32_backends.backend(x.numel() // x.shape[-1], w.numel())
     return "torch"
 
 

@@ -11,6 +11,7 @@ CONFIGS = {
     "hd64_odd_tokens": (128, 2, 128, 2, 36, 6, None),  # head_dim 64, 37 image tokens (prime)
     "hd40": (80, 2, 96, 3, 28, 7, None),         # head_dim 40 (text) / 32 (vision), 17 image tokens
     "video": (64, 2, 64, 2, 24, 8, 3),          # 3 frames x 10 tokens
+    "hd512": (512, 8, 64, 2, 24, 8, None),      # decoder weights of 2^18 elements and up, 10 image tokens
 }
 
 

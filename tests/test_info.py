@@ -129,10 +129,10 @@ with torch.no_grad():
         ran[name] = [k for k in calls if calls[k] > before[k]]
     # 17: past fp32_backends.NARROW_MAX_ROWS; 65: past MIDDLE_MAX_ROWS. Decided first: timing the
     # candidates calls each of them
-    fp32_backends.backend(1), fp32_backends.backend(17)
+    fp32_backends.decide(fp32_backends.NARROW), fp32_backends.decide(fp32_backends.MIDDLE)
     for name, rows in (("fp32_narrow", 1), ("fp32_middle", 17), ("fp32_wide", 65)):
         before = dict(calls)
-        ops.Linear(64, 96)(torch.randn(rows, 64))
+        ops.Linear(512, 520)(torch.randn(rows, 512))  # >= fp32_backends.MIDDLE_MIN_WEIGHT
         ran[name] = [k for k in calls if calls[k] > before[k]]
 print(json.dumps({"rows": info.collect()["linear"], "ran": ran}))
 """

@@ -163,14 +163,16 @@ def kernel_calls(monkeypatch):
 @pytest.mark.parametrize("backend", ["cpu ext", "torch swapped", "torch"])
 def test_linear_takes_the_chosen_backend_at_decode_rows(forced, kernel_calls, band, backend):
     """Rows in the band go to its forced backend (the other band to plain F.linear here), rows past
-    both bands to F.linear; the results match F.linear (with the activation) to fp32 rounding."""
+    both bands to F.linear; the results match F.linear (with the activation) to fp32 rounding. The
+    middle band serves weights of at least MIDDLE_MIN_WEIGHT elements only."""
     for other in fp32_backends.BANDS:
         forced(backend if other is band else "torch", other)
     kernel_calls.clear()  # the forced candidates' own checks
-    lin, head = ops.Linear(48, 70), ops.Logits(48, 101)
+    k = 48 if band is fp32_backends.NARROW else 512  # 512 x 520 >= MIDDLE_MIN_WEIGHT
+    lin, head, small = ops.Linear(k, 520), ops.Logits(k, 601), ops.Linear(48, 70)
     low = 1 if band is fp32_backends.NARROW else fp32_backends.NARROW_MAX_ROWS + 1
-    inside = [(low, 48), (2, low, 48) if low > 1 else (2, 3, 48), (band.most_rows, 48)]
-    outside = [(fp32_backends.MIDDLE_MAX_ROWS + 1, 48)] + ([(low - 1, 48)] if low > 1 else [])
+    inside = [(low, k), (2, low, k) if low > 1 else (2, 3, k), (band.most_rows, k)]
+    outside = [(fp32_backends.MIDDLE_MAX_ROWS + 1, k)] + ([(low - 1, k)] if low > 1 else [])
     with torch.inference_mode():
         for shape in inside + outside:
             x = _randn(*shape, seed=len(shape))
@@ -179,8 +181,13 @@ def test_linear_takes_the_chosen_backend_at_decode_rows(forced, kernel_calls, ba
                 want = want if activation is None else ops.activation_reference(want, activation)
                 torch.testing.assert_close(lin(x, activation), want, rtol=1e-5, atol=1e-5)
             _check(head(x), x, head.weight, head.bias)
+        x = _randn(band.most_rows, 48)
+        _check(small(x), x, small.weight, small.bias)
     tag = {"cpu ext": "ext", "torch swapped": "swapped"}.get(backend)
-    assert kernel_calls == ([(tag, shape) for shape in inside for _ in range(3)] if tag else [])
+    served = [(tag, shape) for shape in inside for _ in range(3)]
+    if band is fp32_backends.NARROW:  # the small layer too
+        served.append((tag, (band.most_rows, 48)))
+    assert kernel_calls == (served if tag else [])
 
 
 def test_feed_forward_at_decode_rows_goes_through_the_kernel(forced, kernel_calls, monkeypatch):
@@ -189,17 +196,17 @@ def test_feed_forward_at_decode_rows_goes_through_the_kernel(forced, kernel_call
     for band in fp32_backends.BANDS:
         forced("cpu ext", band)
     kernel_calls.clear()
-    fc1, fc2 = ops.Linear(40, 96), ops.Linear(96, 40)
+    fc1, fc2 = ops.Linear(512, 520), ops.Linear(520, 512)
     mlp_calls = []
     real_mlp = g.mlp
     monkeypatch.setattr(torch.ops.gitfast, "mlp", lambda *a: mlp_calls.append(a[0].shape) or real_mlp(*a))
     with torch.no_grad():
         for rows in (3, 40, 70):
-            x = _randn(rows, 40, seed=rows)
+            x = _randn(rows, 512, seed=rows)
             want = ops.mlp_reference(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu")
-            torch.testing.assert_close(ops.feed_forward(x, fc1, fc2, "gelu"), want, rtol=1e-5, atol=1e-5)
-    assert kernel_calls == [("ext", (3, 40)), ("ext", (3, 96)), ("ext", (40, 40)), ("ext", (40, 96))]
-    assert [tuple(s) for s in mlp_calls] == [(70, 40)]
+            torch.testing.assert_close(ops.feed_forward(x, fc1, fc2, "gelu"), want, rtol=1e-4, atol=1e-5)
+    assert kernel_calls == [("ext", (3, 512)), ("ext", (3, 520)), ("ext", (40, 512)), ("ext", (40, 520))]
+    assert [tuple(s) for s in mlp_calls] == [(70, 512)]
 
 
 def test_training_keeps_autograd(forced, kernel_calls):
@@ -240,18 +247,18 @@ def test_a_slow_kernel_is_not_chosen(monkeypatch, band):
 
 @pytest.mark.parametrize("backend", ["cpu ext", "torch swapped"])
 def test_decode_batches_of_the_middle_band_give_transformers_tokens(forced, kernel_calls, backend):
-    """A batch of 24 sequences decodes through the middle band's backend (greedy, fp32): the same
-    tokens as transformers, as at every other batch size."""
+    """A batch of 24 sequences decodes through the middle band's backend (greedy, fp32; decoder weights
+    of at least MIDDLE_MIN_WEIGHT elements): the same tokens as transformers, as at every other batch size."""
     import gitfast
     from git_factory import make_hf_model, pixels
 
     forced(backend, fp32_backends.MIDDLE)
-    hf = make_hf_model("hd64_odd_tokens")
+    hf = make_hf_model("hd512")
     fm = gitfast.GitForCausalLM.from_transformers(hf)
-    px = pixels("hd64_odd_tokens", 24, seed=5)
+    px = pixels("hd512", 24, seed=5)
     kernel_calls.clear()
     with torch.inference_mode():
         want = hf.generate(pixel_values=px, max_new_tokens=8)
         got = fm.generate(pixel_values=px, max_new_tokens=8)
     assert torch.equal(got, want)
-    assert any(rows == (24, 128) for _, rows in kernel_calls), kernel_calls[:5]
+    assert any(rows == (24, 512) for _, rows in kernel_calls), kernel_calls[:5]
