@@ -73,6 +73,21 @@ def test_packed_extremes_and_empty():
         assert _packed_mm(q, zero, w).shape == (m, n)
 
 
+def test_one_byte_above_127_anywhere_is_refused():
+    """The 7-bit check reads q 8 bytes at a time, then the tail: a single 128 (or 255) at any place, in
+    a whole word or the tail, is found; 127 everywhere passes."""
+    _, zero, w = _case(3, 13, 4, seed=3)
+    packed, cs = g.pack_u7_weight(w), w.sum(1, dtype=torch.int32)
+    ok = torch.full((3, 13), 127, dtype=torch.uint8)
+    assert g.int8_mm_u7_packed(ok, zero, packed, cs).shape == (3, 4)
+    for place in range(ok.numel()):  # 39 bytes: four whole words and a 7-byte tail
+        for value in (128, 255):
+            bad = ok.clone()
+            bad.view(-1)[place] = value
+            with pytest.raises(RuntimeError, match="q holds values above 127"):
+                g.int8_mm_u7_packed(bad, zero, packed, cs)
+
+
 def test_packed_bad_inputs_are_named():
     q, zero, w = _case(2, 6, 4, seed=0)
     packed, cs = g.pack_u7_weight(w), w.sum(1, dtype=torch.int32)
