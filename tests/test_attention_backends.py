@@ -36,7 +36,9 @@ def test_kernel_backends_refuse_what_they_do_not_run():
         assert backend.serves(interface.DECODE, q64) and not backend.serves(interface.DECODE, q40)
         assert not backend.serves(interface.DENSE_PADDED, q64)
     assert triton_backend.BACKEND.serves(interface.VISION, q64)
-    assert not cpu_backend.BACKEND.serves(interface.VISION, q64)  # SDPA measured faster there
+    # the CPU's all-keys path serves image tokens as measured against SDPA, never an unbuilt head size
+    assert cpu_backend.BACKEND.serves(interface.VISION, q64) == (cpu_backend.vision_decision().chosen == "cpu ext")
+    assert not cpu_backend.BACKEND.serves(interface.VISION, q40)
     assert cpu_backend.BACKEND.serves(interface.WRITE_KV, q64, pool)
     assert not cpu_backend.BACKEND.serves(interface.WRITE_KV, q64, pool.transpose(0, 1))
 
@@ -48,7 +50,9 @@ def test_selection_on_the_cpu():
     assert attention.backend_for(interface.DECODE, q) is cpu_backend.BACKEND
     assert attention.backend_for(interface.DECODE, q.requires_grad_()) is plain   # kernels have no backward
     assert attention.backend_for(interface.PREFILL, torch.zeros(3, 2, 40)) is plain  # head size not built
-    assert attention.backend_for(interface.VISION, torch.zeros(1, 5, 2, 64)) is plain
+    vision = cpu_backend.BACKEND if cpu_backend.vision_decision().chosen == "cpu ext" else plain  # measured
+    assert attention.backend_for(interface.VISION, torch.zeros(1, 5, 2, 64)) is vision
+    assert attention.backend_for(interface.VISION, torch.zeros(1, 5, 2, 64, requires_grad=True)) is plain
     assert attention.backend_for(interface.DENSE_PADDED, torch.zeros(1, 5, 2, 64)) is plain
     k, v = torch.zeros(3, 2, 64), torch.zeros(3, 2, 64, requires_grad=True)
     assert attention.backend_for(interface.WRITE_KV, k, v, cache=torch.zeros(4, 4, 2, 64)) is plain

@@ -111,6 +111,58 @@ def test_git_attention_low_precision(dtype):
     _check_low(out, gold, git_attention_reference(q, k, v, _cu(LENS), n_img, compute_dtype=dtype))
 
 
+# every query sees every key (image tokens only): the all-keys path, blocks of 6 (AVX2) or 8 rows over
+# panels of 16 or 32 keys. Lengths around both, several images packed, head dims across the panels.
+ALL_KEYS_LENS = [1, 2, 6, 7, 13, 16, 33, 197]
+
+
+@pytest.mark.parametrize("head_dim", [16, 40, 64, 80, 128])
+def test_all_keys_path_fp32(head_dim):
+    q, k, v = (_randn(sum(ALL_KEYS_LENS), 3, head_dim, seed=s) for s in range(3))
+    out = ca.git_attention(q.float(), k.float(), v.float(), _cu(ALL_KEYS_LENS), 10_000)
+    gold = git_attention_reference(q, k, v, _cu(ALL_KEYS_LENS), 10_000, compute_dtype=F64)
+    torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_all_keys_path_low_precision(dtype):
+    q, k, v = (_randn(sum(ALL_KEYS_LENS), 2, 64, seed=s).to(dtype) for s in range(3))
+    out = ca.git_attention(q, k, v, _cu(ALL_KEYS_LENS), 10_000)
+    assert out.dtype == dtype
+    gold = git_attention_reference(q.double(), k.double(), v.double(), _cu(ALL_KEYS_LENS), 10_000, compute_dtype=F64)
+    _check_low(out, gold, git_attention_reference(q, k, v, _cu(ALL_KEYS_LENS), 10_000, compute_dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu ext"])
+def test_vision_attention_takes_the_decided_backend(fresh_decision, monkeypatch, backend):
+    """attention.bidirectional (the vision encoder, image prefixes) runs the backend the decision names,
+    forced here both ways; both give the fp64 softmax's answer on [B, T, H, D] views of a fused QKV."""
+    from gitfast import attention
+    from gitfast.attention import torch_backend
+
+    fresh_decision(ca.VISION_KIND, ca.VISION_ENV)
+    monkeypatch.setenv(ca.VISION_ENV, backend)
+    calls = []
+    real = ca.git_attention
+    monkeypatch.setattr(ca, "git_attention", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    q, k, v = _randn(3, 45, 3, 4, 64, seed=7).float().unbind(2)
+    want = torch.einsum("bhts,bshd->bthd", (torch.einsum("bthd,bshd->bhts", q.double(), k.double()) / 8).softmax(-1),
+                        v.double())
+    expected = ca.BACKEND if backend == "cpu ext" else torch_backend.BACKEND
+    assert attention.backend_for(attention.VISION, q) is expected
+    calls.clear()  # the forced candidate's own check
+    got = attention.bidirectional(q, k, v)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert calls == ([(135, 4, 64)] if backend == "cpu ext" else [])
+    assert ca.vision_decision().how.startswith("forced")
+
+
+def test_vision_attention_is_measured(fresh_decision):
+    fresh_decision(ca.VISION_KIND, ca.VISION_ENV)
+    d = ca.vision_decision()
+    assert d.chosen in ("torch", "cpu ext") and d.how == "measured" and set(d.seconds) == {"torch", "cpu ext"}, d
+
+
 # -- paged caches ---------------------------------------------------------------------------------
 
 
@@ -301,14 +353,14 @@ def test_forced_isa_paths(forced):
         pytest.skip("no AVX2 on this CPU")
     env = {**os.environ, "GITFAST_CPU_ISA": forced}
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-           "-k", "isa_reported or fp32 or low_precision"]
+           "-k", "isa_reported or fp32 or low_precision or vision_attention_takes"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
 
 
 def test_model_attention_on_the_cpu_runs_these_kernels(monkeypatch):
-    """gitfast.attention's paged decode and prefill take the C++ kernels on the CPU (the vision
-    encoder's unmasked attention stays on SDPA, measured faster), with the plain-torch answers."""
+    """gitfast.attention's paged decode and prefill take the C++ kernels on the CPU, with the plain-torch
+    answers (the vision encoder's attention: the measured choice, tested above)."""
     from gitfast import attention
     from gitfast.attention import torch_backend
 
@@ -323,7 +375,6 @@ def test_model_attention_on_the_cpu_runs_these_kernels(monkeypatch):
     meta = attention.AttentionMetadata(attention.DECODE, torch.tensor([-1, -1]), tables, _i32(lens),
                                        max_context=max(lens))
     assert attention.backend_for(attention.DECODE, q) is ca.BACKEND
-    assert attention.backend_for(attention.VISION, q) is torch_backend.BACKEND
     got = attention.paged(q, q, q, kc, vc, meta)  # slots -1: nothing written
     want = torch_backend.BACKEND.decode(q, kc, vc, meta)
     assert calls == ["paged_decode_attention"]

@@ -54,6 +54,14 @@ def test_json_matches_the_dispatcher(capsys):
     assert info["extension"]["loaded"] == (want["cpu"] == "cpu ext")
     assert set(info["ops"]) == set(FUSED)
     assert all(info["ops"][op] == want for op in FUSED)
+    # the vision attention row names what attention.bidirectional runs on the CPU
+    from gitfast import attention
+    from gitfast.attention import cpu_backend
+
+    row = info["attention"]["vision_attention"]["cpu"]
+    runs = attention.backend_for(attention.VISION, torch.zeros(1, 3, 2, 64))
+    assert row.startswith("cpu ext") == (runs is cpu_backend.BACKEND), row
+    assert row.startswith(("cpu ext (measured", "cpu ext (forced", "torch sdpa")), row
 
 
 def test_reports_reference_without_the_extension(capsys, monkeypatch):

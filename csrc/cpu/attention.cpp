@@ -46,6 +46,7 @@ constexpr int kTile = 32;        // keys per tile: a multiple of every ISA's vec
 constexpr int kMaxHeadDim = 256;  // bindings refuse wider heads (register/scratch sizing)
 constexpr int kPadDim = 16;       // head dims are zero-padded to a multiple of this (every W divides it)
 constexpr int kMaxRows = 4;       // the most query rows any ISA's block takes
+constexpr int kMaxFullRows = 8;   // the most query rows any ISA's all-keys block takes (attend_full)
 
 }  // namespace
 
@@ -227,6 +228,7 @@ namespace {
 // ---- ISA choice ------------------------------------------------------------------------------
 
 using BlockFn = void (*)(const float*, const float*, const float*, const int*, int, int64_t, int, float*);
+using FullFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t, float*, float*);
 using RowsF32Fn = void (*)(const float* const*, const float* const*, const float*, int64_t, int, float*, float*);
 using RowsBf16Fn = void (*)(const uint16_t* const*, const uint16_t* const*, const float*, int64_t, int, float*, float*);
 
@@ -235,19 +237,23 @@ struct Isa {
   BlockFn block;
   RowsF32Fn rows_f32;    // a decode item: fp32 rows, in the cache or packed
   RowsBf16Fn rows_bf16;  // a decode item: bf16 rows, in the cache
+  FullFn full;           // a block of queries that see every key (all image tokens)
   int width;  // floats per vector
   int rows;   // query rows per block
+  int full_rows;  // query rows per attend_full block
 };
 
 // The ISAs this CPU runs, widest first, capped by GITFAST_CPU_ISA (avx512 | avx2 | generic); read once.
 const std::vector<const Isa*>& fit_isas() {
   static const Isa portable{"generic", &generic::attend_block, &generic::attend_rows_f32,
-                            &generic::attend_rows_bf16, generic::Vec::W, generic::kRows};
+                            &generic::attend_rows_bf16, &generic::attend_full, generic::Vec::W, generic::kRows,
+                            generic::kFullRows};
 #if GITFAST_X86
   static const Isa v4{"avx512", &avx512::attend_block, &avx512::attend_rows_f32,
-                      &avx512::attend_rows_bf16, avx512::Vec::W, avx512::kRows};
+                      &avx512::attend_rows_bf16, &avx512::attend_full, avx512::Vec::W, avx512::kRows,
+                      avx512::kFullRows};
   static const Isa v3{"avx2", &avx2::attend_block, &avx2::attend_rows_f32, &avx2::attend_rows_bf16,
-                      avx2::Vec::W, avx2::kRows};
+                      &avx2::attend_full, avx2::Vec::W, avx2::kRows, avx2::kFullRows};
 #endif
   static const std::vector<const Isa*> fit = [] {
     std::vector<const Isa*> out;
@@ -304,8 +310,8 @@ struct Scratch {
   std::vector<const void*> krows, vrows;  // a decode item's key and value rows
   int64_t packed_size;
   Scratch(int64_t max_lp, int64_t dp)
-      : q(kMaxRows * dp), o(kMaxRows * dp), s(max_lp), lim(kMaxRows), krows(max_lp), vrows(max_lp),
-        packed_size(max_lp * dp) {}
+      : q(kMaxFullRows * dp), o(kMaxFullRows * dp), s(kMaxFullRows * max_lp), lim(kMaxRows), krows(max_lp),
+        vrows(max_lp), packed_size(max_lp * dp) {}
   // fp32 room for packed keys and values, made on first need: a decode step reading the cache rows in
   // place needs none
   void need_packing() {
@@ -315,6 +321,42 @@ struct Scratch {
     }
   }
 };
+
+// An item whose queries all see all L keys (P >= L: image tokens only): keys and values packed in
+// panels of 2 W columns (attention_block.h's attend_full), then blocks of isa.full_rows queries.
+template <typename T>
+void attend_all_keys(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Rows<T>& values, const T* q,
+                     int64_t q_stride, T* out, int64_t out_stride, int64_t nq, int64_t L, int64_t D, int64_t Dp,
+                     float qscale) {
+  const int64_t panel = 2 * isa.width, Lp = (L + panel - 1) / panel * panel;
+  float* kp = sc.kt.data();
+  float* vp = sc.v.data();
+  std::fill(kp, kp + Lp * Dp, 0.0f);
+  for (int64_t j = 0; j < L; ++j) {
+    const T* kr = keys.row(j);
+    const T* vr = values.row(j);
+    float* kcol = kp + (j / panel) * Dp * panel + j % panel;  // key j's column in its panel
+    for (int64_t d = 0; d < D; ++d) kcol[d * panel] = to_f32(kr[d]);
+    for (int64_t c = 0; c < Dp; c += panel) {  // value row j in each dim panel (a last one may be W wide)
+      const int64_t width = std::min(panel, Dp - c);
+      float* vrow = vp + c * L + j * width;
+      for (int64_t d = 0; d < width; ++d) vrow[d] = c + d < D ? to_f32(vr[c + d]) : 0.0f;
+    }
+  }
+  for (int64_t i0 = 0; i0 < nq; i0 += isa.full_rows) {
+    const int nr = static_cast<int>(std::min<int64_t>(isa.full_rows, nq - i0));
+    std::fill(sc.q.begin(), sc.q.end(), 0.0f);
+    for (int r = 0; r < nr; ++r) {
+      const T* qr = q + (i0 + r) * q_stride;
+      for (int64_t d = 0; d < D; ++d) sc.q[r * Dp + d] = to_f32(qr[d]) * qscale;
+    }
+    isa.full(kp, vp, sc.q.data(), L, Lp, Dp, sc.s.data(), sc.o.data());
+    for (int r = 0; r < nr; ++r) {
+      T* orow = out + (i0 + r) * out_stride;
+      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(sc.o[r * Dp + d]);
+    }
+  }
+}
 
 // One item: nq queries at positions pos0.. attend to L keys with P image tokens; out rows in T.
 template <typename T>
@@ -370,6 +412,7 @@ void attend_item(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Rows<T>
     return;
   }
   sc.need_packing();
+  if (P >= L) return attend_all_keys(isa, sc, keys, values, q, q_stride, out, out_stride, nq, L, D, Dp, qscale);
   float* kt = sc.kt.data();
   float* vp = sc.v.data();
   // -- pack: Kt [Dp][Lp] and V [Lp][Dp] in fp32, zero-padded --

@@ -113,6 +113,91 @@ void attend_block(const float* Kt, const float* V, const float* Q, const int* li
   attend_block_rows<kRows>(Kt, V, Q, lim, nr, Lp, nv, O);
 }
 
+// ---- every query sees every key (the vision encoder, image prefixes) ----------------------------
+// Rows of one block see all L keys, so the block takes its whole score rows at once, S [kFullRows][Lp],
+// an exact softmax per row (max, then 2^(s - max), then the sum: no running rescale of o as the tiled
+// kernel above needs), then O = P V. Both products are register tiles of kFullRows rows x 2 vectors
+// (AVX2: 12 accumulators; the tiled kernel's o alone fills AVX2's 16 registers at head dim 64). The
+// operands are packed in panels of 2 W columns, so every tile reads one contiguous run (L1/L2-resident:
+// 50 KB each for 197 keys x 64 dims):
+//   Kp [Lp / 2W][Dp][2W]  keys: panel p holds keys p*2W .. p*2W + 2W - 1, d-major (zero past L)
+//   Vp [Dp / 2W][L][2W]   values: panel c holds dims c*2W .. (a last panel of W when 2W does not divide Dp)
+constexpr int kFullRows = Vec::kRegs >= 32 ? 8 : 6;
+constexpr int kPanel = 2 * Vec::W;
+
+// S[r][j] = Q[r] . K[j] for every j < Lp (Lp a multiple of kPanel)
+GITFAST_INLINE void full_scores(const float* Kp, const float* Q, int64_t Dp, int64_t Lp, float* S) {
+  for (int64_t j = 0; j < Lp; j += kPanel) {
+    Vec s[kFullRows][2];
+    for (int r = 0; r < kFullRows; ++r) s[r][0] = s[r][1] = Vec::zero();
+    const float* kc = Kp + j * Dp;  // panel j / kPanel
+    for (int64_t d = 0; d < Dp; ++d, kc += kPanel) {
+      const Vec k0 = Vec::load(kc), k1 = Vec::load(kc + Vec::W);
+      for (int r = 0; r < kFullRows; ++r) {
+        const Vec q = Vec::broadcast(Q[r * Dp + d]);
+        s[r][0] = Vec::fma(q, k0, s[r][0]);
+        s[r][1] = Vec::fma(q, k1, s[r][1]);
+      }
+    }
+    for (int r = 0; r < kFullRows; ++r) {
+      s[r][0].store(S + r * Lp + j);
+      s[r][1].store(S + r * Lp + j + Vec::W);
+    }
+  }
+}
+
+// S[r] <- 2^(S[r] - max) over keys j < L (0 past L); returns 1 / the row's sum
+GITFAST_INLINE float full_softmax_row(float* S, int64_t L, int64_t Lp) {
+  Vec mx = Vec::broadcast(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < Lp; j += Vec::W) {
+    const Vec s = Vec::mask_from(Vec::load(S + j), static_cast<int>(std::min<int64_t>(L - j, Vec::W)));
+    s.store(S + j);
+    mx = Vec::max(mx, s);
+  }
+  const Vec m = Vec::broadcast(mx.hmax());
+  Vec sum = Vec::zero();
+  for (int64_t j = 0; j < Lp; j += Vec::W) {
+    const Vec e = Vec::exp2(Vec::sub(Vec::load(S + j), m));
+    sum = Vec::add(sum, e);
+    e.store(S + j);
+  }
+  return 1.0f / sum.hsum();  // the largest score gives 2^0 = 1: sum >= 1
+}
+
+// O[r][c : c + C W] = inv[r] * sum_{j < L} P[r][j] V[j][c : ...] from the panel at `panel` (C W wide)
+template <int C>
+GITFAST_INLINE void full_values_cols(const float* panel, const float* P, int64_t L, int64_t Lp, int64_t Dp,
+                                     const float* inv, int64_t c, float* O) {
+  Vec o[kFullRows][C];
+  for (int r = 0; r < kFullRows; ++r)
+    for (int v = 0; v < C; ++v) o[r][v] = Vec::zero();
+  const float* vr = panel;
+  for (int64_t j = 0; j < L; ++j, vr += C * Vec::W) {
+    Vec vv[C];
+    for (int v = 0; v < C; ++v) vv[v] = Vec::load(vr + v * Vec::W);
+    for (int r = 0; r < kFullRows; ++r) {
+      const Vec p = Vec::broadcast(P[r * Lp + j]);
+      for (int v = 0; v < C; ++v) o[r][v] = Vec::fma(p, vv[v], o[r][v]);
+    }
+  }
+  for (int r = 0; r < kFullRows; ++r) {
+    const Vec scale = Vec::broadcast(inv[r]);
+    for (int v = 0; v < C; ++v) Vec::mul(o[r][v], scale).store(O + r * Dp + c + v * Vec::W);
+  }
+}
+
+// One block of kFullRows query rows (Q zero-padded past the block's real rows, whose outputs are
+// then ignored) over all L keys; S [kFullRows][Lp] scratch; O [kFullRows][Dp].
+void attend_full(const float* Kp, const float* Vp, const float* Q, int64_t L, int64_t Lp, int64_t Dp, float* S,
+                 float* O) {
+  full_scores(Kp, Q, Dp, Lp, S);
+  float inv[kFullRows];
+  for (int r = 0; r < kFullRows; ++r) inv[r] = full_softmax_row(S + r * Lp, L, Lp);
+  int64_t c = 0;
+  for (; c + kPanel <= Dp; c += kPanel) full_values_cols<2>(Vp + c * L, S, L, Lp, Dp, inv, c, O);
+  for (; c < Dp; c += Vec::W) full_values_cols<1>(Vp + c * L, S, L, Lp, Dp, inv, c, O);
+}
+
 // One query over L keys (a decode step): a dot product per key, the softmax a pass over S, then
 // o = sum_j p_j V[j]: no score tile or row block to fill for one row. K[j] and V[j] point at row j
 // (fp32, or bf16 bits widened exactly in registers by Vec::load; where the rows lie in the cache, or

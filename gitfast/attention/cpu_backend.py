@@ -16,9 +16,14 @@ these kernel calls, which keep the signatures of the Triton kernels' API in `git
 
 `num_image_tokens` is an int or a tensor (per sequence, or 0-dim for all), clamped per sequence
 to its length as in `gitfast.kernels.reference`. fp32, fp16 and bf16 inputs; fp32 arithmetic.
-No autograd: these are inference kernels. The vision encoder's unmasked attention is left to plain
-torch: SDPA without a mask (oneDNN's GEMM path) beats the C++ kernel there (0.6-0.7x at 8 x 197
-tokens, 12 heads: bench/bench_cpu_attention.py).
+No autograd: these are inference kernels.
+
+The vision encoder's attention (and an image prefix's: every token sees every token) takes the kernel's
+all-keys path (whole score rows, an exact softmax, register tiles over panels of keys and values) where
+`vision_decision` measured it faster than plain torch's SDPA, on two vision-shaped calls of 4 heads of
+64 (fp32; both with the model's flatten of the heads after); GITFAST_VISION_ATTENTION_BACKEND forces
+"torch" or "cpu ext". AMD Zen 3, 2 threads, 13 x 197 tokens, 12 heads: 13.1-13.5 ms against SDPA's
+17.5-17.9 ms (before this path the kernel's tiled path was 0.6-0.7x SDPA's speed there).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from .interface import DECODE, DENSE, KERNEL_HEAD_DIMS, PREFILL, WRITE_KV, packed_dense
+from .interface import DECODE, DENSE, KERNEL_HEAD_DIMS, PREFILL, VISION, WRITE_KV, packed_dense
 
 _OPS = ("git_attention", "paged_decode_attention", "paged_prefill_attention")
 _ALL_OPS = (*_OPS, "write_kv_cache")
@@ -103,6 +108,44 @@ def _prepare(name: str):
     return [decode, prefill]
 
 
+VISION_KIND, VISION_ENV = "vision_attention", "GITFAST_VISION_ATTENTION_BACKEND"
+
+
+def vision_decision():
+    """backend_choice.Decision for attention where every token sees every token: "torch" (SDPA,
+    preferred within the margin) or "cpu ext" (the kernel's all-keys path, on the measured ISA)."""
+    from ..backend_choice import choose, decided
+
+    made = decided(VISION_KIND)
+    if made is not None:
+        return made
+    decision()  # the ISA the kernel candidate will run on
+    return choose(VISION_KIND, {name: functools.partial(_prepare_vision, name) for name in ("torch", "cpu ext")},
+                  VISION_ENV, first_call_floor=0.002)
+
+
+def _prepare_vision(name: str):
+    """backend_choice candidate: `name`'s image-token attention must match an fp64 softmax on a small
+    odd case (2 images of 37 tokens, 3 heads of 64); then one image and four, 197 tokens, 4 heads of 64
+    (a third of git-base's vision heads: start-up pays for this once per process), heads flattened after
+    as the model does (SDPA's output is head-major, the kernel's token-major)."""
+    from ..backend_choice import Unfit
+    from .torch_backend import BACKEND as plain
+
+    attend = plain.dense if name == "torch" else BACKEND.dense
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 37, 3, 64, generator=g) for _ in range(3))
+    scores = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) / 8.0
+    want = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.double())
+    if not torch.allclose(attend(q, k, v).double(), want, atol=1e-5, rtol=1e-5):
+        raise Unfit("wrong results on the check case")
+    calls = []
+    for images in (1, 4):
+        qkv = torch.randn(images, 197, 3, 4, 64, generator=g)
+        calls.append(functools.partial(lambda t: attend(*t.unbind(2)).flatten(-2), qkv))
+    return calls
+
+
 def _register_fakes() -> None:
     """Shape-only implementations, so torch.compile traces the ops."""
     for op in _OPS:
@@ -151,6 +194,9 @@ class CpuBackend:
     def serves(self, op: str, x: torch.Tensor, cache: Optional[torch.Tensor] = None) -> bool:
         if op == WRITE_KV:
             return cache.is_contiguous()
+        if op == VISION:
+            return x.shape[-1] in KERNEL_HEAD_DIMS and not torch.compiler.is_compiling() \
+                and vision_decision().chosen == "cpu ext"
         return op in (DENSE, PREFILL, DECODE) and x.shape[-1] in KERNEL_HEAD_DIMS
 
     def dense(self, q, k, v, num_image: Optional[int] = None, text_mask: Optional[torch.Tensor] = None):

@@ -114,7 +114,8 @@ def _cpu_isa_choice():
 
 def _attention_backends() -> dict:
     """Attention: Triton kernels on CUDA when triton imports, the extension's C++ kernels on the CPU
-    when built (the vision encoder's unmasked attention stays on SDPA there), PyTorch otherwise."""
+    when built (the vision encoder's unmasked attention: the kernel or SDPA, as measured), PyTorch
+    otherwise."""
     try:
         from ..kernels.api import triton_importable
         triton_ok = triton_importable()
@@ -122,9 +123,20 @@ def _attention_backends() -> dict:
         triton_ok = False
     cuda = "triton" if triton_ok else "torch sdpa"
     cpu = "cpu ext" if _cpu_isa() else "torch sdpa"
-    return {"git_attention": {"cpu": cpu, "cuda": cuda}, "vision_attention": {"cpu": "torch sdpa", "cuda": cuda},
+    return {"git_attention": {"cpu": cpu, "cuda": cuda}, "vision_attention": {"cpu": _vision_cpu(), "cuda": cuda},
             "paged_decode": {"cpu": cpu, "cuda": cuda}, "paged_prefill": {"cpu": cpu, "cuda": cuda},
             "write_kv_cache": {"cpu": cpu if cpu == "cpu ext" else "torch index", "cuda": cuda}}
+
+
+def _vision_cpu() -> str:
+    """The vision encoder's attention on the CPU, with the measurement: "cpu ext (measured; ...)" or
+    "torch sdpa (...)"."""
+    if not _cpu_isa():
+        return "torch sdpa"
+    from ..attention import cpu_backend
+
+    made = cpu_backend.vision_decision()
+    return ("cpu ext " if made.chosen == "cpu ext" else "torch sdpa ") + made.summary()[len(made.chosen):].strip()
 
 
 def problems(info: dict) -> list:
