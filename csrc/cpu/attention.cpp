@@ -413,6 +413,15 @@ void attend_item(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Rows<T>
   }
   sc.need_packing();
   if (P >= L) return attend_all_keys(isa, sc, keys, values, q, q_stride, out, out_stride, nq, L, D, Dp, qscale);
+  if (pos0 < P) {  // image-token rows see exactly the P image keys: the all-keys path over those first
+    const int64_t image_rows = std::min(nq, P - pos0);
+    attend_all_keys(isa, sc, keys, values, q, q_stride, out, out_stride, image_rows, P, D, Dp, qscale);
+    q += image_rows * q_stride;
+    out += image_rows * out_stride;
+    nq -= image_rows;
+    pos0 += image_rows;
+    if (nq == 0) return;
+  }
   float* kt = sc.kt.data();
   float* vp = sc.v.data();
   // -- pack: Kt [Dp][Lp] and V [Lp][Dp] in fp32, zero-padded --
