@@ -322,6 +322,26 @@ struct Scratch {
   }
 };
 
+// Query rows i0 .. i0 + nr - 1 into the block's scratch: fp32, pre-scaled, zero past D and past nr rows.
+template <typename T>
+void load_query_rows(Scratch& sc, const T* q, int64_t q_stride, int64_t i0, int nr, int64_t D, int64_t Dp,
+                     float qscale) {
+  std::fill(sc.q.begin(), sc.q.end(), 0.0f);
+  for (int r = 0; r < nr; ++r) {
+    const T* qr = q + (i0 + r) * q_stride;
+    for (int64_t d = 0; d < D; ++d) sc.q[r * Dp + d] = to_f32(qr[d]) * qscale;
+  }
+}
+
+// The block's nr output rows from scratch into rows i0.. of out, in out's dtype.
+template <typename T>
+void store_rows(const Scratch& sc, T* out, int64_t out_stride, int64_t i0, int nr, int64_t D, int64_t Dp) {
+  for (int r = 0; r < nr; ++r) {
+    T* orow = out + (i0 + r) * out_stride;
+    for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(sc.o[r * Dp + d]);
+  }
+}
+
 // An item whose queries all see all L keys (P >= L: image tokens only): keys and values packed in
 // panels of 2 W columns (attention_block.h's attend_full), then blocks of isa.full_rows queries.
 template <typename T>
@@ -345,16 +365,9 @@ void attend_all_keys(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Row
   }
   for (int64_t i0 = 0; i0 < nq; i0 += isa.full_rows) {
     const int nr = static_cast<int>(std::min<int64_t>(isa.full_rows, nq - i0));
-    std::fill(sc.q.begin(), sc.q.end(), 0.0f);
-    for (int r = 0; r < nr; ++r) {
-      const T* qr = q + (i0 + r) * q_stride;
-      for (int64_t d = 0; d < D; ++d) sc.q[r * Dp + d] = to_f32(qr[d]) * qscale;
-    }
+    load_query_rows(sc, q, q_stride, i0, nr, D, Dp, qscale);
     isa.full(kp, vp, sc.q.data(), L, Lp, Dp, sc.s.data(), sc.o.data());
-    for (int r = 0; r < nr; ++r) {
-      T* orow = out + (i0 + r) * out_stride;
-      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(sc.o[r * Dp + d]);
-    }
+    store_rows(sc, out, out_stride, i0, nr, D, Dp);
   }
 }
 
@@ -437,18 +450,13 @@ void attend_item(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Rows<T>
   // -- query blocks --
   for (int64_t i0 = 0; i0 < nq; i0 += isa.rows) {
     const int nr = static_cast<int>(std::min<int64_t>(isa.rows, nq - i0));
-    std::fill(sc.q.begin(), sc.q.end(), 0.0f);
+    load_query_rows(sc, q, q_stride, i0, nr, D, Dp, qscale);
     for (int r = 0; r < nr; ++r) {
-      const T* qr = q + (i0 + r) * q_stride;
-      for (int64_t d = 0; d < D; ++d) sc.q[r * Dp + d] = to_f32(qr[d]) * qscale;
       const int64_t pos = pos0 + i0 + r;
       sc.lim[r] = static_cast<int>(std::min(std::max(pos + 1, P), L));
     }
     isa.block(kt, vp, sc.q.data(), sc.lim.data(), nr, Lp, nv, sc.o.data());
-    for (int r = 0; r < nr; ++r) {
-      T* orow = out + (i0 + r) * out_stride;
-      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(sc.o[r * Dp + d]);
-    }
+    store_rows(sc, out, out_stride, i0, nr, D, Dp);
   }
 }
 
