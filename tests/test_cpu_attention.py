@@ -10,8 +10,6 @@ dtype. The vector ISA paths the CPU lacks or does not pick are run in subprocess
 GITFAST_CPU_ISA capping them (the choice among the ISAs left is measured once per process).
 """
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -24,6 +22,7 @@ from gitfast.kernels.reference import (
     paged_decode_attention_reference,
     paged_prefill_attention_reference,
 )
+from forced_isa import run_with_isa
 
 # skipped only without the extension: a build of it that lacks these ops fails here
 pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="gitfast._C not built")
@@ -146,8 +145,8 @@ def test_vision_attention_takes_the_decided_backend(fresh_decision, monkeypatch,
     real = ca.git_attention
     monkeypatch.setattr(ca, "git_attention", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     q, k, v = _randn(3, 45, 3, 4, 64, seed=7).float().unbind(2)
-    want = torch.einsum("bhts,bshd->bthd", (torch.einsum("bthd,bshd->bhts", q.double(), k.double()) / 8).softmax(-1),
-                        v.double())
+    want = git_attention_reference(*(t.double().flatten(0, 1) for t in (q, k, v)), _cu([45] * 3), 45,
+                                   compute_dtype=F64).view(q.shape)
     expected = ca.BACKEND if backend == "cpu ext" else torch_backend.BACKEND
     assert attention.backend_for(attention.VISION, q) is expected
     calls.clear()  # the forced candidate's own check
@@ -351,10 +350,7 @@ def test_forced_isa_paths(forced):
     """The fallback paths this CPU does not pick, forced by GITFAST_CPU_ISA in a fresh process."""
     if forced == "avx2" and not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
         pytest.skip("no AVX2 on this CPU")
-    env = {**os.environ, "GITFAST_CPU_ISA": forced}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-           "-k", "isa_reported or fp32 or low_precision or vision_attention_takes"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = run_with_isa(__file__, forced, "isa_reported or fp32 or low_precision or vision_attention_takes")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
 
 

@@ -6,13 +6,12 @@ and one-row inputs, and rows past one L2 pass. Every ISA path: the CPU's own her
 subprocess with GITFAST_CPU_ISA capping the kernels.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from gitfast import ops
+from forced_isa import run_with_isa
 
 # skipped only without the extension: a build of it that lacks int8_mm fails here
 pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="gitfast._C not built")
@@ -65,7 +64,5 @@ def test_isa_reported():
 def test_other_isa_paths(isa):
     if isa == g.int8_isa():
         pytest.skip(f"{isa} is this CPU's own path, tested above")
-    env = {**os.environ, "GITFAST_CPU_ISA": isa}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "exact or extremes or isa_reported"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = run_with_isa(__file__, isa, "exact or extremes or isa_reported")
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]

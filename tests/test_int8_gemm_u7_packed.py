@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gitfast import ops
+from forced_isa import run_with_isa
 
 pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="gitfast._C not built")
 g = torch.ops.gitfast
@@ -118,9 +119,8 @@ def test_packed_opcheck():
 def test_other_isa_paths(isa):
     if isa == g.int8_u7_isa():
         pytest.skip(f"{isa} is this CPU's own path, tested above")
+    done = run_with_isa(__file__, isa, "exact or extremes")
     env = {**os.environ, "GITFAST_CPU_ISA": isa}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "exact or extremes"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
     assert f"isa={isa}" in subprocess.run(
         [sys.executable, "-c", "import torch; from gitfast import ops; ops.extension_loaded(); "

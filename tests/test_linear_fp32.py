@@ -10,8 +10,6 @@ other ISA paths (AVX2 on an AVX-512 CPU, the portable C++) run in subprocesses w
 capping the kernels; the AVX-512 path is the default where the CPU has it.
 """
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -19,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gitfast import backend_choice as BC, fp32_backends, ops
+from forced_isa import run_with_isa
 
 pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="gitfast._C not built")
 g = torch.ops.gitfast
@@ -112,10 +111,7 @@ def test_other_isa_paths(isa):
         pytest.skip(f"{isa} is this CPU's path: the tests above ran it")
     if isa not in g.cpu_isas():
         pytest.skip(f"this CPU cannot run {isa}")
-    env = {**os.environ, "GITFAST_CPU_ISA": isa}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-           "fp64 or activation or isa_reported or leading"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = run_with_isa(__file__, isa, "fp64 or activation or isa_reported or leading")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-500:]
 

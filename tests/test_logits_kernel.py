@@ -9,13 +9,12 @@ summation: held to 1e-5 of the oracle's scale. The portable path (CPUs without A
 a subprocess with GITFAST_CPU_ISA capping the kernels.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from gitfast import backend_choice as BC, bf16_backends, ops
+from forced_isa import run_with_isa
 
 # skipped only without the extension: a build of it that lacks these ops fails here
 pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="gitfast._C not built")
@@ -204,7 +203,5 @@ def test_isa_reported():
 @pytest.mark.skipif(os.environ.get("GITFAST_CPU_ISA") is not None, reason="already a forced-ISA run")
 @pytest.mark.skipif(ops.extension_loaded() and g.logits_isa() != "avx512bf16", reason="the portable path is this CPU's")
 def test_portable_path():
-    env = {**os.environ, "GITFAST_CPU_ISA": "avx2"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "fp64 or isa_reported"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = run_with_isa(__file__, "avx2", "fp64 or isa_reported")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

@@ -308,16 +308,25 @@ struct Scratch {
   std::vector<float> kt, v, q, o, s;
   std::vector<int> lim;
   std::vector<const void*> krows, vrows;  // a decode item's key and value rows
-  int64_t packed_size;
+  int64_t max_lp, dp;
   Scratch(int64_t max_lp, int64_t dp)
-      : q(kMaxFullRows * dp), o(kMaxFullRows * dp), s(kMaxFullRows * max_lp), lim(kMaxRows), krows(max_lp),
-        vrows(max_lp), packed_size(max_lp * dp) {}
+      : q(kMaxRows * dp), o(kMaxRows * dp), s(max_lp), lim(kMaxRows), krows(max_lp), vrows(max_lp), max_lp(max_lp),
+        dp(dp) {}
   // fp32 room for packed keys and values, made on first need: a decode step reading the cache rows in
   // place needs none
   void need_packing() {
     if (kt.empty()) {
-      kt.resize(packed_size);
-      v.resize(packed_size);
+      kt.resize(max_lp * dp);
+      v.resize(max_lp * dp);
+    }
+  }
+  // room for an all-keys block (attend_full): up to kMaxFullRows query, output and whole score rows, made
+  // on first need, so decode steps and masked blocks keep their smaller scratch
+  void need_full_rows() {
+    if (s.size() < static_cast<size_t>(kMaxFullRows * max_lp)) {
+      q.resize(kMaxFullRows * dp);
+      o.resize(kMaxFullRows * dp);
+      s.resize(kMaxFullRows * max_lp);
     }
   }
 };
@@ -349,6 +358,7 @@ void attend_all_keys(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Row
                      int64_t q_stride, T* out, int64_t out_stride, int64_t nq, int64_t L, int64_t D, int64_t Dp,
                      float qscale) {
   const int64_t panel = 2 * isa.width, Lp = (L + panel - 1) / panel * panel;
+  sc.need_full_rows();
   float* kp = sc.kt.data();
   float* vp = sc.v.data();
   std::fill(kp, kp + Lp * Dp, 0.0f);

@@ -130,13 +130,15 @@ def _prepare_vision(name: str):
     (a third of git-base's vision heads: start-up pays for this once per process), heads flattened after
     as the model does (SDPA's output is head-major, the kernel's token-major)."""
     from ..backend_choice import Unfit
+    from ..kernels.reference import git_attention_reference
     from .torch_backend import BACKEND as plain
 
     attend = plain.dense if name == "torch" else BACKEND.dense
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 37, 3, 64, generator=g) for _ in range(3))
-    scores = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) / 8.0
-    want = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.double())
+    cu = torch.tensor([0, 37, 74], dtype=torch.int32)  # two sequences of image tokens only
+    want = git_attention_reference(*(t.double().flatten(0, 1) for t in (q, k, v)), cu, 37,
+                                   compute_dtype=torch.float64).view(q.shape)
     if not torch.allclose(attend(q, k, v).double(), want, atol=1e-5, rtol=1e-5):
         raise Unfit("wrong results on the check case")
     calls = []

@@ -135,8 +135,8 @@ def _vision_cpu() -> str:
         return "torch sdpa"
     from ..attention import cpu_backend
 
-    made = cpu_backend.vision_decision()
-    return ("cpu ext " if made.chosen == "cpu ext" else "torch sdpa ") + made.summary()[len(made.chosen):].strip()
+    chosen = cpu_backend.vision_decision().chosen
+    return _with_times("cpu ext" if chosen == "cpu ext" else "torch sdpa", cpu_backend.VISION_KIND)
 
 
 def problems(info: dict) -> list:
