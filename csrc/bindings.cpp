@@ -188,7 +188,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
   std::vector<int64_t> rows(x.sizes().begin(), x.sizes().end() - 1);
   at::Tensor scale = at::empty(rows, x.options().dtype(at::kFloat));
-  if (x.numel() > 0) cpu_kernels::quantize_rows(x, q, scale);
+  if (x.numel() > 0) {
+    cpu_kernels::quantize_rows(x, q, scale);
+  } else {
+    scale.zero_();  // rows of width 0 (or none): scale 0, as for an all-zero row
+  }
   return {q, scale};
 }
 
@@ -199,10 +203,11 @@ void check_f32_vector(const at::Tensor& t, int64_t n, const char* op, const char
               t.sizes());
 }
 
-at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, const std::optional<at::Tensor>& col_scale,
-                           const std::optional<at::Tensor>& bias, std::optional<c10::string_view> activation,
-                           at::ScalarType dtype) {
-  const char* op = "dequantize_rows";
+// dequantize_rows' and requantize_rows_u7's arguments, checked with the op's name; returns the activation
+// (-1 for none).
+int check_dequantize(const char* op, const at::Tensor& acc, const at::Tensor& row_scale,
+                     const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias,
+                     std::optional<c10::string_view> activation, at::ScalarType dtype) {
   TORCH_CHECK(acc.is_cpu() && acc.dim() == 2 && acc.is_contiguous() &&
                   (acc.scalar_type() == at::kInt || acc.scalar_type() == at::kFloat),
               "gitfast.", op, ": acc must be a contiguous 2-D int32 or float32 CPU tensor, got ", acc.scalar_type(),
@@ -219,12 +224,35 @@ at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, c
                 "gitfast.", op, ": bias must be a contiguous float CPU tensor of ", n, " entries, got ", t, " ",
                 bias->sizes());
   }
-  const int act = activation ? static_cast<int>(parse_activation(*activation)) : -1;
-  at::Tensor y = at::empty({m, n}, acc.options().dtype(dtype));
+  return activation ? static_cast<int>(parse_activation(*activation)) : -1;
+}
+
+at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, const std::optional<at::Tensor>& col_scale,
+                           const std::optional<at::Tensor>& bias, std::optional<c10::string_view> activation,
+                           at::ScalarType dtype) {
+  const int act = check_dequantize("dequantize_rows", acc, row_scale, col_scale, bias, activation, dtype);
+  at::Tensor y = at::empty(acc.sizes(), acc.options().dtype(dtype));
   if (acc.numel() > 0) {
     cpu_kernels::dequantize_rows(acc, row_scale, col_scale ? &*col_scale : nullptr, bias ? &*bias : nullptr, act, y);
   }
   return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> requantize_rows_u7(
+    const at::Tensor& acc, const at::Tensor& row_scale, const std::optional<at::Tensor>& col_scale,
+    const std::optional<at::Tensor>& bias, std::optional<c10::string_view> activation, at::ScalarType dtype) {
+  const int act = check_dequantize("requantize_rows_u7", acc, row_scale, col_scale, bias, activation, dtype);
+  at::Tensor q = at::empty(acc.sizes(), acc.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({acc.size(0)}, acc.options().dtype(at::kFloat));
+  at::Tensor zero = at::empty({acc.size(0)}, acc.options().dtype(at::kInt));
+  if (acc.numel() > 0) {
+    cpu_kernels::requantize_rows_u7(acc, row_scale, col_scale ? &*col_scale : nullptr, bias ? &*bias : nullptr, act,
+                                    dtype, q, scale, zero);
+  } else {
+    scale.zero_();  // rows of width 0 (or none): as quantize_rows_u7
+    zero.zero_();
+  }
+  return {q, scale, zero};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -437,7 +465,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_u7(const at::Tensor
   std::vector<int64_t> rows(x.sizes().begin(), x.sizes().end() - 1);
   at::Tensor scale = at::empty(rows, x.options().dtype(at::kFloat));
   at::Tensor zero = at::empty(rows, x.options().dtype(at::kInt));
-  if (x.numel() > 0) cpu_kernels::quantize_rows_u7(x, q, scale, zero);
+  if (x.numel() > 0) {
+    cpu_kernels::quantize_rows_u7(x, q, scale, zero);
+  } else {  // rows of width 0 (or none): scale 0 and zero point 0, as for an all-zero row
+    scale.zero_();
+    zero.zero_();
+  }
   return {q, scale, zero};
 }
 
@@ -601,6 +634,9 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
   m.def("dequantize_rows(Tensor acc, Tensor row_scale, Tensor? col_scale, Tensor? bias, str? activation, "
         "ScalarType dtype) -> Tensor",
         tags);
+  m.def("requantize_rows_u7(Tensor acc, Tensor row_scale, Tensor? col_scale, Tensor? bias, str? activation, "
+        "ScalarType dtype) -> (Tensor, Tensor, Tensor)",
+        tags);
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
         tags);
   m.def("cpu_isa() -> str", &gitfast::cpu_isa);  // no tensors: one kernel for every dispatch key
@@ -636,6 +672,7 @@ TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
   m.impl("dequantize_rows", &gitfast::dequantize_rows);
   m.impl("int8_mm", &gitfast::int8_mm);
   m.impl("quantize_rows_u7", &gitfast::quantize_rows_u7);
+  m.impl("requantize_rows_u7", &gitfast::requantize_rows_u7);
   m.impl("pack_u7_weight", &gitfast::pack_u7_weight);
   m.impl("int8_mm_u7_packed", &gitfast::int8_mm_u7_packed);
   m.impl("pack_bf16_cols", &gitfast::pack_bf16_cols);

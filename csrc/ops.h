@@ -66,7 +66,12 @@ const char* int8_isa();
 //                    exact for q <= 127; colsum [N] int32 = w's row sums (acc's N = colsum's length;
 //                    int8_gemm_u7.cpp: VPMADDUBSW where the CPU has AVX2)
 //   int8_u7_isa:     "avx2" or "generic"
+//   requantize_rows_u7: quantize_rows_u7 of dequantize_rows' output in `dtype` (rounded to it as that
+//                    output would be), row by row, without the float tensor between them: the same bits
 void quantize_rows_u7(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, at::Tensor& zero);
+void requantize_rows_u7(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor* col_scale,
+                        const at::Tensor* bias, int act, at::ScalarType dtype, at::Tensor& q, at::Tensor& scale,
+                        at::Tensor& zero);
 void pack_u7_weight(const at::Tensor& w, at::Tensor& packed);
 void int8_mm_u7_packed(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& packed,
                        const at::Tensor& colsum, at::Tensor& acc);

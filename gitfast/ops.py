@@ -327,11 +327,13 @@ def patch_conv(x: torch.Tensor, w: torch.Tensor, stride: int) -> torch.Tensor:
 def feed_forward(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, activation: str) -> torch.Tensor:
     """`fc2(act(fc1(x)))` over linear layers: the fused `mlp` op when both are plain `Linear`s whose
     weights it serves best (fp32, fp16, CUDA), else each layer's own forward with the activation
-    fused into the first (packed bf16, fp32 decode rows, INT8 layers from gitfast.quantization)."""
+    fused into the first (packed bf16, fp32 decode rows), or the first layer's own `feed_forward` where
+    it has one (gitfast.quantization's INT8 layers hand the second its quantized input)."""
     if type(fc1) is Linear and type(fc2) is Linear and not _bf16_served(x, fc1.weight) \
             and _fp32_backend(x, fc1.weight, fc1.bias) == "torch":
         return mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation)
-    return fc2(fc1(x, activation))
+    chained = getattr(fc1, "feed_forward", None)
+    return chained(x, fc2, activation) if chained is not None else fc2(fc1(x, activation))
 
 
 # Load now rather than on the first call: that call may be inside torch.compile's tracing, which

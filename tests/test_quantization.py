@@ -334,3 +334,69 @@ def test_the_engine_runs_the_decoders_image_prefix_as_image_rows(monkeypatch):
                 max_new_tokens=3)
     image_pass = [rows for inside, rows in seen if inside]
     assert image_pass and len(image_pass) < len(seen)  # the decoder's prefix pass, and not the prompt / decode steps
+
+
+@needs_ext
+@pytest.mark.parametrize("acc_dtype", [torch.int32, torch.float32])
+@pytest.mark.parametrize("activation", [None, "gelu", "quick_gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_requantize_rows_u7_is_bitwise_the_two_passes(acc_dtype, activation, dtype):
+    g = torch.Generator().manual_seed(5)
+    acc = torch.randint(-30000, 30000, (37, 1030), generator=g).to(acc_dtype)
+    rs, cs = torch.rand(37, generator=g) * 1e-3, torch.rand(1030, generator=g) * 1e-2
+    rs[3] = 0  # an all-zero row (without bias): scale 0, zero point 0
+    bias = torch.randn(1030, generator=g).to(dtype)
+    for col, b in ((cs, bias), (None, None), (cs, None)):
+        got = torch.ops.gitfast.requantize_rows_u7(acc, rs, col, b, activation, dtype)
+        two = torch.ops.gitfast.quantize_rows_u7(torch.ops.gitfast.dequantize_rows(acc, rs, col, b, activation, dtype))
+        for a, w in zip(got, two):
+            assert a.dtype == w.dtype and torch.equal(a, w)
+        ref = Q.requantize_rows_u7_reference(acc, rs, col, b, activation, dtype)
+        assert (got[0].int() - ref[0].int()).abs().max() <= 1  # a tie may round the other way, as the two passes
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=0)
+    q, s, z = torch.ops.gitfast.requantize_rows_u7(acc, rs, None, None, None, dtype)
+    assert (float(s[3]), int(z[3]), int(q[3].max())) == (0.0, 0, 0)
+
+
+@needs_ext
+def test_requantize_rows_u7_takes_empty_rows_and_names_bad_arguments():
+    q, s, z = torch.ops.gitfast.requantize_rows_u7(torch.zeros(0, 8, dtype=torch.int32), torch.ones(0), None, None,
+                                                   "gelu", torch.float32)
+    assert q.shape == (0, 8) and s.shape == z.shape == (0,)
+    q, s, z = torch.ops.gitfast.requantize_rows_u7(torch.zeros(2, 0, dtype=torch.int32), torch.ones(2), None, None,
+                                                   None, torch.float32)
+    assert q.shape == (2, 0) and s.tolist() == [0.0, 0.0] and z.tolist() == [0, 0]
+    acc = torch.zeros(3, 5, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"requantize_rows_u7: row_scale must be a contiguous float32 CPU tensor of 3"):
+        torch.ops.gitfast.requantize_rows_u7(acc, torch.ones(4), None, None, None, torch.float32)
+    with pytest.raises(RuntimeError, match=r"requantize_rows_u7: acc must be a contiguous 2-D int32 or float32"):
+        torch.ops.gitfast.requantize_rows_u7(acc.double(), torch.ones(3), None, None, None, torch.float32)
+    with pytest.raises(RuntimeError, match=r"requantize_rows_u7: dtype Long is not float32"):
+        torch.ops.gitfast.requantize_rows_u7(acc, torch.ones(3), None, None, None, torch.int64)
+
+
+@pytest.mark.parametrize("image_rows", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("row_passes", ["extension", "plain torch"])
+def test_an_int8_mlp_hands_its_second_layer_the_same_bits(monkeypatch, image_rows, dtype, row_passes):
+    """ops.feed_forward over two INT8 layers equals the layers called one after the other, bitwise, on
+    image rows (7-bit: the fused requantize pass) and text rows (8-bit: the layers' own passes); and
+    without the extension (plain torch) too."""
+    names = [n for n in ("cpu ext", "reference") if _fit(n)]
+    image = "cpu ext u7" if _fit("cpu ext u7") else names[0]
+    g = torch.Generator().manual_seed(11)
+    fc1 = Q.DynamicInt8Linear.from_linear(ops.Linear(96, 200), names[0], image)
+    fc2 = Q.DynamicInt8Linear.from_linear(ops.Linear(200, 96), names[0], image)
+    x = torch.randn(2, 45, 96, generator=g).to(dtype)
+    if row_passes == "plain torch":
+        monkeypatch.setattr(Q, "_use_extension", lambda x: False)
+    fused = []
+    real = Q.requantize_rows_u7
+    monkeypatch.setattr(Q, "requantize_rows_u7", lambda *a: fused.append(1) or real(*a))
+    with (Q.image_rows() if image_rows else torch.no_grad()):
+        got = ops.feed_forward(x, fc1, fc2, "gelu")
+        want = fc2(fc1(x, "gelu"))
+        ref = fc2.reference(fc1.reference(x, "gelu"))
+    assert bool(fused) == (image_rows and image in B.SEVEN_BIT)
+    assert got.dtype == dtype and torch.equal(got, want)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -1,9 +1,10 @@
 // gitfast._C, CPU kernels of dynamic INT8's two passes around the int8 GEMM (gitfast/quantization.py):
 // quantize_rows (activations -> int8 with one scale per row, i.e. per token), quantize_rows_u7 (the
-// same to 0..127 with a scale and zero point per row, for int8_mm_u7_packed) and dequantize_rows
+// same to 0..127 with a scale and zero point per row, for int8_mm_u7_packed), dequantize_rows
 // (the GEMM's int32 / fp32 accumulators -> act(acc * row scale * column scale + bias) in the output
-// dtype). One pass over the data each, rows split over threads; fp32 arithmetic. Checks live in
-// ../bindings.cpp.
+// dtype) and requantize_rows_u7 (dequantize_rows then quantize_rows_u7 row by row: the next 7-bit
+// layer's input without the [rows, width] float tensor between them). One pass over the data each,
+// rows split over threads; fp32 arithmetic. Checks live in ../bindings.cpp.
 
 #include <ATen/Parallel.h>
 
@@ -100,6 +101,65 @@ void for_each_row_f32(const at::Tensor& x, const Fn& fn) {
   });
 }
 
+// quantize_rows_u7's per-row step, shared by requantize_rows_u7: the row's range (widened to hold 0),
+// its scale and zero point, then q.
+class U7Rows {
+ public:
+  U7Rows(at::Tensor& q, at::Tensor& scale, at::Tensor& zero)
+      : q_(q.mutable_data_ptr<uint8_t>()), scale_(scale.mutable_data_ptr<float>()), zero_(zero.mutable_data_ptr<int32_t>()) {}
+
+  void row(int64_t r, const float* v, int64_t n) const {
+    float lo, hi;
+    min_max(v, n, lo, hi);
+    const float span = hi - lo, inv = span > 0.0f ? 127.0f / span : 0.0f;
+    const float z = (-lo * inv + 12582912.0f) - 12582912.0f;
+    scale_[r] = span / 127.0f;
+    zero_[r] = static_cast<int32_t>(z);
+    quantize_row_u7(v, inv, z, q_ + r * n, n);
+  }
+
+ private:
+  uint8_t* q_;
+  float* scale_;
+  int32_t* zero_;
+};
+
+// dequantize_rows' per-row step, shared by requantize_rows_u7: one fp32 row of
+// act(acc * row scale * column scale + bias).
+class Dequantizer {
+ public:
+  Dequantizer(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor* col_scale, const at::Tensor* bias,
+              int act)
+      : n(acc.size(-1)), rows(acc.numel() / n), acc_(acc), rs_(row_scale.const_data_ptr<float>()),
+        cs_(col_scale ? col_scale->const_data_ptr<float>() : nullptr), bias_(bias ? new float[n] : nullptr), act_(act) {
+    if (bias) cpu_kernels::row_to_f32(bias->scalar_type(), bias->const_data_ptr(), bias_.get(), n);
+  }
+
+  void row(int64_t r, float* v) const {
+    if (acc_.scalar_type() == at::kInt) {
+      scale_row(acc_.const_data_ptr<int32_t>() + r * n, rs_[r], cs_, v, n);
+    } else {
+      scale_row(acc_.const_data_ptr<float>() + r * n, rs_[r], cs_, v, n);
+    }
+    if (act_ >= 0) {
+      cpu_kernels::bias_act_row(v, bias_.get(), v, n, static_cast<Activation>(act_));
+    } else if (bias_) {
+      const float* b = bias_.get();
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) v[i] += b[i];
+    }
+  }
+
+  const int64_t n, rows;
+
+ private:
+  const at::Tensor& acc_;
+  const float* rs_;
+  const float* cs_;
+  std::unique_ptr<float[]> bias_;
+  const int act_;
+};
+
 }  // namespace
 
 namespace cpu_kernels {
@@ -115,48 +175,42 @@ void quantize_rows(const at::Tensor& x, at::Tensor& q, at::Tensor& scale) {
 }
 
 void quantize_rows_u7(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, at::Tensor& zero) {
-  uint8_t* qp = q.mutable_data_ptr<uint8_t>();
-  float* sp = scale.mutable_data_ptr<float>();
-  int32_t* zp = zero.mutable_data_ptr<int32_t>();
-  for_each_row_f32(x, [&](int64_t r, const float* v, int64_t n) {
-    float lo, hi;
-    min_max(v, n, lo, hi);
-    const float span = hi - lo, inv = span > 0.0f ? 127.0f / span : 0.0f;
-    const float z = (-lo * inv + 12582912.0f) - 12582912.0f;
-    sp[r] = span / 127.0f;
-    zp[r] = static_cast<int32_t>(z);
-    quantize_row_u7(v, inv, z, qp + r * n, n);
-  });
+  U7Rows out(q, scale, zero);
+  for_each_row_f32(x, [&](int64_t r, const float* v, int64_t n) { out.row(r, v, n); });
 }
 
 void dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor* col_scale,
                      const at::Tensor* bias, int act, at::Tensor& y) {
-  const int64_t n = acc.size(-1), rows = acc.numel() / n;
-  const bool ints = acc.scalar_type() == at::kInt;
-  const float* rs = row_scale.const_data_ptr<float>();
-  const float* cs = col_scale ? col_scale->const_data_ptr<float>() : nullptr;
+  const Dequantizer dq(acc, row_scale, col_scale, bias, act);
   const at::ScalarType yt = y.scalar_type();
   char* yp = static_cast<char*>(y.mutable_data_ptr());
-  const int64_t y_row_bytes = n * static_cast<int64_t>(y.element_size());
-  std::unique_ptr<float[]> bias_f32(bias ? new float[n] : nullptr);
-  if (bias) row_to_f32(bias->scalar_type(), bias->const_data_ptr(), bias_f32.get(), n);
-  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> buf(new float[n]);
-    float* v = buf.get();
+  const int64_t y_row_bytes = dq.n * static_cast<int64_t>(y.element_size());
+  at::parallel_for(0, dq.rows, grain_rows(dq.n), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> buf(new float[dq.n]);
     for (int64_t r = begin; r < end; ++r) {
-      if (ints) {
-        scale_row(acc.const_data_ptr<int32_t>() + r * n, rs[r], cs, v, n);
-      } else {
-        scale_row(acc.const_data_ptr<float>() + r * n, rs[r], cs, v, n);
+      dq.row(r, buf.get());
+      row_from_f32(yt, buf.get(), yp + r * y_row_bytes, dq.n);
+    }
+  });
+}
+
+void requantize_rows_u7(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor* col_scale,
+                        const at::Tensor* bias, int act, at::ScalarType dtype, at::Tensor& q, at::Tensor& scale,
+                        at::Tensor& zero) {
+  const Dequantizer dq(acc, row_scale, col_scale, bias, act);
+  U7Rows out(q, scale, zero);
+  const int64_t n = dq.n;
+  at::parallel_for(0, dq.rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> buf(new float[n]);
+    // dequantize_rows' output in a narrower dtype is what quantize_rows_u7 would read back: round here too
+    std::unique_ptr<uint16_t[]> narrow(dtype == at::kFloat ? nullptr : new uint16_t[n]);
+    for (int64_t r = begin; r < end; ++r) {
+      dq.row(r, buf.get());
+      if (narrow) {
+        row_from_f32(dtype, buf.get(), narrow.get(), n);
+        row_to_f32(dtype, narrow.get(), buf.get(), n);
       }
-      if (act >= 0) {
-        bias_act_row(v, bias_f32.get(), v, n, static_cast<Activation>(act));
-      } else if (bias) {
-        const float* b = bias_f32.get();
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) v[i] += b[i];
-      }
-      row_from_f32(yt, v, yp + r * y_row_bytes, n);
+      out.row(r, buf.get(), n);
     }
   });
 }
