@@ -23,7 +23,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,11 @@ class Decision:
 
 
 # A candidate: prepares itself and checks its answer on a small case (raising Unfit), then returns
-# one call per representative shape, cheapest first (each runs the backend once on that shape).
-Candidate = Callable[[], Sequence[Callable[[], object]]]
+# one call per representative shape, cheapest first (each runs the backend once on that shape), or a
+# function that makes those calls: their operands are then built only when there is something to time
+# (not for a forced candidate, nor for the only one fit).
+Calls = Sequence[Callable[[], object]]
+Candidate = Callable[[], Union[Calls, Callable[[], Calls]]]
 
 _decisions: Dict[str, Decision] = {}
 _lock = threading.Lock()
@@ -108,6 +111,7 @@ def _decide(kind: str, candidates: Mapping[str, Candidate], env_var: str, floor:
         raise RuntimeError(f"no {kind} backend is fit here: {unfit}")
     if len(runs) == 1:  # nothing to compare it with: not timed
         return Decision(kind, next(iter(runs)), "only one fit", {}, unfit)
+    runs = {name: calls() if callable(calls) else calls for name, calls in runs.items()}
     seconds = {name: float("inf") for name in runs}
     alive = dict(runs)
     for shape in range(len(next(iter(runs.values())))):  # first calls, shape by shape: laggards drop out

@@ -97,7 +97,8 @@ def _operands(shapes, seed: int = 0):
 
 def _prepare(name: str, operands):
     """backend_choice candidate: `name`'s product must match fp64's to fp32 rounding (relative to the
-    sum of |products|, K = 53) on a small odd case, then one call per (weight, input) of `operands`."""
+    sum of |products|, K = 53) on a small odd case; then a maker of one call per (weight, input) of
+    `operands()` (built only if the candidates are timed: the middle band's are 94 MB)."""
     make = _MAKERS[name]
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(37, 53, generator=g), torch.randn(3, 53, generator=g)
@@ -109,7 +110,7 @@ def _prepare(name: str, operands):
     scale = (x.double().abs() @ w.double().abs().t()).max().item()
     if got.shape != want.shape or (got - want).abs().max().item() > 53 * 2.0**-24 * scale:
         raise Unfit("wrong results on the check case")
-    return [functools.partial(make(w), x) for w, x in operands]
+    return lambda: [functools.partial(make(w), x) for w, x in operands()]
 
 
 def decide(band: Band = NARROW) -> str:
@@ -120,7 +121,7 @@ def decide(band: Band = NARROW) -> str:
         return made.chosen
     if torch.compiler.is_compiling():
         return "torch"
-    operands = _operands(band.shapes)  # shared by the candidates, dropped once decided
+    operands = functools.lru_cache(maxsize=1)(functools.partial(_operands, band.shapes))  # shared, dropped once decided
     return choose(band.kind, {name: functools.partial(_prepare, name, operands) for name in _MAKERS},
                   band.env).chosen
 

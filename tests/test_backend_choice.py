@@ -80,3 +80,26 @@ def test_forced_backends_are_checked(kind, monkeypatch):
     monkeypatch.setenv("GITFAST_TEST_BACKEND", "nope")
     with pytest.raises(ValueError, match="not one of wrong, slow, fast"):
         BC.choose(kind, cands, "GITFAST_TEST_BACKEND")
+
+
+def test_timing_operands_are_built_only_when_candidates_are_timed(kind, monkeypatch):
+    """A candidate may return a maker of its calls (fp32's middle band: 94 MB of operands): a forced
+    candidate and the only one fit never call it; timed candidates do, once."""
+    built = []
+
+    def lazy(name, unfit=None):
+        def prepare():
+            if unfit:
+                raise BC.Unfit(unfit)
+            return lambda: built.append(name) or [lambda: None] * 2
+        return prepare
+
+    monkeypatch.setenv("GITFAST_TEST_BACKEND", "a")
+    assert BC.choose(kind, {"a": lazy("a"), "b": lazy("b")}, "GITFAST_TEST_BACKEND").chosen == "a" and not built
+    BC.forget(kind)
+    monkeypatch.delenv("GITFAST_TEST_BACKEND")
+    d = BC.choose(kind, {"a": lazy("a"), "b": lazy("b", unfit="no")}, "GITFAST_TEST_BACKEND")
+    assert d.how == "only one fit" and not built
+    BC.forget(kind)
+    d = BC.choose(kind, {"a": lazy("a"), "b": lazy("b")}, "GITFAST_TEST_BACKEND")
+    assert d.how == "measured" and set(d.seconds) == {"a", "b"} and sorted(built) == ["a", "b"]
