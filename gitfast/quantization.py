@@ -10,8 +10,9 @@ place (the float weights are let go: a quarter of fp32's weight memory). One lay
 
 (a 7-bit backend quantizes with `quantize_rows_u7` instead: q in 0..127, x ~ s[m] * (q - z[m]), and
 its GEMM gives (q - z) @ W_int8^T), with the row passes in gitfast._C (one pass over the data each; plain torch without the
-extension). Inside an MLP whose second layer takes 7-bit rows, the first layer's dequantize pass and the
-second's quantize pass are one (`requantize_rows_u7`, bitwise the same q; `DynamicInt8Linear.feed_forward`). The GEMM's backend is the fastest of these that gives the reference integers here,
+extension). Inside an MLP whose second layer takes 7-bit rows, the first layer's dequantize pass and
+the second's quantize pass are one (`requantize_rows_u7`, bitwise the same q;
+`DynamicInt8Linear.feed_forward`). The GEMM's backend is the fastest of these that gives the reference integers here,
 measured once per process on decoder- and vision-sized shapes (gitfast.backend_choice; `backend()`
 says which, `gitfast info` shows the times, GITFAST_INT8_BACKEND=<name> forces one):
 - "onednn": `torch.ops.onednn.qlinear_pointwise` on a weight pre-packed once by
@@ -257,7 +258,8 @@ class DynamicInt8Linear(nn.Module):
         """`fc2(act(self(x)))`. Where `fc2` is a DynamicInt8Linear taking 7-bit rows (image tokens'),
         this layer's dequantize pass makes them directly (`requantize_rows_u7`: the same bits as the two
         passes), and the [rows, out_features] float activations between the layers are never written.
-        Zen 3, INT8 caption profile, 32 images: the two passes over [2561, 3072] took 17 ms per MLP."""
+        Zen 3, INT8 caption profile, 32 images: the two passes over [2561, 3072] took 17 ms per MLP, the
+        one pass 6.5 ms."""
         if not (isinstance(fc2, DynamicInt8Linear) and fc2.serving() in int8_backends.SEVEN_BIT):
             return fc2(self(x, activation))
         acc, s, col = self._products(self._rows(x), self.serving())

@@ -26,8 +26,9 @@ after); GITFAST_VISION_ATTENTION_BACKEND forces "torch" or "cpu ext". AMD Zen 3,
 tokens, 12 heads: 13.1-13.5 ms against SDPA's 17.5-17.9 ms (before this path the kernel's tiled path was
 0.6-0.7x SDPA's speed there). The kernel comes first in the preference order because the decision's
 lone calls understate what the model sees: there the two alternate call by call at 1.1-1.2x, within the
-margin, so SDPA first made the choice flip between processes (4 of 8 on that CPU), while the encoder's
-whole pass over 13 images ran 1.03x faster with the kernel (2.75 against 2.83 s, 5 pairs).
+margin, so SDPA first made the choice flip between processes (SDPA in 2 of 6 on that CPU), and with it
+the last bits that low-precision captions turn on; in the model the encoder's pass over 13 images ran
+1.03x faster with the kernel (2.75 against 2.83 s, 5 pairs), whole caption calls 1.016x (median of 6).
 """
 from __future__ import annotations
 
