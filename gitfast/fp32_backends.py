@@ -60,7 +60,6 @@ MIDDLE = Band("middle", 64, "linear_fp32_middle", "GITFAST_LINEAR_FP32_MIDDLE_BA
 BANDS = (NARROW, MIDDLE)
 NARROW_MAX_ROWS, MIDDLE_MAX_ROWS = NARROW.most_rows, MIDDLE.most_rows
 MIDDLE_MIN_WEIGHT = 2**18
-KIND, ENV = NARROW.kind, NARROW.env  # the narrow band's, by their earlier names
 
 
 def swapped_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
@@ -157,7 +156,8 @@ def describe(device) -> str:
     for band in BANDS:
         made = decision(band)
         how = made.summary()[len(made.chosen):].strip()  # "(measured; cpu ext 2.1 ms, torch 3.4 ms)"
-        rows = f"<= {band.most_rows} rows" if low == 1 else f"{low}-{band.most_rows} rows of weights >= 1 MiB"
+        rows = f"<= {band.most_rows} rows" if low == 1 else \
+            f"{low}-{band.most_rows} rows of weights >= {MIDDLE_MIN_WEIGHT * 4 // 2**20} MiB"
         parts.append(f"{made.chosen} at {rows} {how}")
         low = band.most_rows + 1
     return "; ".join(parts) + "; torch above"

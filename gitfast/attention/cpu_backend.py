@@ -133,7 +133,7 @@ def vision_decision():
 def _prepare_vision(name: str):
     """backend_choice candidate: `name`'s image-token attention must match an fp64 softmax on a small
     odd case (2 images of 37 tokens, 3 heads of 64); then one image and two, 197 tokens, 12 heads of 64
-    (git-base's vision attention; start-up pays about 0.1 s for this once per process), heads flattened
+    (git-base's vision attention; start-up pays about 0.05 s for this once per process), heads flattened
     after as the model does (SDPA's output is head-major, the kernel's token-major)."""
     from ..backend_choice import Unfit
     from ..kernels.reference import git_attention_reference
