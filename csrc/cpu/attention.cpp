@@ -320,11 +320,12 @@ struct Scratch {
       v.resize(max_lp * dp);
     }
   }
-  // room for an all-keys block (attend_full): up to kMaxFullRows query, output and whole score rows, made
-  // on first need, so decode steps and masked blocks keep their smaller scratch
+  // room for an all-keys item (attend_all_keys): all its query rows (up to max_lp, rounded up to a block
+  // of kMaxFullRows) and a block's output and whole score rows, made on first need, so decode steps and
+  // masked blocks keep their smaller scratch
   void need_full_rows() {
     if (s.size() < static_cast<size_t>(kMaxFullRows * max_lp)) {
-      q.resize(kMaxFullRows * dp);
+      q.resize((max_lp + kMaxFullRows) * dp);
       o.resize(kMaxFullRows * dp);
       s.resize(kMaxFullRows * max_lp);
     }
@@ -335,7 +336,7 @@ struct Scratch {
 template <typename T>
 void load_query_rows(Scratch& sc, const T* q, int64_t q_stride, int64_t i0, int nr, int64_t D, int64_t Dp,
                      float qscale) {
-  std::fill(sc.q.begin(), sc.q.end(), 0.0f);
+  std::fill(sc.q.begin(), sc.q.begin() + kMaxRows * Dp, 0.0f);
   for (int r = 0; r < nr; ++r) {
     const T* qr = q + (i0 + r) * q_stride;
     for (int64_t d = 0; d < D; ++d) sc.q[r * Dp + d] = to_f32(qr[d]) * qscale;
@@ -351,32 +352,95 @@ void store_rows(const Scratch& sc, T* out, int64_t out_stride, int64_t i0, int n
   }
 }
 
+// A hint to fetch one row (`bytes` from `p`) ahead of its use: one head's rows lie a token apart (3 x
+// hidden values in a fused projection's output), a stride the hardware prefetchers do not follow in time,
+// and packing otherwise waits on every row (perf, git-base's vision attention, one thread: the packing
+// took a quarter of the op's time, its hottest instructions the loads' first uses).
+GITFAST_INLINE void prefetch_row(const void* p, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 3);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// Keys j .. j + 3 (rows k4[0..3]) into their columns of a key panel, `col` key j's column (element d at
+// col[d * panel]): fp32 rows through 4 x 4 transposes (SSE, every x86-64 CPU), others one value at a time.
+template <typename T>
+GITFAST_INLINE void pack_key_quad(const T* const* k4, int64_t D, int64_t panel, float* col) {
+  int64_t d = 0;
+#if GITFAST_X86
+  if constexpr (std::is_same_v<T, float>) {
+    for (; d + 4 <= D; d += 4) {
+      __m128 r0 = _mm_loadu_ps(k4[0] + d), r1 = _mm_loadu_ps(k4[1] + d);
+      __m128 r2 = _mm_loadu_ps(k4[2] + d), r3 = _mm_loadu_ps(k4[3] + d);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      _mm_storeu_ps(col + d * panel, r0);
+      _mm_storeu_ps(col + (d + 1) * panel, r1);
+      _mm_storeu_ps(col + (d + 2) * panel, r2);
+      _mm_storeu_ps(col + (d + 3) * panel, r3);
+    }
+  }
+#endif
+  for (; d < D; ++d)
+    for (int i = 0; i < 4; ++i) col[d * panel + i] = to_f32(k4[i][d]);
+}
+
 // An item whose queries all see all L keys (P >= L: image tokens only): keys and values packed in
-// panels of 2 W columns (attention_block.h's attend_full), then blocks of isa.full_rows queries.
+// panels of 2 W columns (attention_block.h's attend_full) and all nq queries pre-scaled into scratch, in
+// one pass over the rows with the next rows prefetched, then blocks of isa.full_rows queries.
 template <typename T>
 void attend_all_keys(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Rows<T>& values, const T* q,
                      int64_t q_stride, T* out, int64_t out_stride, int64_t nq, int64_t L, int64_t D, int64_t Dp,
                      float qscale) {
   const int64_t panel = 2 * isa.width, Lp = (L + panel - 1) / panel * panel;
+  const int64_t nq_blocks = (nq + isa.full_rows - 1) / isa.full_rows * isa.full_rows;
+  TORCH_INTERNAL_ASSERT(nq <= L, "queries are positions among the keys");  // the query scratch holds L rows
   sc.need_full_rows();
   float* kp = sc.kt.data();
   float* vp = sc.v.data();
-  std::fill(kp, kp + Lp * Dp, 0.0f);
-  for (int64_t j = 0; j < L; ++j) {
-    const T* kr = keys.row(j);
-    const T* vr = values.row(j);
-    float* kcol = kp + (j / panel) * Dp * panel + j % panel;  // key j's column in its panel
-    for (int64_t d = 0; d < D; ++d) kcol[d * panel] = to_f32(kr[d]);
-    for (int64_t c = 0; c < Dp; c += panel) {  // value row j in each dim panel (a last one may be W wide)
-      const int64_t width = std::min(panel, Dp - c);
-      float* vrow = vp + c * L + j * width;
-      for (int64_t d = 0; d < width; ++d) vrow[d] = c + d < D ? to_f32(vr[c + d]) : 0.0f;
+  float* qp = sc.q.data();
+  // zero what no row writes: keys past L (the last key panel), dims past D, query rows past nq
+  if (L % panel) std::fill(kp + (Lp - panel) * Dp, kp + Lp * Dp, 0.0f);
+  if (D < Dp) {
+    for (int64_t p = 0; p < Lp; p += panel) std::fill(kp + p * Dp + D * panel, kp + (p + panel) * Dp, 0.0f);
+  }
+  std::fill(qp + nq * Dp, qp + nq_blocks * Dp, 0.0f);
+  constexpr int64_t kAhead = 8;  // rows fetched ahead: two quads of keys
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t j0 = 0; j0 < L; j0 += 4) {
+    for (int64_t j = j0 + kAhead; j < std::min(L, j0 + kAhead + 4); ++j) {
+      prefetch_row(keys.row(j), row_bytes);
+      prefetch_row(values.row(j), row_bytes);
+      if (j < nq) prefetch_row(q + j * q_stride, row_bytes);
+    }
+    const int64_t n = std::min<int64_t>(4, L - j0);
+    const T* k4[4];
+    for (int64_t i = 0; i < 4; ++i) k4[i] = keys.row(j0 + std::min(i, n - 1));  // past L: a repeat, zeroed below
+    float* kcol = kp + (j0 / panel) * Dp * panel + j0 % panel;  // key j0's column in its panel
+    pack_key_quad(k4, D, panel, kcol);
+    for (int64_t i = n; i < 4; ++i)
+      for (int64_t d = 0; d < D; ++d) kcol[d * panel + i] = 0.0f;
+    for (int64_t j = j0; j < j0 + n; ++j) {
+      const T* vr = values.row(j);
+      for (int64_t c = 0; c < Dp; c += panel) {  // value row j in each dim panel (a last one may be W wide)
+        const int64_t width = std::min(panel, Dp - c), real = std::clamp<int64_t>(D - c, 0, width);
+        float* vrow = vp + c * L + j * width;
+        for (int64_t d = 0; d < real; ++d) vrow[d] = to_f32(vr[c + d]);
+        std::fill(vrow + real, vrow + width, 0.0f);
+      }
+      if (j < nq) {
+        const T* qr = q + j * q_stride;
+        float* qrow = qp + j * Dp;
+        for (int64_t d = 0; d < D; ++d) qrow[d] = to_f32(qr[d]) * qscale;
+        std::fill(qrow + D, qrow + Dp, 0.0f);
+      }
     }
   }
   for (int64_t i0 = 0; i0 < nq; i0 += isa.full_rows) {
     const int nr = static_cast<int>(std::min<int64_t>(isa.full_rows, nq - i0));
-    load_query_rows(sc, q, q_stride, i0, nr, D, Dp, qscale);
-    isa.full(kp, vp, sc.q.data(), L, Lp, Dp, sc.s.data(), sc.o.data());
+    isa.full(kp, vp, qp + i0 * Dp, L, Lp, Dp, sc.s.data(), sc.o.data());
     store_rows(sc, out, out_stride, i0, nr, D, Dp);
   }
 }
