@@ -119,7 +119,7 @@ struct Vec {
 
 namespace {
 
-using TileFn = void (*)(const float* const*, int, const float* const*, int64_t, int64_t, float*);
+using TileFn = void (*)(const float* const*, int, const float* const*, int64_t, const float* const*, int, float*);
 
 struct Fp32Path {
   const char* name;
@@ -167,17 +167,27 @@ void linear_fp32(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bia
   const int64_t blocks = (n + kCols - 1) / kCols;
   // blocks per task: at least about 64 KB of weights, so a decode step's small layers still split
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * kCols));
+  // the next tile's rows fetched per pass over x's row tiles: spread over the first passes, one each
+  // from kCols passes up
+  const int64_t passes = (m + path.rows - 1) / path.rows;
+  const int fetch_per_pass = static_cast<int>(std::min<int64_t>(kCols, (kCols + passes - 1) / passes));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     float out[kMaxRows * kCols];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kCols, cols = std::min<int64_t>(kCols, n - c0);
       const float* wr[kCols];
       for (int c = 0; c < kCols; ++c) wr[c] = wp + (c0 + std::min<int64_t>(c, cols - 1)) * k;  // past n: a repeat, dropped
+      const float* next[kCols];  // the next tile's weight rows (past the weight's end: hints, harmless)
+      for (int c = 0; c < kCols; ++c) next[c] = wp + (c0 + kCols + c) * k;
+      int fetched = 0;
       for (int64_t r0 = 0; r0 < m; r0 += path.rows) {
         const int rows = static_cast<int>(std::min<int64_t>(path.rows, m - r0));
         const float* xr[kMaxRows];
         for (int i = 0; i < rows; ++i) xr[i] = xp + (r0 + i) * k;
-        path.tile(xr, rows, wr, k, r0 == 0 ? kCols * k : 0, out);  // the first pass prefetches the next tile
+        // this pass's share of the next tile's rows: all that are left in the last pass
+        const int npf = r0 + rows >= m ? kCols - fetched : std::min(kCols - fetched, fetch_per_pass);
+        path.tile(xr, rows, wr, k, next + fetched, npf, out);
+        fetched += npf;
         for (int i = 0; i < rows; ++i) std::memcpy(yp + (r0 + i) * n + c0, out + i * kCols, cols * sizeof(float));
       }
     }
