@@ -53,6 +53,7 @@ void tile_generic(const int16_t* const* a, const int16_t* const* b, int64_t padd
 
 #if GITFAST_X86
 GITFAST_TARGET_BEGIN("avx512f,avx512bw,avx2")
+GITFAST_QUIET_UNINITIALIZED_BEGIN
 namespace {
 constexpr int64_t kVec512 = 32;  // int16 per zmm
 
@@ -72,6 +73,7 @@ void tile_avx512(const int16_t* const* a, const int16_t* const* b, int64_t padde
     for (int c = 0; c < kCols; ++c) out[r][c] = _mm512_reduce_add_epi32(acc[r][c]);
 }
 }  // namespace
+GITFAST_QUIET_UNINITIALIZED_END
 GITFAST_TARGET_END
 
 GITFAST_TARGET_BEGIN("avx2")

@@ -34,8 +34,10 @@
 #else
 #define GITFAST_TARGET_BEGIN(isa) GITFAST_PRAGMA(GCC push_options) GITFAST_PRAGMA(GCC target(isa))
 #define GITFAST_TARGET_END GITFAST_PRAGMA(GCC pop_options)
-// GCC 12 reports a false -Wmaybe-uninitialized inside the _mm512_reduce_* intrinsics
-#define GITFAST_QUIET_UNINITIALIZED_BEGIN \
-  GITFAST_PRAGMA(GCC diagnostic push) GITFAST_PRAGMA(GCC diagnostic ignored "-Wmaybe-uninitialized")
+// GCC 12 reports a false -Wmaybe-uninitialized / -Wuninitialized inside the _mm512_reduce_* and
+// _mm512_extract* intrinsics (the undefined upper half they start from)
+#define GITFAST_QUIET_UNINITIALIZED_BEGIN                                                       \
+  GITFAST_PRAGMA(GCC diagnostic push) GITFAST_PRAGMA(GCC diagnostic ignored "-Wmaybe-uninitialized") \
+  GITFAST_PRAGMA(GCC diagnostic ignored "-Wuninitialized")
 #define GITFAST_QUIET_UNINITIALIZED_END GITFAST_PRAGMA(GCC diagnostic pop)
 #endif
