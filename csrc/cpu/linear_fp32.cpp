@@ -169,7 +169,7 @@ void linear_fp32(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bia
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * kCols));
   // the next tile's rows fetched per pass over x's row tiles: spread over the first passes, one each
   // from kCols passes up
-  const int64_t passes = (m + path.rows - 1) / path.rows;
+  const int64_t passes = std::max<int64_t>(1, (m + path.rows - 1) / path.rows);
   const int fetch_per_pass = static_cast<int>(std::min<int64_t>(kCols, (kCols + passes - 1) / passes));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     float out[kMaxRows * kCols];
