@@ -186,6 +186,10 @@ void dequantize_rows(const at::Tensor& acc, const at::Tensor& row_scale, const a
   char* yp = static_cast<char*>(y.mutable_data_ptr());
   const int64_t y_row_bytes = dq.n * static_cast<int64_t>(y.element_size());
   at::parallel_for(0, dq.rows, grain_rows(dq.n), [&](int64_t begin, int64_t end) {
+    if (yt == at::kFloat) {  // straight into the output row: no scratch row to copy out
+      for (int64_t r = begin; r < end; ++r) dq.row(r, reinterpret_cast<float*>(yp + r * y_row_bytes));
+      return;
+    }
     std::unique_ptr<float[]> buf(new float[dq.n]);
     for (int64_t r = begin; r < end; ++r) {
       dq.row(r, buf.get());
