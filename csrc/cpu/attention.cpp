@@ -357,12 +357,7 @@ void store_rows(const Scratch& sc, T* out, int64_t out_stride, int64_t i0, int n
 // and packing otherwise waits on every row (perf, git-base's vision attention, one thread: the packing
 // took a quarter of the op's time, its hottest instructions the loads' first uses).
 GITFAST_INLINE void prefetch_row(const void* p, int64_t bytes) {
-#if defined(__GNUC__)
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 3);
-#else
-  (void)p;
-  (void)bytes;
-#endif
+  for (int64_t b = 0; b < bytes; b += 64) prefetch<3>(static_cast<const char*>(p) + b);
 }
 
 // Keys j .. j + 3 (rows k4[0..3]) into their columns of a key panel, `col` key j's column (element d at

@@ -33,14 +33,6 @@ namespace {
 constexpr int kCols = 4;          // weight rows (output columns) per tile
 constexpr int kMaxRows = 4;       // the most rows of x any ISA's tile takes
 
-// A hint only: never faults, so addresses past the weight's end are harmless.
-GITFAST_INLINE void prefetch(const float* p) {
-#if defined(__GNUC__)
-  __builtin_prefetch(p, 0, 2);
-#else
-  (void)p;
-#endif
-}
 }  // namespace
 
 #if GITFAST_X86

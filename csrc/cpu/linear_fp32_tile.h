@@ -28,7 +28,7 @@ GITFAST_INLINE void dot_tile(const float* const* x, const float* const* w, int64
   for (int64_t i = 0; i < whole; i += Vec::W) {
     Vec xv[R];
     for (int r = 0; r < R; ++r) xv[r] = Vec::load(x[r] + i);
-    for (int c = 0; c < P; ++c) prefetch(pf[c] + i);
+    for (int c = 0; c < P; ++c) prefetch<2>(pf[c] + i);  // into L2 (prefetcht1)
     for (int c = 0; c < kCols; ++c) {
       const Vec wv = Vec::load(w[c] + i);
       for (int r = 0; r < R; ++r) acc[r][c] = Vec::fma(xv[r], wv, acc[r][c]);

@@ -41,3 +41,17 @@
   GITFAST_PRAGMA(GCC diagnostic ignored "-Wuninitialized")
 #define GITFAST_QUIET_UNINITIALIZED_END GITFAST_PRAGMA(GCC diagnostic pop)
 #endif
+
+namespace gitfast {
+// A hint to fetch the cache line at `p` for reading; Locality as __builtin_prefetch's (3: into every
+// cache level, 2: into L2 and out). A hint only: it never faults, so addresses past an array's end are
+// harmless.
+template <int Locality>
+GITFAST_INLINE void prefetch(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, Locality);
+#else
+  (void)p;
+#endif
+}
+}  // namespace gitfast
