@@ -219,6 +219,44 @@ def test_decode_low_precision(dtype):
     _check_low(out, gold, paged_decode_attention_reference(q, kc, vc, tables, _i32(lens), compute_dtype=dtype))
 
 
+def _decode_both_paths(lens, heads, head_dim, dtype, threads, seed):
+    """One decode step with every context non-empty (the kernel's by-sequence path: a sequence's heads
+    read together, in groups of heads at small batches) and the same step with one empty context more
+    (the per-head path), at `threads` threads; the oracle of the first."""
+    kc, vc, tables = _paged(lens + [1], heads, head_dim, 16, seed=seed)
+    kc, vc = kc.to(dtype), vc.to(dtype)
+    q = _randn(len(lens) + 1, heads, head_dim, seed=seed + 1).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        by_sequence = ca.paged_decode_attention(q[:-1], kc, vc, tables[:-1], _i32(lens))
+        per_head = ca.paged_decode_attention(q, kc, vc, tables, _i32(lens + [0]))
+    finally:
+        torch.set_num_threads(before)
+    gold = paged_decode_attention_reference(q[:-1].double(), kc.double(), vc.double(), tables[:-1], _i32(lens),
+                                            compute_dtype=F64)
+    return by_sequence, per_head[:-1], gold, (q[:-1], kc, vc, tables[:-1])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("heads", [5, 12])
+@pytest.mark.parametrize("head_dim", [32, 40, 80])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_by_sequence_fp32(batch, head_dim, heads, threads):
+    lens = [217, 1, 40][:batch]
+    got, per_head, gold, _ = _decode_both_paths(lens, heads, head_dim, torch.float32, threads, seed=head_dim + heads)
+    torch.testing.assert_close(got.double(), gold, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, per_head)  # the same arithmetic in the same order per head
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_by_sequence_low_precision(batch):
+    lens = [217, 1, 40][:batch]
+    got, per_head, gold, (q, kc, vc, tables) = _decode_both_paths(lens, 12, 64, torch.bfloat16, 2, seed=batch)
+    _check_low(got, gold, paged_decode_attention_reference(q, kc, vc, tables, _i32(lens), compute_dtype=torch.bfloat16))
+    assert torch.equal(got, per_head)
+
+
 PREFILL_CASES = {
     # (new tokens per sequence, image tokens, shared cached prefix)
     "text_after_image": ([20, 1, 7], 197, 200),

@@ -231,12 +231,17 @@ using BlockFn = void (*)(const float*, const float*, const float*, const int*, i
 using FullFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t, float*, float*);
 using RowsF32Fn = void (*)(const float* const*, const float* const*, const float*, int64_t, int, float*, float*);
 using RowsBf16Fn = void (*)(const uint16_t* const*, const uint16_t* const*, const float*, int64_t, int, float*, float*);
+template <typename T>
+using HeadsFn = void (*)(const T* const*, const T* const*, int64_t, int, const float*, int64_t, int64_t, int, float*,
+                         int64_t, float*, float*);
 
 struct Isa {
   const char* name;
   BlockFn block;
   RowsF32Fn rows_f32;    // a decode item: fp32 rows, in the cache or packed
   RowsBf16Fn rows_bf16;  // a decode item: bf16 rows, in the cache
+  HeadsFn<float> heads_f32;       // a decode step's heads of one sequence at once: fp32 rows in the cache
+  HeadsFn<uint16_t> heads_bf16;   // the same over bf16 rows
   FullFn full;           // a block of queries that see every key (all image tokens)
   int width;  // floats per vector
   int rows;   // query rows per block
@@ -246,14 +251,15 @@ struct Isa {
 // The ISAs this CPU runs, widest first, capped by GITFAST_CPU_ISA (avx512 | avx2 | generic); read once.
 const std::vector<const Isa*>& fit_isas() {
   static const Isa portable{"generic", &generic::attend_block, &generic::attend_rows_f32,
-                            &generic::attend_rows_bf16, &generic::attend_full, generic::Vec::W, generic::kRows,
-                            generic::kFullRows};
+                            &generic::attend_rows_bf16, &generic::attend_heads_f32, &generic::attend_heads_bf16,
+                            &generic::attend_full, generic::Vec::W, generic::kRows, generic::kFullRows};
 #if GITFAST_X86
   static const Isa v4{"avx512", &avx512::attend_block, &avx512::attend_rows_f32,
-                      &avx512::attend_rows_bf16, &avx512::attend_full, avx512::Vec::W, avx512::kRows,
-                      avx512::kFullRows};
+                      &avx512::attend_rows_bf16, &avx512::attend_heads_f32, &avx512::attend_heads_bf16,
+                      &avx512::attend_full, avx512::Vec::W, avx512::kRows, avx512::kFullRows};
   static const Isa v3{"avx2", &avx2::attend_block, &avx2::attend_rows_f32, &avx2::attend_rows_bf16,
-                      &avx2::attend_full, avx2::Vec::W, avx2::kRows, avx2::kFullRows};
+                      &avx2::attend_heads_f32, &avx2::attend_heads_bf16, &avx2::attend_full, avx2::Vec::W,
+                      avx2::kRows, avx2::kFullRows};
 #endif
   static const std::vector<const Isa*> fit = [] {
     std::vector<const Isa*> out;
@@ -542,6 +548,67 @@ void with_dtype(at::ScalarType t, F&& f) {
 int64_t padded_dim(int64_t D) { return (D + kPadDim - 1) / kPadDim * kPadDim; }
 int64_t padded_len(int64_t L) { return std::max<int64_t>(kTile, (L + kTile - 1) / kTile * kTile); }
 
+// A decode step over the paged cache (every sequence one query, which sees all its keys), fp32 or bf16
+// rows a whole number of vectors wide: items are (sequence, group of heads) read token-major by
+// attend_heads, whose outputs are attend_rows' bitwise. Whole sequences while there are at least two
+// items per thread, else the heads split into groups so a small batch still keeps every thread busy.
+// False (nothing done) where the step is not of that kind.
+template <typename T>
+bool decode_step_by_sequence(const Isa& isa, const T* qp, const at::Tensor& q, const T* kc, const at::Tensor& k_cache,
+                             const T* vc, const at::Tensor& v_cache, const int32_t* tables, int64_t table_width,
+                             const int32_t* cu, const int32_t* lens, int64_t B, int64_t H, int64_t D, int64_t max_len,
+                             float scale, T* op, const at::Tensor& out) {
+  if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, c10::BFloat16>) {
+    return false;
+  } else {
+    if (D % isa.width != 0) return false;
+    for (int64_t b = 0; b < B; ++b) {
+      if (cu[b + 1] - cu[b] != 1 || lens[b] < 1) return false;
+    }
+    const int64_t threads = at::get_num_threads();
+    const int64_t groups = std::min<int64_t>(H, std::max<int64_t>(1, (2 * threads + B - 1) / B));
+    const int64_t per_group = (H + groups - 1) / groups;
+    const int64_t Dp = padded_dim(D), ls = padded_len(max_len), bs = k_cache.size(1);
+    constexpr float kLog2e = 1.44269504088896f;
+    const float qscale = scale * kLog2e;
+    const int nv = static_cast<int>(D / isa.width);
+    at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qs(per_group * Dp), o(per_group * Dp), s(per_group * ls), m(per_group);
+      std::vector<const T*> krows(max_len), vrows(max_len);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / groups, h0 = (item % groups) * per_group;
+        const int nh = static_cast<int>(std::min<int64_t>(per_group, H - h0));
+        if (nh <= 0) continue;
+        const int64_t L = lens[b], row = cu[b];
+        const int32_t* table = tables + b * table_width;
+        const Rows<T> keys{kc + h0 * k_cache.stride(2), k_cache.stride(1), table, k_cache.stride(0), bs};
+        const Rows<T> values{vc + h0 * v_cache.stride(2), v_cache.stride(1), table, v_cache.stride(0), bs};
+        for (int64_t j = 0; j < L; ++j) {
+          krows[j] = keys.row(j);
+          vrows[j] = values.row(j);
+        }
+        for (int h = 0; h < nh; ++h) {
+          const T* qh = qp + row * q.stride(0) + (h0 + h) * q.stride(1);
+          for (int64_t d = 0; d < D; ++d) qs[h * Dp + d] = to_f32(qh[d]) * qscale;
+        }
+        if constexpr (std::is_same_v<T, float>) {
+          isa.heads_f32(krows.data(), vrows.data(), k_cache.stride(2), nh, qs.data(), Dp, L, nv, s.data(), ls,
+                        m.data(), o.data());
+        } else {
+          isa.heads_bf16(reinterpret_cast<const uint16_t* const*>(krows.data()),
+                         reinterpret_cast<const uint16_t* const*>(vrows.data()), k_cache.stride(2), nh, qs.data(), Dp,
+                         L, nv, s.data(), ls, m.data(), o.data());
+        }
+        for (int h = 0; h < nh; ++h) {
+          T* oh = op + row * out.stride(0) + (h0 + h) * out.stride(1);
+          for (int64_t d = 0; d < D; ++d) oh[d] = static_cast<T>(o[h * Dp + d]);
+        }
+      }
+    });
+    return true;
+  }
+}
+
 }  // namespace
 
 namespace cpu_kernels {
@@ -615,6 +682,10 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
     const T* kc = k_cache.const_data_ptr<T>();
     const T* vc = v_cache.const_data_ptr<T>();
     T* op = out.mutable_data_ptr<T>();
+    if (decode_step_by_sequence<T>(isa, qp, q, kc, k_cache, vc, v_cache, tables, table_width, cu, lens, B, H, D,
+                                   max_len, static_cast<float>(sm_scale), op, out)) {
+      return;
+    }
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       Scratch sc(padded_len(max_len), padded_dim(D));
       for (int64_t item = begin; item < end; ++item) {

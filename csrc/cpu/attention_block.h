@@ -238,6 +238,77 @@ GITFAST_INLINE void attend_rows_nv(const T* const* K, const T* const* V, const f
   for (int v = 0; v < nv; ++v) Vec::mul(o[v], inv).store(O + v * Vec::W);
 }
 
+// One decode query per head for `nh` heads of one sequence at once, token-major: K[j] and V[j] point at
+// token j's row of the first head, the others follow every `hs` elements, so one pass over a cache
+// block's rows streams them (heads adjacent: one run of nh * D values per token) where a pass per head
+// reads a 256-byte piece every few KB (AMD Zen 3, git-base, 32 sequences: see bench/RESULTS.md). Per
+// head, the arithmetic and its order are attend_rows_nv's, so the outputs are bitwise the same:
+// q [nh][qs] pre-scaled; S [nh][ls] scores (ls >= L rounded up to W); M [nh] running maxima;
+// O [nh][qs] the outputs, accumulated in place token by token.
+template <int NV, typename T>
+GITFAST_INLINE void attend_heads_nv(const T* const* K, const T* const* V, int64_t hs, int nh, const float* q,
+                                    int64_t qs, int64_t L, int nv_runtime, float* S, int64_t ls, float* M, float* O) {
+  const int nv = NV > 0 ? NV : nv_runtime;
+  for (int h = 0; h < nh; ++h) M[h] = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < L; ++j) {
+    for (int h = 0; h < nh; ++h) {
+      const T* k = K[j] + h * hs;
+      const float* qh = q + h * qs;
+      Vec acc = Vec::mul(Vec::load(qh), Vec::load(k));
+      for (int v = 1; v < nv; ++v) acc = Vec::fma(Vec::load(qh + v * Vec::W), Vec::load(k + v * Vec::W), acc);
+      const float s = acc.hsum();
+      S[h * ls + j] = s;
+      M[h] = std::max(M[h], s);
+    }
+  }
+  const int64_t Lw = (L + Vec::W - 1) / Vec::W * Vec::W;
+  for (int h = 0; h < nh; ++h) {
+    float* Sh = S + h * ls;
+    for (int64_t j = L; j < Lw; ++j) Sh[j] = -std::numeric_limits<float>::infinity();  // exp2 -> 0
+    const Vec mv = Vec::broadcast(M[h]);
+    Vec sum = Vec::zero();
+    for (int64_t j = 0; j < Lw; j += Vec::W) {
+      const Vec e = Vec::exp2(Vec::sub(Vec::load(Sh + j), mv));
+      sum = Vec::add(sum, e);
+      e.store(Sh + j);
+    }
+    M[h] = 1.0f / sum.hsum();  // now the normaliser; key 0 is always visible: sum >= 1
+    for (int v = 0; v < nv; ++v) Vec::zero().store(O + h * qs + v * Vec::W);
+  }
+  for (int64_t j = 0; j < L; ++j) {
+    for (int h = 0; h < nh; ++h) {
+      const Vec p = Vec::broadcast(S[h * ls + j]);
+      const T* vr = V[j] + h * hs;
+      float* oh = O + h * qs;
+      for (int v = 0; v < nv; ++v) Vec::fma(p, Vec::load(vr + v * Vec::W), Vec::load(oh + v * Vec::W)).store(oh + v * Vec::W);
+    }
+  }
+  for (int h = 0; h < nh; ++h) {
+    const Vec inv = Vec::broadcast(M[h]);
+    for (int v = 0; v < nv; ++v) Vec::mul(Vec::load(O + h * qs + v * Vec::W), inv).store(O + h * qs + v * Vec::W);
+  }
+}
+
+template <typename T>
+void attend_heads(const T* const* K, const T* const* V, int64_t hs, int nh, const float* q, int64_t qs, int64_t L,
+                  int nv, float* S, int64_t ls, float* M, float* O) {
+  switch (nv) {
+    case 4: return attend_heads_nv<4>(K, V, hs, nh, q, qs, L, nv, S, ls, M, O);
+    case 8: return attend_heads_nv<8>(K, V, hs, nh, q, qs, L, nv, S, ls, M, O);
+    default: return attend_heads_nv<0>(K, V, hs, nh, q, qs, L, nv, S, ls, M, O);
+  }
+}
+
+void attend_heads_f32(const float* const* K, const float* const* V, int64_t hs, int nh, const float* q, int64_t qs,
+                      int64_t L, int nv, float* S, int64_t ls, float* M, float* O) {
+  attend_heads<float>(K, V, hs, nh, q, qs, L, nv, S, ls, M, O);
+}
+
+void attend_heads_bf16(const uint16_t* const* K, const uint16_t* const* V, int64_t hs, int nh, const float* q,
+                       int64_t qs, int64_t L, int nv, float* S, int64_t ls, float* M, float* O) {
+  attend_heads<uint16_t>(K, V, hs, nh, q, qs, L, nv, S, ls, M, O);
+}
+
 template <typename T>
 void attend_rows(const T* const* K, const T* const* V, const float* q, int64_t L, int nv, float* S, float* O) {
   switch (nv) {
