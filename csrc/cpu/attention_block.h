@@ -280,7 +280,9 @@ GITFAST_INLINE void attend_heads_nv(const T* const* K, const T* const* V, int64_
       const Vec p = Vec::broadcast(S[h * ls + j]);
       const T* vr = V[j] + h * hs;
       float* oh = O + h * qs;
-      for (int v = 0; v < nv; ++v) Vec::fma(p, Vec::load(vr + v * Vec::W), Vec::load(oh + v * Vec::W)).store(oh + v * Vec::W);
+      for (int v = 0; v < nv; ++v) {
+        Vec::fma(p, Vec::load(vr + v * Vec::W), Vec::load(oh + v * Vec::W)).store(oh + v * Vec::W);
+      }
     }
   }
   for (int h = 0; h < nh; ++h) {
