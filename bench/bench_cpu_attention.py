@@ -6,12 +6,14 @@ Providers per case:
   paged cache first), as gitfast's plain-torch attention backend does;
 - ``matmul``: q k^T, additive mask, softmax, @ v (transformers' eager attention).
 
-Cases (12 heads, head_dim 64, batch 8): decoder prefill over 197 image + 20 text tokens; one decode
-step over 217 cached tokens (block size 16); the vision encoder's 197 x 197 bidirectional attention.
+Cases (12 heads, head_dim 64, batch 8 or `--batch`): decoder prefill over 197 image + 20 text tokens; one
+decode step over 217 cached tokens (block size 16; at batch 32, the Captioner's, a layer's cache is 43 MB,
+past a 32 MiB last-level cache, as in a caption run); the vision encoder's 197 x 197 bidirectional attention.
 Timing: providers are run in turn, `--rounds` times, each round the median of `--iters` calls; the
 reported number is the median over rounds (the CPU's clock drifts, so A/B are measured interleaved).
 
     python bench/bench_cpu_attention.py --threads 2 --dtype float32 bfloat16
+    python bench/bench_cpu_attention.py --batch 32
 """
 from __future__ import annotations
 
@@ -45,13 +47,13 @@ def _git_mask(t, n_img):
     return j < torch.clamp(torch.maximum(i + 1, torch.tensor(n_img)), max=t)
 
 
-def prefill_case(dtype):
+def prefill_case(dtype, batch=BATCH):
     t = IMAGE + TEXT
-    q, k, v = (torch.randn(BATCH, t, HEADS, HEAD_DIM).to(dtype) for _ in range(3))
-    cu = torch.arange(0, (BATCH + 1) * t, t, dtype=torch.int32)
+    q, k, v = (torch.randn(batch, t, HEADS, HEAD_DIM).to(dtype) for _ in range(3))
+    cu = torch.arange(0, (batch + 1) * t, t, dtype=torch.int32)
     mask = _git_mask(t, IMAGE)
     bias = _mask_to_bias(mask, dtype)
-    flat = [x.reshape(BATCH * t, HEADS, HEAD_DIM) for x in (q, k, v)]
+    flat = [x.reshape(batch * t, HEADS, HEAD_DIM) for x in (q, k, v)]
     tr = [x.transpose(1, 2) for x in (q, k, v)]
     return {
         "gitfast": lambda: cpu_backend.git_attention(*flat, cu, IMAGE, max_seqlen=t),
@@ -60,11 +62,11 @@ def prefill_case(dtype):
     }
 
 
-def vision_case(dtype):
+def vision_case(dtype, batch=BATCH):
     t = IMAGE
-    q, k, v = (torch.randn(BATCH, t, HEADS, HEAD_DIM).to(dtype) for _ in range(3))
-    cu = torch.arange(0, (BATCH + 1) * t, t, dtype=torch.int32)
-    flat = [x.reshape(BATCH * t, HEADS, HEAD_DIM) for x in (q, k, v)]
+    q, k, v = (torch.randn(batch, t, HEADS, HEAD_DIM).to(dtype) for _ in range(3))
+    cu = torch.arange(0, (batch + 1) * t, t, dtype=torch.int32)
+    flat = [x.reshape(batch * t, HEADS, HEAD_DIM) for x in (q, k, v)]
     tr = [x.transpose(1, 2) for x in (q, k, v)]
     return {
         "gitfast": lambda: cpu_backend.git_attention(*flat, cu, t, max_seqlen=t),
@@ -73,14 +75,14 @@ def vision_case(dtype):
     }
 
 
-def decode_case(dtype):
+def decode_case(dtype, batch=BATCH):
     ctx = IMAGE + TEXT
     per_seq = -(-ctx // BLOCK)
-    num_blocks = BATCH * per_seq
+    num_blocks = batch * per_seq
     k_cache, v_cache = (torch.randn(num_blocks, BLOCK, HEADS, HEAD_DIM).to(dtype) for _ in range(2))
-    tables = torch.randperm(num_blocks).view(BATCH, per_seq).to(torch.int32)
-    lens = torch.full((BATCH,), ctx, dtype=torch.int32)
-    q = torch.randn(BATCH, HEADS, HEAD_DIM).to(dtype)
+    tables = torch.randperm(num_blocks).view(batch, per_seq).to(torch.int32)
+    lens = torch.full((batch,), ctx, dtype=torch.int32)
+    q = torch.randn(batch, HEADS, HEAD_DIM).to(dtype)
 
     def gathered():
         pos = torch.arange(ctx)
@@ -117,11 +119,11 @@ def _median_ms(fn, iters):
     return statistics.median(times) * 1e3
 
 
-def run(dtypes, rounds, iters):
+def run(dtypes, rounds, iters, batch=BATCH):
     rows = []
     for dtype in dtypes:
         for name, make in CASES.items():
-            providers = make(dtype)
+            providers = make(dtype, batch)
             with torch.inference_mode():
                 for fn in providers.values():
                     fn()                                        # warm up (allocator, oneDNN)
@@ -155,15 +157,18 @@ def main(argv=None):
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=BATCH, help="sequences (images) per call")
     args = ap.parse_args(argv)
+    if args.batch < 1:
+        ap.error(f"--batch must be at least 1, got {args.batch}")
     if not cpu_backend.available():
         raise SystemExit("gitfast._C has no CPU attention ops: build it (pip install --no-build-isolation -e .)")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, ISA {cpu_backend.isa()}, "
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, ISA {cpu_backend.isa()}, "
           f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"{'case':<16} {'dtype':<9} {'gitfast ms':>10} {'sdpa ms':>9} {'matmul ms':>10} "
           f"{'vs sdpa':>8} {'vs matmul':>9}")
-    for name, dt, med, _span in run([getattr(torch, d) for d in args.dtype], args.rounds, args.iters):
+    for name, dt, med, _span in run([getattr(torch, d) for d in args.dtype], args.rounds, args.iters, args.batch):
         print(f"{name:<16} {dt:<9} {med['gitfast']:>10.3f} {med['sdpa']:>9.3f} {med['matmul']:>10.3f} "
               f"{med['sdpa'] / med['gitfast']:>7.2f}x {med['matmul'] / med['gitfast']:>8.2f}x")
 
