@@ -296,6 +296,16 @@ GITFAST_INLINE float to_f32(float v) { return v; }
 GITFAST_INLINE float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
 GITFAST_INLINE float to_f32(c10::Half v) { return static_cast<float>(v); }
 
+// The queries' scale folded with log2(e): scores come out in base 2, exp(x) = 2^(x log2 e).
+GITFAST_INLINE float base2_scale(float sm_scale) { return sm_scale * 1.44269504088896f; }
+
+// Whether a decode query reads its key and value rows where they lie in the cache (fp32, or bf16 widened
+// in registers): rows a whole number of vectors wide. Others are converted into fp32 scratch rows first.
+template <typename T>
+bool rows_in_place(const Isa& isa, int64_t D) {
+  return (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) && D % isa.width == 0;
+}
+
 // Where token j of one (sequence, head) lives: contiguous rows, or through a block table.
 template <typename T>
 struct Rows {
@@ -457,14 +467,13 @@ void attend_item(const Isa& isa, Scratch& sc, const Rows<T>& keys, const Rows<T>
     return;
   }
   const int64_t Lp = (L + kTile - 1) / kTile * kTile;
-  constexpr float kLog2e = 1.44269504088896f;  // scores in base 2: exp(x) = 2^(x log2 e)
-  const float qscale = scale * kLog2e;
+  const float qscale = base2_scale(scale);
   const int nv = static_cast<int>(Dp / isa.width);
   if (nq == 1 && pos0 + 1 >= L) {
     // decode: the one query sees every key. fp32 or bf16 rows a whole number of vectors wide are read
     // where they lie in the cache (bf16 widened in registers); others (fp16, a head dim off the vector
     // width) are converted into fp32 scratch rows first, zero-padded to Dp
-    const bool in_place = (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) && D % isa.width == 0;
+    const bool in_place = rows_in_place<T>(isa, D);
     if (!in_place) sc.need_packing();
     for (int64_t j = 0; j < L; ++j) {
       const T* kr = keys.row(j);
@@ -561,16 +570,15 @@ bool decode_step_by_sequence(const Isa& isa, const T* qp, const at::Tensor& q, c
   if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, c10::BFloat16>) {
     return false;
   } else {
-    if (D % isa.width != 0) return false;
+    if (!rows_in_place<T>(isa, D)) return false;
     for (int64_t b = 0; b < B; ++b) {
       if (cu[b + 1] - cu[b] != 1 || lens[b] < 1) return false;
     }
     const int64_t threads = at::get_num_threads();
-    const int64_t groups = std::min<int64_t>(H, std::max<int64_t>(1, (2 * threads + B - 1) / B));
-    const int64_t per_group = (H + groups - 1) / groups;
+    const int64_t wanted = std::min<int64_t>(H, std::max<int64_t>(1, (2 * threads + B - 1) / B));
+    const int64_t per_group = (H + wanted - 1) / wanted, groups = (H + per_group - 1) / per_group;  // none empty
     const int64_t Dp = padded_dim(D), ls = padded_len(max_len), bs = k_cache.size(1);
-    constexpr float kLog2e = 1.44269504088896f;
-    const float qscale = scale * kLog2e;
+    const float qscale = base2_scale(scale);
     const int nv = static_cast<int>(D / isa.width);
     at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qs(per_group * Dp), o(per_group * Dp), s(per_group * ls), m(per_group);
@@ -578,7 +586,6 @@ bool decode_step_by_sequence(const Isa& isa, const T* qp, const at::Tensor& q, c
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / groups, h0 = (item % groups) * per_group;
         const int nh = static_cast<int>(std::min<int64_t>(per_group, H - h0));
-        if (nh <= 0) continue;
         const int64_t L = lens[b], row = cu[b];
         const int32_t* table = tables + b * table_width;
         const Rows<T> keys{kc + h0 * k_cache.stride(2), k_cache.stride(1), table, k_cache.stride(0), bs};
