@@ -512,10 +512,9 @@ at::Tensor pack_u7_weight(const at::Tensor& w) {
   return packed;
 }
 
-at::Tensor int8_mm_u7_packed(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& packed,
-                             const at::Tensor& colsum) {
-  const char* op = "int8_mm_u7_packed";
-  check_u7_rows(op, q, zero);
+// The packed GEMMs' weight and row sums: colsum [N] int32, packed pack_u7_weight's
+// [ceil(N/16), ceil(K/4), 16, 4] int8 for N = colsum's length and K = q's.
+void check_packed(const char* op, const at::Tensor& q, const at::Tensor& packed, const at::Tensor& colsum) {
   TORCH_CHECK(colsum.is_cpu() && colsum.dim() == 1 && colsum.is_contiguous() && colsum.scalar_type() == at::kInt,
               "gitfast.", op, ": colsum must be a contiguous 1-D int32 CPU tensor, got ", colsum.scalar_type(), " ",
               colsum.sizes());
@@ -526,12 +525,36 @@ at::Tensor int8_mm_u7_packed(const at::Tensor& q, const at::Tensor& zero, const 
               "gitfast.", op, ": packed must be pack_u7_weight's contiguous ", at::IntArrayRef(want),
               " int8 CPU tensor (N = colsum's ", n, ", K = q's ", q.size(1), "), got ", packed.scalar_type(), " ",
               packed.sizes());
-  at::Tensor acc = at::empty({q.size(0), n}, q.options().dtype(at::kInt));
+}
+
+at::Tensor int8_mm_u7_packed(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& packed,
+                             const at::Tensor& colsum) {
+  const char* op = "int8_mm_u7_packed";
+  check_u7_rows(op, q, zero);
+  check_packed(op, q, packed, colsum);
+  at::Tensor acc = at::empty({q.size(0), colsum.size(0)}, q.options().dtype(at::kInt));
   if (acc.numel() == 0) return acc;
   if (q.size(1) == 0) return acc.zero_();
   // 128..255 would saturate VPMADDUBSW's int16 pair sums: a wrong answer, so refused (one pass over q)
   TORCH_CHECK(u7_only(q), "gitfast.", op, ": q holds values above 127 (7-bit activations only)");
   cpu_kernels::int8_mm_u7_packed(q, zero, packed, colsum, acc);
+  return acc;
+}
+
+std::string int8_vnni_isa() { return cpu_kernels::int8_vnni_isa(); }
+
+at::Tensor int8_mm_vnni(const at::Tensor& q, const at::Tensor& packed, const at::Tensor& colsum) {
+  const char* op = "int8_mm_vnni";
+  TORCH_CHECK(q.is_cpu() && q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar,
+              "gitfast.", op, ": q must be a contiguous 2-D int8 CPU tensor, got ", q.scalar_type(), " ", q.sizes(),
+              " on ", q.device());
+  check_packed(op, q, packed, colsum);
+  // int32 sums of (q + 128) * w stay exact up to K = 65536 (255 * 128 * 65536 < 2^31)
+  TORCH_CHECK(q.size(1) <= 65536, "gitfast.", op, ": K = ", q.size(1), " is above 65536, where int32 sums overflow");
+  at::Tensor acc = at::empty({q.size(0), colsum.size(0)}, q.options().dtype(at::kInt));
+  if (acc.numel() == 0) return acc;
+  if (q.size(1) == 0) return acc.zero_();
+  cpu_kernels::int8_mm_vnni(q, packed, colsum, acc);
   return acc;
 }
 
@@ -648,6 +671,8 @@ TORCH_LIBRARY_FRAGMENT(gitfast, m) {
   m.def("int8_u7_isa() -> str", &gitfast::int8_u7_isa);
   m.def("pack_u7_weight(Tensor w) -> Tensor", tags);
   m.def("int8_mm_u7_packed(Tensor q, Tensor zero, Tensor packed, Tensor colsum) -> Tensor", tags);
+  m.def("int8_vnni_isa() -> str", &gitfast::int8_vnni_isa);
+  m.def("int8_mm_vnni(Tensor q, Tensor packed, Tensor colsum) -> Tensor", tags);
   m.def("pack_bf16_cols(Tensor w) -> Tensor", tags);
   m.def("linear_bf16(Tensor x, Tensor packed, int n, Tensor? bias, bool fp32_out=True) -> Tensor", tags);
   m.def("logits_isa() -> str", &gitfast::logits_isa);
@@ -675,6 +700,7 @@ TORCH_LIBRARY_IMPL(gitfast, CPU, m) {
   m.impl("requantize_rows_u7", &gitfast::requantize_rows_u7);
   m.impl("pack_u7_weight", &gitfast::pack_u7_weight);
   m.impl("int8_mm_u7_packed", &gitfast::int8_mm_u7_packed);
+  m.impl("int8_mm_vnni", &gitfast::int8_mm_vnni);
   m.impl("pack_bf16_cols", &gitfast::pack_bf16_cols);
   m.impl("linear_bf16", &gitfast::linear_bf16);
   m.impl("linear_fp32", &gitfast::linear_fp32);

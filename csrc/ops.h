@@ -76,6 +76,12 @@ void pack_u7_weight(const at::Tensor& w, at::Tensor& packed);
 void int8_mm_u7_packed(const at::Tensor& q, const at::Tensor& zero, const at::Tensor& packed,
                        const at::Tensor& colsum, at::Tensor& acc);
 const char* int8_u7_isa();
+//   int8_mm_vnni:    acc [M, N] int32 = q [M, K] int8 @ w [N, K]^T int8, exact, from w packed by
+//                    pack_u7_weight, colsum [N] int32 = w's row sums (int8_gemm_vnni.cpp: VPDPBUSD on
+//                    q + 128 where the CPU has VNNI)
+//   int8_vnni_isa:   "avx512vnni", "avxvnni", "avx2" (VNNI's products in AVX2) or "generic"
+void int8_mm_vnni(const at::Tensor& q, const at::Tensor& packed, const at::Tensor& colsum, at::Tensor& acc);
+const char* int8_vnni_isa();
 
 // Attention (CPU only). q/k/v/caches: last dim contiguous, any leading strides; index tensors
 // contiguous int32 (image_counts [B], one per sequence); out: q's shape and dtype.

@@ -21,9 +21,10 @@ import torch
 
 from . import ops
 
-BACKENDS = ("onednn", "cpu ext", "cpu ext u7", "torch._int_mm", "reference")  # in order of preference
+BACKENDS = ("onednn", "cpu ext", "cpu ext vnni", "cpu ext u7", "torch._int_mm", "reference")  # in order of preference
 SEVEN_BIT = ("cpu ext u7",)  # backends whose activations are quantized to 7 bits (quantize_rows_u7)
 EIGHT_BIT = tuple(name for name in BACKENDS if name not in SEVEN_BIT)
+PACKED = ("cpu ext vnni", *SEVEN_BIT)  # backends reading pack_u7_weight's layout and the weight's row sums
 
 
 def _onednn_pack(w_int8):
@@ -37,19 +38,23 @@ def _onednn_mm(q, packed, w_scale, w_zero):
 
 
 class Int8Weight:
-    """An int8 weight [N, K] made ready for one backend's GEMM: oneDNN's packing, or the row sums
-    that take a 7-bit backend's zero points back out and its packed copy (pack_u7_weight: +1 byte
-    per weight, N and K padded to 16 and 4)."""
+    """An int8 weight [N, K] made ready for one backend's GEMM: oneDNN's packing, or, for the packed
+    GEMMs (the 7-bit one and the VNNI one), the row sums that take their zero points (the VNNI
+    kernel's +128) back out and the packed copy (pack_u7_weight: +1 byte per weight, N and K padded
+    to 16 and 4)."""
 
     def __init__(self, backend: str, w_int8: torch.Tensor):
         if backend == "cpu ext" and not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm")):
             raise RuntimeError("gitfast._C is not built with int8_mm")
         if backend in SEVEN_BIT and not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm_u7_packed")):
             raise RuntimeError("gitfast._C is not built with int8_mm_u7_packed")
+        if backend == "cpu ext vnni" and not (ops.extension_loaded() and hasattr(torch.ops.gitfast, "int8_mm_vnni")):
+            raise RuntimeError("gitfast._C is not built with int8_mm_vnni")
         self.backend, self.w = backend, w_int8
-        self.colsum = w_int8.sum(1, dtype=torch.int32) if backend in SEVEN_BIT else None
-        # the 7-bit GEMM's outer-product layout, packed once
-        self.packed_u7 = torch.ops.gitfast.pack_u7_weight(w_int8) if backend in SEVEN_BIT else None
+        packs = backend in PACKED
+        self.colsum = w_int8.sum(1, dtype=torch.int32) if packs else None
+        # the packed GEMMs' outer-product layout, packed once
+        self.packed_u7 = torch.ops.gitfast.pack_u7_weight(w_int8) if packs else None
         if backend == "onednn":  # its packed weight, unit scales and zero points (the layer's scales come after)
             n = w_int8.shape[0]
             self.packed, self._ones, self._zeros = _onednn_pack(w_int8), torch.ones(n), torch.zeros(n, dtype=torch.int64)
@@ -65,6 +70,8 @@ class Int8Weight:
             return torch.ops.gitfast.int8_mm(q, self.w), w_scale
         if name in SEVEN_BIT:
             return torch.ops.gitfast.int8_mm_u7_packed(q, zero, self.packed_u7, self.colsum), w_scale
+        if name == "cpu ext vnni":
+            return torch.ops.gitfast.int8_mm_vnni(q, self.packed_u7, self.colsum), w_scale
         if name == "torch._int_mm":
             return torch._int_mm(q, self.w.t()), w_scale
         return q.float() @ self.w.float().t(), w_scale

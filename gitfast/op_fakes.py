@@ -39,6 +39,11 @@ def register() -> None:
         def _(q, zero, packed, colsum):
             return q.new_empty((q.shape[0], colsum.shape[0]), dtype=torch.int32)
 
+    if hasattr(torch.ops.gitfast, "int8_mm_vnni"):
+        @torch.library.register_fake("gitfast::int8_mm_vnni")
+        def _(q, packed, colsum):
+            return q.new_empty((q.shape[0], colsum.shape[0]), dtype=torch.int32)
+
     if hasattr(torch.ops.gitfast, "linear_fp32"):
         @torch.library.register_fake("gitfast::linear_fp32")
         def _(x, w, bias, activation=None):

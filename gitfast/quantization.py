@@ -24,6 +24,12 @@ says which, `gitfast info` shows the times, GITFAST_INT8_BACKEND=<name> forces o
   AVX2 or AVX-512), for CPUs where neither library has a fast exact one: on an AMD Zen 3 (AVX2, no
   VNNI) one thread, 1.2x an fp32 GEMM of the same integers at 256 rows, 2x at 1-32 rows, where
   torch._int_mm took 20x the fp32 GEMM's time and oneDNN gave wrong integers;
+- "cpu ext vnni": gitfast._C's exact int8 GEMM for CPUs with VNNI (csrc/cpu/int8_gemm_vnni.cpp: VPDPBUSD,
+  64 products per AVX512-VNNI instruction and no int16 step, on q + 128 with 128 x the weight's row sums
+  taken back, over the 7-bit kernel's packed weight; AMD Zen 4/5, Intel Ice Lake and later). The same
+  integers as "cpu ext", so the same captions; without VNNI it runs the same tile with the products done
+  in AVX2 (about "cpu ext"'s speed on Zen 3: faster at decode rows, slower at image rows), and the
+  measurement decides;
 - "cpu ext u7": gitfast._C's GEMM for 7-bit activations (csrc/cpu/int8_gemm_u7.cpp): each row
   quantized to 0..127 with its own scale and zero point (`quantize_rows_u7`), products with
   VPMADDUBSW, 32 per instruction, exact because a pair of them fits int16: 3 instructions per 32
