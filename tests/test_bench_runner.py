@@ -295,15 +295,21 @@ def test_a_compiled_provider_that_ran_eagerly_is_labelled_so(suites, tmp_path, m
     assert "hit config.recompile_limit" in row["reason"]
 
 
-def test_dynamo_limits_are_raised_and_a_real_limit_hit_is_seen(monkeypatch):
+def test_dynamo_limits_are_raised_and_a_real_limit_hit_is_seen():
     import torch._dynamo
     import torch._dynamo.config as dynamo_config
 
     from gitfast.bench import compile_guard
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
-    watch = compile_guard.watch_dynamo()
+    # saved and put back by hand, not with monkeypatch: Dynamo's config values are not in the module's
+    # __dict__, and pytest 9.2's monkeypatch deletes such an attribute on undo (every later
+    # torch.compile then failed: "torch._dynamo.config.recompile_limit does not exist")
+    names = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
+    saved = {name: getattr(dynamo_config, name) for name in names if hasattr(dynamo_config, name)}
+    watch = None
     try:
+        dynamo_config.recompile_limit = 8
+        watch = compile_guard.watch_dynamo()
         assert dynamo_config.recompile_limit >= compile_guard.RECOMPILE_LIMIT
         dynamo_config.recompile_limit = 1  # now make Dynamo give up, as 20 cold compiles did at 8
         torch._dynamo.reset()
@@ -314,7 +320,10 @@ def test_dynamo_limits_are_raised_and_a_real_limit_hit_is_seen(monkeypatch):
         row = compile_guard.mark_fallback({"provider": "torch.compile", "status": "ok", "reason": None}, watch.hits)
         assert row["provider"] == "torch.compile (eager fallback)"
     finally:
-        logging.getLogger("torch._dynamo").removeHandler(watch)
+        if watch is not None:
+            logging.getLogger("torch._dynamo").removeHandler(watch)
+        for name, value in saved.items():
+            setattr(dynamo_config, name, value)
         torch._dynamo.reset()
 
 
