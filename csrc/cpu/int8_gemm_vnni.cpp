@@ -126,10 +126,19 @@ struct Vec {
 }  // namespace
 GITFAST_TARGET_END
 
+// AVX-VNNI (the 256-bit VEX form) needs GCC 11 or clang 12 and an assembler of their time; an older
+// compiler builds the other paths only.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define GITFAST_AVXVNNI 1
+#else
+#define GITFAST_AVXVNNI 0
+#endif
+
 // The VNNI paths write VPDPBUSD as one line of assembly (AT&T order: weights, row, accumulator, the
 // intrinsics' operand roles): through the intrinsics GCC 12 copied every accumulator to another
 // register and back around each instruction (two extra moves per VPDPBUSD in the 8-row tile), as
 // int8_gemm_u7.cpp found for VPMADDUBSW.
+#if GITFAST_AVXVNNI
 GITFAST_TARGET_BEGIN("avx2,avxvnni")
 namespace {
 namespace avxvnni {
@@ -154,6 +163,7 @@ struct Vec {  // 256-bit, VEX-encoded VPDPBUSD
 }  // namespace avxvnni
 }  // namespace
 GITFAST_TARGET_END
+#endif  // GITFAST_AVXVNNI
 
 GITFAST_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2")
 namespace {
@@ -188,9 +198,11 @@ const VnniPath& chosen_path() {
 #if GITFAST_X86
     if (isa == "avx512" && __builtin_cpu_supports("avx512vnni"))
       return VnniPath{"avx512vnni", avx512vnni::Vec::kLanes, avx512vnni::Vec::kRows, &avx512vnni::tile_entry};
+#if GITFAST_AVXVNNI
     // AVX-VNNI is a 256-bit ISA: GITFAST_CPU_ISA=avx2 keeps it
     if ((isa == "avx512" || isa == "avx2") && __builtin_cpu_supports("avxvnni"))
       return VnniPath{"avxvnni", avxvnni::Vec::kLanes, avxvnni::Vec::kRows, &avxvnni::tile_entry};
+#endif
     if (isa == "avx512" || isa == "avx2")
       return VnniPath{"avx2", avx2::Vec::kLanes, avx2::Vec::kRows, &avx2::tile_entry};
 #endif
