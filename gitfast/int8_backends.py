@@ -54,7 +54,7 @@ class Int8Weight:
         packs = backend in PACKED
         self.colsum = w_int8.sum(1, dtype=torch.int32) if packs else None
         # the packed GEMMs' outer-product layout, packed once
-        self.packed_u7 = torch.ops.gitfast.pack_u7_weight(w_int8) if packs else None
+        self.packed_quads = torch.ops.gitfast.pack_u7_weight(w_int8) if packs else None
         if backend == "onednn":  # its packed weight, unit scales and zero points (the layer's scales come after)
             n = w_int8.shape[0]
             self.packed, self._ones, self._zeros = _onednn_pack(w_int8), torch.ones(n), torch.zeros(n, dtype=torch.int64)
@@ -69,9 +69,9 @@ class Int8Weight:
         if name == "cpu ext":
             return torch.ops.gitfast.int8_mm(q, self.w), w_scale
         if name in SEVEN_BIT:
-            return torch.ops.gitfast.int8_mm_u7_packed(q, zero, self.packed_u7, self.colsum), w_scale
+            return torch.ops.gitfast.int8_mm_u7_packed(q, zero, self.packed_quads, self.colsum), w_scale
         if name == "cpu ext vnni":
-            return torch.ops.gitfast.int8_mm_vnni(q, self.packed_u7, self.colsum), w_scale
+            return torch.ops.gitfast.int8_mm_vnni(q, self.packed_quads, self.colsum), w_scale
         if name == "torch._int_mm":
             return torch._int_mm(q, self.w.t()), w_scale
         return q.float() @ self.w.float().t(), w_scale

@@ -327,6 +327,23 @@ def test_dynamo_limits_are_raised_and_a_real_limit_hit_is_seen():
         torch._dynamo.reset()
 
 
+def test_the_dynamo_limits_test_leaves_dynamo_usable_for_later_tests():
+    """The test above, then a torch.compile test, in one pytest session (a fresh process): Dynamo's
+    limits must still exist afterwards. Under pytest 9.2, monkeypatching them had deleted
+    recompile_limit on undo, and every later torch.compile failed."""
+    from gitfast import ops
+
+    if not ops.extension_loaded():
+        pytest.skip("the torch.compile test it runs after needs gitfast._C")
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{here}/test_bench_runner.py::test_dynamo_limits_are_raised_and_a_real_limit_hit_is_seen",
+         f"{here}/test_ops.py::test_torch_compile_traces_the_ops"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+
+
 def test_pipeline_rows_run_in_their_dtype_on_a_git_base_shape_on_gpus(monkeypatch):
     from gitfast.bench import bench_pipeline
 
