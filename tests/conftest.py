@@ -55,3 +55,19 @@ def fresh_decision(monkeypatch):
     yield fresh
     for kind in kinds:
         backend_choice.forget(kind)
+
+
+@pytest.fixture
+def forced_fp32(monkeypatch):
+    """force(name, band): an fp32 Linear band's decision (gitfast.fp32_backends) made as its environment
+    variable naming `name` does, whatever this CPU would measure; the process's own decisions come back
+    afterwards."""
+    from gitfast import backend_choice, fp32_backends
+
+    def force(name, band=fp32_backends.NARROW):
+        monkeypatch.setenv(band.env, name)
+        backend_choice.forget(band.kind)
+        assert fp32_backends.decide(band) == name
+    yield force
+    for band in fp32_backends.BANDS:
+        backend_choice.forget(band.kind)

@@ -132,19 +132,6 @@ def test_swapped_linear_against_fp64(shape, bias):
 
 
 @pytest.fixture
-def forced(monkeypatch):
-    """force(name, band): the band's decision made as its environment variable naming `name` does; the
-    process's own decisions come back afterwards."""
-    def force(name, band=fp32_backends.NARROW):
-        monkeypatch.setenv(band.env, name)
-        BC.forget(band.kind)
-        assert fp32_backends.decide(band) == name
-    yield force
-    for band in fp32_backends.BANDS:
-        BC.forget(band.kind)
-
-
-@pytest.fixture
 def kernel_calls(monkeypatch):
     """Row shapes given to the extension's kernel ("ext", shape) and to the swapped GEMM ("swapped", shape)."""
     calls = []
@@ -157,12 +144,12 @@ def kernel_calls(monkeypatch):
 
 @pytest.mark.parametrize("band", fp32_backends.BANDS, ids=lambda band: band.name)
 @pytest.mark.parametrize("backend", ["cpu ext", "torch swapped", "torch"])
-def test_linear_takes_the_chosen_backend_at_decode_rows(forced, kernel_calls, band, backend):
+def test_linear_takes_the_chosen_backend_at_decode_rows(forced_fp32, kernel_calls, band, backend):
     """Rows in the band go to its forced backend (the other band to plain F.linear here), rows past
     both bands to F.linear; the results match F.linear (with the activation) to fp32 rounding. The
     middle band serves weights of at least MIDDLE_MIN_WEIGHT elements only."""
     for other in fp32_backends.BANDS:
-        forced(backend if other is band else "torch", other)
+        forced_fp32(backend if other is band else "torch", other)
     kernel_calls.clear()  # the forced candidates' own checks
     k = 48 if band is fp32_backends.NARROW else 512  # 512 x 520 >= MIDDLE_MIN_WEIGHT
     lin, head, small = ops.Linear(k, 520), ops.Logits(k, 601), ops.Linear(48, 70)
@@ -186,11 +173,11 @@ def test_linear_takes_the_chosen_backend_at_decode_rows(forced, kernel_calls, ba
     assert kernel_calls == (served if tag else [])
 
 
-def test_feed_forward_at_decode_rows_goes_through_the_kernel(forced, kernel_calls, monkeypatch):
+def test_feed_forward_at_decode_rows_goes_through_the_kernel(forced_fp32, kernel_calls, monkeypatch):
     """fp32 decode rows of either band: fc1 with the activation fused, then fc2, in the kernel; wider
     inputs keep the fused mlp op (MKL), as before."""
     for band in fp32_backends.BANDS:
-        forced("cpu ext", band)
+        forced_fp32("cpu ext", band)
     kernel_calls.clear()
     fc1, fc2 = ops.Linear(512, 520), ops.Linear(520, 512)
     mlp_calls = []
@@ -205,8 +192,8 @@ def test_feed_forward_at_decode_rows_goes_through_the_kernel(forced, kernel_call
     assert [tuple(s) for s in mlp_calls] == [(70, 512)]
 
 
-def test_training_keeps_autograd(forced, kernel_calls):
-    forced("cpu ext")
+def test_training_keeps_autograd(forced_fp32, kernel_calls):
+    forced_fp32("cpu ext")
     kernel_calls.clear()
     lin = ops.Linear(16, 8)
     x = _randn(2, 16)
@@ -242,13 +229,13 @@ def test_a_slow_kernel_is_not_chosen(monkeypatch, band):
 
 
 @pytest.mark.parametrize("backend", ["cpu ext", "torch swapped"])
-def test_decode_batches_of_the_middle_band_give_transformers_tokens(forced, kernel_calls, backend):
+def test_decode_batches_of_the_middle_band_give_transformers_tokens(forced_fp32, kernel_calls, backend):
     """A batch of 24 sequences decodes through the middle band's backend (greedy, fp32; decoder weights
     of at least MIDDLE_MIN_WEIGHT elements): the same tokens as transformers, as at every other batch size."""
     import gitfast
     from git_factory import make_hf_model, pixels
 
-    forced(backend, fp32_backends.MIDDLE)
+    forced_fp32(backend, fp32_backends.MIDDLE)
     hf = make_hf_model("hd512")
     fm = gitfast.GitForCausalLM.from_transformers(hf)
     px = pixels("hd512", 24, seed=5)

@@ -467,8 +467,15 @@ def test_linear_keeps_autograd():
     assert x.grad is not None and lin.weight.grad is not None
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_feed_forward_over_linears_is_the_mlp(dtype):
+@pytest.mark.parametrize("dtype, fp32_backend", [(torch.float32, "cpu ext"), (torch.float32, "torch swapped"),
+                                                  (torch.float32, "torch"), (torch.bfloat16, None)])
+def test_feed_forward_over_linears_is_the_mlp(forced_fp32, dtype, fp32_backend):
+    """fp32 at 6 rows (decode-sized) takes the narrow band's backend, each one forced here as some CPU
+    would measure it, bit for bit; bf16 stays within its rounding of the fp32 result."""
+    if fp32_backend is not None:
+        if fp32_backend == "cpu ext" and not ops.extension_loaded():
+            pytest.skip("needs gitfast._C")
+        forced_fp32(fp32_backend)
     x, w1, b1, w2, b2 = _mlp_inputs((2, 3), 80, 96, dtype)
     fc1, fc2 = ops.Linear(80, 96).to(dtype), ops.Linear(96, 80).to(dtype)
     with torch.no_grad():
@@ -477,14 +484,16 @@ def test_feed_forward_over_linears_is_the_mlp(dtype):
             m.bias.copy_(b)
     with torch.inference_mode():
         out = ops.feed_forward(x, fc1, fc2, "quick_gelu")
-    ref = ops.mlp_reference(*_f32(x, w1, b1, w2, b2), "quick_gelu")
-    if dtype == torch.float32 and fp32_backends.kernel_serves_narrow_linear():
-        # 6 rows, decode-sized, where the fp32 kernel measured faster: fc1 (activation fused) and fc2 in it
+    if fp32_backend == "cpu ext":  # fc1 (activation fused) and fc2 in the fp32 kernel
         g = torch.ops.gitfast
         assert torch.equal(out, g.linear_fp32(g.linear_fp32(x, w1, b1, "quick_gelu"), w2, b2))
-    elif dtype == torch.float32:  # else fp32 stays the fused op, bit for bit
+    elif fp32_backend == "torch swapped":  # each layer through MKL with its operands swapped
+        swapped = fp32_backends.swapped_linear
+        assert torch.equal(out, swapped(ops.bias_act(swapped(x, w1, b1), None, "quick_gelu"), w2, b2))
+    elif fp32_backend == "torch":  # the fused op
         assert torch.equal(out, ops.mlp(x, w1, b1, w2, b2, "quick_gelu"))
     else:
+        ref = ops.mlp_reference(*_f32(x, w1, b1, w2, b2), "quick_gelu")
         assert _err(out, ref) <= 2 * _err(ops.mlp_reference(x, w1, b1, w2, b2, "quick_gelu"), ref) + 1e-2
 
 
