@@ -9,6 +9,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# A test build of the extension in place of gitfast._C (tests/avx512_emulation.py)
+if os.environ.get("GITFAST_TEST_EXTENSION"):
+    from avx512_emulation import install
+
+    install(os.environ["GITFAST_TEST_EXTENSION"])
+
 
 def pytest_sessionstart(session):
     # The tests compare gitfast's tokens with transformers' generate; before 5.18 that is wrong for

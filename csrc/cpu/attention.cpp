@@ -264,9 +264,9 @@ const std::vector<const Isa*>& fit_isas() {
   static const std::vector<const Isa*> fit = [] {
     std::vector<const Isa*> out;
 #if GITFAST_X86
-    const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool has512 = GITFAST_CPU_SUPPORTS("avx512f") && GITFAST_CPU_SUPPORTS("avx512bw") &&
+                        GITFAST_CPU_SUPPORTS("avx512vl") && GITFAST_CPU_SUPPORTS("avx512dq");
+    const bool has2 = GITFAST_CPU_SUPPORTS("avx2") && GITFAST_CPU_SUPPORTS("fma");
     const char* env = std::getenv("GITFAST_CPU_ISA");
     const std::string want = env ? env : "";
     TORCH_CHECK(want.empty() || want == "avx512" || want == "avx2" || want == "generic",

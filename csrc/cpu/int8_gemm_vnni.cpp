@@ -177,8 +177,12 @@ struct Vec {  // 512-bit VPDPBUSD
   static U row(int32_t quad) { return _mm512_set1_epi32(quad); }
   static W weights(const int8_t* p) { return _mm512_loadu_si512(p); }
   static Acc dot(Acc acc, U u, W w) {  // _mm512_dpbusd_epi32(acc, u, w), without GCC 12's copy (above)
+#if defined(GITFAST_EMULATE_AVX512)
+    return _mm512_dpbusd_epi32(acc, u, w);  // SIMDe's, for the emulation build (simd_emulation.h)
+#else
     asm("vpdpbusd %[w], %[u], %[acc]" : [acc] "+v"(acc) : [u] "v"(u), [w] "v"(w));
     return acc;
+#endif
   }
   static void store(int32_t* out, Acc acc, const int32_t* corr) {
     _mm512_storeu_si512(out, _mm512_sub_epi32(acc, _mm512_loadu_si512(corr)));
@@ -196,11 +200,11 @@ const VnniPath& chosen_path() {
   static const VnniPath path = [] {
     const std::string isa = cpu_kernels::widest_isa();
 #if GITFAST_X86
-    if (isa == "avx512" && __builtin_cpu_supports("avx512vnni"))
+    if (isa == "avx512" && GITFAST_CPU_SUPPORTS("avx512vnni"))
       return VnniPath{"avx512vnni", avx512vnni::Vec::kLanes, avx512vnni::Vec::kRows, &avx512vnni::tile_entry};
 #if GITFAST_AVXVNNI
     // AVX-VNNI is a 256-bit ISA: GITFAST_CPU_ISA=avx2 keeps it
-    if ((isa == "avx512" || isa == "avx2") && __builtin_cpu_supports("avxvnni"))
+    if ((isa == "avx512" || isa == "avx2") && GITFAST_CPU_SUPPORTS("avxvnni"))
       return VnniPath{"avxvnni", avxvnni::Vec::kLanes, avxvnni::Vec::kRows, &avxvnni::tile_entry};
 #endif
     if (isa == "avx512" || isa == "avx2")

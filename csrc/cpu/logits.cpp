@@ -140,7 +140,7 @@ namespace {
 bool use_bf16_instructions() {
   static const bool yes = [] {
 #if GITFAST_X86
-    return std::strcmp(cpu_kernels::widest_isa(), "avx512") == 0 && __builtin_cpu_supports("avx512bf16");
+    return std::strcmp(cpu_kernels::widest_isa(), "avx512") == 0 && GITFAST_CPU_SUPPORTS("avx512bf16");
 #else
     return false;
 #endif

@@ -110,7 +110,7 @@ __attribute__((target("avx,f16c"))) void f32_to_f16_f16c(const float* src, uint1
 }
 
 bool cpu_has_f16c() {
-  static const bool yes = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  static const bool yes = GITFAST_CPU_SUPPORTS("avx") && GITFAST_CPU_SUPPORTS("f16c");
   return yes;
 }
 #endif

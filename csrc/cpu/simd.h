@@ -4,6 +4,9 @@
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define GITFAST_X86 1
 #include <immintrin.h>
+#if defined(GITFAST_EMULATE_AVX512)
+#include "cpu/simd_emulation.h"
+#endif
 #else
 #define GITFAST_X86 0
 #endif
@@ -25,8 +28,14 @@
 
 // A block of functions compiled for one ISA, whatever the build's baseline (called only where the
 // CPU has that ISA): GITFAST_TARGET_BEGIN("avx2,fma") ... GITFAST_TARGET_END, in GCC's or clang's words.
+// The emulation build compiles every block for its AVX2 baseline instead (simd_emulation.h).
 #define GITFAST_PRAGMA(x) _Pragma(#x)
-#if defined(__clang__)
+#if defined(GITFAST_EMULATE_AVX512)
+#define GITFAST_TARGET_BEGIN(isa)
+#define GITFAST_TARGET_END
+#define GITFAST_QUIET_UNINITIALIZED_BEGIN
+#define GITFAST_QUIET_UNINITIALIZED_END
+#elif defined(__clang__)
 #define GITFAST_TARGET_BEGIN(isa) GITFAST_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
 #define GITFAST_TARGET_END GITFAST_PRAGMA(clang attribute pop)
 #define GITFAST_QUIET_UNINITIALIZED_BEGIN
@@ -40,6 +49,14 @@
   GITFAST_PRAGMA(GCC diagnostic push) GITFAST_PRAGMA(GCC diagnostic ignored "-Wmaybe-uninitialized") \
   GITFAST_PRAGMA(GCC diagnostic ignored "-Wuninitialized")
 #define GITFAST_QUIET_UNINITIALIZED_END GITFAST_PRAGMA(GCC diagnostic pop)
+#endif
+
+// Whether the CPU has `feature` (a string literal, as __builtin_cpu_supports takes), the emulation
+// build answering yes for the AVX-512 features it emulates.
+#if defined(GITFAST_EMULATE_AVX512)
+#define GITFAST_CPU_SUPPORTS(feature) (gitfast_emulates(feature) || __builtin_cpu_supports(feature))
+#else
+#define GITFAST_CPU_SUPPORTS(feature) __builtin_cpu_supports(feature)
 #endif
 
 namespace gitfast {
