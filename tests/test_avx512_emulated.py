@@ -41,8 +41,10 @@ def emulated():
 
 
 def _run(so, args, timeout):
-    env = {**os.environ, "GITFAST_TEST_EXTENSION": so}
-    env.pop("GITFAST_CPU_ISA", None)
+    # AVX-512 capped and the attention's measured ISA forced to it (emulated, it measures slower than
+    # AVX2): the kernels run their AVX-512 paths, and the test files' forced-ISA subprocesses (the AVX2
+    # and portable paths, which the normal run covers) stand aside as in any forced-ISA run
+    env = {**os.environ, "GITFAST_TEST_EXTENSION": so, "GITFAST_CPU_ISA": "avx512", "GITFAST_ATTENTION_ISA": "avx512"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -61,7 +63,10 @@ def test_the_emulated_build_takes_every_avx512_path(emulated):
 
 
 def test_the_kernel_tests_pass_on_the_avx512_paths(emulated):
-    done = _run(emulated, ["-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS], 1500)
+    # the one test that captions through a CLI subprocess would load the installed extension, which
+    # refuses the forced ISA on a CPU without AVX-512
+    cli = "tests/test_quantization.py::test_captioner_and_cli_take_dynamic_int8_and_auto_dtype"
+    done = _run(emulated, ["-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_TESTS, "--deselect", cli], 1500)
     tail = done.stdout[-5000:] + done.stderr[-2000:]
     assert done.returncode == 0, tail
     assert " passed" in tail and " failed" not in tail, tail
