@@ -1,7 +1,7 @@
 """A test build of gitfast._C whose AVX-512 paths run on a CPU without AVX-512 (csrc/cpu/simd_emulation.h:
 SIMDe's portable AVX-512 intrinsics, from the `simde-py` package, over the AVX2 baseline).
 
-    python tests/avx512_emulation.py BUILD_DIR   # builds BUILD_DIR/_C.so (a few minutes), prints its path
+    python tests/avx512_emulation.py BUILD_DIR   # builds BUILD_DIR/_C.so (about 45 s on 2 cores), prints its path
 
 A pytest session with GITFAST_TEST_EXTENSION set to that path gets it as gitfast._C (tests/conftest.py
 calls `install`), so the kernel tests run the AVX-512 paths: tests/test_avx512_emulated.py."""

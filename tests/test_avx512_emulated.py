@@ -1,8 +1,8 @@
 """The CPU kernels' AVX-512 paths, run here whatever the CPU: a test build of gitfast._C takes its
 AVX-512 intrinsics from SIMDe over AVX2 (tests/avx512_emulation.py, csrc/cpu/simd_emulation.h), and the
-kernel tests run again on it, each kernel on its AVX-512 path (its AVX2 and portable paths in their
-forced-ISA subprocesses). These are the paths of CPUs with AVX-512 (AMD Zen 4/5, Intel Xeon), which
-the machines that build gitfast may not have; the emulation checks their results, not their speed."""
+kernel tests run again on it, each kernel on its AVX-512 path (the normal run covers the AVX2 and
+portable ones). These are the paths of CPUs with AVX-512 (AMD Zen 4/5, Intel Xeon), which the machines
+that build gitfast may not have; the emulation checks their results, not their speed."""
 import json
 import os
 import platform
