@@ -73,9 +73,7 @@ def _extensions():
         with open(header, "w") as f:
             f.write(text)
     include_dirs = [os.path.join(ROOT, "csrc"), GENERATED]
-    # -fno-trapping-math: the CPU kernels compute both arms of their branch-free selects; GCC only
-    # vectorises those loops when FP exceptions need not be preserved (nothing here reads them).
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    cxx = list(support.CXX_FLAGS)
     define = [("GITFAST_WITH_CUDA", "1" if plan.with_cuda else "0")]
     if plan.with_cuda:
         # cpp_extension reads its module-level CUDA_HOME for nvcc, headers and libraries; it is None

@@ -14,6 +14,11 @@ import shutil
 import subprocess
 from typing import Callable, Mapping, Optional, Sequence
 
+# The C++ flags of gitfast._C's sources (setup.py; tests/avx512_emulation.py adds its own to them).
+# -fno-trapping-math: the CPU kernels compute both arms of their branch-free selects; GCC only
+# vectorises those loops when FP exceptions need not be preserved (nothing here reads them).
+CXX_FLAGS = ("-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno")
+
 DEFAULT_ARCHS = ("8.0", "9.0")  # A100, H100: the GPUs gitfast is tuned for
 # TORCH_CUDA_ARCH_LIST's names for architecture families (as torch's own builds spell them).
 NAMED_ARCHS = {

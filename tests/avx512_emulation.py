@@ -62,8 +62,10 @@ def build(build_dir: str, verbose: bool = False) -> str:
     with open(os.path.join(generated, "gitfast_build_info.h"), "w") as f:
         f.write(support.build_info_header(note))
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    flags = ["-O2", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-mavx2", "-mfma", "-mf16c",
-             "-DGITFAST_EMULATE_AVX512", "-DGITFAST_WITH_CUDA=0", "-Wno-psabi"]
+    # the extension's own flags, an AVX2 baseline for SIMDe to build on, the switch (-Wno-psabi: GCC's
+    # note on passing 64-byte vectors, which SIMDe's functions do without AVX-512)
+    flags = [*support.CXX_FLAGS, "-mavx2", "-mfma", "-mf16c", "-DGITFAST_EMULATE_AVX512", "-DGITFAST_WITH_CUDA=0",
+             "-Wno-psabi"]
     cpp_extension.load("_C", sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
                        extra_include_paths=[os.path.join(ROOT, "csrc"), generated, simde_include()],
                        build_directory=build_dir, is_python_module=False, verbose=verbose)

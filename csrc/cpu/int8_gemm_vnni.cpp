@@ -95,16 +95,24 @@ struct VnniPath {
 #if GITFAST_X86
 GITFAST_TARGET_BEGIN("avx2")
 namespace {
+// What both 256-bit paths do with their eight int32 lanes: start at zero, store minus the correction.
+struct Ymm32 {
+  using Acc = __m256i;
+  static Acc zero() { return _mm256_setzero_si256(); }
+  static void store(int32_t* out, Acc acc, const int32_t* corr) {
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_sub_epi32(acc, c));
+  }
+};
+
 // AVX2 without VNNI: VPDPBUSD's sum of 4 products per lane, exactly, from two VPMADDWD over the bytes
 // widened to int16 (even bytes: u zero-extended, w sign-extended; odd bytes likewise). A row's halves
 // are made once per quad and a weight vector's once per quad, shared by the tile.
 namespace avx2 {
-struct Vec {
+struct Vec : Ymm32 {
   static constexpr int kLanes = 8, kRows = 4;
-  using Acc = __m256i;
   struct U { __m256i even, odd; };
   struct W { __m256i even, odd; };
-  static Acc zero() { return _mm256_setzero_si256(); }
   static U row(int32_t quad) {
     const __m256i u = _mm256_set1_epi32(quad);
     return {_mm256_and_si256(u, _mm256_set1_epi16(0x00ff)), _mm256_srli_epi16(u, 8)};
@@ -115,10 +123,6 @@ struct Vec {
   }
   static Acc dot(Acc acc, const U& u, const W& w) {
     return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(u.even, w.even), _mm256_madd_epi16(u.odd, w.odd)));
-  }
-  static void store(int32_t* out, Acc acc, const int32_t* corr) {
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_sub_epi32(acc, c));
   }
 };
 #include "int8_gemm_vnni_tile.h"
@@ -142,21 +146,15 @@ GITFAST_TARGET_END
 GITFAST_TARGET_BEGIN("avx2,avxvnni")
 namespace {
 namespace avxvnni {
-struct Vec {  // 256-bit, VEX-encoded VPDPBUSD
+struct Vec : Ymm32 {  // 256-bit, VEX-encoded VPDPBUSD
   static constexpr int kLanes = 8, kRows = 6;
-  using Acc = __m256i;
   using U = __m256i;
   using W = __m256i;
-  static Acc zero() { return _mm256_setzero_si256(); }
   static U row(int32_t quad) { return _mm256_set1_epi32(quad); }
   static W weights(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static Acc dot(Acc acc, U u, W w) {  // _mm256_dpbusd_avx_epi32(acc, u, w), without GCC 12's copy (above)
     asm("%{vex%} vpdpbusd %[w], %[u], %[acc]" : [acc] "+x"(acc) : [u] "x"(u), [w] "x"(w));
     return acc;
-  }
-  static void store(int32_t* out, Acc acc, const int32_t* corr) {
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_sub_epi32(acc, c));
   }
 };
 #include "int8_gemm_vnni_tile.h"
